@@ -1,0 +1,48 @@
+# Set-up and the project's main commands. `make bench` and `make test` do all the set-up on a
+# fresh machine: a virtual environment in .venv with torch, the test tools, and this package
+# built from source (the CUDA extension compiles wherever nvcc and a CUDA build of torch exist).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1
+STAMP := $(VENV)/.fusedconvlstm-setup
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp)
+
+.PHONY: setup build test test-gpu bench check lint clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch first (a CUDA 13.0 build), then the tools, then the package without build isolation so
+# its extension compiles against this torch.
+$(STAMP): $(VENV)/bin/python $(SOURCES)
+	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ruff ninja setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+# CPU test suite; Triton kernels run under the interpreter at small sizes.
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# On a GPU machine: the whole suite with real kernels.
+test-gpu:
+	$(PYTHON) -m pytest -q
+
+bench: setup
+	$(PY) -m fusedconvlstm bench
+
+check: setup
+	$(PY) -m fusedconvlstm check
+
+lint: setup
+	$(PY) -m ruff check fusedconvlstm tests benchmarks setup.py
+	$(PY) -m ruff format --check fusedconvlstm tests benchmarks setup.py
+
+clean:
+	rm -rf build dist *.egg-info fusedconvlstm/_C*.so fusedconvlstm/_build_info.json

@@ -1,0 +1,36 @@
+"""fusedconvlstm: fused Conv1d-stack and LSTM kernels (Triton and CUDA) for PyTorch.
+
+The public surface:
+
+- modules :class:`LSTM` (drop-in for ``torch.nn.LSTM``) and :class:`Conv1dStack` (a chain of
+  Conv1d layers on channels-last data), and :func:`convert` to swap them into a model;
+- ops :func:`lstm_recurrence` and :func:`conv1d_stack` (``torch.ops.fusedconvlstm.*``);
+- :mod:`fusedconvlstm.models` with the reference model ``ConvLSTMClassifier``;
+- :mod:`fusedconvlstm.backends`: which backend serves a call and why another cannot.
+"""
+
+from fusedconvlstm import ops  # noqa: F401, I001  (schemas first: the backends register against them)
+from fusedconvlstm.reference import conv1d as _reference_conv1d  # noqa: F401
+from fusedconvlstm.reference import lstm as _reference_lstm  # noqa: F401
+from fusedconvlstm.cuda import lstm as _cuda_lstm  # noqa: F401
+from fusedconvlstm import _extension
+from fusedconvlstm.backends import BACKENDS, BackendUnavailableError
+from fusedconvlstm.nn import LSTM, Conv1dStack, convert, parallel_lstm
+from fusedconvlstm.ops import conv1d_stack, lstm_recurrence
+
+__version__ = "0.1.0"
+
+# Register the compiled CUDA kernels (if built) now that their op schemas exist; a failure is
+# recorded and reported by the cuda backend, never raised at import.
+_extension.unavailable_reason()
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "Conv1dStack",
+    "LSTM",
+    "conv1d_stack",
+    "convert",
+    "lstm_recurrence",
+    "parallel_lstm",
+]

@@ -1,0 +1,165 @@
+"""Backend registry: which implementation serves an op call, and why another cannot.
+
+Every op of the package has up to three implementations ("backends"):
+
+- ``"reference"``: pure PyTorch, runs on any device; the ground truth the others are tested
+  against.
+- ``"triton"``: Triton kernels (CUDA devices; CPU tensors only under ``TRITON_INTERPRET=1``).
+- ``"cuda"``: the compiled extension ``fusedconvlstm._C`` (CUDA devices).
+
+``backend="auto"`` takes the first backend in the op's preference order that can serve the call
+and otherwise the reference. A backend asked for by name that cannot serve a call raises
+:class:`BackendUnavailableError` with the reason; nothing falls back silently. The environment
+variable ``FUSEDCONVLSTM_BACKEND`` replaces ``"auto"`` wherever a caller did not name a backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+AUTO = "auto"
+ENV_VAR = "FUSEDCONVLSTM_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot serve this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of one op.
+
+    ``why_not(call)`` returns ``None`` when the implementation can serve ``call`` (an op-specific
+    description of the arguments) and otherwise a sentence saying why not. ``functions`` holds
+    the op-specific callables (forward, backward, workspace shapes, ...).
+    """
+
+    op: str
+    backend: str
+    why_not: Callable[[object], str | None]
+    functions: dict[str, Callable]
+
+    def __getattr__(self, name: str) -> Callable:
+        try:
+            return self.functions[name]
+        except KeyError:
+            raise AttributeError(f"{self.backend} implementation of {self.op} has no {name!r}") from None
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+# Preference of ``auto`` per device type, per op; the reference always closes the list.
+_AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {}
+
+
+def register_op(op: str, auto_order: dict[str, tuple[str, ...]]) -> None:
+    """Declare an op and the order in which ``auto`` tries its backends on each device type."""
+    _REGISTRY.setdefault(op, {})
+    _AUTO_ORDER[op] = auto_order
+
+
+def register_implementation(
+    op: str, backend: str, why_not: Callable[[object], str | None], **functions: Callable
+) -> Implementation:
+    """Register ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    impl = Implementation(op, backend, why_not, functions)
+    _REGISTRY.setdefault(op, {})[backend] = impl
+    return impl
+
+
+def _triton_why_not(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "Triton runs CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
+    return f"Triton does not run on {device.type} tensors"
+
+
+def _cuda_why_not(device: torch.device) -> str | None:
+    from fusedconvlstm import _extension
+
+    reason = _extension.unavailable_reason()
+    if reason is not None:
+        return reason
+    if device.type != "cuda":
+        return f"the cuda backend runs CUDA tensors only, got tensors on {device.type}"
+    return None
+
+
+def backend_why_not(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` at all (``None`` when it can)."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return _triton_why_not(device)
+    if backend == "cuda":
+        return _cuda_why_not(device)
+    raise ValueError(f"backend must be one of {BACKENDS + (AUTO,)}, got {backend!r}")
+
+
+def requested_backend(backend: str) -> str:
+    """The backend a caller asked for, with ``auto`` replaced by ``$FUSEDCONVLSTM_BACKEND``."""
+    if backend == AUTO:
+        forced = os.environ.get(ENV_VAR, "").strip()
+        if forced:
+            if forced not in BACKENDS + (AUTO,):
+                raise ValueError(f"{ENV_VAR} must be one of {BACKENDS + (AUTO,)}, got {forced!r}")
+            return forced
+        return AUTO
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS + (AUTO,)}, got {backend!r}")
+    return backend
+
+
+def resolve(op: str, backend: str, call: object, device: torch.device) -> Implementation:
+    """The implementation of ``op`` that serves ``call`` on ``device`` for a ``backend`` request.
+
+    Raises :class:`BackendUnavailableError` when a backend named explicitly cannot serve.
+    """
+    impls = _REGISTRY[op]
+    backend = requested_backend(backend)
+    if backend != AUTO:
+        reason = backend_why_not(backend, device)
+        impl = impls.get(backend)
+        if reason is None and impl is None:
+            reason = f"the {backend} backend has no implementation of {op} yet"
+        if reason is None:
+            reason = impl.why_not(call)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend={backend!r} cannot serve this call: {reason}")
+        return impl
+    for name in _AUTO_ORDER[op].get(device.type, ()):
+        impl = impls.get(name)
+        if impl is not None and backend_why_not(name, device) is None and impl.why_not(call) is None:
+            return impl
+    return impls["reference"]
+
+
+def explain(op: str, call: object, device: torch.device) -> dict[str, str | None]:
+    """For each backend, ``None`` if it can serve ``call`` of ``op`` on ``device``, else why not."""
+    out: dict[str, str | None] = {}
+    for name in BACKENDS:
+        reason = backend_why_not(name, device)
+        impl = _REGISTRY[op].get(name)
+        if reason is None and impl is None:
+            reason = f"no implementation of {op} yet"
+        if reason is None:
+            reason = impl.why_not(call)
+        out[name] = reason
+    return out
+
+
+def registered_ops() -> tuple[str, ...]:
+    """Names of the ops known to the registry."""
+    return tuple(_REGISTRY)

@@ -1,0 +1,246 @@
+"""``fusedconvlstm.Conv1dStack``: a chain of Conv1d layers computed by one ``conv1d_stack`` op.
+
+Channels-last ``(B, T, C)`` input by default (what an embedding gives, with no transposes),
+``(B, C, T)`` with ``channels_last=False``. The layers are held as ``nn.Conv1d`` modules in
+``self.layers``, so parameters are shaped and initialized like ``nn.Conv1d``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusedconvlstm.nn.lstm import check_backend_name
+from fusedconvlstm.ops.conv1d import ACTIVATIONS, conv1d_stack
+
+ACTIVATION_MODULES: dict[type, str] = {nn.Identity: "none", nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
+
+
+def _per_layer(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(
+                f"Conv1dStack: {name} must be a single value or have one entry per layer ({n}), got {len(value)}"
+            )
+        return list(value)
+    return [value] * n
+
+
+def _between_layers(value, n: int, name: str, off) -> list:
+    """A single value applies between layers (after all but the last); a sequence is per layer."""
+    if isinstance(value, (list, tuple)):
+        return _per_layer(value, n, name)
+    return [value] * (n - 1) + [off]
+
+
+def padding_pair(padding: int | str | tuple, kernel_size: int, stride: int, dilation: int) -> tuple[int, int]:
+    """``(left, right)`` zero padding of an ``nn.Conv1d`` padding argument."""
+    if isinstance(padding, (tuple, list)):
+        if len(padding) == 1:
+            padding = padding[0]
+        elif len(padding) == 2:
+            return int(padding[0]), int(padding[1])
+        else:
+            raise ValueError(f"Conv1dStack: padding must be an int, 'valid', 'same' or (left, right), got {padding}")
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        if stride != 1:
+            raise ValueError("Conv1dStack: padding='same' is not supported for strided convolutions")
+        total = dilation * (kernel_size - 1)
+        return total // 2, total - total // 2
+    if isinstance(padding, int) and padding >= 0:
+        return padding, padding
+    raise ValueError(f"Conv1dStack: padding must be an int >= 0, 'valid', 'same' or (left, right), got {padding!r}")
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """The stack's name for an activation module, or ``None`` if it is not one the stack fuses."""
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else None
+    return ACTIVATION_MODULES.get(type(module))
+
+
+class Conv1dStack(nn.Module):
+    """A chain of dense Conv1d layers, with an activation and dropout between layers.
+
+    Args:
+        in_channels: channels of the input.
+        out_channels: output channels of each layer; its length is the number of layers.
+        kernel_size, stride, dilation, bias: one value for all layers or one per layer.
+        padding: an int, ``"valid"``, ``"same"`` or a ``(left, right)`` tuple for all layers, or a
+            list with one of those per layer.
+        activation: ``"none"``, ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"``. A single name is
+            applied between layers (after every layer but the last); a sequence gives the
+            activation after each layer.
+        dropout: probability, applied (in training) after each activation between layers, or a
+            sequence with one probability per layer.
+        channels_last: input and output are ``(B, T, C)`` when true, else ``(B, C, T)`` like
+            ``nn.Conv1d``. Unbatched 2-D input is accepted in the same layout.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: Sequence[int],
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        padding: int | str | Sequence = 0,
+        dilation: int | Sequence[int] = 1,
+        bias: bool | Sequence[bool] = True,
+        activation: str | Sequence[str] = "none",
+        dropout: float | Sequence[float] = 0.0,
+        channels_last: bool = True,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        out_channels = list(out_channels)
+        n = len(out_channels)
+        if n == 0:
+            raise ValueError("Conv1dStack: out_channels must name at least one layer")
+        kernel_size = _per_layer(kernel_size, n, "kernel_size")
+        stride = _per_layer(stride, n, "stride")
+        dilation = _per_layer(dilation, n, "dilation")
+        bias = _per_layer(bias, n, "bias")
+        # A list gives one padding per layer; anything else (an int, a string, a (left, right)
+        # tuple) applies to every layer.
+        padding = _per_layer(padding, n, "padding") if isinstance(padding, list) else [padding] * n
+        self.activations = _between_layers(activation, n, "activation", "none")
+        for a in self.activations:
+            if a not in ACTIVATIONS:
+                raise ValueError(f"Conv1dStack: activation must be one of {ACTIVATIONS}, got {a!r}")
+        self.dropouts = [float(p) for p in _between_layers(dropout, n, "dropout", 0.0)]
+        for p in self.dropouts:
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"Conv1dStack: dropout must lie in [0, 1], got {p}")
+        self.paddings = [padding_pair(p, k, s, d) for p, k, s, d in zip(padding, kernel_size, stride, dilation)]
+        self.layers = nn.ModuleList()
+        c_in = in_channels
+        for c_out, k, s, d, b in zip(out_channels, kernel_size, stride, dilation, bias):
+            self.layers.append(nn.Conv1d(c_in, c_out, k, stride=s, dilation=d, bias=b, device=device, dtype=dtype))
+            c_in = c_out
+        self.channels_last = channels_last
+        self.backend = check_backend_name(backend)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input."""
+        return self.layers[0].in_channels
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the output."""
+        return self.layers[-1].out_channels
+
+    def extra_repr(self) -> str:
+        return (
+            f"activations={self.activations}, dropouts={self.dropouts}, paddings={self.paddings}, "
+            f"channels_last={self.channels_last}, backend={self.backend!r}"
+        )
+
+    @classmethod
+    def from_torch(
+        cls, modules: nn.Module | Sequence[nn.Module], channels_last: bool = False, backend: str = "auto"
+    ) -> Conv1dStack:
+        """A stack equal to ``modules``: Conv1d layers, each optionally followed by an activation
+        (ReLU, GELU, SiLU, Tanh, Identity) and a Dropout, as in an ``nn.Sequential``.
+
+        ``channels_last`` defaults to ``False`` so the result takes ``(B, C, T)`` like the modules
+        it replaces. Weights are copied.
+        """
+        mods = [modules] if isinstance(modules, nn.Conv1d) else list(modules)
+        convs: list[nn.Conv1d] = []
+        acts: list[str] = []
+        drops: list[float] = []
+        for idx, m in enumerate(mods):
+            if isinstance(m, nn.Conv1d):
+                if m.groups != 1:
+                    raise ValueError(
+                        f"Conv1dStack.from_torch: modules[{idx}] has groups={m.groups}; only dense convolutions (groups=1) fuse"
+                    )
+                if m.padding_mode != "zeros":
+                    raise ValueError(
+                        f"Conv1dStack.from_torch: modules[{idx}] has padding_mode={m.padding_mode!r}; only 'zeros' fuses"
+                    )
+                convs.append(m)
+                acts.append("none")
+                drops.append(0.0)
+                continue
+            if not convs:
+                raise ValueError(f"Conv1dStack.from_torch: modules[{idx}] ({type(m).__name__}) comes before any Conv1d")
+            name = activation_name(m)
+            if name is not None and acts[-1] == "none" and drops[-1] == 0.0:
+                acts[-1] = name
+            elif isinstance(m, nn.Dropout) and drops[-1] == 0.0:
+                drops[-1] = float(m.p)
+            else:
+                raise ValueError(
+                    f"Conv1dStack.from_torch: modules[{idx}] ({type(m).__name__}) is not a Conv1d, one activation "
+                    "(ReLU, GELU(approximate='none'), SiLU, Tanh, Identity) and one Dropout per layer, in that order"
+                )
+        if not convs:
+            raise ValueError("Conv1dStack.from_torch: no Conv1d among the modules")
+        ref = convs[0].weight
+        stack = cls(
+            convs[0].in_channels,
+            [c.out_channels for c in convs],
+            kernel_size=[c.kernel_size[0] for c in convs],
+            stride=[c.stride[0] for c in convs],
+            padding=[padding_pair(c.padding, c.kernel_size[0], c.stride[0], c.dilation[0]) for c in convs],
+            dilation=[c.dilation[0] for c in convs],
+            bias=[c.bias is not None for c in convs],
+            activation=acts,
+            dropout=drops,
+            channels_last=channels_last,
+            backend=backend,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        for mine, theirs in zip(stack.layers, convs):
+            mine.load_state_dict(theirs.state_dict())
+        stack.train(convs[0].training)
+        return stack
+
+    def _run(self, x: Tensor, layers: range) -> Tensor:
+        convs = [self.layers[i] for i in layers]
+        return conv1d_stack(
+            x,
+            [c.weight for c in convs],
+            [c.bias for c in convs],
+            stride=[c.stride[0] for c in convs],
+            padding=[self.paddings[i] for i in layers],
+            dilation=[c.dilation[0] for c in convs],
+            activation=[self.activations[i] for i in layers],
+            backend=self.backend,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the stack; layout as given by ``channels_last``."""
+        if not isinstance(x, Tensor) or x.dim() not in (2, 3):
+            raise ValueError(f"Conv1dStack: input must be 2-D (unbatched) or 3-D, got {getattr(x, 'shape', type(x))}")
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0)
+        if not self.channels_last:
+            x = x.transpose(1, 2)
+        if x.shape[2] != self.in_channels:
+            layout = "(B, T, C)" if self.channels_last else "(B, C, T)"
+            raise ValueError(
+                f"Conv1dStack: input must have {self.in_channels} channels in layout {layout}, got shape {tuple(x.shape)}"
+            )
+        # Dropout needs random masks between layers: split the stack where it is active.
+        start = 0
+        for i, p in enumerate(self.dropouts):
+            if p > 0 and self.training:
+                x = F.dropout(self._run(x, range(start, i + 1)), p, training=True)
+                start = i + 1
+        if start < len(self.layers):
+            x = self._run(x, range(start, len(self.layers)))
+        if not self.channels_last:
+            x = x.transpose(1, 2)
+        return x.squeeze(0) if unbatched else x

@@ -1,0 +1,218 @@
+"""``fusedconvlstm.LSTM``: a drop-in ``torch.nn.LSTM`` running on the package's recurrence op.
+
+Each layer is one input-projection GEMM for all time steps and all directions
+(``F.linear`` with the directions' ``W_ih`` stacked) followed by one ``lstm_recurrence`` call that
+runs both directions. Parameters, their names and their initialization are ``nn.LSTM``'s (the
+class derives from it), so ``load_state_dict`` works both ways and ``isinstance(m, nn.LSTM)``
+holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from fusedconvlstm import backends
+from fusedconvlstm.ops.lstm import lstm_recurrence
+
+
+def check_backend_name(backend: str) -> str:
+    """Validate a ``backend=`` argument of a module."""
+    if backend not in backends.BACKENDS + (backends.AUTO,):
+        raise ValueError(f"backend must be one of {backends.BACKENDS + (backends.AUTO,)}, got {backend!r}")
+    return backend
+
+
+class LSTM(nn.LSTM):
+    """``torch.nn.LSTM`` with the recurrence computed by a ``fusedconvlstm`` backend.
+
+    Takes every argument of ``torch.nn.LSTM`` plus ``backend`` (``"auto"``, ``"reference"``,
+    ``"triton"`` or ``"cuda"``; see :mod:`fusedconvlstm.backends`). ``forward`` has the
+    signature and the results of ``nn.LSTM.forward``: ``(output, (h_n, c_n))`` for batched,
+    unbatched and packed input.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = check_backend_name(backend)
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTM, backend: str = "auto") -> LSTM:
+        """A fused LSTM with the configuration and a copy of the weights of ``module``."""
+        if not isinstance(module, nn.LSTM):
+            raise TypeError(f"module must be a torch.nn.LSTM, got {type(module).__name__}")
+        ref = next(module.parameters())
+        new = cls(
+            module.input_size,
+            module.hidden_size,
+            num_layers=module.num_layers,
+            bias=module.bias,
+            batch_first=module.batch_first,
+            dropout=module.dropout,
+            bidirectional=module.bidirectional,
+            proj_size=module.proj_size,
+            device=ref.device,
+            dtype=ref.dtype,
+            backend=backend,
+        )
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    def _layer_weights(self, layer: int) -> tuple[Tensor, Tensor | None, list[Tensor], list[Tensor]]:
+        suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
+        names = [f"l{layer}{s}" for s in suffixes]
+        w_ih = [getattr(self, f"weight_ih_{n}") for n in names]
+        w_hh = [getattr(self, f"weight_hh_{n}") for n in names]
+        w_hr = [getattr(self, f"weight_hr_{n}") for n in names] if self.proj_size > 0 else []
+        w = w_ih[0] if len(w_ih) == 1 else torch.cat(w_ih)
+        b = None
+        if self.bias:
+            b_ih = [getattr(self, f"bias_ih_{n}") for n in names]
+            b_hh = [getattr(self, f"bias_hh_{n}") for n in names]
+            b = torch.cat(b_ih) + torch.cat(b_hh) if len(names) > 1 else b_ih[0] + b_hh[0]
+        return w, b, w_hh, w_hr
+
+    def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None):  # noqa: A002
+        """``nn.LSTM.forward``: returns ``(output, (h_n, c_n))``."""
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            x, lengths = pad_packed_sequence(input)  # (T, B, I), original batch order
+            batched = True
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"LSTM: input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)
+        w0 = self.weight_ih_l0
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"LSTM: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
+            )
+        if x.dtype != w0.dtype:
+            raise ValueError(
+                f"LSTM: input dtype ({x.dtype}) does not match weight dtype ({w0.dtype}). Convert input: "
+                f"input.to({w0.dtype}), or convert model: model.to({x.dtype})"
+            )
+        if x.device != w0.device:
+            raise ValueError(f"LSTM: input is on {x.device} but the weights are on {w0.device}")
+        T, B = x.shape[0], x.shape[1]
+        if T == 0:
+            raise ValueError("LSTM: input must hold at least one time step, got sequence length 0")
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h0, c0 = self._initial_state(hx, batched, B, D, P, x)
+
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            w, b, w_hh, w_hr = self._layer_weights(layer)
+            xg = F.linear(layer_input, w, b).view(T, B, D, 4 * self.hidden_size)
+            sl = slice(layer * D, (layer + 1) * D)
+            y, hn, cn = lstm_recurrence(
+                xg,
+                w_hh,
+                h0[sl],
+                c0[sl],
+                w_hr=w_hr,
+                lengths=lengths,
+                reverse=[False, True][:D],
+                backend=self.backend,
+            )
+            layer_input = y.view(T, B, D * P)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+            h_n.append(hn)
+            c_n.append(cn)
+        output = layer_input
+        h_n, c_n = torch.cat(h_n), torch.cat(c_n)
+
+        if packed:
+            sorted_idx = input.sorted_indices
+            out_sorted = output if sorted_idx is None else output.index_select(1, sorted_idx)
+            len_sorted = lengths if sorted_idx is None else lengths[sorted_idx.cpu()]
+            data = pack_padded_sequence(out_sorted, len_sorted, enforce_sorted=True).data
+            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), (h_n, c_n)
+        if not batched:
+            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    def _initial_state(self, hx, batched: bool, B: int, D: int, P: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        L = self.num_layers
+        if hx is None:
+            return x.new_zeros(L * D, B, P), x.new_zeros(L * D, B, self.hidden_size)
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
+        h0, c0 = hx
+        expected = {"hx[0] (h_0)": (h0, P), "hx[1] (c_0)": (c0, self.hidden_size)}
+        out = []
+        for name, (t, size) in expected.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"LSTM: {name} must be a Tensor, got {type(t).__name__}")
+            want_dim = 3 if batched else 2
+            if t.dim() != want_dim:
+                kind = "batched" if batched else "unbatched"
+                raise ValueError(f"LSTM: for {kind} input, {name} must be {want_dim}-D, got {t.dim()}-D")
+            if not batched:
+                t = t.unsqueeze(1)
+            if tuple(t.shape) != (L * D, B, size):
+                shown = (L * D, B, size) if batched else (L * D, size)
+                got = tuple(t.shape) if batched else tuple(t.squeeze(1).shape)
+                raise ValueError(f"LSTM: Expected {name} size {shown}, got {got}")
+            if t.dtype != x.dtype:
+                raise ValueError(f"LSTM: {name} dtype ({t.dtype}) does not match input dtype ({x.dtype})")
+            if t.device != x.device:
+                raise ValueError(f"LSTM: {name} is on {t.device} but input is on {x.device}")
+            out.append(t)
+        return out[0], out[1]
+
+
+def parallel_lstm(
+    lstms: Sequence[LSTM], input: Tensor, backend: str | None = None
+) -> list[tuple[Tensor, tuple[Tensor, Tensor]]]:  # noqa: A002
+    """Run several single-layer unidirectional LSTMs that read the same ``input`` in one recurrence.
+
+    Their input projections are one GEMM (``W_ih`` stacked) and their recurrences one
+    ``lstm_recurrence`` call, so a fused backend runs them in the same launch. Returns, per
+    module, what its own ``forward(input)`` returns. ``backend`` defaults to the first module's.
+    """
+    first = lstms[0]
+    for k, m in enumerate(lstms):
+        if m.num_layers != 1 or m.bidirectional or m.proj_size:
+            raise ValueError(f"parallel_lstm: lstms[{k}] must be single-layer, unidirectional, without projection")
+        same = (m.input_size, m.hidden_size, m.batch_first, m.bias)
+        if same != (first.input_size, first.hidden_size, first.batch_first, first.bias):
+            raise ValueError(
+                f"parallel_lstm: lstms[{k}] must match lstms[0] in (input_size, hidden_size, batch_first, "
+                f"bias) = {(first.input_size, first.hidden_size, first.batch_first, first.bias)}, got {same}"
+            )
+    if not isinstance(input, Tensor) or input.dim() != 3:
+        raise ValueError(f"parallel_lstm: input must be a 3-D tensor, got {getattr(input, 'shape', type(input))}")
+    x = input.transpose(0, 1) if first.batch_first else input
+    T, B = x.shape[0], x.shape[1]
+    H, N = first.hidden_size, len(lstms)
+    w = torch.cat([m.weight_ih_l0 for m in lstms])
+    b = torch.cat([m.bias_ih_l0 + m.bias_hh_l0 for m in lstms]) if first.bias else None
+    xg = F.linear(x, w, b).view(T, B, N, 4 * H)
+    y, h_n, c_n = lstm_recurrence(xg, [m.weight_hh_l0 for m in lstms], backend=backend or first.backend)
+    results = []
+    for k in range(N):
+        out = y[:, :, k]
+        if first.batch_first:
+            out = out.transpose(0, 1)
+        results.append((out, (h_n[k : k + 1], c_n[k : k + 1])))
+    return results

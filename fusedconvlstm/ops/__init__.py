@@ -1,0 +1,12 @@
+"""Op schemas of the package (namespace ``fusedconvlstm``), their fake implementations and autograd.
+
+Public ops: ``lstm_recurrence`` and ``conv1d_stack`` (and their ``*_backward`` twins, called by
+autograd). Kernel-level ops of the ``cuda`` backend: ``lstm_cell_forward_`` and
+``lstm_cell_backward_``.
+"""
+
+from fusedconvlstm.ops import lstm_cell  # noqa: F401  (defines the kernel-level op schemas)
+from fusedconvlstm.ops.conv1d import conv1d_stack
+from fusedconvlstm.ops.lstm import lstm_recurrence
+
+__all__ = ["conv1d_stack", "lstm_recurrence"]

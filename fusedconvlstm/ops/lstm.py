@@ -1,0 +1,319 @@
+"""The LSTM recurrence op: schema, argument checks, fake implementation and autograd.
+
+``fusedconvlstm::lstm_recurrence`` runs ``D`` independent LSTM recurrences over the same time
+axis, each given its gate pre-activations ``xg`` (the input projection ``x W_ihᵀ + b_ih + b_hh``,
+computed outside the recurrence as one GEMM) and its recurrent weights. ``D`` covers both
+directions of a bidirectional layer (``reverse=[False, True]``) and several LSTMs reading one
+input (``reverse=[False, False]``, the reference model's pair).
+
+Layouts (time-major, torch gate order i, f, g, o):
+
+====================  =======================  ==========================================
+argument              shape                    notes
+====================  =======================  ==========================================
+``xg``                ``(T, B, D, 4H)``        pre-activations, biases included
+``w_hh[d]``           ``(4H, P)``              ``P = H``, or ``proj_size`` with ``w_hr``
+``w_hr[d]``           ``(P, H)``               empty list without projection
+``h0``, ``c0``        ``(D, B, P)``, ``(D, B, H)``
+``lengths``           ``(B,)`` integer          steps ``t >= lengths[b]`` leave the state
+                                               unchanged and output zeros
+output ``y``          ``(T, B, D, P)``         ``y.view(T, B, D * P)`` is ``nn.LSTM``'s
+``h_n``, ``c_n``      like ``h0``, ``c0``
+``workspace``         backend-defined          saved for the backward
+====================  =======================  ==========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fusedconvlstm import backends
+
+OP = "lstm_recurrence"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+backends.register_op(OP, auto_order={"cuda": ("cuda", "triton"), "cpu": ()})
+
+
+@dataclass(frozen=True)
+class LSTMRecurrenceCall:
+    """What a backend needs to know to decide whether it can serve a recurrence call."""
+
+    seq_len: int
+    batch: int
+    num_recurrences: int
+    hidden_size: int
+    proj_size: int  # 0 without projection
+    dtype: torch.dtype
+    device: torch.device
+    has_lengths: bool
+    reverse: tuple[bool, ...]
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_lstm_recurrence_args(
+    xg: Tensor,
+    w_hh: Sequence[Tensor],
+    w_hr: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Tensor | None,
+    reverse: Sequence[bool],
+) -> LSTMRecurrenceCall:
+    """Validate the arguments of ``lstm_recurrence``; errors name the argument and what it must be."""
+    op = "lstm_recurrence"
+    if not isinstance(xg, Tensor) or xg.dim() != 4:
+        got = f"{xg.dim()}-D" if isinstance(xg, Tensor) else type(xg).__name__
+        raise ValueError(f"{op}: xg must be a 4-D tensor (T, B, D, 4*H), got {got}")
+    T, B, D, G = xg.shape
+    if xg.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: xg must be one of {FLOAT_DTYPES}, got {xg.dtype}")
+    if G % 4 != 0 or G == 0:
+        raise ValueError(f"{op}: xg.shape[3] must be 4*hidden_size > 0, got {G}")
+    if T == 0:
+        raise ValueError(f"{op}: xg must hold at least one time step, got sequence length 0")
+    H = G // 4
+    if len(reverse) != D:
+        raise ValueError(f"{op}: reverse must have one entry per recurrence (xg.shape[2] = {D}), got {len(reverse)}")
+    if len(w_hh) != D:
+        raise ValueError(f"{op}: w_hh must hold one weight per recurrence ({D}), got {len(w_hh)}")
+    if len(w_hr) not in (0, D):
+        raise ValueError(f"{op}: w_hr must be empty or hold one weight per recurrence ({D}), got {len(w_hr)}")
+    P = w_hr[0].shape[0] if len(w_hr) else H
+
+    def same(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if _shape(t) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {_shape(t)}")
+        if t.dtype != xg.dtype:
+            raise TypeError(f"{op}: {name} must have the dtype of xg ({xg.dtype}), got {t.dtype}")
+        if t.device != xg.device:
+            raise ValueError(f"{op}: {name} must be on the device of xg ({xg.device}), got {t.device}")
+
+    for d in range(D):
+        same(f"w_hh[{d}]", w_hh[d], (G, P))
+        if len(w_hr):
+            same(f"w_hr[{d}]", w_hr[d], (P, H))
+    same("h0", h0, (D, B, P))
+    same("c0", c0, (D, B, H))
+    if lengths is not None:
+        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
+            got = _shape(lengths) if isinstance(lengths, Tensor) else type(lengths).__name__
+            raise ValueError(f"{op}: lengths must be a 1-D tensor of batch size ({B},), got {got}")
+        if lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: lengths must be int32 or int64, got {lengths.dtype}")
+        if lengths.device.type not in ("cpu", xg.device.type):
+            raise ValueError(f"{op}: lengths must be on the CPU or on {xg.device}, got {lengths.device}")
+        if lengths.device.type == "cpu" and lengths.numel() and not _is_fake(lengths):
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 0 or hi > T:
+                raise ValueError(f"{op}: lengths must lie in [0, {T}] (the sequence length), got [{lo}, {hi}]")
+    return LSTMRecurrenceCall(
+        seq_len=T,
+        batch=B,
+        num_recurrences=D,
+        hidden_size=H,
+        proj_size=P if len(w_hr) else 0,
+        dtype=xg.dtype,
+        device=xg.device,
+        has_lengths=lengths is not None,
+        reverse=tuple(bool(r) for r in reverse),
+    )
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+def _resolve(backend: str, call: LSTMRecurrenceCall) -> backends.Implementation:
+    return backends.resolve(OP, backend, call, call.device)
+
+
+@torch.library.custom_op("fusedconvlstm::lstm_recurrence", mutates_args=())
+def _lstm_recurrence_op(
+    xg: Tensor,
+    w_hh: Sequence[Tensor],
+    w_hr: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Tensor | None,
+    reverse: Sequence[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
+    impl = _resolve(backend, call)
+    return impl.forward(xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse))
+
+
+@_lstm_recurrence_op.register_fake
+def _(xg, w_hh, w_hr, h0, c0, lengths, reverse, backend):
+    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
+    impl = _resolve(backend, call)
+    T, B, D, P = call.seq_len, call.batch, call.num_recurrences, h0.shape[2]
+    ws_shape, ws_dtype = impl.workspace_shape(call)
+    return (
+        xg.new_empty(T, B, D, P),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        xg.new_empty(ws_shape, dtype=ws_dtype),
+    )
+
+
+@torch.library.custom_op("fusedconvlstm::lstm_recurrence_backward", mutates_args=())
+def _lstm_recurrence_backward_op(
+    grad_y: Tensor,
+    grad_h_n: Tensor,
+    grad_c_n: Tensor,
+    xg: Tensor,
+    w_hh: Sequence[Tensor],
+    w_hr: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Tensor | None,
+    reverse: Sequence[bool],
+    y: Tensor,
+    workspace: Tensor,
+    backend: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
+    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
+    impl = _resolve(backend, call)
+    return impl.backward(
+        grad_y, grad_h_n, grad_c_n, xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), y, workspace
+    )
+
+
+@_lstm_recurrence_backward_op.register_fake
+def _(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace, backend):
+    return (
+        torch.empty_like(xg),
+        [torch.empty_like(w) for w in w_hh],
+        [torch.empty_like(w) for w in w_hr],
+        torch.empty_like(h0),
+        torch.empty_like(c0),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    xg, w_hh, w_hr, h0, c0, lengths, reverse, backend = inputs
+    y, _, _, workspace = output
+    ctx.save_for_backward(xg, h0, c0, y, workspace, *w_hh, *w_hr)
+    ctx.num_recurrences = len(w_hh)
+    ctx.has_proj = len(w_hr) > 0
+    ctx.lengths = lengths
+    ctx.reverse = list(reverse)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
+    xg, h0, c0, y, workspace, *weights = ctx.saved_tensors
+    D = ctx.num_recurrences
+    w_hh, w_hr = weights[:D], weights[D:]
+    grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0 = _lstm_recurrence_backward_op(
+        grad_y.contiguous(),
+        grad_h_n.contiguous(),
+        grad_c_n.contiguous(),
+        xg,
+        w_hh,
+        w_hr,
+        h0,
+        c0,
+        ctx.lengths,
+        ctx.reverse,
+        y,
+        workspace,
+        ctx.backend,
+    )
+    return grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0, None, None, None
+
+
+_lstm_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lstm_recurrence(
+    xg: Tensor,
+    w_hh: Sequence[Tensor],
+    h0: Tensor | None = None,
+    c0: Tensor | None = None,
+    *,
+    w_hr: Sequence[Tensor] = (),
+    lengths: Tensor | None = None,
+    reverse: Sequence[bool] | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run ``D`` LSTM recurrences on precomputed gate pre-activations.
+
+    Args:
+        xg: ``(T, B, D, 4H)`` gate pre-activations (``x W_ihᵀ + b_ih + b_hh``), gate order i, f, g, o.
+        w_hh: ``D`` recurrent weights ``(4H, P)``.
+        h0, c0: initial states ``(D, B, P)`` and ``(D, B, H)``; zeros when ``None``.
+        w_hr: ``D`` projection weights ``(P, H)`` (``nn.LSTM``'s ``proj_size``), or empty.
+        lengths: ``(B,)`` valid lengths; later steps keep the state and output zeros.
+        reverse: per recurrence, whether it runs from the last step to the first.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``(y, h_n, c_n)`` with ``y`` of shape ``(T, B, D, P)``.
+    """
+    if not isinstance(xg, Tensor) or xg.dim() != 4:
+        got = f"{xg.dim()}-D" if isinstance(xg, Tensor) else type(xg).__name__
+        raise ValueError(f"lstm_recurrence: xg must be a 4-D tensor (T, B, D, 4*H), got {got}")
+    _, B, D, G = xg.shape
+    H = G // 4
+    P = w_hr[0].shape[0] if len(w_hr) else H
+    if h0 is None:
+        h0 = xg.new_zeros(D, B, P)
+    if c0 is None:
+        c0 = xg.new_zeros(D, B, H)
+    if reverse is None:
+        reverse = [False] * D
+    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
+    impl = _resolve(backend, call)
+    y, h_n, c_n, _ = _lstm_recurrence_op(
+        xg, list(w_hh), list(w_hr), h0, c0, lengths, [bool(r) for r in reverse], impl.backend
+    )
+    return y, h_n, c_n
+
+
+def resolve_lstm_backend(backend: str, call: LSTMRecurrenceCall) -> str:
+    """The backend name ``backend`` resolves to for ``call`` (raises if a named one cannot serve)."""
+    return _resolve(backend, call).backend
+
+
+def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: Sequence[bool]) -> Tensor:
+    """``h_{t-1}`` as seen by each step: ``(T, B, D, P)`` from the outputs ``y`` and ``h0``.
+
+    A forward recurrence's step ``t`` saw ``y[t-1]`` (``h0`` at ``t = 0``). A reversed one saw
+    ``y[t+1]``, or ``h0`` where ``t + 1`` is past the row's length (it started there). Backends
+    use this for ``dW_hh = Σ_t dgates_tᵀ h_{t-1}`` after their reverse-time loop.
+    """
+    T = y.shape[0]
+    prev = torch.empty_like(y)
+    for d, rev in enumerate(reverse):
+        if rev:
+            prev[T - 1, :, d] = h0[d]
+            prev[: T - 1, :, d] = y[1:, :, d]
+            if lengths is not None:
+                starts = torch.arange(1, T + 1, device=y.device).unsqueeze(1) >= lengths.to(y.device).unsqueeze(0)
+                prev[:, :, d] = torch.where(starts.unsqueeze(-1), h0[d].unsqueeze(0), prev[:, :, d])
+        else:
+            prev[0, :, d] = h0[d]
+            prev[1:, :, d] = y[: T - 1, :, d]
+    return prev
+
+
+def recurrent_weight_grads(
+    dgates: Tensor, y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: Sequence[bool]
+) -> list[Tensor]:
+    """``dW_hh[d] = Σ_{t,b} dgates[t, b, d]ᵀ h_{t-1}[b, d]`` as one batched GEMM over ``d``."""
+    prev = previous_hidden(y, h0, lengths, reverse)
+    return list(torch.einsum("tbdg,tbdp->dgp", dgates, prev).unbind(0))

@@ -34,4 +34,7 @@ def lstm_weights(D: int, H: int, P: int | None = None, dtype=torch.float64, devi
     """Random recurrent weights ``D × (4H, P)`` with ``nn.LSTM``'s init scale."""
     P = H if P is None else P
     k = H**-0.5
-    return [(torch.rand(4 * H, P, dtype=dtype, device=device) * 2 - 1).mul_(k).requires_grad_(requires_grad) for _ in range(D)]
+    return [
+        (torch.rand(4 * H, P, dtype=dtype, device=device) * 2 - 1).mul_(k).requires_grad_(requires_grad)
+        for _ in range(D)
+    ]

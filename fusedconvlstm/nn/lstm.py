@@ -2,13 +2,14 @@
 
 Each layer is one input-projection GEMM for all time steps and all directions
 (``F.linear`` with the directions' ``W_ih`` stacked) followed by one ``lstm_recurrence`` call that
-runs both directions. Parameters, their names and their initialization are ``nn.LSTM``'s (the
-class derives from it), so ``load_state_dict`` works both ways and ``isinstance(m, nn.LSTM)``
-holds.
+runs both directions. Parameters, their names and their initialization are ``nn.LSTM``'s, so
+``load_state_dict`` works both ways.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -27,18 +28,88 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
-class LSTM(nn.LSTM):
+class LSTM(nn.Module):
     """``torch.nn.LSTM`` with the recurrence computed by a ``fusedconvlstm`` backend.
 
     Takes every argument of ``torch.nn.LSTM`` plus ``backend`` (``"auto"``, ``"reference"``,
-    ``"triton"`` or ``"cuda"``; see :mod:`fusedconvlstm.backends`). ``forward`` has the
-    signature and the results of ``nn.LSTM.forward``: ``(output, (h_n, c_n))`` for batched,
-    unbatched and packed input.
+    ``"triton"`` or ``"cuda"``; see :mod:`fusedconvlstm.backends`). Parameters have
+    ``nn.LSTM``'s names, shapes, registration order and initialization, so state dicts load both
+    ways. ``forward`` has the signature and the results of ``nn.LSTM.forward``:
+    ``(output, (h_n, c_n))`` for batched, unbatched and packed input.
+
+    It is deliberately not a subclass of ``nn.LSTM``: ``torch.compile`` refuses to trace any
+    ``nn.RNNBase`` (a graph break), while this module compiles with ``fullgraph=True``.
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LSTM: {name} must be a positive integer, got {value!r}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(f"LSTM: dropout must be a number in [0, 1], got {dropout!r}")
+        if not isinstance(proj_size, int) or proj_size < 0:
+            raise ValueError(
+                f"LSTM: proj_size must be a positive integer or zero to disable projections, got {proj_size!r}"
+            )
+        if proj_size >= hidden_size:
+            raise ValueError(f"LSTM: proj_size must be smaller than hidden_size ({hidden_size}), got {proj_size}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size = bidirectional, proj_size
         self.backend = check_backend_name(backend)
+        factory = {"device": device, "dtype": dtype}
+        D = 2 if bidirectional else 1
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        # nn.LSTM's registration order (per layer, per direction: w_ih, w_hh, b_ih, b_hh, w_hr), so
+        # that parameters() and the initialization draw in the same order.
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else real_hidden * D
+            for suffix in ["", "_reverse"][:D]:
+                shapes = {"weight_ih": (4 * hidden_size, layer_in), "weight_hh": (4 * hidden_size, real_hidden)}
+                if bias:
+                    shapes.update(bias_ih=(4 * hidden_size,), bias_hh=(4 * hidden_size,))
+                if proj_size > 0:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                for kind, shape in shapes.items():
+                    self.register_parameter(f"{kind}_l{layer}{suffix}", nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.LSTM``'s initialization: every parameter uniform in ``±1/sqrt(hidden_size)``."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """No-op kept for drop-in compatibility (cuDNN's flat weight buffer is not used here)."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped per layer and direction, as ``nn.LSTM.all_weights``."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            groups.setdefault(name.split("_", 2)[2], []).append(p)
+        return list(groups.values())
 
     @classmethod
     def from_torch(cls, module: nn.LSTM, backend: str = "auto") -> LSTM:
@@ -64,7 +135,19 @@ class LSTM(nn.LSTM):
         return new
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        s = f"{self.input_size}, {self.hidden_size}"
+        defaults = {
+            "proj_size": 0,
+            "num_layers": 1,
+            "bias": True,
+            "batch_first": False,
+            "dropout": 0.0,
+            "bidirectional": False,
+        }
+        for name, default in defaults.items():
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return f"{s}, backend={self.backend!r}"
 
     def _layer_weights(self, layer: int) -> tuple[Tensor, Tensor | None, list[Tensor], list[Tensor]]:
         suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
@@ -77,7 +160,10 @@ class LSTM(nn.LSTM):
         if self.bias:
             b_ih = [getattr(self, f"bias_ih_{n}") for n in names]
             b_hh = [getattr(self, f"bias_hh_{n}") for n in names]
-            b = torch.cat(b_ih) + torch.cat(b_hh) if len(names) > 1 else b_ih[0] + b_hh[0]
+            # Sum per direction, then concatenate: the other order hands the bias_ih and bias_hh
+            # of one direction views of the same gradient, and autograd's accumulation into .grad
+            # then adds every later gradient twice.
+            b = torch.cat([bi + bh for bi, bh in zip(b_ih, b_hh)])
         return w, b, w_hh, w_hr
 
     def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None):  # noqa: A002

@@ -1,0 +1,335 @@
+"""``fusedconvlstm.LSTM`` and the ``lstm_recurrence`` op on the reference backend, against
+``torch.nn.LSTM`` in float64; state-dict compatibility; opcheck/gradcheck; argument errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fusedconvlstm
+from fusedconvlstm import LSTM, lstm_recurrence
+from tests.helpers import lstm_weights, rel_err
+
+F64 = torch.float64
+TOL64 = 1e-10  # float64 end to end: only summation order differs from nn.LSTM
+
+
+def _pair(input_size=5, hidden=6, **kw):
+    ref = nn.LSTM(input_size, hidden, dtype=F64, **kw)
+    return ref, LSTM.from_torch(ref, backend="reference")
+
+
+def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def _compare_forward_backward(ref, fused, x, hx=None, out_of=lambda o: o):
+    x_ref = x.detach().clone().requires_grad_()
+    x_fused = x.detach().clone().requires_grad_()
+    hx_ref = None if hx is None else tuple(h.detach().clone().requires_grad_() for h in hx)
+    hx_fused = None if hx is None else tuple(h.detach().clone().requires_grad_() for h in hx)
+    o_ref, (h_ref, c_ref) = ref(x_ref, hx_ref)
+    o_fus, (h_fus, c_fus) = fused(x_fused, hx_fused)
+    o_ref, o_fus = out_of(o_ref), out_of(o_fus)
+    for name, a, b in (("output", o_fus, o_ref), ("h_n", h_fus, h_ref), ("c_n", c_fus, c_ref)):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < TOL64, name
+    # Backward through everything, with random cotangents.
+    go, gh, gc = torch.randn_like(o_ref), torch.randn_like(h_ref), torch.randn_like(c_ref)
+    ((o_ref * go).sum() + (h_ref * gh).sum() + (c_ref * gc).sum()).backward()
+    ((o_fus * go).sum() + (h_fus * gh).sum() + (c_fus * gc).sum()).backward()
+    assert rel_err(x_fused.grad, x_ref.grad) < TOL64, "grad input"
+    if hx is not None:
+        for k in range(2):
+            assert rel_err(hx_fused[k].grad, hx_ref[k].grad) < TOL64, f"grad hx[{k}]"
+    g_ref, g_fus = _grads(ref), _grads(fused)
+    assert g_ref.keys() == g_fus.keys()
+    for n in g_ref:
+        assert rel_err(g_fus[n], g_ref[n]) < TOL64, f"grad {n}"
+
+
+OPTIONS = list(
+    itertools.product(
+        [1, 2],  # num_layers
+        [True, False],  # bias
+        [False, True],  # batch_first
+        [False, True],  # bidirectional
+        [0, 3],  # proj_size
+    )
+)
+
+
+@pytest.mark.parametrize("num_layers,bias,batch_first,bidirectional,proj_size", OPTIONS)
+def test_lstm_matches_torch_every_option(num_layers, bias, batch_first, bidirectional, proj_size):
+    ref, fused = _pair(
+        num_layers=num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional, proj_size=proj_size
+    )
+    T, B = 7, 3
+    x = torch.randn((B, T, 5) if batch_first else (T, B, 5), dtype=F64)
+    D = 2 if bidirectional else 1
+    P = proj_size or 6
+    hx = (torch.randn(num_layers * D, B, P, dtype=F64), torch.randn(num_layers * D, B, 6, dtype=F64))
+    _compare_forward_backward(ref, fused, x)
+    _compare_forward_backward(ref, fused, x, hx)
+
+
+def test_lstm_unbatched_input():
+    ref, fused = _pair(num_layers=2, bidirectional=True)
+    x = torch.randn(7, 5, dtype=F64)
+    hx = (torch.randn(4, 6, dtype=F64), torch.randn(4, 6, dtype=F64))
+    _compare_forward_backward(ref, fused, x)
+    _compare_forward_backward(ref, fused, x, hx)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lstm_packed_sequence(enforce_sorted, bidirectional):
+    ref, fused = _pair(num_layers=2, bidirectional=bidirectional)
+    T, B = 9, 5
+    lengths = torch.tensor([9, 7, 7, 4, 1]) if enforce_sorted else torch.tensor([4, 9, 1, 7, 7])
+    x = torch.randn(T, B, 5, dtype=F64)
+    D = 2 if bidirectional else 1
+    hx = (torch.randn(2 * D, B, 6, dtype=F64), torch.randn(2 * D, B, 6, dtype=F64))
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    o_ref, (h_ref, c_ref) = ref(packed, hx)
+    o_fus, (h_fus, c_fus) = fused(packed, hx)
+    assert torch.equal(o_fus.batch_sizes, o_ref.batch_sizes)
+    assert rel_err(o_fus.data, o_ref.data) < TOL64
+    assert rel_err(h_fus, h_ref) < TOL64 and rel_err(c_fus, c_ref) < TOL64
+    # Gradients through the packed path.
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for mod, xx in ((ref, x1), (fused, x2)):
+        out, (h, _) = mod(pack_padded_sequence(xx, lengths, enforce_sorted=enforce_sorted), hx)
+        padded, _ = pad_packed_sequence(out)
+        (padded.square().sum() + h.sum()).backward()
+    assert rel_err(x2.grad, x1.grad) < TOL64
+    for n, g in _grads(ref).items():
+        assert rel_err(_grads(fused)[n], g) < TOL64, n
+
+
+def test_lstm_dropout_between_layers_matches_torch_rng():
+    """In training, dropout between layers draws the same masks as nn.LSTM on the CPU."""
+    ref, fused = _pair(num_layers=3, dropout=0.4)
+    ref.train()
+    fused.train()
+    x = torch.randn(6, 4, 5, dtype=F64)
+    torch.manual_seed(11)
+    o_ref, _ = ref(x)
+    torch.manual_seed(11)
+    o_fus, _ = fused(x)
+    assert rel_err(o_fus, o_ref) < TOL64
+    # Evaluation mode switches dropout off.
+    ref.eval()
+    fused.eval()
+    assert rel_err(fused(x)[0], ref(x)[0]) < TOL64
+
+
+def test_lstm_batch_of_zero_returns_empty_like_torch():
+    ref, fused = _pair()
+    x = torch.randn(4, 0, 5, dtype=F64)
+    o_ref, (h_ref, _) = ref(x)
+    o_fus, (h_fus, _) = fused(x)
+    assert o_fus.shape == o_ref.shape and h_fus.shape == h_ref.shape
+
+
+def test_state_dict_round_trips_both_ways():
+    ref = nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
+    fused = LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
+    assert ref.state_dict().keys() == fused.state_dict().keys()
+    fused.load_state_dict(ref.state_dict())
+    back = nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
+    back.load_state_dict(fused.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    x = torch.randn(4, 2, 5)
+    assert torch.allclose(LSTM.from_torch(ref)(x)[0], ref(x)[0], atol=1e-6)
+
+
+def test_from_torch_keeps_config_and_parameter_layout():
+    ref = nn.LSTM(5, 6, num_layers=2, bias=False, batch_first=True, dropout=0.2, bidirectional=True, proj_size=2)
+    fused = LSTM.from_torch(ref, backend="reference")
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert [[p.shape for p in g] for g in fused.all_weights] == [[p.shape for p in g] for g in ref.all_weights]
+    for attr in (
+        "input_size",
+        "hidden_size",
+        "num_layers",
+        "bias",
+        "batch_first",
+        "dropout",
+        "bidirectional",
+        "proj_size",
+    ):
+        assert getattr(fused, attr) == getattr(ref, attr), attr
+    assert fused.backend == "reference"
+    assert repr(fused) == repr(ref)[:-1] + ", backend='reference')"
+
+
+def test_default_init_matches_nn_lstm_distribution():
+    torch.manual_seed(3)
+    a = nn.LSTM(8, 16)
+    torch.manual_seed(3)
+    b = LSTM(8, 16)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: m(torch.randn(3, 2, 4, 5)), "2D or 3D"),
+        (lambda m: m(torch.randn(3, 2, 4)), "input_size"),
+        (lambda m: m(torch.randn(3, 2, 5, dtype=torch.float32)), "dtype"),
+        (lambda m: m(torch.randn(0, 2, 5, dtype=F64)), "at least one time step"),
+        (
+            lambda m: m(
+                torch.randn(3, 2, 5, dtype=F64), (torch.randn(1, 3, 6, dtype=F64), torch.randn(1, 2, 6, dtype=F64))
+            ),
+            r"hx\[0\]",
+        ),
+        (
+            lambda m: m(
+                torch.randn(3, 2, 5, dtype=F64), (torch.randn(1, 2, 6, dtype=F64), torch.randn(1, 2, 7, dtype=F64))
+            ),
+            r"hx\[1\]",
+        ),
+        (lambda m: m(torch.randn(3, 2, 5, dtype=F64), torch.randn(1, 2, 6, dtype=F64)), "tuple"),
+        (
+            lambda m: m(torch.randn(3, 2, 5, dtype=F64), (torch.randn(2, 6, dtype=F64), torch.randn(2, 6, dtype=F64))),
+            "3-D",
+        ),
+        (lambda m: m([1, 2, 3]), "Tensor or PackedSequence"),
+    ],
+)
+def test_lstm_bad_input_errors_name_the_argument(call, match):
+    _, fused = _pair()
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(fused)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"backend": "cudnn"}, "backend must be one of"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+        ({"num_layers": 0}, "num_layers must be a positive integer"),
+        ({"dropout": 1.5}, "dropout must be a number in"),
+        ({"proj_size": 4}, "proj_size must be smaller than hidden_size"),
+        ({"proj_size": -1}, "proj_size must be a positive integer or zero"),
+    ],
+)
+def test_lstm_bad_constructor_arguments(kwargs, match):
+    args = {"input_size": 4, "hidden_size": 4} | kwargs
+    with pytest.raises(ValueError, match=match):
+        LSTM(**args)
+
+
+# ---- the op itself ------------------------------------------------------------------------------
+
+
+def _op_args(T=5, B=3, D=2, H=4, P=None, lengths=None, dtype=F64, requires_grad=False):
+    P = P or H
+    xg = torch.randn(T, B, D, 4 * H, dtype=dtype, requires_grad=requires_grad)
+    w_hh = lstm_weights(D, H, P, dtype=dtype, requires_grad=requires_grad)
+    w_hr = [(0.5 * torch.randn(P, H, dtype=dtype)).requires_grad_(requires_grad) for _ in range(D)] if P != H else []
+    h0 = torch.randn(D, B, P, dtype=dtype, requires_grad=requires_grad)
+    c0 = torch.randn(D, B, H, dtype=dtype, requires_grad=requires_grad)
+    return xg, w_hh, w_hr, h0, c0, lengths
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("proj", [False, True])
+def test_lstm_recurrence_gradcheck_reference(with_lengths, proj):
+    lengths = torch.tensor([5, 2, 0]) if with_lengths else None
+    xg, w_hh, w_hr, h0, c0, lengths = _op_args(
+        T=4 if not with_lengths else 5, H=3, P=2 if proj else None, lengths=lengths, requires_grad=True
+    )
+
+    def f(xg, h0, c0, *w):
+        D = len(w_hh)
+        y, h, c = lstm_recurrence(
+            xg, w[:D], h0, c0, w_hr=w[D:], lengths=lengths, reverse=[False, True], backend="reference"
+        )
+        return y, h, c
+
+    assert torch.autograd.gradcheck(f, (xg, h0, c0, *w_hh, *w_hr))
+
+
+def test_lstm_recurrence_opcheck_reference():
+    for lengths in (None, torch.tensor([5, 3, 1])):
+        xg, w_hh, w_hr, h0, c0, _ = _op_args(lengths=lengths, requires_grad=True)
+        torch.library.opcheck(
+            torch.ops.fusedconvlstm.lstm_recurrence.default,
+            (xg, w_hh, w_hr, h0, c0, lengths, [False, True], "reference"),
+        )
+
+
+def test_lstm_recurrence_lengths_mask_outputs_and_state():
+    lengths = torch.tensor([5, 2, 0])
+    xg, w_hh, _, h0, c0, _ = _op_args(lengths=lengths)
+    y, h_n, c_n = lstm_recurrence(xg, w_hh, h0, c0, lengths=lengths, reverse=[False, True], backend="reference")
+    mask = (torch.arange(5).unsqueeze(1) < lengths).unsqueeze(-1).unsqueeze(-1)
+    assert torch.all(y.masked_select(~mask.expand_as(y)) == 0)
+    # Row 2 has length 0: both recurrences keep their initial state.
+    assert torch.equal(h_n[:, 2], h0[:, 2]) and torch.equal(c_n[:, 2], c0[:, 2])
+    # Row 1 (length 2) equals running the recurrence on its two valid steps alone.
+    y1, h1, c1 = lstm_recurrence(xg[:2, 1:2], w_hh, h0[:, 1:2], c0[:, 1:2], reverse=[False, True], backend="reference")
+    assert rel_err(h_n[:, 1:2], h1) < TOL64 and rel_err(y[:2, 1:2], y1) < TOL64
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(xg=a["xg"][0]), "xg must be a 4-D"),
+        (lambda a: a.update(xg=a["xg"].to(torch.int32)), "xg must be one of"),
+        (lambda a: a.update(xg=a["xg"][..., :-1]), r"4\*hidden_size"),
+        (lambda a: a.update(w_hh=a["w_hh"][:1]), "one weight per recurrence"),
+        (lambda a: a.update(w_hh=[a["w_hh"][0], a["w_hh"][1][:, :-1]]), r"w_hh\[1\] must have shape"),
+        (lambda a: a.update(w_hh=[a["w_hh"][0], a["w_hh"][1].float()]), r"w_hh\[1\] must have the dtype"),
+        (lambda a: a.update(h0=a["h0"][:, :2]), "h0 must have shape"),
+        (lambda a: a.update(c0=a["c0"].float()), "c0 must have the dtype"),
+        (lambda a: a.update(lengths=torch.tensor([1, 2])), "lengths must be a 1-D tensor of batch size"),
+        (lambda a: a.update(lengths=torch.tensor([1.0, 2.0, 3.0])), "lengths must be int32 or int64"),
+        (lambda a: a.update(lengths=torch.tensor([1, 9, 3])), r"lengths must lie in \[0, 5\]"),
+        (lambda a: a.update(reverse=[False]), "reverse must have one entry"),
+    ],
+)
+def test_lstm_recurrence_bad_arguments(mutate, match):
+    xg, w_hh, _, h0, c0, _ = _op_args()
+    args = dict(xg=xg, w_hh=w_hh, h0=h0, c0=c0, lengths=None, reverse=[False, True])
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        lstm_recurrence(
+            args["xg"],
+            args["w_hh"],
+            args["h0"],
+            args["c0"],
+            lengths=args["lengths"],
+            reverse=args["reverse"],
+            backend="reference",
+        )
+
+
+def test_lstm_recurrence_rejects_empty_sequence():
+    with pytest.raises(ValueError, match="at least one time step"):
+        lstm_recurrence(torch.randn(0, 2, 1, 8), lstm_weights(1, 2, dtype=torch.float32))
+
+
+def test_lstm_module_runs_under_torch_compile_fullgraph():
+    ref, fused = _pair(num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 6, 5, dtype=F64)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    out, (h, c) = compiled(x)
+    o_ref, (h_ref, c_ref) = ref(x)
+    assert rel_err(out, o_ref) < TOL64 and rel_err(h, h_ref) < TOL64 and rel_err(c, c_ref) < TOL64
+
+
+def test_named_backend_that_cannot_serve_raises_with_reason():
+    _, fused = _pair()
+    fused.backend = "cuda"
+    with pytest.raises(fusedconvlstm.BackendUnavailableError, match="backend='cuda' cannot serve"):
+        fused(torch.randn(3, 2, 5, dtype=F64))

@@ -154,24 +154,38 @@ def _resolve(backend: str, call: Conv1dStackCall) -> backends.Implementation:
     return backends.resolve(OP, backend, call, call.device)
 
 
+def _expand_bias(bias: Sequence[Tensor], has_bias: Sequence[bool]) -> list[Tensor | None]:
+    """Per-layer biases (``None`` where a layer has none) from the op's present-only list."""
+    if sum(bool(h) for h in has_bias) != len(bias):
+        raise ValueError(
+            f"conv1d_stack: bias holds {len(bias)} tensors but has_bias marks {sum(bool(h) for h in has_bias)} layers"
+        )
+    it = iter(bias)
+    return [next(it) if h else None for h in has_bias]
+
+
+# Biases travel as the list of present ones plus a per-layer flag: autograd of custom ops treats a
+# list holding None (``Tensor?[]``) as an opaque leaf and would drop the bias gradients.
 @torch.library.custom_op("fusedconvlstm::conv1d_stack", mutates_args=())
 def _conv1d_stack_op(
     x: Tensor,
     weight: Sequence[Tensor],
-    bias: Sequence[Tensor | None],
+    bias: Sequence[Tensor],
+    has_bias: Sequence[bool],
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     activation: str,
     backend: str,
 ) -> tuple[Tensor, list[Tensor]]:
-    call = check_conv1d_stack_args(x, weight, bias, stride, padding, dilation, activation)
-    return _resolve(backend, call).forward(x, list(weight), list(bias), call)
+    per_layer = _expand_bias(bias, has_bias)
+    call = check_conv1d_stack_args(x, weight, per_layer, stride, padding, dilation, activation)
+    return _resolve(backend, call).forward(x, list(weight), per_layer, call)
 
 
 @_conv1d_stack_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, activation, backend):
-    call = check_conv1d_stack_args(x, weight, bias, stride, padding, dilation, activation)
+def _(x, weight, bias, has_bias, stride, padding, dilation, activation, backend):
+    call = check_conv1d_stack_args(x, weight, _expand_bias(bias, has_bias), stride, padding, dilation, activation)
     impl = _resolve(backend, call)
     y = x.new_empty(call.batch, call.out_lens()[-1], call.layers[-1].out_channels)
     return y, [x.new_empty(shape, dtype=dtype) for shape, dtype in impl.saved_shapes(call)]
@@ -182,7 +196,8 @@ def _conv1d_stack_backward_op(
     grad_y: Tensor,
     x: Tensor,
     weight: Sequence[Tensor],
-    bias: Sequence[Tensor | None],
+    bias: Sequence[Tensor],
+    has_bias: Sequence[bool],
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
@@ -190,43 +205,33 @@ def _conv1d_stack_backward_op(
     saved: Sequence[Tensor],
     backend: str,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    call = check_conv1d_stack_args(x, weight, bias, stride, padding, dilation, activation)
-    return _resolve(backend, call).backward(grad_y, x, list(weight), list(bias), list(saved), call)
+    per_layer = _expand_bias(bias, has_bias)
+    call = check_conv1d_stack_args(x, weight, per_layer, stride, padding, dilation, activation)
+    return _resolve(backend, call).backward(grad_y, x, list(weight), per_layer, list(saved), call)
 
 
 @_conv1d_stack_backward_op.register_fake
-def _(grad_y, x, weight, bias, stride, padding, dilation, activation, saved, backend):
-    return (
-        torch.empty_like(x),
-        [torch.empty_like(w) for w in weight],
-        [torch.empty_like(b) for b in bias if b is not None],
-    )
+def _(grad_y, x, weight, bias, has_bias, stride, padding, dilation, activation, saved, backend):
+    return torch.empty_like(x), [torch.empty_like(w) for w in weight], [torch.empty_like(b) for b in bias]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, stride, padding, dilation, activation, backend = inputs
+    x, weight, bias, has_bias, stride, padding, dilation, activation, backend = inputs
     _, saved = output
-    present = [b is not None for b in bias]
-    ctx.save_for_backward(x, *weight, *[b for b in bias if b is not None], *saved)
-    ctx.layout = (len(weight), present, len(saved))
-    ctx.hyper = (list(stride), list(padding), list(dilation), activation, backend)
+    ctx.save_for_backward(x, *weight, *bias, *saved)
+    ctx.counts = (len(weight), len(bias))
+    ctx.hyper = (list(has_bias), list(stride), list(padding), list(dilation), activation, backend)
 
 
 def _backward(ctx, grad_y, _grad_saved):
-    L, present, _ = ctx.layout
+    n_w, n_b = ctx.counts
     x, *rest = ctx.saved_tensors
-    weight, rest = rest[:L], rest[L:]
-    n_bias = sum(present)
-    given_bias, saved = rest[:n_bias], rest[n_bias:]
-    it = iter(given_bias)
-    bias = [next(it) if p else None for p in present]
-    stride, padding, dilation, activation, backend = ctx.hyper
-    grad_x, grad_w, grad_b_present = _conv1d_stack_backward_op(
-        grad_y.contiguous(), x, weight, bias, stride, padding, dilation, activation, saved, backend
+    weight, bias, saved = rest[:n_w], rest[n_w : n_w + n_b], rest[n_w + n_b :]
+    has_bias, stride, padding, dilation, activation, backend = ctx.hyper
+    grad_x, grad_w, grad_b = _conv1d_stack_backward_op(
+        grad_y.contiguous(), x, weight, bias, has_bias, stride, padding, dilation, activation, saved, backend
     )
-    it = iter(grad_b_present)
-    grad_b = [next(it) if p else None for p in present]
-    return grad_x, grad_w, grad_b, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 _conv1d_stack_op.register_autograd(_backward, setup_context=_setup_context)
@@ -268,5 +273,7 @@ def conv1d_stack(
     act = ",".join(activation) if activation is not None else ",".join(["none"] * L)
     call = check_conv1d_stack_args(x, weight, bias, stride, flat_padding, dilation, act)
     impl = _resolve(backend, call)
-    y, _ = _conv1d_stack_op(x, list(weight), bias, stride, flat_padding, dilation, act, impl.backend)
+    present = [b for b in bias if b is not None]
+    has_bias = [b is not None for b in bias]
+    y, _ = _conv1d_stack_op(x, list(weight), present, has_bias, stride, flat_padding, dilation, act, impl.backend)
     return y

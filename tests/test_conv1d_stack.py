@@ -1,0 +1,250 @@
+"""``fusedconvlstm.Conv1dStack`` and the ``conv1d_stack`` op on the reference backend, against
+chains of ``torch.nn.Conv1d`` in float64; opcheck/gradcheck; argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fusedconvlstm import Conv1dStack, conv1d_stack
+from tests.helpers import rel_err
+
+F64 = torch.float64
+TOL64 = 1e-10
+ACT_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def _torch_chain(c_in, specs, dtype=F64):
+    """An nn.Sequential of Conv1d (+ activation) from (c_out, k, stride, padding, dilation, bias, act)."""
+    mods = []
+    for c_out, k, s, p, d, b, act in specs:
+        mods.append(nn.Conv1d(c_in, c_out, k, stride=s, padding=p, dilation=d, bias=b, dtype=dtype))
+        if act != "none":
+            mods.append(ACT_MODULES[act]())
+        c_in = c_out
+    return nn.Sequential(*mods)
+
+
+def _check_module_against_chain(chain, stack, x_cf):
+    """x_cf is (B, C, T); the stack takes whatever layout it was built for."""
+    x_ref = x_cf.detach().clone().requires_grad_()
+    x_in = x_cf.detach().clone()
+    if stack.channels_last:
+        x_in = x_in.transpose(1, 2).contiguous()
+    x_in.requires_grad_()
+    y_ref = chain(x_ref)
+    y = stack(x_in)
+    y_cf = y.transpose(1, 2) if stack.channels_last else y
+    assert y_cf.shape == y_ref.shape
+    assert rel_err(y_cf, y_ref) < TOL64
+    gy = torch.randn_like(y_ref)
+    (y_ref * gy).sum().backward()
+    (y_cf * gy).sum().backward()
+    gx = x_in.grad.transpose(1, 2) if stack.channels_last else x_in.grad
+    assert rel_err(gx, x_ref.grad) < TOL64, "grad x"
+    convs = [m for m in chain if isinstance(m, nn.Conv1d)]
+    for i, (mine, theirs) in enumerate(zip(stack.layers, convs)):
+        assert rel_err(mine.weight.grad, theirs.weight.grad) < TOL64, f"grad weight[{i}]"
+        if theirs.bias is not None:
+            assert rel_err(mine.bias.grad, theirs.bias.grad) < TOL64, f"grad bias[{i}]"
+
+
+LAYER_SPECS = [
+    # (c_out, k, stride, padding, dilation, bias, activation)
+    [(7, 3, 1, 0, 1, True, "none")],
+    [(5, 1, 1, 0, 1, False, "relu")],
+    [(6, 5, 2, 2, 1, True, "gelu"), (4, 3, 3, 1, 2, False, "silu")],
+    [(6, 3, 1, "same", 2, True, "tanh"), (3, 4, 1, "same", 1, True, "none")],
+    [(6, 3, 1, "valid", 1, True, "none"), (8, 3, 1, 0, 1, True, "none"), (5, 3, 2, 0, 1, True, "relu")],
+]
+
+
+@pytest.mark.parametrize("specs", LAYER_SPECS, ids=lambda s: "-".join(f"k{x[1]}s{x[2]}p{x[3]}d{x[4]}{x[6]}" for x in s))
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_stack_matches_nn_conv1d_chain(specs, channels_last):
+    chain = _torch_chain(3, specs)
+    stack = Conv1dStack.from_torch(chain, channels_last=channels_last, backend="reference")
+    for T in (11, 16):
+        for B in (1, 3):
+            for m in list(chain.parameters()) + list(stack.parameters()):
+                m.grad = None
+            _check_module_against_chain(chain, stack, torch.randn(B, 3, T, dtype=F64))
+
+
+def test_constructor_matches_from_torch_layout():
+    stack = Conv1dStack(
+        4,
+        [6, 6, 2],
+        kernel_size=[3, 5, 1],
+        stride=[1, 2, 1],
+        padding=[0, (1, 3), "valid"],
+        dilation=[2, 1, 1],
+        bias=[True, False, True],
+        activation="relu",
+        dtype=F64,
+    )
+    assert stack.activations == ["relu", "relu", "none"]
+    assert stack.paddings == [(0, 0), (1, 3), (0, 0)]
+    x = torch.randn(2, 20, 4, dtype=F64)
+    y = stack(x)
+    ref = x.transpose(1, 2)
+    for layer, conv in enumerate(stack.layers):
+        ref = torch.nn.functional.pad(ref, stack.paddings[layer])
+        ref = torch.nn.functional.conv1d(ref, conv.weight, conv.bias, stride=conv.stride, dilation=conv.dilation)
+        if layer < 2:
+            ref = torch.relu(ref)
+    assert rel_err(y, ref.transpose(1, 2)) < TOL64
+
+
+def test_reference_model_stack_shapes():
+    stack = Conv1dStack(100, [200, 200, 256, 256, 512], kernel_size=3, stride=[1, 1, 1, 1, 2])
+    assert sum(p.numel() for p in stack.parameters()) == 60_200 + 120_200 + 153_856 + 196_864 + 393_728
+    assert stack(torch.randn(2, 100, 100)).shape == (2, 45, 512)
+
+
+def test_unbatched_input():
+    chain = _torch_chain(3, LAYER_SPECS[2])
+    stack = Conv1dStack.from_torch(chain, backend="reference")
+    x = torch.randn(3, 17, dtype=F64)
+    assert rel_err(stack(x), chain(x)) < TOL64
+
+
+def test_non_contiguous_input():
+    chain = _torch_chain(3, LAYER_SPECS[4])
+    stack = Conv1dStack.from_torch(chain, channels_last=True, backend="reference")
+    x_btc = torch.randn(2, 3, 30, dtype=F64).transpose(1, 2)[:, ::2]  # (B, T, C), strided in T
+    assert not x_btc.is_contiguous()
+    assert rel_err(stack(x_btc), chain(x_btc.transpose(1, 2)).transpose(1, 2)) < TOL64
+
+
+def test_dropout_between_layers_in_training_only():
+    chain = nn.Sequential(nn.Conv1d(3, 4, 3, dtype=F64), nn.ReLU(), nn.Dropout(0.5), nn.Conv1d(4, 2, 3, dtype=F64))
+    stack = Conv1dStack.from_torch(chain, backend="reference")
+    assert stack.dropouts == [0.5, 0.0] and stack.activations == ["relu", "none"]
+    x = torch.randn(2, 3, 12, dtype=F64)
+    stack.eval()
+    chain.eval()
+    assert rel_err(stack(x), chain(x)) < TOL64
+    stack.train()
+    torch.manual_seed(5)
+    y1 = stack(x)
+    torch.manual_seed(5)
+    assert torch.equal(stack(x), y1)
+    assert rel_err(y1, chain(x)) > 1e-3
+    # Dropout sits between the layers: with p = 1 the last layer sees zeros and returns its bias.
+    stack.dropouts = [1.0, 0.0]
+    y = stack(x)
+    assert torch.equal(y, stack.layers[1].bias.view(1, 2, 1).expand_as(y))
+
+
+def test_from_torch_refuses_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="groups=2"):
+        Conv1dStack.from_torch(nn.Sequential(nn.Conv1d(4, 4, 3, groups=2)))
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        Conv1dStack.from_torch(nn.Sequential(nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect")))
+    with pytest.raises(ValueError, match=r"modules\[1\] \(LayerNorm\)"):
+        Conv1dStack.from_torch(nn.Sequential(nn.Conv1d(4, 4, 3), nn.LayerNorm(4)))
+    with pytest.raises(ValueError, match="before any Conv1d"):
+        Conv1dStack.from_torch(nn.Sequential(nn.ReLU(), nn.Conv1d(4, 4, 3)))
+    with pytest.raises(ValueError, match=r"modules\[1\] \(GELU\)"):
+        Conv1dStack.from_torch(nn.Sequential(nn.Conv1d(4, 4, 3), nn.GELU(approximate="tanh")))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"out_channels": []}, "at least one layer"),
+        ({"kernel_size": [3, 3, 3]}, "kernel_size must be a single value or have one entry per layer"),
+        ({"activation": "swish"}, "activation must be one of"),
+        ({"dropout": 2.0}, r"dropout must lie in \[0, 1\]"),
+        ({"padding": "same", "stride": 2}, "padding='same' is not supported for strided"),
+        ({"padding": -1}, "padding must be"),
+        ({"backend": "fast"}, "backend must be one of"),
+    ],
+)
+def test_constructor_errors(kwargs, match):
+    args = {"in_channels": 3, "out_channels": [4, 5]} | kwargs
+    with pytest.raises(ValueError, match=match):
+        Conv1dStack(**args)
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.randn(2, 3, 4, 5), "2-D .* or 3-D"),
+        (torch.randn(2, 10, 4), "must have 3 channels"),
+        (torch.randn(2, 2, 3), "x is too short"),
+        (torch.randn(2, 10, 3, dtype=F64), "dtype of x"),
+    ],
+)
+def test_forward_errors(x, match):
+    stack = Conv1dStack(3, [4, 5], kernel_size=3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        stack(x)
+
+
+def _op_inputs(requires_grad=False):
+    x = torch.randn(2, 9, 3, dtype=F64, requires_grad=requires_grad)
+    w = [
+        torch.randn(4, 3, 3, dtype=F64, requires_grad=requires_grad),
+        torch.randn(2, 4, 2, dtype=F64, requires_grad=requires_grad),
+    ]
+    b = [torch.randn(4, dtype=F64, requires_grad=requires_grad), None]
+    return x, w, b
+
+
+def test_conv1d_stack_opcheck_reference():
+    x, w, b = _op_inputs(requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.fusedconvlstm.conv1d_stack.default,
+        (x, w, [b[0]], [True, False], [1, 2], [1, 0, 0, 1], [2, 1], "gelu,tanh", "reference"),
+    )
+
+
+def test_conv1d_stack_gradcheck_reference():
+    x, w, b = _op_inputs(requires_grad=True)
+
+    def f(x, w0, w1, b0):
+        return conv1d_stack(
+            x,
+            [w0, w1],
+            [b0, None],
+            stride=[1, 2],
+            padding=[(1, 0), (0, 1)],
+            dilation=[2, 1],
+            activation=["silu", "relu"],
+            backend="reference",
+        )
+
+    assert torch.autograd.gradcheck(f, (x, w[0], w[1], b[0]))
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(x=a["x"][0]), "x must be a 3-D"),
+        (lambda a: a.update(w=[a["w"][0][:, :2]] + a["w"][1:]), r"weight\[0\].shape\[1\] must equal x.shape\[2\]"),
+        (
+            lambda a: a.update(w=a["w"][:1] + [a["w"][1][:, :3]]),
+            r"weight\[1\].shape\[1\] must equal weight\[0\].shape\[0\]",
+        ),
+        (lambda a: a.update(b=[a["b"][0][:3], None]), r"bias\[0\] must have shape"),
+        (lambda a: a.update(b=[a["b"][0].float(), None]), r"bias\[0\] must have the dtype of x"),
+        (lambda a: a.update(b=[None]), "bias must have 2 entries"),
+    ],
+)
+def test_conv1d_stack_op_errors(mutate, match):
+    x, w, b = _op_inputs()
+    args = dict(x=x, w=w, b=b)
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        conv1d_stack(args["x"], args["w"], args["b"], backend="reference")
+
+
+def test_stack_compiles_fullgraph():
+    chain = _torch_chain(3, LAYER_SPECS[2])
+    stack = Conv1dStack.from_torch(chain, channels_last=True, backend="reference")
+    x = torch.randn(2, 17, 3, dtype=F64)
+    y = torch.compile(stack, fullgraph=True, backend="aot_eager")(x)
+    assert rel_err(y, chain(x.transpose(1, 2)).transpose(1, 2)) < TOL64

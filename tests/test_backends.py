@@ -1,0 +1,60 @@
+"""Backend selection: auto, the environment override, named backends that cannot serve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedconvlstm import BackendUnavailableError, backends, lstm_recurrence
+from fusedconvlstm.ops.lstm import check_lstm_recurrence_args, resolve_lstm_backend
+from tests.helpers import lstm_weights
+
+
+def _call(device="cpu"):
+    xg = torch.randn(3, 2, 1, 8)
+    w = lstm_weights(1, 2, dtype=torch.float32)
+    return check_lstm_recurrence_args(xg, w, [], torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), None, [False]), xg, w
+
+
+def test_both_ops_are_registered_with_a_reference():
+    assert set(backends.registered_ops()) >= {"lstm_recurrence", "conv1d_stack"}
+    for op in ("lstm_recurrence", "conv1d_stack"):
+        assert backends._REGISTRY[op]["reference"].backend == "reference"
+
+
+def test_auto_on_cpu_is_the_reference():
+    call, _, _ = _call()
+    assert resolve_lstm_backend("auto", call) == "reference"
+
+
+def test_environment_variable_replaces_auto(monkeypatch):
+    call, xg, w = _call()
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert resolve_lstm_backend("auto", call) == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot serve"):
+        lstm_recurrence(xg, w)
+    # An explicit backend argument is not overridden.
+    assert resolve_lstm_backend("reference", call) == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="FUSEDCONVLSTM_BACKEND must be one of"):
+        lstm_recurrence(xg, w)
+
+
+def test_named_backend_errors_say_why(monkeypatch):
+    call, xg, w = _call()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="interpreter"):
+        lstm_recurrence(xg, w, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="CUDA tensors only|CUDA extension"):
+        lstm_recurrence(xg, w, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lstm_recurrence(xg, w, backend="cudnn")
+
+
+def test_explain_lists_every_backend():
+    call, _, _ = _call()
+    reasons = backends.explain("lstm_recurrence", call, torch.device("cpu"))
+    assert set(reasons) == set(backends.BACKENDS)
+    assert reasons["reference"] is None
+    assert isinstance(reasons["cuda"], str) and reasons["cuda"]

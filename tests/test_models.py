@@ -1,0 +1,147 @@
+"""The reference model (DESIGN.md §1): parameter count, shapes, equality with its plain-torch twin,
+and ``convert`` on models that mix the fused layers with others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fusedconvlstm
+from fusedconvlstm import LSTM, Conv1dStack, convert
+from fusedconvlstm.models import ConvLSTMClassifier, ReferenceConvLSTMClassifier, count_parameters
+from tests.helpers import rel_err
+
+F64 = torch.float64
+SMALL = dict(
+    vocab_size=50,
+    embedding_dim=8,
+    conv_channels=(6, 6, 8),
+    kernel_sizes=(3, 3, 3),
+    conv_strides=(1, 1, 2),
+    hidden_size=5,
+    dense_size=4,
+)
+
+
+def test_default_model_has_the_keras_parameter_count():
+    fused = ConvLSTMClassifier(device="meta")
+    ref = ConvLSTMClassifier.reference(device="meta")
+    assert count_parameters(fused) == 7_193_009
+    assert count_parameters(ref) == 7_193_009
+    assert count_parameters(fused.lstms[0]) == 2_101_248 == count_parameters(nn.LSTM(512, 512, device="meta"))
+
+
+def test_default_model_output_shape():
+    model = ConvLSTMClassifier(backend="reference").eval()
+    tokens = torch.randint(0, 20_000, (2, 100))
+    with torch.no_grad():
+        p = model(tokens)
+    assert p.shape == (2, 1)
+    assert torch.all((p > 0) & (p < 1))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_model_equals_reference_twin_forward_and_backward(batch):
+    fused = ConvLSTMClassifier(backend="reference", dtype=F64, **SMALL).eval()
+    ref = fused.to_reference()
+    assert isinstance(ref, ReferenceConvLSTMClassifier)
+    assert all(type(m) is nn.LSTM for m in ref.lstms)
+    tokens = torch.randint(0, 50, (batch, 20))
+    out_f, out_r = fused.logits(tokens), ref.logits(tokens)
+    assert out_f.shape == (batch, 1)
+    assert rel_err(out_f, out_r) < 1e-10
+    out_f.sum().backward()
+    out_r.sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        key = name.replace("conv.layers.", "conv.")
+        assert rel_err(p.grad, ref_grads[key].grad) < 1e-10, name
+
+
+def test_weights_copy_both_ways():
+    ref = ConvLSTMClassifier.reference(dtype=F64, **SMALL)
+    fused = ConvLSTMClassifier.from_reference(ref, backend="reference")
+    back = fused.to_reference()
+    for (n1, p1), (n2, p2) in zip(ref.named_parameters(), back.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    tokens = torch.randint(0, 50, (2, 20))
+    assert rel_err(fused.eval()(tokens), ref.eval()(tokens)) < 1e-10
+
+
+def test_training_mode_dropout_is_active():
+    model = ConvLSTMClassifier(backend="reference", **SMALL).train()
+    tokens = torch.randint(0, 50, (4, 20))
+    a, b = model(tokens), model(tokens)
+    assert not torch.equal(a, b)
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens))
+
+
+def test_model_rejects_bad_tokens():
+    model = ConvLSTMClassifier(backend="reference", **SMALL)
+    with pytest.raises(ValueError, match="tokens must be a 2-D"):
+        model(torch.randint(0, 50, (20,)))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        model(torch.rand(2, 20))
+    with pytest.raises(ValueError, match="one entry per conv layer"):
+        ConvLSTMClassifier(conv_channels=(4, 4), kernel_sizes=(3,), conv_strides=(1, 1))
+
+
+class _Mixed(nn.Module):
+    """A model mixing convertible layers with others, in and outside nn.Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 6)
+        self.features = nn.Sequential(
+            nn.Conv1d(6, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Conv1d(8, 8, 3, stride=2),
+            nn.LayerNorm(5),  # not fusable: ends the chain
+            nn.Conv1d(8, 5, 1),
+            nn.Tanh(),
+        )
+        self.side_conv = nn.Conv1d(6, 6, 3, groups=2)  # grouped: left alone
+        self.rnn = nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(14, 2)
+
+    def forward(self, tokens):
+        x = self.embed(tokens).transpose(1, 2)
+        x = self.features(x) + self.side_conv(x).mean()
+        out, _ = self.rnn(x.transpose(1, 2))
+        return self.head(out[:, -1])
+
+
+def test_convert_swaps_layers_and_keeps_outputs():
+    model = _Mixed().double().eval()
+    converted = convert(model, backend="reference")
+    assert converted is not model
+    feats = list(converted.features)
+    assert isinstance(feats[0], Conv1dStack) and len(feats[0].layers) == 2
+    assert feats[0].activations == ["relu", "none"] and feats[0].dropouts == [0.1, 0.0]
+    assert isinstance(feats[1], nn.LayerNorm)
+    assert isinstance(feats[2], Conv1dStack) and feats[2].activations == ["tanh"]
+    assert type(converted.side_conv) is nn.Conv1d
+    assert isinstance(converted.rnn, LSTM) and converted.rnn.bidirectional
+    tokens = torch.randint(0, 30, (3, 11))
+    assert rel_err(converted(tokens), model(tokens)) < 1e-10
+    # In place, and converting twice changes nothing more.
+    again = convert(converted, backend="reference", inplace=True)
+    assert again is converted and isinstance(again.features[0], Conv1dStack)
+
+
+def test_convert_standalone_modules():
+    lstm = nn.LSTM(4, 3)
+    assert isinstance(convert(lstm), LSTM)
+    conv = nn.Conv1d(4, 3, 3)
+    stack = convert(conv)
+    assert isinstance(stack, Conv1dStack) and not stack.channels_last
+    x = torch.randn(2, 4, 9)
+    assert rel_err(stack(x), conv(x)) < 1e-6
+
+
+def test_package_exports():
+    for name in fusedconvlstm.__all__:
+        assert hasattr(fusedconvlstm, name), name

@@ -1,0 +1,497 @@
+"""``fusedconvlstm bench``: the package's backends timed against what a user would run instead.
+
+Each case times one of our modules and a baseline side by side in one process, on the same
+inputs, after checking our result against a float64 reference (correctness before speed):
+
+==================  ==============================================  =============================
+op                  ours                                            baseline
+==================  ==============================================  =============================
+lstm                ``fusedconvlstm.LSTM`` (input projection incl.)  ``nn.LSTM`` (cuDNN)
+lstm_pair           ``parallel_lstm`` of two LSTMs on one input      two ``nn.LSTM`` one by one
+conv1d_stack        ``Conv1dStack`` on ``(B, T, C)``                 ``nn.Conv1d`` chain + 2 transposes
+model_inference     ``ConvLSTMClassifier``                           ``ReferenceConvLSTMClassifier``
+model_train_step    the same, forward + backward of the loss         the same
+==================  ==============================================  =============================
+
+Baselines run in the dtype cuDNN serves best: our bf16 is compared with cuDNN fp16 (its
+persistent kernel) and, where cuDNN has it, bf16; our fp32 with cuDNN's fp32 (TF32 on, the
+default). The reference model is also timed under ``torch.compile``. GPU times are medians of
+``triton.testing.do_bench`` (CUDA events, after warm-up), twice, inputs rotated; results are JSON
+lines as DESIGN.md §4 describes. Without a GPU the same cases run on the CPU at small sizes
+(``time.perf_counter``), which says nothing about GPU speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusedconvlstm import backends
+from fusedconvlstm.models.conv_lstm_classifier import ConvLSTMClassifier, ReferenceConvLSTMClassifier
+from fusedconvlstm.nn.conv1d_stack import Conv1dStack
+from fusedconvlstm.nn.lstm import LSTM, parallel_lstm
+from fusedconvlstm.validate import rel_err
+
+OPS = ("lstm", "lstm_pair", "conv1d_stack", "model_inference", "model_train_step")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class BenchRecord:
+    """One JSON line of results (DESIGN.md §4 vocabulary)."""
+
+    commit: str
+    device: str
+    torch: str
+    cuda: str | None
+    cudnn: int | None
+    triton: str | None
+    op: str
+    backend: str
+    baseline: str
+    dtype: str
+    batch: int
+    seq: int
+    hidden: int
+    pass_: str
+    median_ms: float
+    baseline_median_ms: float
+    speedup: float
+    max_rel_err: float
+    repeats_ms: list[float] = field(default_factory=list)
+    baseline_repeats_ms: list[float] = field(default_factory=list)
+    baseline_max_rel_err: float | None = None
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["pass"] = d.pop("pass_")
+        return json.dumps(d)
+
+
+def environment() -> dict:
+    """What the results were measured with."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__)
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.is_available()
+    return {
+        "commit": commit,
+        "device": torch.cuda.get_device_name()
+        if gpu
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "triton": triton_version,
+    }
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 2) -> list[float]:
+    """Median milliseconds of ``fn``, measured ``repeats`` times (their spread is the noise)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return [float(do_bench(fn, warmup=25, rep=100, return_mode="median")) for _ in range(repeats)]
+    out = []
+    for _ in range(repeats):
+        fn()  # warm-up
+        samples = []
+        budget = time.perf_counter() + 0.5
+        while len(samples) < 3 or (time.perf_counter() < budget and len(samples) < 50):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        out.append(statistics.median(samples))
+    return out
+
+
+class _Rotating:
+    """Cycles through copies of the inputs so a timed loop does not just re-read L2-resident data."""
+
+    def __init__(self, make: Callable[[], tuple], l2_bytes: int):
+        first = make()
+        size = sum(t.numel() * t.element_size() for t in first if isinstance(t, Tensor))
+        n = 1 if size == 0 else max(1, min(8, (2 * l2_bytes) // max(size, 1) + 1))
+        self.items = [first] + [make() for _ in range(n - 1)]
+        self.i = 0
+
+    def next(self) -> tuple:
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+def _l2_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
+
+
+@dataclass
+class _Pair:
+    """A benchmark case: our callable and the baseline's, each over rotated inputs, and how to
+    compute the error of each against float64."""
+
+    ours: Callable[[], object]
+    baseline: Callable[[], object]
+    errors: Callable[[], tuple[float, float]]
+
+
+def _lstm_pair_case(op, dtype, base_dtype, batch, seq, hidden, backend, train, device, l2):
+    gen_dtype = dtype
+    n = 2 if op == "lstm_pair" else 1
+    torch_lstms = [nn.LSTM(hidden, hidden, batch_first=True, device=device) for _ in range(n)]
+    ours = [LSTM.from_torch(m, backend=backend).to(dtype) for m in torch_lstms]
+    base = [copy.deepcopy(m).to(base_dtype) for m in torch_lstms]
+    ref64 = [copy.deepcopy(m).double() for m in torch_lstms]
+
+    def make():
+        x = torch.randn(batch, seq, hidden, device=device, dtype=gen_dtype)
+        return (x.requires_grad_(train),)
+
+    rot = _Rotating(make, l2)
+
+    def run_ours(x):
+        if n == 1:
+            return [ours[0](x)[1][0]] if not train else [ours[0](x)[0]]
+        outs = parallel_lstm(ours, x)
+        return [o[1][0] for o in outs] if not train else [o[0] for o in outs]
+
+    def run_base(x):
+        x = x.to(base_dtype)
+        return [m(x)[1][0] for m in base] if not train else [m(x)[0] for m in base]
+
+    return _finish(
+        run_ours,
+        run_base,
+        rot,
+        train,
+        ours,
+        base,
+        ref64,
+        lambda x: [m(x.double())[1][0] if not train else m(x.double())[0] for m in ref64],
+    )
+
+
+def _conv_case(dtype, base_dtype, batch, backend, train, device, l2):
+    chain = nn.Sequential(
+        *[
+            nn.Conv1d(i, o, 3, stride=s, device=device)
+            for i, o, s in zip((100, 200, 200, 256, 256), (200, 200, 256, 256, 512), (1, 1, 1, 1, 2))
+        ]
+    )
+    ours = Conv1dStack.from_torch(chain, channels_last=True, backend=backend).to(dtype)
+    base = copy.deepcopy(chain).to(base_dtype)
+    ref64 = copy.deepcopy(chain).double()
+
+    def make():
+        return (torch.randn(batch, 100, 100, device=device, dtype=dtype).requires_grad_(train),)
+
+    rot = _Rotating(make, l2)
+    return _finish(
+        lambda x: [ours(x)],
+        lambda x: [base(x.to(base_dtype).transpose(1, 2)).transpose(1, 2)],
+        rot,
+        train,
+        [ours],
+        [base],
+        [ref64],
+        lambda x: [ref64(x.double().transpose(1, 2)).transpose(1, 2)],
+    )
+
+
+def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_baseline):
+    # Both models stay in eval mode, also for the training step: dropout would draw different
+    # masks on the two sides and make the error check meaningless.
+    ref = ReferenceConvLSTMClassifier(device=device)
+    ours = ConvLSTMClassifier.from_reference(ref, backend=backend).to(dtype).eval()
+    base = copy.deepcopy(ref).to(base_dtype).eval()
+    ref64 = copy.deepcopy(ref).double().eval()
+    if compile_baseline:
+        base_fn = torch.compile(base.logits)
+    else:
+        base_fn = base.logits
+
+    def make():
+        return (torch.randint(1, 20_000, (batch, 100), device=device), torch.randint(0, 2, (batch, 1), device=device))
+
+    rot = _Rotating(make, l2)
+
+    def loss_of(logits, y):
+        return F.binary_cross_entropy_with_logits(logits.float(), y.float())
+
+    if train:
+
+        def run_ours(tok, y):
+            return [loss_of(ours.logits(tok), y)]
+
+        def run_base(tok, y):
+            return [loss_of(base_fn(tok), y)]
+
+        def run_ref(tok, y):
+            return [loss_of(ref64.logits(tok), y)]
+    else:
+
+        def run_ours(tok, y):
+            return [ours.logits(tok)]
+
+        def run_base(tok, y):
+            return [base_fn(tok)]
+
+        def run_ref(tok, y):
+            return [ref64.logits(tok)]
+
+    return _finish(run_ours, run_base, rot, train, [ours], [base], [ref64], run_ref)
+
+
+def _finish(run_ours, run_base, rot, train, ours_mods, base_mods, ref_mods, run_ref) -> _Pair:
+    """Wrap the runners into timed closures (with backward when training) and an error check."""
+
+    def step(run, mods):
+        def fn():
+            args = rot.next()
+            if not train:
+                with torch.inference_mode():
+                    return run(*args)
+            for m in mods:
+                m.zero_grad(set_to_none=True)
+            outs = run(*args)
+            sum(o.float().sum() for o in outs).backward()
+            return outs
+
+        return fn
+
+    def errors() -> tuple[float, float]:
+        args = rot.items[0]
+        results = []
+        with torch.no_grad():
+            want = run_ref(*args)
+            for run in (run_ours, run_base):
+                got = run(*args)
+                results.append(max(rel_err(g, w) for g, w in zip(got, want)))
+        return results[0], results[1]
+
+    return _Pair(step(run_ours, ours_mods), step(run_base, base_mods), errors)
+
+
+def _baselines(dtype_name: str, device: torch.device) -> list[tuple[str, torch.dtype]]:
+    """Which baseline dtypes stand beside ours: cuDNN's best in that precision."""
+    if device.type != "cuda":
+        return [(f"torch_cpu_{dtype_name}", DTYPES[dtype_name])]
+    if dtype_name == "fp32":
+        return [("cudnn_fp32_tf32", torch.float32)]
+    if dtype_name == "fp16":
+        return [("cudnn_fp16", torch.float16)]
+    return [("cudnn_fp16", torch.float16), ("cudnn_bf16", torch.bfloat16)]
+
+
+def plan(
+    ops: Iterable[str],
+    dtypes: Iterable[str],
+    batches: Iterable[int],
+    seqs: Iterable[int],
+    passes: Iterable[str],
+    device: torch.device,
+    include_reference: bool,
+    compile_baseline: bool,
+) -> list[dict]:
+    """The list of cases to run (each a dict of parameters)."""
+    cases = []
+    for op in ops:
+        for dtype_name in dtypes:
+            for batch in batches:
+                for seq in seqs if op in ("lstm", "lstm_pair") else [45 if op != "conv1d_stack" else 100]:
+                    for pass_ in _passes_of(op, passes):
+                        for baseline, base_dtype in _baselines(dtype_name, device):
+                            names = [baseline] + (
+                                [baseline.replace("cudnn", "torch_compile")]
+                                if compile_baseline and op.startswith("model") and device.type == "cuda"
+                                else []
+                            )
+                            for bname in names:
+                                for backend in _serving_backends(op, device, DTYPES[dtype_name], include_reference):
+                                    cases.append(
+                                        dict(
+                                            op=op,
+                                            dtype=dtype_name,
+                                            base_dtype=base_dtype,
+                                            batch=batch,
+                                            seq=seq,
+                                            pass_=pass_,
+                                            baseline=bname,
+                                            backend=backend,
+                                        )
+                                    )
+    return cases
+
+
+def _passes_of(op: str, passes: Iterable[str]) -> list[str]:
+    """An inference case is forward only and a training step forward + backward by definition."""
+    if op == "model_inference":
+        return ["fwd"]
+    if op == "model_train_step":
+        return ["fwd+bwd"]
+    return list(passes)
+
+
+def _serving_backends(op: str, device: torch.device, dtype: torch.dtype, include_reference: bool) -> list[str]:
+    names = []
+    for name in backends.BACKENDS:
+        if name == "reference" and not include_reference and device.type == "cuda":
+            continue
+        if backends.backend_why_not(name, device) is None and (name != "triton" or device.type == "cuda"):
+            names.append(name)
+    return names
+
+
+def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchRecord:
+    """Build, check and time one case."""
+    dtype, base_dtype = DTYPES[case["dtype"]], case["base_dtype"]
+    train = case["pass_"] == "fwd+bwd"
+    l2 = _l2_bytes(device)
+    op, batch, backend = case["op"], case["batch"], case["backend"]
+    compiled = case["baseline"].startswith("torch_compile")
+    if op in ("lstm", "lstm_pair"):
+        pair = _lstm_pair_case(op, dtype, base_dtype, batch, case["seq"], hidden, backend, train, device, l2)
+    elif op == "conv1d_stack":
+        pair = _conv_case(dtype, base_dtype, batch, backend, train, device, l2)
+    else:
+        pair = _model_case(dtype, base_dtype, batch, backend, train, device, l2, compiled)
+    err, base_err = pair.errors()
+    ours_ms = time_ms(pair.ours, device)
+    base_ms = time_ms(pair.baseline, device)
+    median, base_median = statistics.median(ours_ms), statistics.median(base_ms)
+    return BenchRecord(
+        **env,
+        op=op,
+        backend=backend,
+        baseline=case["baseline"],
+        dtype=case["dtype"],
+        batch=batch,
+        seq=case["seq"],
+        hidden=hidden,
+        pass_=case["pass_"],
+        median_ms=median,
+        baseline_median_ms=base_median,
+        speedup=base_median / median,
+        max_rel_err=err,
+        repeats_ms=ours_ms,
+        baseline_repeats_ms=base_ms,
+        baseline_max_rel_err=base_err,
+    )
+
+
+def default_output_path(env: dict, root: str) -> str:
+    """``benchmarks/results/<date>_<device>.jsonl`` (a new file per run)."""
+    slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    return os.path.join(root, "benchmarks", "results", f"{stamp}_{slug}.jsonl")
+
+
+def format_records(records: list[BenchRecord]) -> str:
+    """A plain-text table of results."""
+    header = ("op", "pass", "dtype", "batch", "seq", "backend", "ms", "baseline", "baseline ms", "speedup", "rel err")
+    rows = [
+        (
+            r.op,
+            r.pass_,
+            r.dtype,
+            r.batch,
+            r.seq,
+            r.backend,
+            f"{r.median_ms:.3f}",
+            r.baseline,
+            f"{r.baseline_median_ms:.3f}",
+            f"{r.speedup:.2f}x",
+            f"{r.max_rel_err:.1e}",
+        )
+        for r in records
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+def main_bench(args) -> int:
+    """Entry of the ``bench`` command (argparse namespace from :mod:`fusedconvlstm.cli`)."""
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    env = environment()
+    if not gpu:
+        print(
+            "No CUDA GPU on this machine: timing on the CPU at small sizes. These numbers say nothing about "
+            "GPU speed and are written only with --out.",
+            flush=True,
+        )
+    ops = args.ops or (list(OPS) if gpu else ["lstm", "conv1d_stack", "model_inference"])
+    dtypes = args.dtypes or (["bf16", "fp16", "fp32"] if gpu else ["fp32"])
+    batches = args.batches or ([1, 8, 64, 256, 1024] if gpu else [1, 8])
+    seqs = args.seqs or [45]
+    passes = args.passes or (["fwd", "fwd+bwd"] if gpu else ["fwd"])
+    hidden = args.hidden or 512
+    cases = plan(
+        ops, dtypes, batches, seqs, passes, device, args.include_reference, compile_baseline=not args.no_compile
+    )
+    if not cases:
+        print("nothing to run: no backend can serve these cases on this machine", flush=True)
+        return 1
+    out_path = args.out or (default_output_path(env, os.getcwd()) if gpu else None)
+    records = []
+    t_start = time.perf_counter()
+    for k, case in enumerate(cases, 1):
+        label = f"{case['op']} {case['pass_']} {case['dtype']} b={case['batch']} T={case['seq']} {case['backend']} vs {case['baseline']}"
+        print(f"[{k}/{len(cases)}] {label} ... ", end="", flush=True)
+        try:
+            rec = run_case(case, device, env, hidden if case["op"] in ("lstm", "lstm_pair") else 512)
+        except (RuntimeError, backends.BackendUnavailableError, torch.OutOfMemoryError) as exc:
+            print(f"skipped: {str(exc).splitlines()[0]}", flush=True)
+            continue
+        records.append(rec)
+        print(
+            f"{rec.median_ms:.3f} ms vs {rec.baseline_median_ms:.3f} ms ({rec.speedup:.2f}x), rel err {rec.max_rel_err:.1e} "
+            f"[{time.perf_counter() - t_start:.0f} s]",
+            flush=True,
+        )
+        if out_path:
+            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+            with open(out_path, "a") as f:
+                f.write(rec.to_json() + "\n")
+    print()
+    print(format_records(records))
+    if out_path:
+        print(f"\nresults: {out_path}")
+    return 0 if records else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: python -m fusedconvlstm bench")

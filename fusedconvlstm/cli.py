@@ -1,0 +1,129 @@
+"""Command line: ``python -m fusedconvlstm {env,check,bench}`` (also the ``fusedconvlstm`` script)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Print versions, the GPU and, per op, which backend can run here (or why not)."""
+    from fusedconvlstm import _extension, backends
+    from fusedconvlstm.benchmarking import environment
+
+    env = environment()
+    print(f"fusedconvlstm  {_package_version()}  (commit {env['commit']})")
+    print(f"python         {platform.python_version()}")
+    print(f"torch          {env['torch']}  (CUDA {env['cuda'] or 'none'}, cuDNN {env['cudnn'] or 'none'})")
+    print(f"triton         {env['triton'] or 'not installed'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(
+                f"gpu {i}          {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB"
+            )
+    else:
+        print("gpu            none (torch.cuda.is_available() is False)")
+    info = _extension.build_info()
+    if info:
+        print(
+            f"extension      built with torch {info['torch_version']}, CUDA {info['cuda_version']}, "
+            f"stable ABI >= {info['torch_target_version']}, archs {info['arch_list']}"
+        )
+    print()
+    devices = [torch.device("cuda")] if torch.cuda.is_available() else []
+    devices.append(torch.device("cpu"))
+    for device in devices:
+        for name in backends.BACKENDS:
+            reason = backends.backend_why_not(name, device)
+            ops = [op for op in backends.registered_ops() if name in backends._REGISTRY[op]]
+            state = "available" if reason is None else f"unavailable: {reason}"
+            print(f"{device.type:4s} {name:9s}  {state}")
+            if reason is None:
+                print(f"{'':15s}ops: {', '.join(ops) or 'none yet'}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run each available backend against the float64 reference; non-zero exit on any failure."""
+    from fusedconvlstm.validate import check_cases, default_cases, format_table
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default_dtypes = ["float32", "float16", "bfloat16"] if device.type == "cuda" else ["float32"]
+    dtypes = [getattr(torch, d) for d in (args.dtypes or default_dtypes)]
+    print(
+        f"checking on {device} in {', '.join(str(d).removeprefix('torch.') for d in dtypes)} "
+        "(fresh random inputs; float64 torch modules on the CPU are the reference)",
+        flush=True,
+    )
+    rows = []
+    for row in check_cases(default_cases(quick=args.quick), device, dtypes, only=args.backends):
+        rows.append(row)
+        print(
+            f"  {row.op:13s} {row.backend:9s} {row.dtype:9s} {row.case}: {'PASS' if row.passed else 'FAIL'}", flush=True
+        )
+    print()
+    print(format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    if not rows:
+        print("\nno backend could run any case")
+        return 1
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time the backends against the cuDNN reference (see :mod:`fusedconvlstm.benchmarking`)."""
+    from fusedconvlstm.benchmarking import main_bench
+
+    return main_bench(args)
+
+
+def _package_version() -> str:
+    from fusedconvlstm import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the command line."""
+    from fusedconvlstm import BACKENDS
+    from fusedconvlstm.benchmarking import DTYPES, OPS
+
+    parser = argparse.ArgumentParser(prog="fusedconvlstm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("env", help="versions, GPU, and which backends can run here")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("check", help="every available backend against the float64 reference")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--backends", nargs="+", choices=list(BACKENDS), help="only these backends")
+    p.add_argument("--quick", action="store_true", help="one case per op")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("bench", help="time the backends against cuDNN and torch.compile; write JSON lines")
+    p.add_argument("--ops", nargs="+", choices=list(OPS))
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
+    p.add_argument("--batches", nargs="+", type=int)
+    p.add_argument("--seqs", nargs="+", type=int, help="sequence lengths of the lstm cases (default 45)")
+    p.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"])
+    p.add_argument("--hidden", type=int, help="hidden and input size of the lstm cases (default 512)")
+    p.add_argument("--out", help="JSON-lines file (default on a GPU: benchmarks/results/<date>_<gpu>.jsonl)")
+    p.add_argument("--include-reference", action="store_true", help="also time the reference backend on a GPU")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

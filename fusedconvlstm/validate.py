@@ -1,0 +1,242 @@
+"""``fusedconvlstm check``: every available backend against the float64 reference.
+
+For each case (an LSTM layer configuration or a Conv1d stack), each dtype and each backend that
+can serve it on this machine, the fused module and the plain torch module (cuDNN on a GPU) run on
+the same fresh random inputs in that dtype; both are compared with the torch module in float64
+on the CPU. Outputs, final states and every gradient count. A backend passes when its worst
+relative error is at most ``2 ×`` torch's own error in the same dtype (DESIGN.md §3) plus
+``4 eps(dtype)``, a floor for cases where torch's error is itself at the rounding level.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fusedconvlstm import backends
+from fusedconvlstm.nn.conv1d_stack import Conv1dStack
+from fusedconvlstm.nn.lstm import LSTM
+from fusedconvlstm.ops.conv1d import check_conv1d_stack_args
+from fusedconvlstm.ops.lstm import check_lstm_recurrence_args
+
+
+def rel_err(out: Tensor, ref: Tensor) -> float:
+    """``‖out − ref‖ / ‖ref‖`` computed in float64 on the CPU; ``inf`` if ``out`` has NaN."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if torch.isnan(out).any():
+        return float("inf")
+    denom = float(ref.norm())
+    num = float((out - ref).norm())
+    return num / denom if denom > 0 else num
+
+
+@dataclass
+class CheckResult:
+    """One row of the check table."""
+
+    op: str
+    case: str
+    backend: str
+    dtype: str
+    max_rel_err: float
+    torch_rel_err: float
+    tolerance: float
+    worst: str
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_err <= self.tolerance
+
+
+@dataclass
+class _Case:
+    op: str
+    name: str
+    make_torch: Callable[[], nn.Module]  # float64 CPU module
+    make_fused: Callable[[nn.Module, str], nn.Module]
+    make_input: Callable[[], Tensor]  # float64 CPU input
+    backend_call: Callable[[nn.Module, Tensor, torch.device], object]  # for backends.explain
+
+
+def _lstm_call(module: LSTM, x: Tensor, device: torch.device):
+    T, B = (x.shape[1], x.shape[0]) if module.batch_first else (x.shape[0], x.shape[1])
+    D = 2 if module.bidirectional else 1
+    H = module.hidden_size
+    meta = dict(device="meta", dtype=x.dtype)
+    call = check_lstm_recurrence_args(
+        torch.empty(T, B, D, 4 * H, **meta),
+        [torch.empty(4 * H, H, **meta)] * D,
+        [],
+        torch.empty(D, B, H, **meta),
+        torch.empty(D, B, H, **meta),
+        None,
+        [False, True][:D],
+    )
+    return _with_device(call, device, x.dtype)
+
+
+def _conv_call(module: Conv1dStack, x: Tensor, device: torch.device):
+    meta = dict(device="meta", dtype=x.dtype)
+    xb = torch.empty(x.shape[0], x.shape[1], x.shape[2], **meta)
+    weight = [torch.empty(c.weight.shape, **meta) for c in module.layers]
+    bias = [None if c.bias is None else torch.empty(c.bias.shape, **meta) for c in module.layers]
+    call = check_conv1d_stack_args(
+        xb,
+        weight,
+        bias,
+        [c.stride[0] for c in module.layers],
+        [p for pair in module.paddings for p in pair],
+        [c.dilation[0] for c in module.layers],
+        ",".join(module.activations),
+    )
+    return _with_device(call, device, x.dtype)
+
+
+def _with_device(call, device: torch.device, dtype: torch.dtype):
+    return type(call)(**{**call.__dict__, "device": device, "dtype": dtype})
+
+
+def default_cases(quick: bool = False) -> list[_Case]:
+    """The cases ``check`` runs: LSTM layer options and Conv1d stacks at small sizes."""
+    cases = []
+    lstm_configs = [
+        ("T7 B3 I16 H32", dict(input_size=16, hidden_size=32), (7, 3)),
+        (
+            "T5 B2 I8 H16 2-layer bidirectional batch_first",
+            dict(input_size=8, hidden_size=16, num_layers=2, bidirectional=True, batch_first=True),
+            (2, 5),
+        ),
+    ]
+    if quick:
+        lstm_configs = lstm_configs[:1]
+    for name, cfg, shape in lstm_configs:
+        feat = cfg["input_size"]
+        cases.append(
+            _Case(
+                op="lstm",
+                name=name,
+                make_torch=lambda cfg=cfg: nn.LSTM(**cfg, dtype=torch.float64),
+                make_fused=lambda m, b: LSTM.from_torch(m, backend=b),
+                make_input=lambda shape=shape, feat=feat: torch.randn(*shape, feat, dtype=torch.float64),
+                backend_call=_lstm_call,
+            )
+        )
+    conv_configs = [
+        ("B2 T20 16->24->24 k3 relu", lambda: nn.Sequential(nn.Conv1d(16, 24, 3), nn.ReLU(), nn.Conv1d(24, 24, 3))),
+        (
+            "B3 T31 8->12->8 k5/k3 s2 pad",
+            lambda: nn.Sequential(nn.Conv1d(8, 12, 5, stride=2, padding=2), nn.GELU(), nn.Conv1d(12, 8, 3, padding=1)),
+        ),
+    ]
+    if quick:
+        conv_configs = conv_configs[:1]
+    for name, make in conv_configs:
+        c_in = make()[0].in_channels
+        T = int(name.split()[1][1:])
+        B = int(name.split()[0][1:])
+        cases.append(
+            _Case(
+                op="conv1d_stack",
+                name=name,
+                make_torch=lambda make=make: make().double(),
+                make_fused=lambda m, b: Conv1dStack.from_torch(m, channels_last=True, backend=b),
+                make_input=lambda B=B, T=T, c_in=c_in: torch.randn(B, T, c_in, dtype=torch.float64),
+                backend_call=_conv_call,
+            )
+        )
+    return cases
+
+
+def _run(module: nn.Module, x: Tensor, channels_last_torch: bool, cotangent_seed: int) -> list[Tensor]:
+    """Outputs and gradients (input, then each parameter) of ``module`` on ``x``."""
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    if channels_last_torch:  # a plain Conv1d chain takes (B, C, T)
+        outs = [module(x.transpose(1, 2)).transpose(1, 2)]
+    else:
+        out = module(x)
+        outs = [out[0], *out[1]] if isinstance(out, tuple) else [out]
+    gen = torch.Generator().manual_seed(cotangent_seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
+    loss.backward()
+    grads = [x.grad] + [p.grad for p in module.parameters()]
+    return [t.detach() for t in outs + grads]
+
+
+def _names(module: nn.Module, n_outputs: int) -> list[str]:
+    outs = ["output", "h_n", "c_n"][:n_outputs] if n_outputs > 1 else ["output"]
+    return outs + ["grad input"] + [f"grad {n}" for n, _ in module.named_parameters()]
+
+
+def check_cases(
+    cases: list[_Case], device: torch.device, dtypes: list[torch.dtype], only: list[str] | None = None
+) -> Iterator[CheckResult]:
+    """Run every case for every dtype and every backend that can serve it; yield a row each."""
+    for case in cases:
+        for dtype in dtypes:
+            ref64 = case.make_torch()
+            x64 = case.make_input()
+            seed = int(torch.randint(0, 2**31, ()))
+            is_conv = case.op == "conv1d_stack"
+            expected = _run(ref64, x64, is_conv, seed)
+            torch_mod = copy.deepcopy(ref64).to(device=device, dtype=dtype)
+            x = x64.to(device=device, dtype=dtype)
+            try:
+                torch_errs = [rel_err(a, b) for a, b in zip(_run(torch_mod, x, is_conv, seed), expected)]
+            except RuntimeError as exc:  # e.g. a cuDNN without bf16 LSTM: nothing to compare with
+                print(f"skipping {case.op} {case.name} {dtype}: torch itself cannot run it ({exc})")
+                continue
+            n_out = 3 if case.op == "lstm" else 1
+            names = _names(ref64, n_out)
+            eps = torch.finfo(dtype).eps
+            for name in backends.BACKENDS:
+                if only and name not in only:
+                    continue
+                fused = case.make_fused(copy.deepcopy(ref64), name).to(device=device, dtype=dtype)
+                reason = backends.explain(_op_name(case.op), case.backend_call(fused, x, device), device)[name]
+                if reason is not None:
+                    continue
+                errs = [rel_err(a, b) for a, b in zip(_run(fused, x, False, seed), expected)]
+                worst = max(range(len(errs)), key=lambda i: errs[i] / (2 * torch_errs[i] + 4 * eps))
+                yield CheckResult(
+                    op=case.op,
+                    case=case.name,
+                    backend=name,
+                    dtype=str(dtype).removeprefix("torch."),
+                    max_rel_err=errs[worst],
+                    torch_rel_err=torch_errs[worst],
+                    tolerance=2 * torch_errs[worst] + 4 * eps,
+                    worst=names[worst],
+                )
+
+
+def _op_name(op: str) -> str:
+    return {"lstm": "lstm_recurrence", "conv1d_stack": "conv1d_stack"}[op]
+
+
+def format_table(rows: list[CheckResult]) -> str:
+    """A plain-text table of check results."""
+    header = ("op", "case", "backend", "dtype", "rel err", "torch err", "tolerance", "worst", "result")
+    lines = [
+        (
+            r.op,
+            r.case,
+            r.backend,
+            r.dtype,
+            f"{r.max_rel_err:.2e}",
+            f"{r.torch_rel_err:.2e}",
+            f"{r.tolerance:.2e}",
+            r.worst,
+            "PASS" if r.passed else "FAIL",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(
+        [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
+    )

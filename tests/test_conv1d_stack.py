@@ -248,3 +248,12 @@ def test_stack_compiles_fullgraph():
     x = torch.randn(2, 17, 3, dtype=F64)
     y = torch.compile(stack, fullgraph=True, backend="aot_eager")(x)
     assert rel_err(y, chain(x.transpose(1, 2)).transpose(1, 2)) < TOL64
+
+
+def test_conv1d_stack_backward_opcheck_reference():
+    x, w, b = _op_inputs()
+    hyper = ([True, False], [1, 2], [1, 0, 0, 1], [2, 1], "gelu,tanh")
+    y, saved = torch.ops.fusedconvlstm.conv1d_stack(x, w, [b[0]], *hyper, "reference")
+    torch.library.opcheck(
+        torch.ops.fusedconvlstm.conv1d_stack_backward.default, (torch.randn_like(y), x, w, [b[0]], *hyper, saved, "reference")
+    )

@@ -333,3 +333,14 @@ def test_named_backend_that_cannot_serve_raises_with_reason():
     fused.backend = "cuda"
     with pytest.raises(fusedconvlstm.BackendUnavailableError, match="backend='cuda' cannot serve"):
         fused(torch.randn(3, 2, 5, dtype=F64))
+
+
+def test_lstm_recurrence_backward_opcheck_reference():
+    lengths = torch.tensor([5, 3, 1])
+    xg, w_hh, w_hr, h0, c0, _ = _op_args(lengths=lengths, P=2)
+    y, h_n, c_n, ws = torch.ops.fusedconvlstm.lstm_recurrence(xg, w_hh, w_hr, h0, c0, lengths, [False, True], "reference")
+    grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n))
+    torch.library.opcheck(
+        torch.ops.fusedconvlstm.lstm_recurrence_backward.default,
+        (*grads, xg, w_hh, w_hr, h0, c0, lengths, [False, True], y, ws, "reference"),
+    )

@@ -160,6 +160,12 @@ def explain(op: str, call: object, device: torch.device) -> dict[str, str | None
     return out
 
 
+def no_autocast(t: torch.Tensor) -> torch.autocast:
+    """A context in which autocast is off on ``t``'s device: backends compute in the dtypes they
+    were given, and autocast must not recast the torch ops inside them."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def registered_ops() -> tuple[str, ...]:
     """Names of the ops known to the registry."""
     return tuple(_REGISTRY)

@@ -255,5 +255,17 @@ def test_conv1d_stack_backward_opcheck_reference():
     hyper = ([True, False], [1, 2], [1, 0, 0, 1], [2, 1], "gelu,tanh")
     y, saved = torch.ops.fusedconvlstm.conv1d_stack(x, w, [b[0]], *hyper, "reference")
     torch.library.opcheck(
-        torch.ops.fusedconvlstm.conv1d_stack_backward.default, (torch.randn_like(y), x, w, [b[0]], *hyper, saved, "reference")
+        torch.ops.fusedconvlstm.conv1d_stack_backward.default,
+        (torch.randn_like(y), x, w, [b[0]], *hyper, saved, "reference"),
     )
+
+
+def test_stack_under_cpu_autocast_behaves_like_nn_conv1d():
+    chain = _torch_chain(3, LAYER_SPECS[2], dtype=torch.float32)
+    stack = Conv1dStack.from_torch(chain, backend="reference")
+    x = torch.randn(2, 3, 17)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = chain(x), stack(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    want = chain.double()(x.double())
+    assert rel_err(y, want) <= 2 * rel_err(y_ref, want) + 4 * torch.finfo(torch.bfloat16).eps

@@ -338,9 +338,26 @@ def test_named_backend_that_cannot_serve_raises_with_reason():
 def test_lstm_recurrence_backward_opcheck_reference():
     lengths = torch.tensor([5, 3, 1])
     xg, w_hh, w_hr, h0, c0, _ = _op_args(lengths=lengths, P=2)
-    y, h_n, c_n, ws = torch.ops.fusedconvlstm.lstm_recurrence(xg, w_hh, w_hr, h0, c0, lengths, [False, True], "reference")
+    y, h_n, c_n, ws = torch.ops.fusedconvlstm.lstm_recurrence(
+        xg, w_hh, w_hr, h0, c0, lengths, [False, True], "reference"
+    )
     grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n))
     torch.library.opcheck(
         torch.ops.fusedconvlstm.lstm_recurrence_backward.default,
         (*grads, xg, w_hh, w_hr, h0, c0, lengths, [False, True], y, ws, "reference"),
     )
+
+
+def test_lstm_under_cpu_autocast_behaves_like_nn_lstm():
+    ref = nn.LSTM(5, 6, num_layers=2, batch_first=True)
+    fused = LSTM.from_torch(ref, backend="reference")
+    x = torch.randn(3, 7, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o_ref, (h_ref, c_ref) = ref(x)
+        o_fus, (h_fus, c_fus) = fused(x)
+    assert (o_fus.dtype, h_fus.dtype, c_fus.dtype) == (o_ref.dtype, h_ref.dtype, c_ref.dtype) == (torch.bfloat16,) * 3
+    ref64 = LSTM.from_torch(ref.double(), backend="reference")
+    want, _ = ref64(x.double())
+    assert rel_err(o_fus, want) <= 2 * rel_err(o_ref, want) + 4 * torch.finfo(torch.bfloat16).eps
+    o_fus.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusedconvlstm.nn.lstm import check_backend_name
+from fusedconvlstm.nn.lstm import autocast_dtype, check_backend_name
 from fusedconvlstm.ops.conv1d import ACTIVATIONS, conv1d_stack
 
 ACTIVATION_MODULES: dict[type, str] = {nn.Identity: "none", nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
@@ -208,10 +208,15 @@ class Conv1dStack(nn.Module):
 
     def _run(self, x: Tensor, layers: range) -> Tensor:
         convs = [self.layers[i] for i in layers]
+        cast = autocast_dtype(x)  # as nn.Conv1d under autocast: everything in the autocast dtype
+
+        def get(t: Tensor | None) -> Tensor | None:
+            return t if t is None or cast is None else t.to(cast)
+
         return conv1d_stack(
-            x,
-            [c.weight for c in convs],
-            [c.bias for c in convs],
+            x if cast is None else x.to(cast),
+            [get(c.weight) for c in convs],
+            [get(c.bias) for c in convs],
             stride=[c.stride[0] for c in convs],
             padding=[self.paddings[i] for i in layers],
             dilation=[c.dilation[0] for c in convs],

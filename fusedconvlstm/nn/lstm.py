@@ -21,6 +21,13 @@ from fusedconvlstm import backends
 from fusedconvlstm.ops.lstm import lstm_recurrence
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs ``x``'s device in, or ``None`` when autocast is off there."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
 def check_backend_name(backend: str) -> str:
     """Validate a ``backend=`` argument of a module."""
     if backend not in backends.BACKENDS + (backends.AUTO,):
@@ -149,17 +156,24 @@ class LSTM(nn.Module):
                 s += f", {name}={getattr(self, name)}"
         return f"{s}, backend={self.backend!r}"
 
-    def _layer_weights(self, layer: int) -> tuple[Tensor, Tensor | None, list[Tensor], list[Tensor]]:
+    def _layer_weights(
+        self, layer: int, cast: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor | None, list[Tensor], list[Tensor]]:
         suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
         names = [f"l{layer}{s}" for s in suffixes]
-        w_ih = [getattr(self, f"weight_ih_{n}") for n in names]
-        w_hh = [getattr(self, f"weight_hh_{n}") for n in names]
-        w_hr = [getattr(self, f"weight_hr_{n}") for n in names] if self.proj_size > 0 else []
+
+        def get(kind: str, name: str) -> Tensor:
+            p = getattr(self, f"{kind}_{name}")
+            return p if cast is None else p.to(cast)
+
+        w_ih = [get("weight_ih", n) for n in names]
+        w_hh = [get("weight_hh", n) for n in names]
+        w_hr = [get("weight_hr", n) for n in names] if self.proj_size > 0 else []
         w = w_ih[0] if len(w_ih) == 1 else torch.cat(w_ih)
         b = None
         if self.bias:
-            b_ih = [getattr(self, f"bias_ih_{n}") for n in names]
-            b_hh = [getattr(self, f"bias_hh_{n}") for n in names]
+            b_ih = [get("bias_ih", n) for n in names]
+            b_hh = [get("bias_hh", n) for n in names]
             # Sum per direction, then concatenate: the other order hands the bias_ih and bias_hh
             # of one direction views of the same gradient, and autograd's accumulation into .grad
             # then adds every later gradient twice.
@@ -187,7 +201,11 @@ class LSTM(nn.Module):
             raise ValueError(
                 f"LSTM: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
-        if x.dtype != w0.dtype:
+        cast = autocast_dtype(x)
+        if cast is not None:  # as nn.LSTM under autocast: input, states and weights in the autocast dtype
+            x = x.to(cast)
+            hx = None if hx is None else tuple(h.to(cast) if isinstance(h, Tensor) else h for h in hx)
+        elif x.dtype != w0.dtype:
             raise ValueError(
                 f"LSTM: input dtype ({x.dtype}) does not match weight dtype ({w0.dtype}). Convert input: "
                 f"input.to({w0.dtype}), or convert model: model.to({x.dtype})"
@@ -204,7 +222,7 @@ class LSTM(nn.Module):
         layer_input = x
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w, b, w_hh, w_hr = self._layer_weights(layer)
+            w, b, w_hh, w_hr = self._layer_weights(layer, cast)
             xg = F.linear(layer_input, w, b).view(T, B, D, 4 * self.hidden_size)
             sl = slice(layer * D, (layer + 1) * D)
             y, hn, cn = lstm_recurrence(

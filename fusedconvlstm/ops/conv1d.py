@@ -180,7 +180,8 @@ def _conv1d_stack_op(
 ) -> tuple[Tensor, list[Tensor]]:
     per_layer = _expand_bias(bias, has_bias)
     call = check_conv1d_stack_args(x, weight, per_layer, stride, padding, dilation, activation)
-    return _resolve(backend, call).forward(x, list(weight), per_layer, call)
+    with backends.no_autocast(x):
+        return _resolve(backend, call).forward(x, list(weight), per_layer, call)
 
 
 @_conv1d_stack_op.register_fake
@@ -207,7 +208,8 @@ def _conv1d_stack_backward_op(
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     per_layer = _expand_bias(bias, has_bias)
     call = check_conv1d_stack_args(x, weight, per_layer, stride, padding, dilation, activation)
-    return _resolve(backend, call).backward(grad_y, x, list(weight), per_layer, list(saved), call)
+    with backends.no_autocast(x):
+        return _resolve(backend, call).backward(grad_y, x, list(weight), per_layer, list(saved), call)
 
 
 @_conv1d_stack_backward_op.register_fake

@@ -152,7 +152,8 @@ def _lstm_recurrence_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
     impl = _resolve(backend, call)
-    return impl.forward(xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse))
+    with backends.no_autocast(xg):
+        return impl.forward(xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse))
 
 
 @_lstm_recurrence_op.register_fake
@@ -187,9 +188,10 @@ def _lstm_recurrence_backward_op(
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
     impl = _resolve(backend, call)
-    return impl.backward(
-        grad_y, grad_h_n, grad_c_n, xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), y, workspace
-    )
+    with backends.no_autocast(xg):
+        return impl.backward(
+            grad_y, grad_h_n, grad_c_n, xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), y, workspace
+        )
 
 
 @_lstm_recurrence_backward_op.register_fake

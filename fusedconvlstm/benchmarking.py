@@ -372,19 +372,24 @@ def _serving_backends(op: str, device: torch.device, dtype: torch.dtype, include
     return names
 
 
-def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchRecord:
-    """Build, check and time one case."""
+def build_pair(case: dict, device: torch.device, hidden: int) -> _Pair:
+    """Our callable, the baseline's and the error check of one planned case (see :func:`plan`)."""
     dtype, base_dtype = DTYPES[case["dtype"]], case["base_dtype"]
     train = case["pass_"] == "fwd+bwd"
     l2 = _l2_bytes(device)
     op, batch, backend = case["op"], case["batch"], case["backend"]
-    compiled = case["baseline"].startswith("torch_compile")
     if op in ("lstm", "lstm_pair"):
-        pair = _lstm_pair_case(op, dtype, base_dtype, batch, case["seq"], hidden, backend, train, device, l2)
-    elif op == "conv1d_stack":
-        pair = _conv_case(dtype, base_dtype, batch, backend, train, device, l2)
-    else:
-        pair = _model_case(dtype, base_dtype, batch, backend, train, device, l2, compiled)
+        return _lstm_pair_case(op, dtype, base_dtype, batch, case["seq"], hidden, backend, train, device, l2)
+    if op == "conv1d_stack":
+        return _conv_case(dtype, base_dtype, batch, backend, train, device, l2)
+    compiled = case["baseline"].startswith("torch_compile")
+    return _model_case(dtype, base_dtype, batch, backend, train, device, l2, compiled)
+
+
+def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchRecord:
+    """Build, check and time one case."""
+    op, batch, backend = case["op"], case["batch"], case["backend"]
+    pair = build_pair(case, device, hidden)
     err, base_err = pair.errors()
     ours_ms = time_ms(pair.ours, device)
     base_ms = time_ms(pair.baseline, device)

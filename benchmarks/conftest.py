@@ -8,13 +8,21 @@ assertions here.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-pytest.importorskip("pytest_benchmark")
 
-if not torch.cuda.is_available():
-    pytest.skip("the benchmark suites time GPU kernels", allow_module_level=True)
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        reason = "the benchmark suites time GPU kernels"
+    elif importlib.util.find_spec("pytest_benchmark") is None:
+        reason = "pytest-benchmark is not installed"
+    else:
+        return
+    for item in items:
+        item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def timed(pair_fn):

@@ -255,16 +255,24 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   return t;
 }
 
-// Barrier of the blocks that exchange state (one recurrence, one batch group): a monotonic
-// counter, so it never needs resetting inside the launch; after step s it reaches
-// (s + 1) * blocks. The __syncthreads + __threadfence before the increment publish every write
-// of this block (the same protocol as cooperative groups' grid sync); readers then load the
-// exchanged rows through L2 (cp.async.cg / __ldcg), never from a stale L1 line.
-__device__ __forceinline__ void group_barrier(unsigned* counter, unsigned target, int step) {
+// Barrier of the blocks that exchange state (one recurrence, one batch group), split in two so
+// that a block can load the next step's inputs between announcing its arrival and waiting for
+// the others. The counter is monotonic, so it never needs resetting inside the launch; after
+// step s it reaches (s + 1) * blocks. The __syncthreads + __threadfence before the increment
+// publish every write of this block (the same protocol as cooperative groups' grid sync);
+// readers then load the exchanged rows through L2 (cp.async.cg / __ldcg), never from a stale L1
+// line. Thread 0 issues nothing between its fence and its increment, so its own loads of the
+// next step's inputs (issued after barrier_arrive) never delay the arrival.
+__device__ __forceinline__ void barrier_arrive(unsigned* counter) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
     atomicAdd(counter, 1u);
+  }
+}
+
+__device__ __forceinline__ void barrier_wait(unsigned* counter, unsigned target, int step) {
+  if (threadIdx.x == 0) {
     if (ld_acquire(counter) < target) {
       const unsigned long long start = global_timer_ns();
       while (ld_acquire(counter) < target) {

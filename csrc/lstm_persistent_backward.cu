@@ -41,6 +41,35 @@ struct BackwardParams {
 
 constexpr int kMt = 1;  // 16 units per warp row
 
+// What the cell backward of (t, b, d, j) reads besides the recurrent part: grad_y, the saved
+// activations and c_t, and c_{t-1}.
+struct StepInputs {
+  float grad_y, i, f, g, o, c, c_prev;
+};
+
+template <typename T>
+__device__ __forceinline__ StepInputs load_step_inputs(const BackwardParams<T>& p, bool rev, int t, int b, int d,
+                                                       int j) {
+  const int64_t H5 = 5 * static_cast<int64_t>(p.H);
+  const int64_t row = (static_cast<int64_t>(t) * p.B + b) * p.D + d;
+  const float* ws_row = p.ws + row * H5 + j;
+  StepInputs in;
+  in.grad_y = to_float(p.grad_y[row * p.H + j]);
+  in.i = ws_row[0];
+  in.f = ws_row[p.H];
+  in.g = ws_row[2 * p.H];
+  in.o = ws_row[3 * p.H];
+  in.c = ws_row[4 * p.H];
+  // c_{t-1}: the previous step of this recurrence, or c0 where the recurrence started (t = 0,
+  // t = T - 1 reversed, or a reversed row's last valid step).
+  const int t_prev = rev ? t + 1 : t - 1;
+  bool from_ws = t_prev >= 0 && t_prev < p.seq_len;
+  if (from_ws && rev && p.lengths != nullptr) from_ws = t_prev < p.lengths[b];
+  in.c_prev = from_ws ? p.ws[((static_cast<int64_t>(t_prev) * p.B + b) * p.D + d) * H5 + 4 * p.H + j]
+                      : p.c0[(static_cast<int64_t>(d) * p.B + b) * p.H + j];
+  return in;
+}
+
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(const BackwardParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -78,8 +107,18 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
   const bool rev = (p.reverse_mask >> d) & 1;
   unsigned* counter = p.sync + (d * p.cfg.nbg + bg) * kSyncStride;
   const int64_t buf_stride = static_cast<int64_t>(p.D) * B * kp;
-  const int64_t H5 = 5 * static_cast<int64_t>(H);
   const int n_steps = p.seq_len;
+
+  // The inputs of this thread's first element (first tile, idx = tid) are loaded one step ahead,
+  // while the block waits at the barrier (see the forward kernel).
+  const int first_n = tid / hs, first_jj = tid - first_n * hs;
+  const bool has_first = tid < hs * bt && j0 + first_jj < H && bg * bt + first_n < B;
+  StepInputs first_in{};
+  auto load_first = [&](int step) {
+    if (!has_first) return;
+    first_in = load_step_inputs(p, rev, rev ? step : n_steps - 1 - step, bg * bt + first_n, d, j0 + first_jj);
+  };
+  load_first(0);
 
   for (int s = 0; s <= n_steps; ++s) {
     const bool last = s == n_steps;
@@ -129,16 +168,9 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
           }
           continue;
         }
-        const float* ws_row = p.ws + row * H5 + j;
-        const float i = ws_row[0], f = ws_row[H], g = ws_row[2 * H], o = ws_row[3 * H], c = ws_row[4 * H];
-        // c_{t-1}: the previous step of this recurrence, or c0 where the recurrence started
-        // (t = 0, t = T - 1 reversed, or a reversed row's last valid step).
-        const int t_prev = rev ? t + 1 : t - 1;
-        bool from_ws = t_prev >= 0 && t_prev < n_steps;
-        if (from_ws && rev && p.lengths != nullptr) from_ws = t_prev < p.lengths[b];
-        const float c_prev =
-            from_ws ? p.ws[((static_cast<int64_t>(t_prev) * B + b) * p.D + d) * H5 + 4 * H + j] : p.c0[state];
-        const float dh = incoming + to_float(p.grad_y[row * H + j]);
+        const StepInputs in = tile == bg && idx == tid ? first_in : load_step_inputs(p, rev, t, b, d, j);
+        const float i = in.i, f = in.f, g = in.g, o = in.o, c = in.c, c_prev = in.c_prev;
+        const float dh = incoming + in.grad_y;
         const float tc = tanhf(c);
         const float dc_t = p.dc[state] + dh * o * (1.0f - tc * tc);
         const float grads[4] = {dc_t * g * i * (1.0f - i), dc_t * c_prev * f * (1.0f - f),
@@ -153,7 +185,11 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
         p.dh_carry[state] = 0.0f;
       }
     }
-    if (!last) group_barrier(counter, static_cast<unsigned>(s + 1) * l.nu, s);
+    if (!last) {
+      barrier_arrive(counter);
+      if (s + 1 < n_steps) load_first(s + 1);
+      barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s);
+    }
   }
 }
 

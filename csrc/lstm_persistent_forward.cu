@@ -81,6 +81,22 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   const int64_t buf_stride = static_cast<int64_t>(p.D) * B * kp;
   const int64_t H5 = 5 * static_cast<int64_t>(H);
 
+  // The xg of this thread's first element (first tile, idx = tid) is loaded one step ahead,
+  // while the block waits at the barrier, so that global-memory latency is off the critical path
+  // of the common case (one element per thread). Other elements load when they are reached.
+  const int first_n = tid / hs, first_jj = tid - first_n * hs;
+  const bool has_first = tid < hs * bt && j0 + first_jj < H && bg * bt + first_n < B;
+  float x_first[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  auto load_first_x = [&](int step) {
+    if (!has_first) return;
+    const int tt = rev ? p.seq_len - 1 - step : step;
+    const int64_t row = (static_cast<int64_t>(tt) * B + bg * bt + first_n) * p.D + d;
+    const T* x_row = p.xg + row * G + j0 + first_jj;
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate) x_first[gate] = to_float(x_row[gate * H]);
+  };
+  load_first_x(0);
+
   for (int s = 0; s < p.seq_len; ++s) {
     const int t = rev ? p.seq_len - 1 - s : s;
     const T* h_prev = p.h_buf + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * kp;
@@ -122,13 +138,14 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
           continue;
         }
         const T* x_row = p.xg + row * G + j;
+        const bool first = tile == bg && idx == tid;
         const float* r = red + n * ldr + jj;
         float pre[4];
 #pragma unroll
         for (int gate = 0; gate < 4; ++gate) {
           float a = r[gate * hs];
           for (int kw = 1; kw < p.cfg.wk; ++kw) a += r[kw * bt * ldr + gate * hs];
-          pre[gate] = a + to_float(x_row[gate * H]);
+          pre[gate] = a + (first ? x_first[gate] : to_float(x_row[gate * H]));
         }
         const float i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanhf(pre[2]), o = sigmoid(pre[3]);
         const float c_new = f * p.c_state[state] + i * g;
@@ -143,7 +160,9 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
         ws_row[4 * H] = c_new;
       }
     }
-    group_barrier(counter, static_cast<unsigned>(s + 1) * l.nu, s);
+    barrier_arrive(counter);
+    if (s + 1 < p.seq_len) load_first_x(s + 1);
+    barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s);
   }
 }
 

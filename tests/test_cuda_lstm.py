@@ -99,10 +99,12 @@ def test_persistent_op_schemas_mutate_their_outputs(op):
 def test_persistent_ops_run_on_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    args = _persistent_forward_args(4, 3, 2, 5, dtype=torch.float32)
+    fwd = _persistent_forward_args(4, 3, 2, 5, dtype=torch.float32)
+    bwd = _persistent_backward_args(fwd)
     with FakeTensorMode() as mode:
-        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        assert torch.ops.fusedconvlstm.lstm_persistent_forward_(*fake) is None
+        for op, args in (("lstm_persistent_forward_", fwd), ("lstm_persistent_backward_", bwd)):
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            assert getattr(torch.ops.fusedconvlstm, op)(*fake) is None
 
 
 def _persistent_forward_args(T, B, D, H, dtype=F64, lengths=None, reverse=(False, True), device="cpu"):
@@ -126,32 +128,37 @@ def _persistent_forward_args(T, B, D, H, dtype=F64, lengths=None, reverse=(False
     )
 
 
+def _persistent_backward_args(fwd_args, lengths=None):
+    """Backward-op arguments matching forward-op arguments ``fwd_args`` (after the forward ran)."""
+    xg, w_hh, _, mask, *_ = fwd_args
+    T, B, D, G = xg.shape
+    H, dtype, dev = G // 4, xg.dtype, xg.device
+    acc = F64 if dtype == F64 else torch.float32
+    layout = pc.make_layout("backward", 1, 1, 1, 8, 1, B, D, H, torch.float32 if dtype == F64 else dtype)
+    return (
+        torch.randn(T, B, D, H, dtype=F64).to(dtype=dtype, device=dev),
+        fwd_args[13],
+        torch.randn(D, B, H, dtype=acc, device=dev),
+        w_hh,
+        lengths,
+        mask,
+        *layout.args,
+        False,
+        torch.randn(D, B, H, dtype=acc, device=dev),
+        torch.randn(D, B, H, dtype=acc, device=dev),
+        torch.empty(T, B, D, G, dtype=dtype, device=dev),
+        torch.zeros(2, D, B, padded_reduction(G, dtype), dtype=dtype, device=dev),
+        torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=dev),
+    )
+
+
 def test_persistent_ops_opcheck_on_cpu():
     T, B, D, H = 4, 3, 2, 5
     lengths = torch.tensor([4, 2, 0])
     fwd = _persistent_forward_args(T, B, D, H, lengths=lengths)
     torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_forward_.default, fwd)
     torch.ops.fusedconvlstm.lstm_persistent_forward_(*fwd)
-    workspace = fwd[-2]
-    bwd = (
-        torch.randn(T, B, D, H, dtype=F64),
-        workspace,
-        torch.randn(D, B, H, dtype=F64),
-        fwd[1],
-        lengths,
-        fwd[3],
-        1,
-        1,
-        1,
-        8,
-        1,
-        False,
-        torch.randn(D, B, H, dtype=F64),
-        torch.randn(D, B, H, dtype=F64),
-        torch.empty(T, B, D, 4 * H, dtype=F64),
-        torch.zeros(2, D, B, padded_reduction(4 * H, F64), dtype=F64),
-        torch.empty(D * SYNC_STRIDE, dtype=torch.int32),
-    )
+    bwd = _persistent_backward_args(fwd, lengths)
     torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_backward_.default, bwd)
 
 
@@ -662,8 +669,10 @@ def test_gpu_opcheck(dtype):
         torch.library.opcheck(
             torch.ops.fusedconvlstm.lstm_recurrence.default, (xg, w, [], h0, c0, lengths, [False, True], "cuda")
         )
-    args = list(_persistent_forward_args(T, B, D, H, dtype=dtype, device="cuda"))
-    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_forward_.default, tuple(args))
+    fwd = _persistent_forward_args(T, B, D, H, dtype=dtype, device="cuda")
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_forward_.default, fwd)
+    torch.ops.fusedconvlstm.lstm_persistent_forward_(*fwd)
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_backward_.default, _persistent_backward_args(fwd))
 
 
 @pytest.mark.gpu

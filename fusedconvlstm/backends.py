@@ -146,8 +146,13 @@ def resolve(op: str, backend: str, call: object, device: torch.device) -> Implem
     return impls["reference"]
 
 
-def explain(op: str, call: object, device: torch.device) -> dict[str, str | None]:
-    """For each backend, ``None`` if it can serve ``call`` of ``op`` on ``device``, else why not."""
+def explain(op: str, call: object, device: torch.device, detail: bool = False) -> dict[str, str | None]:
+    """For each backend, ``None`` if it can serve ``call`` of ``op`` on ``device``, else why not.
+
+    With ``detail=True`` a backend that can serve maps to ``"serves: ..."`` with how it would
+    (its implementation's ``describe(call)``, e.g. which kernels the cuda backend launches) and
+    one that cannot to ``"cannot serve: <reason>"``.
+    """
     out: dict[str, str | None] = {}
     for name in BACKENDS:
         reason = backend_why_not(name, device)
@@ -156,6 +161,12 @@ def explain(op: str, call: object, device: torch.device) -> dict[str, str | None
             reason = f"no implementation of {op} yet"
         if reason is None:
             reason = impl.why_not(call)
+        if detail:
+            if reason is not None:
+                reason = f"cannot serve: {reason}"
+            else:
+                how = impl.functions.get("describe")
+                reason = f"serves: {how(call) if how is not None else 'this call'}"
         out[name] = reason
     return out
 

@@ -1,10 +1,29 @@
-"""``cuda`` backend of ``lstm_recurrence``: a cuBLAS GEMM and one fused pointwise kernel per step.
+"""``cuda`` backend of ``lstm_recurrence``: the persistent kernels, and the step-wise path beside them.
 
-This is the simple, correct baseline: per step, ``hh = h_{t-1} W_hhᵀ`` for all recurrences is one
-batched GEMM and ``lstm_cell_forward_`` (``csrc/lstm_cell.cu``) applies the gates, updates ``c``
-and ``h`` in place and saves what the backward needs. The backward walks time back with
-``lstm_cell_backward_`` and one GEMM per step for ``dh_{t-1}``; ``dW_hh`` is one batched GEMM
-after the loop. The driver only calls ops, so on CPU tensors it runs the cell ops' CPU
+Two compiled implementations of the same math, with the same workspace (``[i, f, g, o, c]`` per
+step in float32, :mod:`fusedconvlstm.ops.lstm_cell`), so a forward of one and a backward of the
+other combine freely:
+
+- **persistent** (``csrc/lstm_persistent_*.cu``, :mod:`fusedconvlstm.ops.lstm_persistent`): one
+  cooperative launch runs all ``T`` steps of all ``D`` recurrences with the recurrent weights
+  resident in shared memory and one barrier per step; a second launch runs the whole reverse-time
+  sweep. float16 / bfloat16 run on tensor cores with fp32 accumulation; float32 runs TF32 when
+  ``torch.backends.cudnn.rnn.fp32_precision`` is ``"tf32"`` (PyTorch's default for cuDNN's LSTM,
+  so fp32 matches ``nn.LSTM``'s precision), and 3xTF32 (about fp32 accuracy) otherwise.
+- **step-wise** (``lstm_recurrence_stepwise_forward`` / ``_backward``): per step one cuBLAS
+  batched GEMM and one fused pointwise kernel (``csrc/lstm_cell.cu``). The baseline the
+  persistent kernels are measured against, and the path for what they do not take.
+
+The registered implementation takes the persistent kernel wherever it applies and the step-wise
+kernels otherwise — float64, and sizes whose weight slice or grid does not fit the device (see
+:func:`persistent_why_not`); forward and backward decide separately. Both are compiled CUDA with
+the same cell math, so this is a choice of schedule, not a silent change of backend, and
+``backends.explain(..., detail=True)`` says which one serves a call. Calls neither can serve
+(``proj_size``) are refused by ``why_not``.
+
+The input projection ``x W_ihᵀ`` arrives precomputed in ``xg`` (one GEMM before the loop, done
+by the module); computing it inside the persistent kernel while a step waits at its barrier is a
+later optimisation. The driver only calls ops, so on CPU tensors it runs the ops' CPU
 implementations, which is how CI tests it.
 """
 
@@ -14,16 +33,23 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
+from fusedconvlstm.cuda import persistent_config
+from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout
 from fusedconvlstm.ops.lstm import OP, LSTMRecurrenceCall, recurrent_weight_grads
 from fusedconvlstm.ops.lstm_cell import reverse_mask
+from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 
 _cell_forward = torch.ops.fusedconvlstm.lstm_cell_forward_
 _cell_backward = torch.ops.fusedconvlstm.lstm_cell_backward_
+_persistent_forward = torch.ops.fusedconvlstm.lstm_persistent_forward_
+_persistent_backward = torch.ops.fusedconvlstm.lstm_persistent_backward_
+
+PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _why_not(call: LSTMRecurrenceCall) -> str | None:
     if call.proj_size:
-        return "proj_size is not supported by the step-wise kernel (use backend='reference')"
+        return "proj_size is not supported by the cuda kernels (use backend='reference')"
     return None
 
 
@@ -38,6 +64,186 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def _lengths_on(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     return None if lengths is None else lengths.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
+def tf32_allowed() -> bool:
+    """Whether fp32 recurrences may use TF32, by the flag that governs ``nn.LSTM`` on cuDNN."""
+    cudnn = torch.backends.cudnn
+    for prec in (getattr(getattr(cudnn, "rnn", None), "fp32_precision", None), getattr(cudnn, "fp32_precision", None)):
+        if prec in ("tf32", "ieee"):
+            return prec == "tf32"
+    if getattr(torch.backends, "fp32_precision", "none") in ("tf32", "ieee"):
+        return torch.backends.fp32_precision == "tf32"
+    return False
+
+
+def _precise(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and not tf32_allowed()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which path serves a call
+
+
+def _limits_for(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> DeviceLimits | str:
+    if limits is not None:
+        return limits
+    if call.device.type != "cuda":
+        return f"the persistent kernels run on CUDA devices, got {call.device.type}"
+    return DeviceLimits.of(call.device)
+
+
+def persistent_plan(call: LSTMRecurrenceCall, kind: str, limits: DeviceLimits | None = None) -> Layout | str:
+    """The persistent kernel's launch configuration for ``call`` (``kind`` ``"forward"`` or
+    ``"backward"``), or why the persistent kernel does not take it. ``limits`` defaults to those
+    of ``call.device``."""
+    if call.proj_size:
+        return "the persistent kernels do not support proj_size"
+    if call.dtype not in PERSISTENT_DTYPES:
+        return f"the persistent kernels take float16, bfloat16 or float32, got {call.dtype}"
+    if call.num_recurrences > 62:
+        return f"the persistent kernels take at most 62 recurrences per call, got {call.num_recurrences}"
+    lim = _limits_for(call, limits)
+    if isinstance(lim, str):
+        return lim
+    if lim.capability < (8, 0):
+        return f"the persistent kernels need compute capability 8.0 or newer, got {lim.capability}"
+    return persistent_config.choose_config(
+        kind, call.batch, call.num_recurrences, call.hidden_size, call.dtype, lim, _precise(call.dtype)
+    )
+
+
+def persistent_why_not(
+    call: LSTMRecurrenceCall, kind: str = "forward", limits: DeviceLimits | None = None
+) -> str | None:
+    """``None`` if the persistent ``kind`` kernel serves ``call``, else the reason it does not."""
+    plan = persistent_plan(call, kind, limits)
+    return plan if isinstance(plan, str) else None
+
+
+def describe(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> str:
+    """Which kernels the cuda backend runs for ``call``, forward and backward (for ``explain``)."""
+    parts = []
+    for kind in persistent_config.KINDS:
+        plan = persistent_plan(call, kind, limits)
+        if isinstance(plan, str):
+            parts.append(f"{kind}: step-wise kernels (cuBLAS GEMM + fused cell kernel per step), because {plan}")
+        else:
+            precision = ""
+            if call.dtype == torch.float32:
+                precision = ", 3xTF32" if _precise(call.dtype) else ", TF32"
+            parts.append(f"{kind}: persistent kernel{precision}, {plan.describe()}")
+    return "; ".join(parts)
+
+
+def _call_of(xg: Tensor, w_hr: list[Tensor], lengths: Tensor | None, reverse: list[bool]) -> LSTMRecurrenceCall:
+    T, B, D, G = xg.shape
+    return LSTMRecurrenceCall(
+        seq_len=T,
+        batch=B,
+        num_recurrences=D,
+        hidden_size=G // 4,
+        proj_size=w_hr[0].shape[0] if w_hr else 0,
+        dtype=xg.dtype,
+        device=xg.device,
+        has_lengths=lengths is not None,
+        reverse=tuple(bool(r) for r in reverse),
+    )
+
+
+def _plan_or_raise(call: LSTMRecurrenceCall, kind: str, config: Layout | None) -> Layout:
+    if call.proj_size:
+        raise ValueError("lstm_recurrence: the persistent kernels do not support proj_size")
+    if config is not None:
+        return config
+    if call.device.type == "cuda":
+        plan = persistent_plan(call, kind)
+    else:
+        # CPU tensors run the ops' CPU implementations (tests of this driver), float64 included:
+        # any valid configuration does; take the one an H100 would get.
+        dtype = call.dtype if call.dtype in PERSISTENT_DTYPES else torch.float32
+        plan = persistent_config.choose_config(
+            kind, call.batch, call.num_recurrences, call.hidden_size, dtype, persistent_config.H100_SXM
+        )
+    if isinstance(plan, str):
+        raise ValueError(f"lstm_recurrence: the persistent {kind} kernel cannot serve this call: {plan}")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent path
+
+
+def lstm_recurrence_persistent_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, config: Layout | None = None):
+    """Forward on the persistent kernel: ``(y, h_n, c_n, workspace)``.
+
+    ``config`` (a :class:`~fusedconvlstm.cuda.persistent_config.Layout`) overrides the chosen
+    launch configuration; raises ``ValueError`` when the call does not fit the kernel.
+    """
+    T, B, D, G = xg.shape
+    H = G // 4
+    layout = _plan_or_raise(_call_of(xg, w_hr, lengths, reverse), "forward", config)
+    acc = _acc(xg.dtype)
+    h_buf = xg.new_zeros(2, D, B, padded_reduction(H, xg.dtype))
+    h_buf[0, :, :, :H] = h0
+    c = c0.to(acc, copy=True).contiguous()
+    y = xg.new_empty(T, B, D, H)
+    workspace = xg.new_empty(T, B, D, 5 * H, dtype=acc)
+    sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=xg.device)
+    w = torch.stack(w_hh).contiguous()
+    _persistent_forward(
+        xg.contiguous(),
+        w,
+        _lengths_on(lengths, xg.device),
+        reverse_mask(reverse),
+        *layout.args,
+        _precise(xg.dtype),
+        h_buf,
+        c,
+        y,
+        workspace,
+        sync,
+    )
+    return y, h_buf[T % 2, :, :, :H].contiguous(), c.to(xg.dtype), workspace
+
+
+def lstm_recurrence_persistent_backward(
+    grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace, config: Layout | None = None
+):
+    """Backward on the persistent kernel: ``(grad_xg, grad_w_hh, [], grad_h0, grad_c0)``.
+
+    The reverse-time sweep is one launch; ``dW_hh`` is one batched GEMM after it.
+    """
+    T, B, D, G = xg.shape
+    layout = _plan_or_raise(_call_of(xg, w_hr, lengths, reverse), "backward", config)
+    acc = _acc(xg.dtype)
+    dh_carry = grad_h_n.to(acc, copy=True).contiguous()
+    dc = grad_c_n.to(acc, copy=True).contiguous()
+    dgates = xg.new_empty(T, B, D, G)
+    g_buf = xg.new_zeros(2, D, B, padded_reduction(G, xg.dtype))
+    sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=xg.device)
+    lengths_dev = _lengths_on(lengths, xg.device)
+    _persistent_backward(
+        grad_y.contiguous(),
+        workspace.contiguous(),
+        c0.to(acc).contiguous(),
+        torch.stack(w_hh).contiguous(),
+        lengths_dev,
+        reverse_mask(reverse),
+        *layout.args,
+        _precise(xg.dtype),
+        dh_carry,
+        dc,
+        dgates,
+        g_buf,
+        sync,
+    )
+    grad_w_hh = recurrent_weight_grads(dgates, y, h0, lengths_dev, reverse)
+    return dgates, grad_w_hh, [], dh_carry.to(xg.dtype), dc.to(xg.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-wise path (the baseline)
 
 
 def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse):
@@ -83,11 +289,34 @@ def lstm_recurrence_stepwise_backward(
     return dgates, grad_w_hh, [], grad_h0, dc.to(xg.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# The registered implementation
+
+
+def lstm_recurrence_cuda_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse):
+    """The cuda backend's forward: persistent where it applies, else step-wise."""
+    call = _call_of(xg, w_hr, lengths, reverse)
+    plan = persistent_plan(call, "forward")
+    if isinstance(plan, str):
+        return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse)
+    return lstm_recurrence_persistent_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, config=plan)
+
+
+def lstm_recurrence_cuda_backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace):
+    """The cuda backend's backward: persistent where it applies, else step-wise."""
+    args = (grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace)
+    plan = persistent_plan(_call_of(xg, w_hr, lengths, reverse), "backward")
+    if isinstance(plan, str):
+        return lstm_recurrence_stepwise_backward(*args)
+    return lstm_recurrence_persistent_backward(*args, config=plan)
+
+
 backends.register_implementation(
     OP,
     "cuda",
     why_not=_why_not,
-    forward=lstm_recurrence_stepwise_forward,
-    backward=lstm_recurrence_stepwise_backward,
+    forward=lstm_recurrence_cuda_forward,
+    backward=lstm_recurrence_cuda_backward,
     workspace_shape=_workspace_shape,
+    describe=describe,
 )

@@ -2,10 +2,12 @@
 
 Public ops: ``lstm_recurrence`` and ``conv1d_stack`` (and their ``*_backward`` twins, called by
 autograd). Kernel-level ops of the ``cuda`` backend: ``lstm_cell_forward_`` and
-``lstm_cell_backward_``.
+``lstm_cell_backward_`` (step-wise), ``lstm_persistent_forward_`` and
+``lstm_persistent_backward_`` (persistent).
 """
 
-from fusedconvlstm.ops import lstm_cell  # noqa: F401  (defines the kernel-level op schemas)
+# Kernel-level op schemas first: the compiled extension registers its kernels against them.
+from fusedconvlstm.ops import lstm_cell, lstm_persistent  # noqa: F401
 from fusedconvlstm.ops.conv1d import conv1d_stack
 from fusedconvlstm.ops.lstm import lstm_recurrence
 

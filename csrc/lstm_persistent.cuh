@@ -1,0 +1,336 @@
+// Building blocks of the persistent LSTM kernels (lstm_persistent_forward.cu,
+// lstm_persistent_backward.cu): warp-level tensor-core GEMM on shared-memory tiles, async tile
+// loads, the per-group spin barrier and the launch configuration both kernels share.
+//
+// The contract of the two ops (argument layouts, what each buffer holds before and after) is in
+// fusedconvlstm/ops/lstm_persistent.py; the launch configuration is chosen in Python
+// (fusedconvlstm/cuda/persistent_config.py, which mirrors shared_memory_bytes() below) and
+// checked here.
+//
+// Tile conventions. One "k-step" is 32 bytes of the reduction axis: 16 elements of a 16-bit
+// type (mma.m16n8k16) or 8 floats (mma.m16n8k8 with TF32 operands). Operand A (M x K) and
+// operand B stored as N x K are both K-contiguous rows in shared memory with a row stride of
+// (padded K bytes + 16): the extra 16 bytes shift consecutive rows by four banks, so the eight
+// 16-byte row reads of one ldmatrix phase hit distinct banks. The same ldmatrix addressing serves
+// both element widths: for 32-bit data an 8x8 b16 matrix is an 8x4 float matrix, and the b16
+// pair a thread receives is exactly the float the TF32 fragment layout assigns to it.
+#pragma once
+
+#include "common.cuh"
+
+#include <type_traits>
+
+namespace fusedconvlstm {
+namespace persistent {
+
+constexpr int kThreads = 256;  // 8 warps per block, split at run time into (wm, wn, wk)
+constexpr int kWarps = kThreads / 32;
+constexpr int kKStepBytes = 32;
+constexpr int kRowPadBytes = 16;
+constexpr int kSyncStride = 32;  // barrier counters 128 bytes apart: one L2 line per group
+// A group barrier that waits longer than this means co-residency broke (it cannot in a
+// cooperative launch) or a bug: the kernel traps instead of hanging the process forever.
+constexpr unsigned long long kWatchdogNs = 10ull * 1000 * 1000 * 1000;
+
+// Launch configuration: per-warp tile MT x NT mma tiles (MT fixed per kernel, NT a template
+// parameter), warps split as wm (rows) x wn (batch columns) x wk (reduction), the batch split
+// into nbg groups of tiles, each group of blocks synchronising on its own barrier.
+struct Config {
+  int nt, wm, wn, wk, nbg;
+};
+
+// Sizes derived from a configuration: units per block (hs), batch rows per tile (bt), blocks per
+// group (nu), batch tiles (nbt), padded reduction length (kp, elements), smem bytes.
+struct Layout {
+  int hs, bt, nu, nbt, kp, lda, rows_a, ldr, smem;
+  int grid;
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// m_rows_per_warp: 32 for the forward (two m16 tiles: 8 units x 4 gates), 16 for the backward
+// (one m16 tile of units). rows_per_unit: 4 for the forward (gates), 1 for the backward.
+inline Layout make_layout(const Config& c, int64_t B, int64_t D, int64_t H, int64_t K, int elem_bytes,
+                          int m_rows_per_warp, int rows_per_unit) {
+  Layout l;
+  l.rows_a = m_rows_per_warp * c.wm;
+  l.hs = l.rows_a / rows_per_unit;
+  l.bt = 8 * c.nt * c.wn;
+  l.nu = static_cast<int>((H + l.hs - 1) / l.hs);
+  l.nbt = static_cast<int>((B + l.bt - 1) / l.bt);
+  l.kp = static_cast<int>(round_up(K, kKStepBytes / elem_bytes));
+  l.lda = l.kp * elem_bytes + kRowPadBytes;
+  l.ldr = l.rows_a + 4;  // 4 floats of padding: see store_accumulators
+  l.smem = l.rows_a * l.lda + l.bt * l.lda + c.wk * l.bt * l.ldr * 4;
+  l.grid = static_cast<int>(D * c.nbg * l.nu);
+  return l;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t& r0, uint32_t& r1, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr));
+}
+
+// 16-byte global -> shared copy that bypasses L1 (.cg): the source rows were written by other
+// blocks since this SM last read them, and L1 is not coherent across SMs. src_bytes = 0 fills
+// the 16 bytes with zeros (rows past the batch).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+template <typename T>
+struct MmaOp;
+
+template <>
+struct MmaOp<__nv_bfloat16> {
+  __device__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct MmaOp<__half> {
+  __device__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct MmaOp<float> {  // TF32 operands (bit patterns already rounded by to_tf32), fp32 accumulation
+  __device__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Round-to-nearest TF32 (the mma itself would truncate the low mantissa bits).
+__device__ __forceinline__ uint32_t to_tf32(uint32_t x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(x)));
+  return r;
+}
+
+// x = big + small with both TF32: the "3xTF32" split that recovers ~fp32 accuracy.
+__device__ __forceinline__ void split_tf32(uint32_t x, uint32_t& big, uint32_t& small) {
+  big = to_tf32(x);
+  small = to_tf32(__float_as_uint(__uint_as_float(x) - __uint_as_float(big)));
+}
+
+// acc[mt][nt] += A[rows a_base + 16 mt ..] . B[rows b_base + 8 nt ..]^T over k-steps [ks0, ks1).
+// a_base / b_base: shared addresses of the warp's first A row and first B row (k = 0).
+// For float, `precise` selects 3xTF32 (~fp32 accuracy, three mma per tile) over plain TF32.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void warp_mma(float (&acc)[MT][NT][4], uint32_t a_base, int lda, uint32_t b_base, int ldb,
+                                         int ks0, int ks1, int lane, bool precise) {
+  static_assert(NT == 1 || NT % 2 == 0, "NT must be 1 or even (B fragments load two n-tiles at a time)");
+  // ldmatrix.x4 for A: lanes 0-15 give rows 0-15 of the first 16 bytes of the k-step, lanes
+  // 16-31 the same rows 16 bytes further: registers come back as a0 (rows 0-7, low k),
+  // a1 (rows 8-15, low k), a2 (rows 0-7, high k), a3 (rows 8-15, high k).
+  const uint32_t a_lane = a_base + (lane & 15) * lda + (lane >> 4) * 16;
+  // ldmatrix for B (stored N x K): lanes 0-7 rows n 0-7 low k, 8-15 the same rows high k
+  // (b0, b1); with .x4, lanes 16-31 the next n-tile.
+  const uint32_t b_lane = b_base + ((lane & 7) + ((lane >> 4) << 3)) * ldb + ((lane >> 3) & 1) * 16;
+#pragma unroll 2
+  for (int ks = ks0; ks < ks1; ++ks) {
+    const uint32_t koff = ks * kKStepBytes;
+    uint32_t a[MT][4];
+    uint32_t b[NT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3], a_lane + mt * 16 * lda + koff);
+    if constexpr (NT == 1) {
+      ldmatrix_x2(b[0][0], b[0][1], b_lane + koff);
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; nt += 2)
+        ldmatrix_x4(b[nt][0], b[nt][1], b[nt + 1][0], b[nt + 1][1], b_lane + nt * 8 * ldb + koff);
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (precise) {
+        uint32_t a_small[MT][4], b_small[NT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) split_tf32(a[mt][q], a[mt][q], a_small[mt][q]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int q = 0; q < 2; ++q) split_tf32(b[nt][q], b[nt][q], b_small[nt][q]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            // small products first: they are the ones the big product would absorb
+            MmaOp<float>::run(acc[mt][nt], a_small[mt], b[nt][0], b[nt][1]);
+            MmaOp<float>::run(acc[mt][nt], a[mt], b_small[nt][0], b_small[nt][1]);
+            MmaOp<float>::run(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+          }
+        continue;
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a[mt][q] = to_tf32(a[mt][q]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) b[nt][q] = to_tf32(b[nt][q]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) MmaOp<T>::run(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+  }
+}
+
+// Accumulator fragments -> red[n][m] (fp32, row stride ldr = rows + 4). Thread (g = lane/4,
+// q = lane%4) holds rows g and g + 8, columns 2q and 2q + 1 of each 16x8 tile. With ldr = 4 mod 32
+// (rows is a multiple of 32 in the forward) or 20 mod 32 (16 mod 32 in the backward), the 32
+// stores of one instruction fall in distinct banks (8q + g).
+template <int MT, int NT>
+__device__ __forceinline__ void store_accumulators(float* red, int ldr, const float (&acc)[MT][NT][4], int m0, int n0,
+                                                   int lane) {
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + mt * 16 + g + (e >> 1) * 8;
+        const int n = n0 + nt * 8 + q * 2 + (e & 1);
+        red[n * ldr + m] = acc[mt][nt][e];
+      }
+}
+
+// Rows [row0, row0 + rows) of a (rows_total x kp) global matrix into shared memory (row stride
+// lda bytes) with 16-byte async copies; rows past rows_total are zero-filled. One commit group.
+template <typename T>
+__device__ __forceinline__ void load_rows_async(unsigned char* dst, int lda, const T* src, int kp, int row0, int rows,
+                                                int rows_total) {
+  const int chunks = kp * static_cast<int>(sizeof(T)) / 16;
+  for (int idx = threadIdx.x; idx < rows * chunks; idx += kThreads) {
+    const int r = idx / chunks, c = idx - r * chunks;
+    const int row = row0 + r;
+    const bool inside = row < rows_total;
+    const T* g = src + static_cast<int64_t>(inside ? row : 0) * kp + c * (16 / static_cast<int>(sizeof(T)));
+    cp_async_16(smem_addr(dst + r * lda + c * 16), g, inside ? 16 : 0);
+  }
+  cp_async_commit();
+}
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+
+// Barrier of the blocks that exchange state (one recurrence, one batch group), split in two so
+// that a block can load the next step's inputs between announcing its arrival and waiting for
+// the others. The counter is monotonic, so it never needs resetting inside the launch; after
+// step s it reaches (s + 1) * blocks. The __syncthreads + __threadfence before the increment
+// publish every write of this block (the same protocol as cooperative groups' grid sync);
+// readers then load the exchanged rows through L2 (cp.async.cg / __ldcg), never from a stale L1
+// line. Thread 0 issues nothing between its fence and its increment, so its own loads of the
+// next step's inputs (issued after barrier_arrive) never delay the arrival.
+__device__ __forceinline__ void barrier_arrive(unsigned* counter) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+  }
+}
+
+__device__ __forceinline__ void barrier_wait(unsigned* counter, unsigned target, int step) {
+  if (threadIdx.x == 0) {
+    if (ld_acquire(counter) < target) {
+      const unsigned long long start = global_timer_ns();
+      while (ld_acquire(counter) < target) {
+        if (global_timer_ns() - start > kWatchdogNs) {
+          printf("fusedconvlstm persistent LSTM: block %d waited more than 10 s at the barrier of step %d "
+                 "(counter %u, target %u); trapping instead of hanging\n",
+                 blockIdx.x, step, ld_acquire(counter), target);
+          __trap();
+        }
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ T zero_value() {
+  return FromFloat<T>::cvt(0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host helpers
+
+// Kernel-independent checks of a configuration (the shapes are checked by each op).
+inline void check_config(const Config& c, const char* op) {
+  STD_TORCH_CHECK(c.nt == 1 || c.nt == 4, op, ": nt must be 1 or 4 (the compiled batch tile widths), got ", c.nt);
+  const bool pow2 = c.wm > 0 && c.wn > 0 && c.wk > 0 && !(c.wm & (c.wm - 1)) && !(c.wn & (c.wn - 1)) &&
+                    !(c.wk & (c.wk - 1));
+  STD_TORCH_CHECK(pow2 && c.wm * c.wn * c.wk == kWarps, op, ": wm * wn * wk must be ", kWarps,
+                  " with powers of two, got ", c.wm, " * ", c.wn, " * ", c.wk);
+  STD_TORCH_CHECK(c.nbg >= 1, op, ": nbg must be >= 1, got ", c.nbg);
+}
+
+// Launches `kernel` cooperatively (all blocks co-resident, which the spin barriers rely on),
+// after checking that the configuration fits the device; refuses with a sentence otherwise.
+template <typename Params>
+void launch_cooperative(void (*kernel)(Params), const Params& params, const Layout& l, int device, cudaStream_t stream,
+                        const char* op) {
+  int coop = 0, sms = 0, smem_optin = 0;
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  STD_TORCH_CHECK(coop, op, ": device cuda:", device, " does not support cooperative launches");
+  STD_TORCH_CHECK(l.smem <= smem_optin, op, ": the configuration needs ", l.smem,
+                  " bytes of shared memory per block, the device allows ", smem_optin,
+                  "; use a smaller tile (or the step-wise kernels)");
+  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem));
+  int per_sm = 0;
+  STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, l.smem));
+  STD_TORCH_CHECK(per_sm > 0 && l.grid <= per_sm * sms, op, ": the configuration needs ", l.grid,
+                  " co-resident blocks, the device holds ", per_sm * sms, " (", per_sm, " per SM x ", sms,
+                  " SMs) at ", l.smem, " bytes of shared memory each; use fewer batch groups or larger tiles "
+                  "(or the step-wise kernels)");
+  void* args[] = {const_cast<Params*>(&params)};
+  STD_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(l.grid), dim3(kThreads), args,
+                                             static_cast<size_t>(l.smem), stream));
+}
+
+}  // namespace persistent
+}  // namespace fusedconvlstm

@@ -1,0 +1,246 @@
+"""Launch configurations of the persistent LSTM kernels: what fits a device, and which to take.
+
+A configuration ``(nt, wm, wn, wk, nbg)`` is described in :mod:`fusedconvlstm.ops.lstm_persistent`.
+:func:`make_layout` mirrors ``make_layout`` in ``csrc/lstm_persistent.cuh`` (the kernels check
+the same numbers again and refuse what does not fit). :func:`choose_config` enumerates every
+configuration that fits — the recurrent-weight slice, one batch tile and the partial sums in
+shared memory, the whole grid co-resident — and ranks them with :func:`estimated_step_cycles`,
+a rough model of one time step (an estimate, not a measurement: it is to be calibrated on a
+GPU). ``FUSEDCONVLSTM_LSTM_FWD_CONFIG`` / ``FUSEDCONVLSTM_LSTM_BWD_CONFIG`` (``"nt,wm,wn,wk,nbg"``)
+force a configuration, for tuning sweeps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+THREADS = 256
+WARPS = THREADS // 32
+MAX_BLOCKS_PER_SM = 2  # __launch_bounds__(256, 2) in both kernels
+K_STEP_BYTES = 32
+ROW_PAD_BYTES = 16
+KINDS = ("forward", "backward")
+ENV_OVERRIDE = {"forward": "FUSEDCONVLSTM_LSTM_FWD_CONFIG", "backward": "FUSEDCONVLSTM_LSTM_BWD_CONFIG"}
+# Forward: a warp row of two m16 tiles = 8 units x 4 gates; backward: one m16 tile of units.
+_ROWS_PER_WARP = {"forward": 32, "backward": 16}
+_ROWS_PER_UNIT = {"forward": 4, "backward": 1}
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What a device offers the persistent kernels."""
+
+    sm_count: int
+    smem_per_block: int  # opt-in maximum of dynamic shared memory per block
+    smem_per_sm: int
+    capability: tuple[int, int]
+    reserved_smem_per_block: int = 1024  # the runtime's share per resident block (sm_80+)
+
+    @classmethod
+    def of(cls, device: torch.device) -> DeviceLimits:
+        """The limits of a CUDA device (cached per device)."""
+        return _device_limits(torch.device(device).index or 0)
+
+
+@functools.cache
+def _device_limits(index: int) -> DeviceLimits:
+    p = torch.cuda.get_device_properties(index)
+    optin = getattr(p, "shared_memory_per_block_optin", p.shared_memory_per_block)
+    return DeviceLimits(p.multi_processor_count, optin, p.shared_memory_per_multiprocessor, (p.major, p.minor))
+
+
+# Published limits, for choosing and testing configurations without the device at hand.
+H100_SXM = DeviceLimits(sm_count=132, smem_per_block=232448, smem_per_sm=233472, capability=(9, 0))
+A100 = DeviceLimits(sm_count=108, smem_per_block=166912, smem_per_sm=167936, capability=(8, 0))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A configuration and the sizes it implies for one call."""
+
+    kind: str
+    nt: int
+    wm: int
+    wn: int
+    wk: int
+    nbg: int
+    hs: int  # hidden units per block
+    bt: int  # batch rows per tile
+    nu: int  # blocks per (recurrence, batch group): one barrier group
+    nbt: int  # batch tiles
+    kp: int  # padded reduction length (elements)
+    smem: int  # dynamic shared memory per block (bytes)
+    grid: int
+
+    @property
+    def args(self) -> tuple[int, int, int, int, int]:
+        """``(nt, wm, wn, wk, nbg)`` as the ops take them."""
+        return self.nt, self.wm, self.wn, self.wk, self.nbg
+
+    def blocks_per_sm(self, limits: DeviceLimits) -> int:
+        """How many such blocks one SM holds (shared memory and the launch bounds)."""
+        return min(MAX_BLOCKS_PER_SM, limits.smem_per_sm // (self.smem + limits.reserved_smem_per_block))
+
+    def fits(self, limits: DeviceLimits) -> bool:
+        """Whether the kernel can launch it: shared memory per block and a co-resident grid."""
+        return (
+            self.smem <= limits.smem_per_block
+            and self.nbg <= self.nbt
+            and self.grid <= limits.sm_count * self.blocks_per_sm(limits)
+        )
+
+    def describe(self) -> str:
+        """A one-line summary for ``backends.explain``."""
+        return (
+            f"{self.grid} blocks ({self.hs} units x {self.bt}-row batch tiles, {self.nbg} batch group(s), "
+            f"{-(-self.nbt // self.nbg)} tile(s) per block per step), {self.smem // 1024} KiB shared memory, "
+            f"config nt={self.nt} wm={self.wm} wn={self.wn} wk={self.wk} nbg={self.nbg}"
+        )
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    """Bytes of one operand element in the kernels (float32 runs as TF32 in 32-bit registers)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 2
+    if dtype == torch.float32:
+        return 4
+    raise ValueError(f"the persistent kernels take float16, bfloat16 or float32, got {dtype}")
+
+
+def make_layout(
+    kind: str, nt: int, wm: int, wn: int, wk: int, nbg: int, batch: int, recurrences: int, hidden: int, dtype
+) -> Layout:
+    """The sizes of configuration ``(nt, wm, wn, wk, nbg)`` for a call (``csrc``'s ``make_layout``)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if nt not in (1, 4):
+        raise ValueError(f"nt must be 1 or 4 (the compiled batch tile widths), got {nt}")
+    if wm * wn * wk != WARPS or any(v <= 0 or v & (v - 1) for v in (wm, wn, wk)):
+        raise ValueError(f"wm * wn * wk must be {WARPS} with powers of two, got {wm} * {wn} * {wk}")
+    if nbg < 1:
+        raise ValueError(f"nbg must be >= 1, got {nbg}")
+    eb = element_bytes(dtype)
+    rows_a = _ROWS_PER_WARP[kind] * wm
+    hs = rows_a // _ROWS_PER_UNIT[kind]
+    bt = 8 * nt * wn
+    k = hidden if kind == "forward" else 4 * hidden
+    kp = -(-k // (K_STEP_BYTES // eb)) * (K_STEP_BYTES // eb)
+    lda = kp * eb + ROW_PAD_BYTES
+    ldr = rows_a + 4
+    smem = rows_a * lda + bt * lda + wk * bt * ldr * 4
+    nu = -(-hidden // hs)
+    nbt = -(-batch // bt)
+    return Layout(kind, nt, wm, wn, wk, nbg, hs, bt, nu, nbt, kp, smem, recurrences * nbg * nu)
+
+
+def estimated_step_cycles(layout: Layout, limits: DeviceLimits, dtype: torch.dtype, precise: bool = False) -> float:
+    """A rough cost of one time step in SM cycles (an estimate to rank configurations).
+
+    Per batch tile a warp runs ``ceil(k_steps / wk)`` k-steps, each bounded below by the latency
+    of a dependent mma chain and above by issue of its ``MT x NT`` mma and ldmatrix; the SM's
+    tensor pipes bound all warps of the blocks sharing it. Then the cell update, the tiles of a
+    block in sequence, the first tile's L2 round trip and the barrier. The L2 traffic of all
+    blocks reading their h (or dG) tiles is a second lower bound.
+    """
+    eb = element_bytes(dtype)
+    mt = _ROWS_PER_WARP[layout.kind] // 16
+    k_steps = layout.kp * eb // K_STEP_BYTES
+    ks_warp = -(-k_steps // layout.wk)
+    mma_per_kstep = mt * layout.nt * (3 if precise else 1)
+    ld_per_kstep = mt + max(1, layout.nt // 2)
+    warp_cycles = ks_warp * max(24.0, 2.0 * mma_per_kstep + 1.0 * ld_per_kstep)
+    blocks_on_sm = -(-layout.grid // limits.sm_count)
+    # ~4 cycles per m16n8k16 (or m16n8k8 tf32) per SM sub-partition; 4 sub-partitions per SM.
+    pipe_cycles = blocks_on_sm * WARPS * ks_warp * mma_per_kstep * 4.0 / 4.0
+    pointwise = -(-(layout.hs * layout.bt) // THREADS) * 160.0
+    tile = max(warp_cycles, pipe_cycles) + pointwise + 120.0
+    tiles_per_block = -(-layout.nbt // layout.nbg)
+    compute = tiles_per_block * tile + 800.0 + 1200.0
+    l2_bytes = layout.grid * tiles_per_block * layout.bt * layout.kp * eb
+    l2_cycles = l2_bytes / 3000.0  # ~5 TB/s at ~1.7 GHz
+    return max(compute, l2_cycles)
+
+
+def _parse_override(kind: str) -> tuple[int, ...] | None:
+    text = os.environ.get(ENV_OVERRIDE[kind], "").strip()
+    if not text:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 5:
+        raise ValueError(f"{ENV_OVERRIDE[kind]} must be 'nt,wm,wn,wk,nbg', got {text!r}")
+    return values
+
+
+def choose_config(
+    kind: str,
+    batch: int,
+    recurrences: int,
+    hidden: int,
+    dtype: torch.dtype,
+    limits: DeviceLimits,
+    precise: bool = False,
+) -> Layout | str:
+    """The configuration to launch for a call, or a sentence saying why none fits."""
+    override = _parse_override(kind)
+    if override is not None:
+        layout = make_layout(kind, *override, batch, recurrences, hidden, dtype)
+        if not layout.fits(limits):
+            raise ValueError(
+                f"{ENV_OVERRIDE[kind]}={','.join(map(str, override))} does not fit this call: {layout.smem} bytes "
+                f"of shared memory per block (at most {limits.smem_per_block}), {layout.grid} blocks (at most "
+                f"{limits.sm_count * max(layout.blocks_per_sm(limits), 0)} co-resident), nbg {layout.nbg} of "
+                f"{layout.nbt} batch tiles"
+            )
+        return layout
+    return _choose(kind, batch, recurrences, hidden, dtype, limits, precise)
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(
+    kind: str, batch: int, recurrences: int, hidden: int, dtype: torch.dtype, limits: DeviceLimits, precise: bool
+) -> Layout | str:
+    best, best_key = None, None
+    smallest_smem, fewest_blocks = None, None  # for the message when nothing fits
+    for nt in (1, 4):
+        for wm in (1, 2, 4, 8):
+            for wn in (1, 2, 4, 8):
+                if WARPS % (wm * wn):
+                    continue
+                wk = WARPS // (wm * wn)
+                base = make_layout(kind, nt, wm, wn, wk, 1, batch, recurrences, hidden, dtype)
+                if smallest_smem is None or base.smem < smallest_smem:
+                    smallest_smem = base.smem
+                if base.smem > limits.smem_per_block:
+                    continue
+                if fewest_blocks is None or base.grid < fewest_blocks.grid:
+                    fewest_blocks = base
+                # Only the numbers of tiles per block that differ are worth trying.
+                for per_block in sorted({-(-base.nbt // g) for g in range(1, base.nbt + 1)}):
+                    nbg = -(-base.nbt // per_block)
+                    layout = make_layout(kind, nt, wm, wn, wk, nbg, batch, recurrences, hidden, dtype)
+                    if not layout.fits(limits):
+                        continue
+                    cost = estimated_step_cycles(layout, limits, dtype, precise)
+                    key = (cost, layout.grid, layout.smem)
+                    if best_key is None or key < best_key:
+                        best, best_key = layout, key
+    if best is not None:
+        return best
+    if smallest_smem is not None and smallest_smem > limits.smem_per_block:
+        return (
+            f"hidden size {hidden} does not fit the {kind} kernel: its smallest tile needs {smallest_smem} bytes of "
+            f"shared memory per block, the device allows {limits.smem_per_block}"
+        )
+    capacity = limits.sm_count * fewest_blocks.blocks_per_sm(limits)
+    return (
+        f"the {kind} kernel cannot keep {recurrences} recurrence(s) of hidden size {hidden} resident: its "
+        f"smallest grid is {fewest_blocks.grid} blocks of {fewest_blocks.smem} bytes of shared memory, of which the "
+        f"device holds {capacity} at once"
+    )

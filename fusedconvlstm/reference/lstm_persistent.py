@@ -1,0 +1,123 @@
+"""Plain-PyTorch implementations of the persistent-kernel ops (the contract the CUDA kernels follow).
+
+See :mod:`fusedconvlstm.ops.lstm_persistent` for the semantics. The time loop calls the cell
+ops' reference update (:mod:`fusedconvlstm.reference.lstm_cell`), so the math is the step-wise
+path's by construction; what these functions add is the persistent ops' buffer contract (the
+padded h double buffer, the state tensors updated in place), which is what the driver in
+:mod:`fusedconvlstm.cuda.lstm` must get right. The recurrent product is accumulated in float32
+(float64 for float64 tensors), as the kernels' tensor-core accumulators do. The launch
+configuration is checked for consistency and otherwise ignored. Float64 is accepted here (the
+CUDA kernels refuse it) so the driver can be tested tightly on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedconvlstm.reference import lstm_cell as _cell
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def padded_reduction(k: int, dtype: torch.dtype) -> int:
+    """``k`` rounded up to a whole 32-byte k-step (the padded width of the exchange buffers)."""
+    step = 32 // dtype.itemsize
+    return -(-k // step) * step
+
+
+def _check(op: str, t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+
+
+def _check_config(op: str, nt: int, wm: int, wn: int, wk: int, nbg: int) -> None:
+    if nt not in (1, 4):
+        raise ValueError(f"{op}: nt must be 1 or 4, got {nt}")
+    if wm * wn * wk != 8 or any(v <= 0 or v & (v - 1) for v in (wm, wn, wk)):
+        raise ValueError(f"{op}: wm * wn * wk must be 8 with powers of two, got {wm} * {wn} * {wk}")
+    if nbg < 1:
+        raise ValueError(f"{op}: nbg must be >= 1, got {nbg}")
+
+
+def lstm_persistent_forward_(
+    xg: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor | None,
+    reverse_mask: int,
+    nt: int,
+    wm: int,
+    wn: int,
+    wk: int,
+    nbg: int,
+    precise: bool,
+    h_buf: Tensor,
+    c_state: Tensor,
+    y: Tensor,
+    workspace: Tensor,
+    sync: Tensor,
+) -> None:
+    """The whole forward recurrence, in place (see the ops module)."""
+    op = "lstm_persistent_forward_"
+    T, B, D, G = xg.shape
+    H = G // 4
+    acc = _acc_dtype(xg.dtype)
+    _check_config(op, nt, wm, wn, wk, nbg)
+    _check(op, w_hh, "w_hh", (D, G, H), xg.dtype)
+    _check(op, h_buf, "h_buf", (2, D, B, padded_reduction(H, xg.dtype)), xg.dtype)
+    _check(op, c_state, "c_state", (D, B, H), acc)
+    _check(op, y, "y", (T, B, D, H), xg.dtype)
+    _check(op, workspace, "workspace", (T, B, D, 5 * H), acc)
+    h = h_buf[0, :, :, :H].clone()
+    w_t = w_hh.to(acc).transpose(1, 2)
+    for step in range(T):
+        hh = torch.bmm(h.to(acc), w_t)
+        _cell.lstm_cell_forward_(hh, xg, h, c_state, y, workspace, lengths, step, reverse_mask)
+    h_buf[T % 2, :, :, :H] = h
+
+
+def lstm_persistent_backward_(
+    grad_y: Tensor,
+    workspace: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor | None,
+    reverse_mask: int,
+    nt: int,
+    wm: int,
+    wn: int,
+    wk: int,
+    nbg: int,
+    precise: bool,
+    dh_carry: Tensor,
+    dc: Tensor,
+    dgates: Tensor,
+    g_buf: Tensor,
+    sync: Tensor,
+) -> None:
+    """The whole reverse-time sweep, in place (see the ops module)."""
+    op = "lstm_persistent_backward_"
+    T, B, D, G = dgates.shape
+    H = G // 4
+    acc = _acc_dtype(dgates.dtype)
+    _check_config(op, nt, wm, wn, wk, nbg)
+    _check(op, grad_y, "grad_y", (T, B, D, H), dgates.dtype)
+    _check(op, workspace, "workspace", (T, B, D, 5 * H), acc)
+    _check(op, c0, "c0", (D, B, H), acc)
+    _check(op, w_hh, "w_hh", (D, G, H), dgates.dtype)
+    for name, t in (("dh_carry", dh_carry), ("dc", dc)):
+        _check(op, t, name, (D, B, H), acc)
+    _check(op, g_buf, "g_buf", (2, D, B, padded_reduction(G, dgates.dtype)), dgates.dtype)
+    w = w_hh.to(acc)
+    dh_rec = torch.zeros(D, B, H, dtype=acc, device=dgates.device)
+    dgates_step = dgates.new_empty(D, B, G)
+    for step in range(T):
+        _cell.lstm_cell_backward_(
+            dh_rec, grad_y, workspace, c0, dh_carry, dc, dgates, dgates_step, lengths, step, reverse_mask
+        )
+        dh_rec = torch.bmm(dgates_step.to(acc), w)
+    dh_carry += dh_rec

@@ -1,0 +1,777 @@
+"""The ``cuda`` backend of the LSTM recurrence: persistent kernels and the step-wise path.
+
+CPU (CI): the extension registers CUDA kernels for every kernel-level op; schemas, fakes and
+opcheck of the ops on their CPU implementations; launch configurations and the dispatch between
+the persistent and step-wise paths, with their reasons; both drivers against the float64
+reference (they run the ops' CPU implementations on CPU tensors).
+
+GPU (``gpu`` marker): the persistent kernels against the float64 reference and against cuDNN
+(``torch.nn.LSTM``) in float32 / float16 / bfloat16 — a result passes when its relative error is
+at most twice cuDNN's on the same inputs (DESIGN.md §3) — for every module option, odd sizes,
+every launch configuration that fits, NaN-poisoned outputs, bitwise determinism, opcheck,
+CUDA-graph capture; the step-wise cell kernels against their CPU implementations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fusedconvlstm
+from fusedconvlstm import backends
+from fusedconvlstm.cuda import lstm as cuda_lstm
+from fusedconvlstm.cuda import persistent_config as pc
+from fusedconvlstm.ops.lstm import LSTMRecurrenceCall
+from fusedconvlstm.ops.lstm_cell import reverse_mask
+from fusedconvlstm.ops.lstm_persistent import OPS as PERSISTENT_OPS
+from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
+from fusedconvlstm.reference.lstm import lstm_recurrence_reference
+from tests.helpers import lstm_weights, poison_, rel_err
+
+CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None
+KERNEL_OPS = ("lstm_cell_forward_", "lstm_cell_backward_", *PERSISTENT_OPS)
+F64 = torch.float64
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _call(T=5, B=3, D=1, H=8, P=0, dtype=torch.float32, device="cpu", lengths=False, reverse=None):
+    return LSTMRecurrenceCall(
+        seq_len=T,
+        batch=B,
+        num_recurrences=D,
+        hidden_size=H,
+        proj_size=P,
+        dtype=dtype,
+        device=torch.device(device),
+        has_lengths=lengths,
+        reverse=tuple(reverse or [False] * D),
+    )
+
+
+def _op_inputs(T, B, D, H, dtype=F64, device="cpu", lengths=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xg = torch.randn(T, B, D, 4 * H, dtype=F64, generator=g).to(dtype=dtype, device=device)
+    w = [w.to(dtype=dtype, device=device) for w in lstm_weights(D, H, dtype=F64)]
+    h0 = (0.5 * torch.randn(D, B, H, dtype=F64, generator=g)).to(dtype=dtype, device=device)
+    c0 = (0.5 * torch.randn(D, B, H, dtype=F64, generator=g)).to(dtype=dtype, device=device)
+    return xg, w, h0, c0, lengths
+
+
+def _reference_forward_backward(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn):
+    """float64 outputs and gradients of the recurrence, by autograd through the reference loop."""
+    ins = [t.detach().double().cpu().requires_grad_() for t in (xg, h0, c0, *w)]
+    lens = None if lengths is None else lengths.cpu()
+    y, hn, cn = lstm_recurrence_reference(ins[0], ins[3:], [], ins[1], ins[2], lens, reverse)
+    grads = torch.autograd.grad((y, hn, cn), ins, (gy.double().cpu(), ghn.double().cpu(), gcn.double().cpu()))
+    g_xg, g_h0, g_c0, *g_w = grads
+    return (y, hn, cn), (g_xg, g_w, g_h0, g_c0)
+
+
+# =============================================================================================
+# CPU: the build and the op schemas
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no nvcc or no CUDA build of torch: the extension is not expected")
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_extension_registers_cuda_kernel_for_every_kernel_op(op):
+    assert fusedconvlstm._extension.unavailable_reason() is None
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedconvlstm::{op}", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedconvlstm::{op}", "CPU")
+
+
+@pytest.mark.parametrize("op", PERSISTENT_OPS)
+def test_persistent_op_schemas_mutate_their_outputs(op):
+    schema = getattr(torch.ops.fusedconvlstm, op).default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    expected = {
+        "lstm_persistent_forward_": {"h_buf", "c_state", "y", "workspace", "sync"},
+        "lstm_persistent_backward_": {"dh_carry", "dc", "dgates", "g_buf", "sync"},
+    }[op]
+    assert mutated == expected
+    assert not schema.returns
+
+
+def test_persistent_ops_run_on_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fwd = _persistent_forward_args(4, 3, 2, 5, dtype=torch.float32)
+    bwd = _persistent_backward_args(fwd)
+    with FakeTensorMode() as mode:
+        for op, args in (("lstm_persistent_forward_", fwd), ("lstm_persistent_backward_", bwd)):
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            assert getattr(torch.ops.fusedconvlstm, op)(*fake) is None
+
+
+def _persistent_forward_args(T, B, D, H, dtype=F64, lengths=None, reverse=(False, True), device="cpu"):
+    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, device)
+    acc = F64 if dtype == F64 else torch.float32
+    layout = pc.make_layout("forward", 1, 1, 1, 8, 1, B, D, H, torch.float32 if dtype == F64 else dtype)
+    h_buf = torch.zeros(2, D, B, padded_reduction(H, dtype), dtype=dtype, device=device)
+    h_buf[0, :, :, :H] = h0
+    return (
+        xg,
+        torch.stack(w),
+        lengths,
+        reverse_mask(list(reverse)),
+        *layout.args,
+        False,
+        h_buf,
+        c0.to(acc).clone(),
+        torch.empty(T, B, D, H, dtype=dtype, device=device),
+        torch.empty(T, B, D, 5 * H, dtype=acc, device=device),
+        torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=device),
+    )
+
+
+def _persistent_backward_args(fwd_args, lengths=None):
+    """Backward-op arguments matching forward-op arguments ``fwd_args`` (after the forward ran)."""
+    xg, w_hh, _, mask, *_ = fwd_args
+    T, B, D, G = xg.shape
+    H, dtype, dev = G // 4, xg.dtype, xg.device
+    acc = F64 if dtype == F64 else torch.float32
+    layout = pc.make_layout("backward", 1, 1, 1, 8, 1, B, D, H, torch.float32 if dtype == F64 else dtype)
+    return (
+        torch.randn(T, B, D, H, dtype=F64).to(dtype=dtype, device=dev),
+        fwd_args[13],
+        torch.randn(D, B, H, dtype=acc, device=dev),
+        w_hh,
+        lengths,
+        mask,
+        *layout.args,
+        False,
+        torch.randn(D, B, H, dtype=acc, device=dev),
+        torch.randn(D, B, H, dtype=acc, device=dev),
+        torch.empty(T, B, D, G, dtype=dtype, device=dev),
+        torch.zeros(2, D, B, padded_reduction(G, dtype), dtype=dtype, device=dev),
+        torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=dev),
+    )
+
+
+def test_persistent_ops_opcheck_on_cpu():
+    T, B, D, H = 4, 3, 2, 5
+    lengths = torch.tensor([4, 2, 0])
+    fwd = _persistent_forward_args(T, B, D, H, lengths=lengths)
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_forward_.default, fwd)
+    torch.ops.fusedconvlstm.lstm_persistent_forward_(*fwd)
+    bwd = _persistent_backward_args(fwd, lengths)
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_backward_.default, bwd)
+
+
+def test_persistent_ops_cpu_contract_rejects_wrong_buffers():
+    args = list(_persistent_forward_args(3, 2, 1, 5, reverse=(False,)))
+    args[10] = torch.zeros(2, 1, 2, 5, dtype=F64)  # h_buf without the padding to a whole k-step
+    with pytest.raises(ValueError, match="h_buf must have shape"):
+        torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
+    args = list(_persistent_forward_args(3, 2, 1, 5, reverse=(False,)))
+    args[6] = 3  # wk: wm * wn * wk != 8
+    with pytest.raises(ValueError, match="wm \\* wn \\* wk must be 8"):
+        torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
+
+
+# =============================================================================================
+# CPU: launch configurations
+
+
+@pytest.mark.parametrize("kind", pc.KINDS)
+@pytest.mark.parametrize(
+    "dtype, batch, recurrences, hidden",
+    [
+        (torch.bfloat16, 1, 1, 512),
+        (torch.bfloat16, 64, 2, 512),
+        (torch.float16, 256, 1, 512),
+        (torch.bfloat16, 4096, 2, 512),
+        (torch.float32, 3, 1, 100),
+        (torch.float32, 129, 2, 320),
+        (torch.float16, 1024, 1, 768),
+    ],
+)
+def test_chosen_configuration_fits_and_covers_the_problem(kind, dtype, batch, recurrences, hidden):
+    for limits in (pc.H100_SXM, pc.A100):
+        layout = pc.choose_config(kind, batch, recurrences, hidden, dtype, limits)
+        assert isinstance(layout, pc.Layout), layout
+        assert layout.fits(limits)
+        assert layout.hs * layout.nu >= hidden and layout.hs * (layout.nu - 1) < hidden
+        assert layout.bt * layout.nbt >= batch and layout.bt * (layout.nbt - 1) < batch
+        assert 1 <= layout.nbg <= layout.nbt
+        assert layout.grid == recurrences * layout.nbg * layout.nu
+        k = hidden if kind == "forward" else 4 * hidden
+        assert layout.kp == padded_reduction(k, dtype) and (layout.kp * dtype.itemsize) % 32 == 0
+
+
+def test_layout_matches_the_kernel_arithmetic():
+    # Forward, bf16, H = 100: kp = 112; 8 units x 4 gates per warp row; rows padded by 16 bytes.
+    lay = pc.make_layout("forward", 4, 2, 2, 2, 3, 300, 2, 100, torch.bfloat16)
+    assert (lay.hs, lay.bt, lay.nu, lay.nbt, lay.kp) == (16, 64, 7, 5, 112)
+    lda = 112 * 2 + 16
+    assert lay.smem == 64 * lda + 64 * lda + 2 * 64 * (64 + 4) * 4
+    assert lay.grid == 2 * 3 * 7
+    # Backward, fp32, H = 100: the reduction runs over 4H = 400 columns of dG (already 8-aligned).
+    lay = pc.make_layout("backward", 1, 4, 1, 2, 1, 5, 1, 100, torch.float32)
+    assert (lay.hs, lay.bt, lay.nu, lay.nbt, lay.kp) == (64, 8, 2, 1, 400)
+    assert lay.smem == 64 * (1600 + 16) + 8 * (1600 + 16) + 2 * 8 * 68 * 4
+
+
+def test_configurations_that_do_not_fit_are_refused_with_reasons():
+    reason = pc.choose_config("backward", 64, 1, 2048, torch.bfloat16, pc.H100_SXM)
+    assert isinstance(reason, str) and "shared memory" in reason and "2048" in reason
+    reason = pc.choose_config("forward", 64, 1, 2048, torch.bfloat16, pc.H100_SXM)
+    assert isinstance(reason, str) and "resident" in reason
+    with pytest.raises(ValueError, match="nt must be 1 or 4"):
+        pc.make_layout("forward", 2, 1, 1, 8, 1, 8, 1, 64, torch.float16)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        pc.make_layout("forward", 1, 1, 1, 8, 1, 8, 1, 64, torch.float64)
+
+
+def test_configuration_override_from_the_environment(monkeypatch):
+    monkeypatch.setenv(pc.ENV_OVERRIDE["forward"], "4,2,1,4,2")
+    lay = pc.choose_config("forward", 64, 1, 256, torch.bfloat16, pc.H100_SXM)
+    assert lay.args == (4, 2, 1, 4, 2)
+    monkeypatch.setenv(pc.ENV_OVERRIDE["forward"], "1,8,1,1,1")
+    with pytest.raises(ValueError, match="does not fit"):
+        pc.choose_config("forward", 8, 1, 1024, torch.float32, pc.H100_SXM)  # 256 W rows of 4 KiB
+    monkeypatch.setenv(pc.ENV_OVERRIDE["forward"], "1,2")
+    with pytest.raises(ValueError, match="nt,wm,wn,wk,nbg"):
+        pc.choose_config("forward", 8, 1, 64, torch.float32, pc.H100_SXM)
+
+
+# =============================================================================================
+# CPU: which path serves a call
+
+
+def test_persistent_path_decisions_and_reasons():
+    h100 = pc.H100_SXM
+    assert cuda_lstm.persistent_why_not(_call(B=64, D=2, H=512, dtype=torch.bfloat16), "forward", h100) is None
+    assert cuda_lstm.persistent_why_not(_call(B=64, D=2, H=512, dtype=torch.bfloat16), "backward", h100) is None
+    assert "float64" in cuda_lstm.persistent_why_not(_call(dtype=F64), "forward", h100)
+    assert "proj_size" in cuda_lstm.persistent_why_not(_call(P=4), "forward", h100)
+    old = pc.DeviceLimits(80, 65536, 65536, (7, 5))
+    assert "compute capability 8.0" in cuda_lstm.persistent_why_not(_call(), "forward", old)
+    assert "CUDA devices" in cuda_lstm.persistent_why_not(_call(), "forward")  # a CPU call, no limits given
+    assert "shared memory" in cuda_lstm.persistent_why_not(_call(H=2048, dtype=torch.bfloat16), "backward", h100)
+
+
+def test_cuda_backend_refuses_projections_and_describes_its_schedule(monkeypatch):
+    impl = backends._REGISTRY["lstm_recurrence"]["cuda"]
+    assert "proj_size" in impl.why_not(_call(P=4))
+    assert impl.why_not(_call(dtype=F64)) is None  # float64 runs step-wise
+    text = cuda_lstm.describe(_call(B=64, D=2, H=512, dtype=torch.bfloat16), pc.H100_SXM)
+    assert text.startswith("forward: persistent kernel") and "backward: persistent kernel" in text
+    text = cuda_lstm.describe(_call(dtype=F64), pc.H100_SXM)
+    assert text.count("step-wise kernels") == 2 and "float64" in text
+    text = cuda_lstm.describe(_call(B=8, H=2048, dtype=torch.bfloat16), pc.H100_SXM)
+    assert "forward: step-wise" in text and "backward: step-wise" in text
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="the cuda backend needs the extension")
+def test_explain_detail_names_the_kernels_for_a_cuda_call(monkeypatch):
+    monkeypatch.setattr(pc, "_device_limits", lambda index: pc.H100_SXM)
+    call = _call(T=45, B=64, D=2, H=512, dtype=torch.bfloat16, device="cuda")
+    detail = backends.explain("lstm_recurrence", call, call.device, detail=True)
+    assert detail["cuda"].startswith("serves: forward: persistent kernel"), detail["cuda"]
+    assert detail["reference"] == "serves: this call"
+    f64 = _call(dtype=F64, device="cuda")
+    assert "step-wise kernels" in backends.explain("lstm_recurrence", f64, f64.device, detail=True)["cuda"]
+    proj = _call(P=4, device="cuda")
+    assert backends.explain("lstm_recurrence", proj, proj.device, detail=True)["cuda"].startswith("cannot serve:")
+    assert backends.explain("lstm_recurrence", proj, proj.device)["reference"] is None  # the default form is unchanged
+
+
+def test_fp32_precision_follows_the_cudnn_rnn_flag():
+    rnn = torch.backends.cudnn.rnn
+    saved = rnn.fp32_precision
+    try:
+        rnn.fp32_precision = "tf32"
+        assert cuda_lstm.tf32_allowed()
+        assert "TF32" in cuda_lstm.describe(_call(B=8, H=64), pc.H100_SXM)
+        rnn.fp32_precision = "ieee"
+        assert not cuda_lstm.tf32_allowed()
+        assert "3xTF32" in cuda_lstm.describe(_call(B=8, H=64), pc.H100_SXM)
+    finally:
+        rnn.fp32_precision = saved
+
+
+def test_registered_forward_and_backward_pick_a_path_per_call(monkeypatch):
+    """With a device that fits, float32 goes persistent and float64 step-wise, separately for
+    forward and backward (here on CPU tensors, through the ops' CPU implementations)."""
+    taken = []
+    for name in (
+        "lstm_recurrence_persistent_forward",
+        "lstm_recurrence_stepwise_forward",
+        "lstm_recurrence_persistent_backward",
+        "lstm_recurrence_stepwise_backward",
+    ):
+        original = getattr(cuda_lstm, name)
+        monkeypatch.setattr(cuda_lstm, name, lambda *a, _n=name, _f=original, **k: taken.append(_n) or _f(*a, **k))
+    monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
+    for dtype, path in ((torch.float32, "persistent"), (F64, "stepwise")):
+        taken.clear()
+        xg, w, h0, c0, _ = _op_inputs(4, 2, 1, 6, dtype)
+        y, hn, cn, ws = cuda_lstm.lstm_recurrence_cuda_forward(xg, w, [], h0, c0, None, [False])
+        cuda_lstm.lstm_recurrence_cuda_backward(
+            torch.ones_like(y), torch.ones_like(hn), torch.ones_like(cn), xg, w, [], h0, c0, None, [False], y, ws
+        )
+        assert taken == [f"lstm_recurrence_{path}_forward", f"lstm_recurrence_{path}_backward"]
+
+
+# =============================================================================================
+# CPU: both drivers against the float64 reference
+
+
+CPU_CASES = [
+    # T, B, D, H, lengths, reverse
+    (5, 3, 1, 7, None, [False]),
+    (6, 4, 2, 5, [6, 3, 1, 0], [False, True]),
+    (4, 2, 2, 9, [2, 4], [False, False]),
+    (1, 1, 1, 3, None, [True]),
+]
+
+
+@pytest.mark.parametrize("path", ["stepwise", "persistent"])
+@pytest.mark.parametrize("T, B, D, H, lengths, reverse", CPU_CASES)
+def test_drivers_match_reference_on_cpu(path, T, B, D, H, lengths, reverse):
+    lengths = None if lengths is None else torch.tensor(lengths)
+    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, F64)
+    forward = getattr(cuda_lstm, f"lstm_recurrence_{path}_forward")
+    backward = getattr(cuda_lstm, f"lstm_recurrence_{path}_backward")
+    y, hn, cn, ws = forward(xg, w, [], h0, c0, lengths, reverse)
+    gy, ghn, gcn = torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)
+    (y_r, hn_r, cn_r), (gxg_r, gw_r, gh0_r, gc0_r) = _reference_forward_backward(
+        xg, w, h0, c0, lengths, reverse, gy, ghn, gcn
+    )
+    for name, out, ref in (("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r)):
+        assert rel_err(out, ref) < 1e-12, name
+    gxg, gw, _, gh0, gc0 = backward(gy, ghn, gcn, xg, w, [], h0, c0, lengths, reverse, y, ws)
+    for name, out, ref in (("grad_xg", gxg, gxg_r), ("grad_h0", gh0, gh0_r), ("grad_c0", gc0, gc0_r)):
+        assert rel_err(out, ref) < 1e-12, name
+    for d in range(D):
+        assert rel_err(gw[d], gw_r[d]) < 1e-12, f"grad_w_hh[{d}]"
+
+
+def test_persistent_and_stepwise_share_their_workspace_on_cpu():
+    lengths = torch.tensor([5, 2, 4])
+    xg, w, h0, c0, _ = _op_inputs(5, 3, 2, 6, torch.float32)
+    rev = [False, True]
+    p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
+    s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
+    assert rel_err(p[3], s[3]) < 1e-6 and rel_err(p[0], s[0]) < 1e-6
+    grads = [torch.randn_like(t) for t in p[:3]]
+    gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
+    gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
+    for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_persistent_driver_refuses_projections():
+    xg, w, h0, c0, _ = _op_inputs(3, 2, 1, 4, torch.float32)
+    with pytest.raises(ValueError, match="proj_size"):
+        cuda_lstm.lstm_recurrence_persistent_forward(
+            xg, w, [torch.randn(2, 4)], h0[..., :2], c0, None, [False], config=None
+        )
+
+
+# =============================================================================================
+# GPU
+
+
+def _err_rule(dtype):
+    """(tolerance factor, floor): ours <= 2 x cuDNN's error, or below the dtype's unit roundoff."""
+    return 2.0, torch.finfo(dtype).eps / 2
+
+
+def _check_against_cudnn(ours: dict, cudnn: dict, ref: dict, dtype, context: str):
+    factor, floor = _err_rule(dtype)
+    report = []
+    for name, ref_val in ref.items():
+        out = ours[name]
+        assert not torch.isnan(out).any(), f"{context}: {name} has NaN"
+        e_ours, e_cudnn = rel_err(out, ref_val), rel_err(cudnn[name], ref_val)
+        report.append(f"{name}: ours {e_ours:.2e} cudnn {e_cudnn:.2e}")
+        assert e_ours <= max(factor * e_cudnn, floor), f"{context}: " + "; ".join(report)
+
+
+def _run_module(module, x, hx, gy, ghn, gcn, packed_lengths=None):
+    """Forward + backward of an LSTM module; returns outputs and all gradients by name."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    hx = None if hx is None else tuple(h.detach().clone().requires_grad_() for h in hx)
+    inp = x if packed_lengths is None else pack_padded_sequence(x, packed_lengths, enforce_sorted=False)
+    out, (hn, cn) = module(inp, hx)
+    if packed_lengths is not None:
+        out = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=x.shape[0])[0]
+    loss = (out * gy.to(out)).sum() + (hn * ghn.to(hn)).sum() + (cn * gcn.to(cn)).sum()
+    loss.backward()
+    res = {"output": out.detach(), "h_n": hn.detach(), "c_n": cn.detach(), "grad_x": x.grad}
+    if hx is not None:
+        res["grad_h0"], res["grad_c0"] = hx[0].grad, hx[1].grad
+    for name, p in module.named_parameters():
+        res[f"grad_{name}"] = p.grad
+    return res
+
+
+def _three_way(
+    dtype,
+    input_size,
+    hidden,
+    T,
+    B,
+    *,
+    num_layers=1,
+    bidirectional=False,
+    batch_first=False,
+    with_hx=False,
+    lengths=None,
+    seed=0,
+):
+    """Our cuda module, cuDNN's nn.LSTM in ``dtype`` and nn.LSTM in float64 on the CPU, on the
+    same (rounded) weights and inputs; returns the three result dicts."""
+    torch.manual_seed(seed)
+    base = nn.LSTM(input_size, hidden, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    base = base.to(dtype).to(F64)  # weights exactly representable in dtype
+    ref = base
+    cudnn = nn.LSTM(input_size, hidden, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    cudnn.load_state_dict(base.state_dict())
+    cudnn = cudnn.to(device="cuda", dtype=dtype)
+    ours = fusedconvlstm.LSTM.from_torch(cudnn, backend="cuda")
+    D = 2 if bidirectional else 1
+    shape = (B, T, input_size) if batch_first else (T, B, input_size)
+    x = torch.randn(shape, dtype=F64).to(dtype).to(F64)
+    hx = None
+    if with_hx:
+        hx = tuple((0.5 * torch.randn(num_layers * D, B, hidden, dtype=F64)).to(dtype).to(F64) for _ in range(2))
+    out_shape = (T, B, D * hidden)
+    gy = torch.randn(out_shape if not batch_first else (B, T, D * hidden), dtype=F64)
+    ghn, gcn = torch.randn(num_layers * D, B, hidden, dtype=F64), torch.randn(num_layers * D, B, hidden, dtype=F64)
+    to_dev = lambda t: None if t is None else t.to(device="cuda", dtype=dtype)  # noqa: E731
+    hx_dev = None if hx is None else tuple(map(to_dev, hx))
+    r_ref = _run_module(ref, x, hx, gy, ghn, gcn, lengths)
+    r_cudnn = _run_module(cudnn, to_dev(x), hx_dev, to_dev(gy), to_dev(ghn), to_dev(gcn), lengths)
+    r_ours = _run_module(ours, to_dev(x), hx_dev, to_dev(gy), to_dev(ghn), to_dev(gcn), lengths)
+    return r_ours, r_cudnn, r_ref
+
+
+@pytest.fixture
+def persistent_only(monkeypatch):
+    """Make the step-wise path unusable, so a test proves the persistent kernels served it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the step-wise path ran where the persistent kernel was expected")
+
+    monkeypatch.setattr(cuda_lstm, "lstm_recurrence_stepwise_forward", refuse)
+    monkeypatch.setattr(cuda_lstm, "lstm_recurrence_stepwise_backward", refuse)
+
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MODULE_CASES = [
+    # id, input_size, hidden, T, B, options
+    ("base", 24, 100, 7, 3, {}),
+    ("batch1_T1", 16, 320, 1, 1, {}),
+    ("batch129_bidir", 32, 512, 7, 129, {"bidirectional": True}),
+    ("long_T1000", 16, 100, 1000, 3, {}),
+    ("hx_batch_first_2layers", 20, 64, 9, 5, {"with_hx": True, "batch_first": True, "num_layers": 2}),
+    ("bidir_hx", 12, 48, 6, 4, {"with_hx": True, "bidirectional": True}),
+    ("reference_model_shape", 512, 512, 45, 64, {}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
+def test_gpu_module_within_twice_cudnn_error(dtype, case, persistent_only):
+    _, input_size, hidden, T, B, opts = case
+    ours, cudnn, ref = _three_way(dtype, input_size, hidden, T, B, **opts)
+    _check_against_cudnn(ours, cudnn, ref, dtype, f"{case[0]} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gpu_packed_sequence_lengths(dtype, bidirectional, persistent_only):
+    lengths = torch.tensor([7, 1, 5, 7, 3])
+    ours, cudnn, ref = _three_way(dtype, 10, 40, 7, 5, bidirectional=bidirectional, with_hx=True, lengths=lengths)
+    _check_against_cudnn(ours, cudnn, ref, dtype, f"packed bidirectional={bidirectional} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_two_parallel_lstms_in_one_launch(dtype, persistent_only):
+    torch.manual_seed(1)
+    T, B, n_in, H = 45, 8, 64, 128
+    bases = [nn.LSTM(n_in, H).to(dtype).to(F64) for _ in range(2)]
+    x = torch.randn(T, B, n_in, dtype=F64).to(dtype).to(F64)
+    grads = [torch.randn(T, B, H, dtype=F64) for _ in range(2)]
+    results = {}
+    for kind in ("ref", "cudnn", "ours"):
+        mods = []
+        for b in bases:
+            m = nn.LSTM(n_in, H)
+            m.load_state_dict(b.state_dict())
+            mods.append(m.to(F64) if kind == "ref" else m.to(device="cuda", dtype=dtype))
+        if kind == "ours":
+            mods = [fusedconvlstm.LSTM.from_torch(m, backend="cuda") for m in mods]
+        xin = (x if kind == "ref" else x.to(device="cuda", dtype=dtype)).clone().requires_grad_()
+        if kind == "ours":
+            outs = [o for o, _ in fusedconvlstm.parallel_lstm(mods, xin)]
+        else:
+            outs = [m(xin)[0] for m in mods]
+        loss = sum((o * g.to(o)).sum() for o, g in zip(outs, grads))
+        loss.backward()
+        res = {f"out{k}": o.detach() for k, o in enumerate(outs)}
+        res["grad_x"] = xin.grad
+        for k, m in enumerate(mods):
+            for name, p in m.named_parameters():
+                res[f"grad{k}_{name}"] = p.grad
+        results[kind] = res
+    _check_against_cudnn(results["ours"], results["cudnn"], results["ref"], dtype, f"parallel {dtype}")
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_without_tf32_runs_3xtf32_within_twice_cudnn_fp32(persistent_only):
+    rnn = torch.backends.cudnn.rnn
+    saved = rnn.fp32_precision
+    try:
+        rnn.fp32_precision = "ieee"
+        assert "3xTF32" in cuda_lstm.describe(_call(B=6, H=96, device="cuda"))
+        ours, cudnn, ref = _three_way(torch.float32, 20, 96, 30, 6, bidirectional=True)
+        _check_against_cudnn(ours, cudnn, ref, torch.float32, "fp32 ieee")
+    finally:
+        rnn.fp32_precision = saved
+
+
+def _all_fitting_layouts(kind, B, D, H, dtype):
+    out = []
+    for nt, wm, wn in itertools.product((1, 4), (1, 2, 4, 8), (1, 2, 4, 8)):
+        if 8 % (wm * wn):
+            continue
+        base = pc.make_layout(kind, nt, wm, wn, 8 // (wm * wn), 1, B, D, H, dtype)
+        for nbg in sorted({1, base.nbt}):
+            lay = pc.make_layout(kind, nt, wm, wn, 8 // (wm * wn), nbg, B, D, H, dtype)
+            if lay.fits(pc.DeviceLimits.of(torch.device("cuda"))):
+                out.append(lay)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_every_launch_configuration_matches_the_reference(dtype):
+    """Each (nt, wm, wn, wk, nbg) that fits runs the same math: compare all to float64 with a
+    tolerance from the dtype (configs differ only in summation order)."""
+    T, B, D, H = 6, 37, 2, 100
+    lengths = torch.tensor([6, 1, 3] + [6] * 34, device="cuda")
+    reverse = [False, True]
+    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, "cuda")
+    gy = torch.randn(T, B, D, H, device="cuda", dtype=dtype)
+    ghn, gcn = torch.randn_like(h0), torch.randn_like(c0)
+    (y_r, hn_r, cn_r), (gxg_r, gw_r, gh0_r, gc0_r) = _reference_forward_backward(
+        xg, w, h0, c0, lengths, reverse, gy, ghn, gcn
+    )
+    tol = {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+    fwd_layouts = _all_fitting_layouts("forward", B, D, H, dtype)
+    bwd_layouts = _all_fitting_layouts("backward", B, D, H, dtype)
+    assert len(fwd_layouts) > 10 and len(bwd_layouts) > 10
+    for lay in fwd_layouts:
+        y, hn, cn, ws = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, reverse, config=lay)
+        for name, a, b in (("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r)):
+            assert rel_err(a, b) < tol, f"forward {lay.args}: {name} {rel_err(a, b):.2e}"
+    for lay in bwd_layouts:
+        gxg, gw, _, gh0, gc0 = cuda_lstm.lstm_recurrence_persistent_backward(
+            gy, ghn, gcn, xg, w, [], h0, c0, lengths, reverse, y, ws, config=lay
+        )
+        pairs = [("grad_xg", gxg, gxg_r), ("grad_h0", gh0, gh0_r), ("grad_c0", gc0, gc0_r)]
+        pairs += [(f"grad_w_hh[{d}]", gw[d], gw_r[d]) for d in range(D)]
+        for name, a, b in pairs:
+            assert rel_err(a, b) < tol, f"backward {lay.args}: {name} {rel_err(a, b):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_kernels_write_every_output_element(dtype):
+    """NaN-poisoned outputs and exchange buffers: every element is written (zeros where masked)."""
+    T, B, D, H = 5, 11, 2, 72
+    lengths = torch.tensor([5, 0, 2, 5, 1, 5, 5, 3, 4, 5, 5], device="cuda")
+    reverse = [False, True]
+    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, "cuda")
+    fwd = pc.choose_config("forward", B, D, H, dtype, pc.DeviceLimits.of(torch.device("cuda")))
+    kp = padded_reduction(H, dtype)
+    h_buf = torch.zeros(2, D, B, kp, dtype=dtype, device="cuda")
+    h_buf[0, ..., :H] = h0
+    poison_(h_buf[1, ..., :H])  # written in full at step 0 (valid rows and carried ones)
+    c = c0.float().clone()
+    y = poison_(torch.empty(T, B, D, H, dtype=dtype, device="cuda"))
+    ws = poison_(torch.empty(T, B, D, 5 * H, device="cuda"))
+    sync = torch.empty(D * fwd.nbg * SYNC_STRIDE, dtype=torch.int32, device="cuda")
+    mask = reverse_mask(reverse)
+    torch.ops.fusedconvlstm.lstm_persistent_forward_(
+        xg, torch.stack(w), lengths, mask, *fwd.args, False, h_buf, c, y, ws, sync
+    )
+    for name, t in (("y", y), ("workspace", ws), ("h_buf", h_buf), ("c", c)):
+        assert not torch.isnan(t).any(), f"forward left NaN in {name}"
+    assert torch.count_nonzero(h_buf[..., H:]) == 0, "the padding of h_buf must stay zero"
+    valid = (torch.arange(T, device="cuda").unsqueeze(1) < lengths).view(T, B, 1, 1)
+    assert torch.all(torch.where(valid, 0, y) == 0) and torch.all(torch.where(valid, 0, ws) == 0)
+
+    bwd = pc.choose_config("backward", B, D, H, dtype, pc.DeviceLimits.of(torch.device("cuda")))
+    g_buf = torch.zeros(2, D, B, padded_reduction(4 * H, dtype), dtype=dtype, device="cuda")
+    poison_(g_buf[1, ..., : 4 * H])
+    dgates = poison_(torch.empty(T, B, D, 4 * H, dtype=dtype, device="cuda"))
+    dh, dc = torch.randn(D, B, H, device="cuda"), torch.randn(D, B, H, device="cuda")
+    sync = torch.empty(D * bwd.nbg * SYNC_STRIDE, dtype=torch.int32, device="cuda")
+    torch.ops.fusedconvlstm.lstm_persistent_backward_(
+        torch.randn(T, B, D, H, device="cuda", dtype=dtype),
+        ws,
+        c0.float(),
+        torch.stack(w),
+        lengths,
+        mask,
+        *bwd.args,
+        False,
+        dh,
+        dc,
+        dgates,
+        g_buf,
+        sync,
+    )
+    for name, t in (("dgates", dgates), ("g_buf", g_buf), ("dh_carry", dh), ("dc", dc)):
+        assert not torch.isnan(t).any(), f"backward left NaN in {name}"
+    assert torch.all(torch.where(valid, 0, dgates) == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_bitwise_deterministic(dtype, persistent_only):
+    torch.manual_seed(3)
+    m = fusedconvlstm.LSTM(64, 256, bidirectional=True, backend="cuda").to(device="cuda", dtype=dtype)
+    x = torch.randn(45, 96, 64, device="cuda", dtype=dtype)
+    gy = torch.randn(45, 96, 512, device="cuda", dtype=dtype)
+    runs = []
+    for _ in range(3):
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out, (hn, cn) = m(xi)
+        ((out * gy).sum() + hn.sum() + cn.sum()).backward()
+        runs.append([out, hn, cn, xi.grad] + [p.grad for p in m.parameters()])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_opcheck(dtype):
+    T, B, D, H = 4, 5, 2, 24
+    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, "cuda")
+    xg.requires_grad_()
+    for lengths in (None, torch.tensor([4, 2, 1, 4, 3], device="cuda")):
+        torch.library.opcheck(
+            torch.ops.fusedconvlstm.lstm_recurrence.default, (xg, w, [], h0, c0, lengths, [False, True], "cuda")
+        )
+    fwd = _persistent_forward_args(T, B, D, H, dtype=dtype, device="cuda")
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_forward_.default, fwd)
+    torch.ops.fusedconvlstm.lstm_persistent_forward_(*fwd)
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_backward_.default, _persistent_backward_args(fwd))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_cuda_graph_capture(dtype, persistent_only):
+    torch.manual_seed(4)
+    m = fusedconvlstm.LSTM(32, 128, bidirectional=True, backend="cuda").to(device="cuda", dtype=dtype)
+    x_static = torch.randn(20, 16, 32, device="cuda", dtype=dtype)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(s):
+        for _ in range(2):
+            m(x_static)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out_static, (hn_static, cn_static) = m(x_static)
+    x_new = torch.randn_like(x_static)
+    x_static.copy_(x_new)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        out, (hn, cn) = m(x_new)
+    assert torch.equal(out_static, out) and torch.equal(hn_static, hn) and torch.equal(cn_static, cn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_large_batch_many_tiles_per_block(dtype, persistent_only):
+    ours, cudnn, ref = _three_way(dtype, 16, 64, 3, 4096)
+    _check_against_cudnn(ours, cudnn, ref, dtype, f"batch 4096 {dtype}")
+
+
+@pytest.mark.gpu
+def test_gpu_persistent_and_stepwise_combine_and_agree():
+    dtype = torch.bfloat16
+    lengths = torch.tensor([9, 4, 1, 9, 6, 2], device="cuda")
+    xg, w, h0, c0, _ = _op_inputs(9, 6, 2, 80, dtype, "cuda")
+    rev = [False, True]
+    p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
+    s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
+    assert rel_err(p[3], s[3]) < 2e-2 and rel_err(p[0], s[0]) < 2e-2
+    grads = [torch.randn_like(t) for t in p[:3]]
+    gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
+    gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
+    for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
+        assert rel_err(a, b) < 3e-2
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_refuses_a_grid_that_cannot_be_resident():
+    T, B, D, H = 2, 8, 8, 512
+    args = list(_persistent_forward_args(T, B, D, H, dtype=torch.bfloat16, reverse=[False] * D, device="cuda"))
+    args[4:9] = [1, 1, 1, 8, 1]  # 8 recurrences x 64 unit slices of 8 = 512 blocks of ~49 KiB
+    with pytest.raises(RuntimeError, match="co-resident blocks"):
+        torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
+    args[4:9] = [1, 1, 1, 8, 0]
+    with pytest.raises(RuntimeError, match="nbg must be >= 1"):
+        torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
+    args[4:9] = [1, 1, 1, 8, 1]
+    args[0] = args[0].double()
+    with pytest.raises(RuntimeError, match="float64 runs on the step-wise kernels"):
+        torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, F64], ids=str)
+def test_gpu_stepwise_cell_kernels_match_their_cpu_implementations(dtype):
+    T, B, D, H = 4, 5, 2, 13
+    lengths = torch.tensor([4, 2, 0, 3, 1])
+    mask = reverse_mask([False, True])
+    acc = F64 if dtype == F64 else torch.float32
+    g = torch.Generator().manual_seed(5)
+    xg = torch.randn(T, B, D, 4 * H, generator=g).to(dtype)
+    ws_fwd = {}
+    for device in ("cpu", "cuda"):
+        h = torch.randn(D, B, H, generator=torch.Generator().manual_seed(6)).to(dtype)
+        c = torch.randn(D, B, H, generator=torch.Generator().manual_seed(7)).to(acc)
+        y = torch.zeros(T, B, D, H, dtype=dtype)
+        ws = torch.zeros(T, B, D, 5 * H, dtype=acc)
+        tensors = [t.to(device) for t in (xg, h, c, y, ws)]
+        for step in range(T):
+            hh = torch.randn(D, B, 4 * H, generator=torch.Generator().manual_seed(100 + step)).to(dtype).to(device)
+            torch.ops.fusedconvlstm.lstm_cell_forward_(hh, tensors[0], *tensors[1:], lengths.to(device), step, mask)
+        ws_fwd[device] = [t.cpu() for t in tensors[1:]]
+    tol = {F64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+    for a, b in zip(ws_fwd["cpu"], ws_fwd["cuda"]):
+        assert rel_err(b, a) < tol
+    outs = {}
+    for device in ("cpu", "cuda"):
+        gen = torch.Generator().manual_seed(8)
+        dh_rec = torch.randn(D, B, H, generator=gen).to(dtype)
+        grad_y = torch.randn(T, B, D, H, generator=gen).to(dtype)
+        c0 = torch.randn(D, B, H, generator=gen).to(dtype)
+        dh_carry, dc = torch.randn(D, B, H, generator=gen).to(acc), torch.randn(D, B, H, generator=gen).to(acc)
+        dgates, dstep = torch.zeros(T, B, D, 4 * H, dtype=dtype), torch.zeros(D, B, 4 * H, dtype=dtype)
+        tensors = [t.to(device) for t in (dh_rec, grad_y, ws_fwd["cpu"][3], c0, dh_carry, dc, dgates, dstep)]
+        for step in range(T):
+            torch.ops.fusedconvlstm.lstm_cell_backward_(*tensors, lengths.to(device), step, mask)
+        outs[device] = [t.cpu() for t in tensors[4:]]
+    for a, b in zip(outs["cpu"], outs["cuda"]):
+        assert rel_err(b, a) < tol

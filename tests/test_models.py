@@ -145,3 +145,13 @@ def test_convert_standalone_modules():
 def test_package_exports():
     for name in fusedconvlstm.__all__:
         assert hasattr(fusedconvlstm, name), name
+
+
+def test_model_compiles_fullgraph_and_matches_eager():
+    model = ConvLSTMClassifier(backend="reference", dtype=F64, **SMALL).eval()
+    tokens = torch.randint(0, 50, (3, 20))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(tokens)
+    assert rel_err(out, model(tokens)) < 1e-12
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack
-from fusedconvlstm.nn.lstm import LSTM, check_backend_name, parallel_lstm
+from fusedconvlstm.nn.lstm import LSTM, ParallelLSTM, check_backend_name
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class ConvLSTMClassifier(nn.Module):
 
     The sizes are those of :class:`ClassifierConfig` (keyword arguments override them). The
     convolutions run as one :class:`Conv1dStack` on channels-last data, the LSTMs as one
-    recurrence (:func:`parallel_lstm`); ``backend`` is passed to both.
+    recurrence (:class:`ParallelLSTM`); ``backend`` is passed to both.
     """
 
     def __init__(self, backend: str = "auto", device=None, dtype=None, **config) -> None:
@@ -93,7 +93,7 @@ class ConvLSTMClassifier(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.lstms = nn.ModuleList(
+        self.lstms = ParallelLSTM(
             LSTM(cfg.conv_channels[-1], cfg.hidden_size, batch_first=True, backend=backend, device=device, dtype=dtype)
             for _ in range(cfg.num_lstms)
         )
@@ -104,7 +104,7 @@ class ConvLSTMClassifier(nn.Module):
         _check_tokens(tokens)
         x = F.dropout(self.embedding(tokens), self.config.embedding_dropout, self.training)
         x = self.conv(x)
-        states = [h_n[0] for _, (h_n, _) in parallel_lstm(list(self.lstms), x, backend=self.backend)]
+        states = [h_n[0] for _, (h_n, _) in self.lstms(x)]
         return self.head(torch.cat(states, dim=1))
 
     def forward(self, tokens: Tensor) -> Tensor:

@@ -2,6 +2,6 @@
 
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack
 from fusedconvlstm.nn.convert import convert
-from fusedconvlstm.nn.lstm import LSTM, parallel_lstm
+from fusedconvlstm.nn.lstm import LSTM, ParallelLSTM, parallel_lstm
 
-__all__ = ["LSTM", "Conv1dStack", "convert", "parallel_lstm"]
+__all__ = ["LSTM", "Conv1dStack", "ParallelLSTM", "convert", "parallel_lstm"]

@@ -320,3 +320,16 @@ def parallel_lstm(
             out = out.transpose(0, 1)
         results.append((out, (h_n[k : k + 1], c_n[k : k + 1])))
     return results
+
+
+class ParallelLSTM(nn.ModuleList):
+    """A list of single-layer LSTMs that read the same input, run as one recurrence.
+
+    ``forward(input)`` is :func:`parallel_lstm` over the members; being a module (a
+    ``ModuleList``, so state-dict keys stay ``<name>.<k>.weight_ih_l0``), it gives FSDP and hooks
+    one forward that uses all the members' parameters.
+    """
+
+    def forward(self, input: Tensor) -> list[tuple[Tensor, tuple[Tensor, Tensor]]]:
+        """Per member, what its own ``forward(input)`` returns."""
+        return parallel_lstm(list(self), input)

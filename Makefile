@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1
 STAMP := $(VENV)/.fusedconvlstm-setup
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp)
 
-.PHONY: setup build test test-gpu bench check lint clean
+.PHONY: setup build test test-gpu bench check lint wheel wheel-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,20 @@ check: setup
 lint: setup
 	$(PY) -m ruff check fusedconvlstm tests benchmarks setup.py
 	$(PY) -m ruff format --check fusedconvlstm tests benchmarks setup.py
+
+# A compiled wheel (stable ABI, abi3): one file for every torch >= 2.11 and Python >= 3.10.
+wheel: setup
+	rm -rf dist
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps . -w dist
+
+# The wheel installs into a fresh environment and passes `check` there (outside the source tree).
+WHEEL_VENV ?= /tmp/fusedconvlstm-wheel-venv
+wheel-check: wheel
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q "$(TORCH)" dist/*.whl
+	cd / && $(WHEEL_VENV)/bin/python -m fusedconvlstm env
+	cd / && $(WHEEL_VENV)/bin/python -m fusedconvlstm check --quick
 
 clean:
 	rm -rf build dist *.egg-info fusedconvlstm/_C*.so fusedconvlstm/_build_info.json

@@ -230,6 +230,9 @@ def train(
     device = torch.device(device)
     torch.manual_seed(seed)
     model = build_model(path, backend=backend, device=device, **config)
+    # Building the fused twin draws random numbers of its own: seed again so both paths draw the
+    # same dropout masks.
+    torch.manual_seed(seed)
     model.train()
     kernels = regularized_kernels(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, eps=KERAS_ADAM_EPS)

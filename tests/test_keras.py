@@ -16,15 +16,16 @@ import os
 import sys
 import warnings
 import zipfile
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close_rel, rel_err
 
 from fusedconvlstm import LSTM, Conv1dStack
 from fusedconvlstm.keras import KerasImportError, lstm_weights_from_keras
-from fusedconvlstm.models import ConvLSTMClassifier
+from fusedconvlstm.models import ClassifierConfig, ConvLSTMClassifier, count_parameters
+from tests.helpers import assert_close_rel, rel_err
 
 # Keras 3 on NumPy 2 warns about its own array conversions.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:keras.*")
@@ -599,3 +600,24 @@ def test_keras3_hard_sigmoid_and_relu_conv_are_refused(keras, tmp_path):
     first_conv = next(m["name"] for m in config["config"]["layers"] if m["class_name"] == "Conv1D")
     with pytest.raises(KerasImportError, match=f"'{first_conv}'.*activation='relu'"):
         ConvLSTMClassifier.from_keras(path)
+
+
+def test_keras3_full_size_reference_model(keras, tmp_path):
+    """The original's sizes (DESIGN.md §1): 7,193,009 parameters in torch, equal outputs."""
+    L = keras.layers
+    inp = keras.Input((100,), dtype="int32")
+    x = L.Dropout(0.25)(L.Embedding(20_000, 100)(inp))
+    for c, s in zip((200, 200, 256, 256, 512), (1, 1, 1, 1, 2)):
+        x = L.Conv1D(c, 3, strides=s)(x)
+    h = L.Dropout(0.5)(L.Concatenate()([L.LSTM(512)(x), L.LSTM(512)(x)]))
+    h = L.Dropout(0.1)(L.Dense(64, activation="relu")(h))
+    model = keras.Model(inp, L.Dense(1, activation="sigmoid")(h))
+    # Keras's LSTM has one bias (4H) where CuDNNLSTM and torch have two: 2 * 2048 fewer.
+    assert model.count_params() == 7_193_009 - 2 * 2048
+    path = tmp_path / "full.keras"
+    model.save(path)
+    ours = ConvLSTMClassifier.from_keras(path, backend="reference")
+    assert count_parameters(ours) == 7_193_009 and asdict(ours.config) == asdict(ClassifierConfig())
+    x = np.random.default_rng(9).integers(0, 20_000, (2, 100)).astype(np.int32)
+    expected = model.predict(x, verbose=0)
+    assert_close_rel(ours(torch.from_numpy(x).long()), torch.from_numpy(expected), FP32_TOL, "full-size model")

@@ -30,7 +30,9 @@ from tests.helpers import assert_close_rel, rel_err
 # Keras 3 on NumPy 2 warns about its own array conversions.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:keras.*")
 
-h5py = pytest.importorskip("h5py", reason="h5py is needed to read Keras checkpoints (pip install h5py)")
+h5py = pytest.importorskip(
+    "h5py", exc_type=ImportError, reason="h5py is needed to read Keras checkpoints (pip install h5py)"
+)
 
 # Small sizes of the architecture; D (last conv) != H so a transposed gate slice cannot pass for
 # a reshaped one.

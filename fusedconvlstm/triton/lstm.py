@@ -42,7 +42,7 @@ from fusedconvlstm import backends
 from fusedconvlstm.ops.lstm import OP, LSTMRecurrenceCall, recurrent_weight_grads
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Largest hidden size whose whole W_hh (4H × H) one program keeps in registers.
+# Largest hidden size for which one program holds the whole W_hh (4H × H) on-chip.
 SINGLE_PROGRAM_MAX_HIDDEN = 64
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
 _BLOCK_H_CHOICES = (16, 32, 64)
@@ -61,6 +61,9 @@ _PERSISTENT_TILES = {
 }
 
 _last_persistent_launch: dict[str, object] = {}
+# Persistent grid sizing per (kernel, constexprs, call shape, device): compiling and reading the
+# kernel's resources once, not at every launch.
+_persistent_sizing: dict[tuple, tuple[LaunchPlan, dict[str, object]]] = {}
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ class LaunchPlan:
     ``mode`` is ``"single"``, ``"persistent"`` or ``"stepped"``; ``block_h`` hidden units and
     ``block_b`` batch rows form one program's tile; a batch group of ``rows_per_group`` rows
     (a multiple of ``block_b``) is walked tile by tile; ``n_bgroups`` groups cover the batch.
-    The recurrent dots reduce in chunks of ``k_chunk`` (a power of two dividing the padded
-    hidden size).
+    The recurrent dots reduce in chunks of ``k_chunk`` hidden units (a power of two); the
+    reduction is padded to a multiple of it (:func:`reduction_pad`).
     """
 
     mode: str
@@ -106,8 +109,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _k_chunk(h_pad: int) -> int:
-    return min(h_pad, _K_CHUNK)
+def _k_chunk(hidden: int, chunk: int = _K_CHUNK) -> int:
+    return min(_pow2_at_least(hidden), chunk)
+
+
+def reduction_pad(hidden: int, k_chunk: int) -> int:
+    """The recurrent dots' reduction length per gate: ``hidden`` rounded up to whole chunks."""
+    return _cdiv(hidden, k_chunk) * k_chunk
 
 
 def _batch_tiling(batch: int, block_b: int, n_bgroups: int) -> tuple[int, int]:
@@ -122,7 +130,7 @@ def single_program_plan(batch: int, hidden: int) -> LaunchPlan:
     h_pad = _pow2_at_least(hidden)
     block_b = _MIN_DOT
     n_bgroups, rows = _batch_tiling(batch, block_b, _cdiv(batch, block_b))
-    return LaunchPlan("single", h_pad, block_b, 8 if h_pad >= 64 else 4, n_bgroups, rows, _k_chunk(h_pad))
+    return LaunchPlan("single", h_pad, block_b, 8 if h_pad >= 64 else 4, n_bgroups, rows, _k_chunk(hidden))
 
 
 def persistent_block_h(call: LSTMRecurrenceCall) -> int | str:
@@ -138,7 +146,7 @@ def persistent_block_h(call: LSTMRecurrenceCall) -> int | str:
     H, D = call.hidden_size, call.num_recurrences
     index = call.device.index if call.device.index is not None else torch.cuda.current_device()
     limits = device_limits(index)
-    h_pad = _pow2_at_least(H)
+    h_pad = reduction_pad(H, _k_chunk(H))
     elem = torch.empty(0, dtype=call.dtype).element_size()
     for block_h in _BLOCK_H_CHOICES:
         programs = D * _cdiv(H, block_h)
@@ -177,14 +185,13 @@ def plan_launch(call: LSTMRecurrenceCall, kernel: str = "forward") -> LaunchPlan
     block_b = _MIN_DOT if call.batch <= _MIN_DOT else 2 * _MIN_DOT
     num_warps, k_chunk = _PERSISTENT_TILES[kernel, block_b]
     n_bgroups, rows = _batch_tiling(call.batch, block_b, 1)
-    k_chunk = min(k_chunk, _pow2_at_least(call.hidden_size))
-    return LaunchPlan("persistent", block_h, block_b, num_warps, n_bgroups, rows, k_chunk)
+    return LaunchPlan("persistent", block_h, block_b, num_warps, n_bgroups, rows, _k_chunk(call.hidden_size, k_chunk))
 
 
 def stepped_plan(batch: int, hidden: int, block_h: int = _MIN_DOT, block_b: int = _MIN_DOT, n_bgroups: int = 1):
     """A multi-program plan run one launch per step (tests, and a reference for the persistent mode)."""
     n_bgroups, rows = _batch_tiling(batch, block_b, n_bgroups)
-    return LaunchPlan("stepped", block_h, block_b, 4, n_bgroups, rows, _k_chunk(_pow2_at_least(hidden)))
+    return LaunchPlan("stepped", block_h, block_b, 4, n_bgroups, rows, _k_chunk(hidden))
 
 
 def _why_not(call: LSTMRecurrenceCall) -> str | None:
@@ -241,7 +248,7 @@ def _launch(
     persistent = plan.mode == "persistent"
     n_slices = plan.n_slices(H)
     meta = dict(
-        H_PAD=_pow2_at_least(H),
+        H_PAD=reduction_pad(H, plan.k_chunk),
         KC=plan.k_chunk,
         BLOCK_H=plan.block_h,
         BLOCK_B=plan.block_b,
@@ -273,35 +280,42 @@ def _size_persistent_grid(kernel, plan, call_args, meta, D, H, B, device, with_f
     """Compile ``kernel``, then give it as many batch groups as stay co-resident."""
     from fusedconvlstm.triton.persistent import co_resident_programs
 
-    # The grid size and batch tiling are runtime scalars (not specialized), so this compiles the
-    # very kernel the launch below runs.
-    probe = dict(call_args, bar_ptr=torch.zeros(D, dtype=torch.int32, device=device))
-    probe.update(n_bgroups=1, rows_per_group=plan.rows_per_group, step_begin=0, step_end=0)
-    if with_finish:
-        probe["finish"] = 0
-    compiled = kernel.warmup(**probe, **meta, grid=(1,))
-    capacity = co_resident_programs(compiled, device)
-    per_group = D * plan.n_slices(H)
-    if per_group > capacity:
-        raise backends.BackendUnavailableError(
-            f"{OP}: backend='triton' cannot serve this call: the persistent kernel needs {per_group} co-resident "
-            f"programs but {device} holds {capacity} ({compiled.n_regs} registers/thread, "
-            f"{compiled.metadata.shared} bytes of shared memory, {compiled.metadata.num_warps} warps)"
+    dtypes = tuple(str(v.dtype) for v in call_args.values() if isinstance(v, Tensor))
+    flags = tuple(sorted((k, v) for k, v in call_args.items() if k.isupper()))
+    key = (kernel.fn.__name__, tuple(sorted(meta.items())), flags, dtypes, plan, D, H, B, str(device))
+    if key not in _persistent_sizing:
+        # The grid size and batch tiling are runtime scalars (not specialized), so this compiles
+        # the very kernel the launch runs.
+        probe = dict(call_args, bar_ptr=torch.zeros(D, dtype=torch.int32, device=device))
+        probe.update(n_bgroups=1, rows_per_group=plan.rows_per_group, step_begin=0, step_end=0)
+        if with_finish:
+            probe["finish"] = 0
+        compiled = kernel.warmup(**probe, **meta, grid=(1,))
+        capacity = co_resident_programs(compiled, device)
+        per_group = D * plan.n_slices(H)
+        if per_group > capacity:
+            raise backends.BackendUnavailableError(
+                f"{OP}: backend='triton' cannot serve this call: the persistent kernel needs {per_group} "
+                f"co-resident programs but {device} holds {capacity} ({compiled.n_regs} registers/thread, "
+                f"{compiled.metadata.shared} bytes of shared memory, {compiled.metadata.num_warps} warps)"
+            )
+        n_bgroups, rows = _batch_tiling(B, plan.block_b, capacity // per_group)
+        sized = replace(plan, n_bgroups=n_bgroups, rows_per_group=rows)
+        info = dict(
+            kernel=kernel.fn.__name__,
+            grid=sized.grid(D, H),
+            capacity=capacity,
+            n_regs=compiled.n_regs,
+            n_spills=compiled.n_spills,
+            shared=compiled.metadata.shared,
+            num_warps=compiled.metadata.num_warps,
+            plan=sized,
         )
-    n_bgroups, rows = _batch_tiling(B, plan.block_b, capacity // per_group)
-    plan = replace(plan, n_bgroups=n_bgroups, rows_per_group=rows)
+        _persistent_sizing[key] = (sized, info)
+    sized, info = _persistent_sizing[key]
     _last_persistent_launch.clear()
-    _last_persistent_launch.update(
-        kernel=kernel.fn.__name__,
-        grid=plan.grid(D, H),
-        capacity=capacity,
-        n_regs=compiled.n_regs,
-        n_spills=compiled.n_spills,
-        shared=compiled.metadata.shared,
-        num_warps=compiled.metadata.num_warps,
-        plan=plan,
-    )
-    return plan
+    _last_persistent_launch.update(info)
+    return sized
 
 
 def last_persistent_launch() -> dict[str, object]:
@@ -459,14 +473,14 @@ def persistent_kernel_resources(
         ),
     }
     kernels = {"forward": lstm_forward_kernel, "backward": lstm_backward_kernel}
-    h_pad = _pow2_at_least(hidden)
     block_b = _MIN_DOT if batch <= _MIN_DOT else 2 * _MIN_DOT
     out = {}
     for name, fn in kernels.items():
         num_warps, k_chunk = _PERSISTENT_TILES[name, block_b]
+        k_chunk = _k_chunk(hidden, k_chunk)
         constexprs = dict(
-            H_PAD=h_pad,
-            KC=min(k_chunk, h_pad),
+            H_PAD=reduction_pad(hidden, k_chunk),
+            KC=k_chunk,
             BLOCK_H=block_h,
             BLOCK_B=block_b,
             HAS_LENGTHS=True,

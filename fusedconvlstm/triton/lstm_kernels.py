@@ -14,6 +14,10 @@ One kernel serves both launch modes (see :mod:`fusedconvlstm.triton.lstm`):
 Programs are numbered ``pid = (d * n_bgroups + bgroup) * n_slices + slice``. Each program walks
 the ``BLOCK_B``-row tiles of its batch group inside every step.
 
+The recurrent dots reduce over ``H_PAD`` (``H`` rounded up to whole ``KC`` chunks) per gate; the
+weights stay on-chip as a tuple of ``KC``-row chunks, so one chunk's operand fragments are in
+registers at a time.
+
 Layouts (all contiguous): ``xg (T, B, D, 4H)``, ``w (D, 4H, H)``, ``y (T, B, D, H)``,
 ``h (2, D, B, H)`` (h state, double-buffered by step parity), ``c (D, B, H)`` float32,
 ``ws (T, B, D, 5H)`` float32 holding the activated gates ``i, f, g, o`` and ``c_{t-1}`` of every

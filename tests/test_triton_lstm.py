@@ -103,6 +103,7 @@ OP_CASES = {
     "bidir-b1-h64-t16": (16, 1, 2, 64, [False, True], None),
     "bidir-lengths": (9, 5, 2, 24, [False, True], [9, 1, 4, 0, 6]),
     "parallel-pair": (5, 3, 2, 16, [False, False], None),
+    "t1-lengths": (1, 3, 2, 16, [False, True], [1, 0, 1]),
 }
 
 

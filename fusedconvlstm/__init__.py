@@ -13,6 +13,7 @@ from fusedconvlstm import ops  # noqa: F401, I001  (schemas first: the backends 
 from fusedconvlstm.reference import conv1d as _reference_conv1d  # noqa: F401
 from fusedconvlstm.reference import lstm as _reference_lstm  # noqa: F401
 from fusedconvlstm.cuda import lstm as _cuda_lstm  # noqa: F401
+from fusedconvlstm.triton import lstm as _triton_lstm  # noqa: F401  (imports Triton only when a kernel runs)
 from fusedconvlstm import _extension
 from fusedconvlstm.backends import BACKENDS, BackendUnavailableError
 from fusedconvlstm.nn import LSTM, Conv1dStack, convert, parallel_lstm

@@ -1,0 +1,494 @@
+"""``triton`` backend of ``lstm_recurrence``: the whole time loop inside one kernel launch.
+
+Launch modes (one kernel, :mod:`fusedconvlstm.triton.lstm_kernels`, serves all three):
+
+``"single"``
+    One program owns every hidden unit of a 16-row batch tile: no cross-program exchange and
+    no grid barrier. Used for small hidden sizes (``H <= 64``) and always under the Triton
+    interpreter (``TRITON_INTERPRET=1``), where programs run one after another and a spin
+    barrier would never be released.
+``"persistent"``
+    Hidden units are split into slices of ``BLOCK_H``; each program keeps its part of ``W_hh``
+    on-chip for all steps, ``h`` is exchanged through global memory and the programs of one
+    recurrence and batch group meet at one grid barrier per step. The kernel is compiled first,
+    then the grid is sized from its registers / shared memory and the device's limits
+    (:mod:`fusedconvlstm.triton.persistent`) and launched cooperatively.
+``"stepped"``
+    The persistent decomposition with one launch per step instead of the barrier. Not chosen
+    automatically: it lets the interpreter exercise the multi-program indexing, and on a GPU
+    it is a reference for the persistent mode (same arithmetic, so bitwise equal results).
+
+The backward runs the same decomposition in reverse time and writes the pre-activation
+gradients (which are ``grad_xg``); ``dW_hh`` is one GEMM after the loop
+(:func:`fusedconvlstm.ops.lstm.recurrent_weight_grads`). No atomics touch data, so results are
+bitwise reproducible.
+
+Precision: ``h`` and the dot operands are in the input dtype, accumulation, ``c`` and the gate
+math in float32. Float32 dots use TF32 when cuDNN's RNNs do (``torch.backends.cudnn.rnn``), as
+``nn.LSTM`` on cuDNN does, and IEEE float32 otherwise.
+
+Triton is imported only when a kernel runs, so the package imports without it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from fusedconvlstm import backends
+from fusedconvlstm.ops.lstm import OP, LSTMRecurrenceCall, recurrent_weight_grads
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Largest hidden size for which one program holds the whole W_hh (4H × H) on-chip.
+SINGLE_PROGRAM_MAX_HIDDEN = 64
+_MIN_DOT = 16  # tl.dot needs every dimension >= 16
+_BLOCK_H_CHOICES = (16, 32, 64)
+# Reduction chunk of the recurrent dots: bounds the operand fragments live in registers (the
+# whole weight tile stays in shared memory).
+_K_CHUNK = 64
+# (kernel, block_b) -> (num_warps, k_chunk) of the persistent mode. Chosen from ptxas's register
+# and spill counts for sm_90 at H = 512 (bf16 and fp32, 16 units per program; see
+# persistent_kernel_resources): every entry compiles without spills, at 96 to 210 registers per
+# thread. Not yet tuned for time on a GPU.
+_PERSISTENT_TILES = {
+    ("forward", 16): (4, 128),
+    ("forward", 32): (4, 64),
+    ("backward", 16): (4, 128),
+    ("backward", 32): (4, 128),
+}
+
+_last_persistent_launch: dict[str, object] = {}
+# Persistent grid sizing per (kernel, constexprs, call shape, device): compiling and reading the
+# kernel's resources once, not at every launch.
+_persistent_sizing: dict[tuple, tuple[LaunchPlan, dict[str, object]]] = {}
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How a recurrence is decomposed into programs and launched.
+
+    ``mode`` is ``"single"``, ``"persistent"`` or ``"stepped"``; ``block_h`` hidden units and
+    ``block_b`` batch rows form one program's tile; a batch group of ``rows_per_group`` rows
+    (a multiple of ``block_b``) is walked tile by tile; ``n_bgroups`` groups cover the batch.
+    The recurrent dots reduce in chunks of ``k_chunk`` hidden units (a power of two); the
+    reduction is padded to a multiple of it (:func:`reduction_pad`).
+    """
+
+    mode: str
+    block_h: int
+    block_b: int
+    num_warps: int
+    n_bgroups: int
+    rows_per_group: int
+    k_chunk: int = 64
+
+    def n_slices(self, hidden: int) -> int:
+        """Programs that share one recurrence and batch group (one per slice of hidden units)."""
+        return -(-hidden // self.block_h)
+
+    def grid(self, num_recurrences: int, hidden: int) -> int:
+        """Number of programs launched."""
+        return num_recurrences * self.n_bgroups * self.n_slices(hidden)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2_at_least(n: int, least: int = _MIN_DOT) -> int:
+    p = least
+    while p < n:
+        p *= 2
+    return p
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _k_chunk(hidden: int, chunk: int = _K_CHUNK) -> int:
+    return min(_pow2_at_least(hidden), chunk)
+
+
+def reduction_pad(hidden: int, k_chunk: int) -> int:
+    """The recurrent dots' reduction length per gate: ``hidden`` rounded up to whole chunks."""
+    return _cdiv(hidden, k_chunk) * k_chunk
+
+
+def _batch_tiling(batch: int, block_b: int, n_bgroups: int) -> tuple[int, int]:
+    """``(n_bgroups, rows_per_group)`` with groups of whole tiles and no empty group."""
+    n_bgroups = max(1, min(n_bgroups, _cdiv(batch, block_b)))
+    rows = _cdiv(_cdiv(batch, n_bgroups), block_b) * block_b
+    return _cdiv(batch, rows), rows
+
+
+def single_program_plan(batch: int, hidden: int) -> LaunchPlan:
+    """One program per 16-row batch tile, owning all ``hidden`` units."""
+    h_pad = _pow2_at_least(hidden)
+    block_b = _MIN_DOT
+    n_bgroups, rows = _batch_tiling(batch, block_b, _cdiv(batch, block_b))
+    return LaunchPlan("single", h_pad, block_b, 8 if h_pad >= 64 else 4, n_bgroups, rows, _k_chunk(hidden))
+
+
+def persistent_block_h(call: LSTMRecurrenceCall) -> int | str:
+    """Hidden units per program in the persistent mode, or why that mode cannot run.
+
+    The smallest slice whose programs (one per slice and recurrence) fit on the device's SMs,
+    one each: every compiled kernel fits at least once per SM, so this grid is always
+    co-resident; batch groups are added at launch from the compiled kernel's resources. The
+    program's part of W_hh (``4 * block_h * H`` elements) must fit in an SM's shared memory.
+    """
+    from fusedconvlstm.triton.persistent import device_limits
+
+    H, D = call.hidden_size, call.num_recurrences
+    index = call.device.index if call.device.index is not None else torch.cuda.current_device()
+    limits = device_limits(index)
+    h_pad = reduction_pad(H, _k_chunk(H))
+    elem = torch.empty(0, dtype=call.dtype).element_size()
+    for block_h in _BLOCK_H_CHOICES:
+        programs = D * _cdiv(H, block_h)
+        if programs > limits.multiprocessor_count:
+            continue
+        w_bytes = 4 * block_h * h_pad * elem
+        if w_bytes > limits.shared_memory_per_block_optin:
+            return (
+                f"the recurrent weights do not fit on-chip: each of {programs} programs would hold "
+                f"{w_bytes} bytes of W_hh (4 x {block_h} x {h_pad} {call.dtype}), more than the "
+                f"{limits.shared_memory_per_block_optin} bytes of shared memory of an SM"
+            )
+        return block_h
+    return (
+        f"hidden_size {H} with {D} recurrence(s) needs at least {D * _cdiv(H, _BLOCK_H_CHOICES[-1])} "
+        f"co-resident programs of {_BLOCK_H_CHOICES[-1]} hidden units, more than the "
+        f"{limits.multiprocessor_count} SMs of {call.device}"
+    )
+
+
+def use_single_program(call: LSTMRecurrenceCall) -> bool:
+    """Whether a call runs in the single-program mode (small hidden sizes, the interpreter)."""
+    return _interpreting() or call.device.type != "cuda" or call.hidden_size <= SINGLE_PROGRAM_MAX_HIDDEN
+
+
+def plan_launch(call: LSTMRecurrenceCall, kernel: str = "forward") -> LaunchPlan:
+    """The launch plan of ``kernel`` (``"forward"`` / ``"backward"``) for ``call``.
+
+    A persistent plan's batch groups are sized at launch, from the compiled kernel.
+    """
+    if use_single_program(call):
+        return single_program_plan(call.batch, call.hidden_size)
+    block_h = persistent_block_h(call)
+    if isinstance(block_h, str):
+        raise backends.BackendUnavailableError(f"{OP}: backend='triton' cannot serve this call: {block_h}")
+    block_b = _MIN_DOT if call.batch <= _MIN_DOT else 2 * _MIN_DOT
+    num_warps, k_chunk = _PERSISTENT_TILES[kernel, block_b]
+    n_bgroups, rows = _batch_tiling(call.batch, block_b, 1)
+    return LaunchPlan("persistent", block_h, block_b, num_warps, n_bgroups, rows, _k_chunk(call.hidden_size, k_chunk))
+
+
+def stepped_plan(batch: int, hidden: int, block_h: int = _MIN_DOT, block_b: int = _MIN_DOT, n_bgroups: int = 1):
+    """A multi-program plan run one launch per step (tests, and a reference for the persistent mode)."""
+    n_bgroups, rows = _batch_tiling(batch, block_b, n_bgroups)
+    return LaunchPlan("stepped", block_h, block_b, 4, n_bgroups, rows, _k_chunk(hidden))
+
+
+def _why_not(call: LSTMRecurrenceCall) -> str | None:
+    if call.proj_size:
+        return "proj_size (w_hr) is not supported by the Triton recurrence kernels (use backend='reference')"
+    if call.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {call.dtype} is not supported (float16, bfloat16, float32); use backend='reference'"
+    if call.dtype == torch.bfloat16 and _interpreting():
+        return "the Triton interpreter computes bfloat16 tl.dot incorrectly; run bfloat16 on a GPU"
+    if use_single_program(call):
+        return None
+    block_h = persistent_block_h(call)
+    return block_h if isinstance(block_h, str) else None
+
+
+def _workspace_shape(call: LSTMRecurrenceCall):
+    return (call.seq_len, call.batch, call.num_recurrences, 5 * call.hidden_size), torch.float32
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer the launches write; tests replace it to NaN-poison them."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return "tf32"  # ignored for half-precision operands
+    return "tf32" if _cudnn_rnn_allows_tf32() else "ieee"
+
+
+def _cudnn_rnn_allows_tf32() -> bool:
+    # The most specific precision setting that is not "none" (inherit) decides, as in PyTorch.
+    for scope in (getattr(torch.backends.cudnn, "rnn", None), torch.backends.cudnn, torch.backends):
+        precision = getattr(scope, "fp32_precision", None)
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _reverse_mask(reverse: list[bool]) -> int:
+    return sum(1 << d for d, r in enumerate(reverse) if r)
+
+
+def _lengths_arg(lengths: Tensor | None, device: torch.device) -> Tensor:
+    if lengths is None:
+        return torch.empty(1, dtype=torch.int32, device=device)  # never read (HAS_LENGTHS=False)
+    return lengths.to(device=device, dtype=torch.int32)
+
+
+def _launch(
+    kernel, plan: LaunchPlan, call_args: dict, D: int, H: int, T: int, B: int, device: torch.device, with_finish: bool
+) -> None:
+    """Launch ``kernel`` over all ``T`` steps according to ``plan`` (``finish``: the backward's last pass)."""
+    persistent = plan.mode == "persistent"
+    n_slices = plan.n_slices(H)
+    meta = dict(
+        H_PAD=reduction_pad(H, plan.k_chunk),
+        KC=plan.k_chunk,
+        BLOCK_H=plan.block_h,
+        BLOCK_B=plan.block_b,
+        USE_GRID_BARRIER=persistent and n_slices > 1,
+        H_CACHE=".cg" if persistent else "",  # exchanged data must come from L2, not a stale L1
+        num_warps=plan.num_warps,
+        # No software pipelining: a load of step t+1 must not be hoisted above step t's barrier
+        # (and prefetch buffers would cost the shared memory the weights live in).
+        num_stages=1,
+    )
+    if persistent:
+        meta["launch_cooperative_grid"] = True
+        plan = _size_persistent_grid(kernel, plan, call_args, meta, D, H, B, device, with_finish)
+    counters = torch.zeros(D * plan.n_bgroups, dtype=torch.int32, device=device)
+    args = dict(call_args, bar_ptr=counters, n_bgroups=plan.n_bgroups, rows_per_group=plan.rows_per_group)
+    grid = (plan.grid(D, H),)
+    if plan.mode == "stepped":
+        for s in range(T):
+            extra = {"finish": 0} if with_finish else {}
+            kernel[grid](**args, step_begin=s, step_end=s + 1, **extra, **meta)
+        if with_finish:
+            kernel[grid](**args, step_begin=T, step_end=T, finish=1, **meta)
+    else:
+        extra = {"finish": 1} if with_finish else {}
+        kernel[grid](**args, step_begin=0, step_end=T, **extra, **meta)
+
+
+def _size_persistent_grid(kernel, plan, call_args, meta, D, H, B, device, with_finish) -> LaunchPlan:
+    """Compile ``kernel``, then give it as many batch groups as stay co-resident."""
+    from fusedconvlstm.triton.persistent import co_resident_programs
+
+    dtypes = tuple(str(v.dtype) for v in call_args.values() if isinstance(v, Tensor))
+    flags = tuple(sorted((k, v) for k, v in call_args.items() if k.isupper()))
+    key = (kernel.fn.__name__, tuple(sorted(meta.items())), flags, dtypes, plan, D, H, B, str(device))
+    if key not in _persistent_sizing:
+        # The grid size and batch tiling are runtime scalars (not specialized), so this compiles
+        # the very kernel the launch runs.
+        probe = dict(call_args, bar_ptr=torch.zeros(D, dtype=torch.int32, device=device))
+        probe.update(n_bgroups=1, rows_per_group=plan.rows_per_group, step_begin=0, step_end=0)
+        if with_finish:
+            probe["finish"] = 0
+        compiled = kernel.warmup(**probe, **meta, grid=(1,))
+        capacity = co_resident_programs(compiled, device)
+        per_group = D * plan.n_slices(H)
+        if per_group > capacity:
+            raise backends.BackendUnavailableError(
+                f"{OP}: backend='triton' cannot serve this call: the persistent kernel needs {per_group} "
+                f"co-resident programs but {device} holds {capacity} ({compiled.n_regs} registers/thread, "
+                f"{compiled.metadata.shared} bytes of shared memory, {compiled.metadata.num_warps} warps)"
+            )
+        n_bgroups, rows = _batch_tiling(B, plan.block_b, capacity // per_group)
+        sized = replace(plan, n_bgroups=n_bgroups, rows_per_group=rows)
+        info = dict(
+            kernel=kernel.fn.__name__,
+            grid=sized.grid(D, H),
+            capacity=capacity,
+            n_regs=compiled.n_regs,
+            n_spills=compiled.n_spills,
+            shared=compiled.metadata.shared,
+            num_warps=compiled.metadata.num_warps,
+            plan=sized,
+        )
+        _persistent_sizing[key] = (sized, info)
+    sized, info = _persistent_sizing[key]
+    _last_persistent_launch.clear()
+    _last_persistent_launch.update(info)
+    return sized
+
+
+def last_persistent_launch() -> dict[str, object]:
+    """Grid, co-resident capacity and compiled resources of the last persistent launch (diagnostics)."""
+    return dict(_last_persistent_launch)
+
+
+def _call_of(xg: Tensor, lengths: Tensor | None, reverse: list[bool]) -> LSTMRecurrenceCall:
+    T, B, D, G = xg.shape
+    return LSTMRecurrenceCall(T, B, D, G // 4, 0, xg.dtype, xg.device, lengths is not None, tuple(reverse))
+
+
+def lstm_forward(
+    xg: Tensor,
+    w_hh: list[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Tensor | None,
+    reverse: list[bool],
+    plan: LaunchPlan | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward of ``D`` recurrences in one launch: ``(y, h_n, c_n, workspace)`` (op layouts)."""
+    from fusedconvlstm.triton.lstm_kernels import lstm_forward_kernel
+
+    T, B, D, G = xg.shape
+    H = G // 4
+    dtype, device = xg.dtype, xg.device
+    y = _alloc((T, B, D, H), dtype, device)
+    h_state = _alloc((2, D, B, H), dtype, device)  # double-buffered by step parity
+    h_state[0].copy_(h0)
+    c_state = _alloc((D, B, H), torch.float32, device)
+    c_state.copy_(c0)
+    workspace = _alloc((T, B, D, 5 * H), torch.float32, device)
+    if B > 0:
+        plan = plan or plan_launch(_call_of(xg, lengths, reverse))
+        call_args = dict(
+            xg_ptr=xg.contiguous(),
+            w_ptr=torch.stack(w_hh),
+            len_ptr=_lengths_arg(lengths, device),
+            y_ptr=y,
+            h_ptr=h_state,
+            c_ptr=c_state,
+            ws_ptr=workspace,
+            T=T,
+            B=B,
+            D=D,
+            H=H,
+            reverse_mask=_reverse_mask(reverse),
+            HAS_LENGTHS=lengths is not None,
+            DOT_PRECISION=_dot_precision(dtype),
+        )
+        _launch(lstm_forward_kernel, plan, call_args, D, H, T, B, device, with_finish=False)
+    return y, h_state[T % 2].clone(), c_state.to(dtype), workspace
+
+
+def lstm_backward(
+    grad_y: Tensor,
+    grad_h_n: Tensor,
+    grad_c_n: Tensor,
+    w_hh: list[Tensor],
+    h0: Tensor,
+    lengths: Tensor | None,
+    reverse: list[bool],
+    y: Tensor,
+    workspace: Tensor,
+    plan: LaunchPlan | None = None,
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """Backward of :func:`lstm_forward`: ``(grad_xg, grad_w_hh, grad_h0, grad_c0)``."""
+    from fusedconvlstm.triton.lstm_kernels import lstm_backward_kernel
+
+    T, B, D, H = y.shape
+    dtype, device = y.dtype, y.device
+    dgates = _alloc((T, B, D, 4 * H), dtype, device)
+    dh = _alloc((D, B, H), torch.float32, device)
+    dh.copy_(grad_h_n)
+    dc = _alloc((D, B, H), torch.float32, device)
+    dc.copy_(grad_c_n)
+    lengths_dev = _lengths_arg(lengths, device)
+    if B > 0:
+        call = LSTMRecurrenceCall(T, B, D, H, 0, dtype, device, lengths is not None, tuple(reverse))
+        plan = plan or plan_launch(call, "backward")
+        call_args = dict(
+            grad_y_ptr=grad_y.contiguous(),
+            ws_ptr=workspace,
+            w_ptr=torch.stack(w_hh),
+            len_ptr=lengths_dev,
+            dg_ptr=dgates,
+            dh_ptr=dh,
+            dc_ptr=dc,
+            T=T,
+            B=B,
+            D=D,
+            H=H,
+            reverse_mask=_reverse_mask(reverse),
+            HAS_LENGTHS=lengths is not None,
+            DOT_PRECISION=_dot_precision(dtype),
+        )
+        _launch(lstm_backward_kernel, plan, call_args, D, H, T, B, device, with_finish=True)
+    else:
+        dgates.zero_()
+    grad_w_hh = recurrent_weight_grads(dgates, y, h0, None if lengths is None else lengths_dev, reverse)
+    if len(grad_w_hh) > 1:  # views of one batched GEMM's result: op outputs must not alias each other
+        grad_w_hh = [g.clone() for g in grad_w_hh]
+    return dgates, grad_w_hh, dh.to(dtype), dc.to(dtype)
+
+
+def _forward(xg, w_hh, w_hr, h0, c0, lengths, reverse):
+    return lstm_forward(xg, w_hh, h0, c0, lengths, reverse)
+
+
+def _backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace):
+    grad_xg, grad_w_hh, grad_h0, grad_c0 = lstm_backward(
+        grad_y, grad_h_n, grad_c_n, w_hh, h0, lengths, reverse, y, workspace
+    )
+    return grad_xg, grad_w_hh, [], grad_h0, grad_c0
+
+
+backends.register_implementation(
+    OP,
+    "triton",
+    why_not=_why_not,
+    forward=_forward,
+    backward=_backward,
+    workspace_shape=_workspace_shape,
+)
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def persistent_kernel_resources(
+    dtype: torch.dtype, hidden: int, batch: int, block_h: int = _BLOCK_H_CHOICES[0], cc: int = 90
+) -> dict[str, dict[str, int]]:
+    """Registers, spills and shared memory of the persistent forward and backward kernels for
+    compute capability ``cc``, compiled ahead of time (no GPU needed): see
+    :func:`fusedconvlstm.triton.persistent.ptxas_resources`.
+    """
+    from fusedconvlstm.triton.lstm_kernels import lstm_backward_kernel, lstm_forward_kernel
+    from fusedconvlstm.triton.persistent import ptxas_resources
+
+    t = "*" + _TRITON_TYPES[dtype]
+    pointers = {
+        "forward": dict(
+            xg_ptr=t, w_ptr=t, len_ptr="*i32", y_ptr=t, h_ptr=t, c_ptr="*fp32", ws_ptr="*fp32", bar_ptr="*i32"
+        ),
+        "backward": dict(
+            grad_y_ptr=t,
+            ws_ptr="*fp32",
+            w_ptr=t,
+            len_ptr="*i32",
+            dg_ptr=t,
+            dh_ptr="*fp32",
+            dc_ptr="*fp32",
+            bar_ptr="*i32",
+        ),
+    }
+    kernels = {"forward": lstm_forward_kernel, "backward": lstm_backward_kernel}
+    block_b = _MIN_DOT if batch <= _MIN_DOT else 2 * _MIN_DOT
+    out = {}
+    for name, fn in kernels.items():
+        num_warps, k_chunk = _PERSISTENT_TILES[name, block_b]
+        k_chunk = _k_chunk(hidden, k_chunk)
+        constexprs = dict(
+            H_PAD=reduction_pad(hidden, k_chunk),
+            KC=k_chunk,
+            BLOCK_H=block_h,
+            BLOCK_B=block_b,
+            HAS_LENGTHS=True,
+            USE_GRID_BARRIER=True,
+            H_CACHE=".cg",
+            DOT_PRECISION="tf32",
+        )
+        signature = {arg: pointers[name].get(arg, "constexpr" if arg in constexprs else "i32") for arg in fn.arg_names}
+        divisible = list(pointers[name]) + (["H"] if hidden % 16 == 0 else [])
+        out[name] = ptxas_resources(fn, signature, constexprs, divisible, num_warps, cc)
+    return out

@@ -318,4 +318,5 @@ def recurrent_weight_grads(
 ) -> list[Tensor]:
     """``dW_hh[d] = Σ_{t,b} dgates[t, b, d]ᵀ h_{t-1}[b, d]`` as one batched GEMM over ``d``."""
     prev = previous_hidden(y, h0, lengths, reverse)
-    return list(torch.einsum("tbdg,tbdp->dgp", dgates, prev).unbind(0))
+    # Separate tensors, not views of one: a custom op's outputs must not alias each other.
+    return [g.clone() for g in torch.einsum("tbdg,tbdp->dgp", dgates, prev).unbind(0)]

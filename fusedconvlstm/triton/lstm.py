@@ -417,8 +417,6 @@ def lstm_backward(
     else:
         dgates.zero_()
     grad_w_hh = recurrent_weight_grads(dgates, y, h0, None if lengths is None else lengths_dev, reverse)
-    if len(grad_w_hh) > 1:  # views of one batched GEMM's result: op outputs must not alias each other
-        grad_w_hh = [g.clone() for g in grad_w_hh]
     return dgates, grad_w_hh, dh.to(dtype), dc.to(dtype)
 
 

@@ -500,3 +500,50 @@ def main_bench(args) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use: python -m fusedconvlstm bench")
+
+
+def load_records(paths: Iterable[str]) -> list[dict]:
+    """The JSON lines of one or more results files."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def plot_speedups(rows: list[dict], out_path: str) -> str:
+    """A PNG of speedup against batch size: one panel per (op, pass), one line per dtype and
+    baseline. Needs matplotlib; run it wherever the results were brought back to."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("plotting needs matplotlib (pip install matplotlib)") from exc
+    panels = sorted({(r["op"], r["pass"]) for r in rows})
+    if not panels:
+        raise ValueError("no results to plot")
+    cols = min(3, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+    for ax, (op, pass_) in zip(axes.flat, panels):
+        sel = [r for r in rows if r["op"] == op and r["pass"] == pass_]
+        for key in sorted({(r["dtype"], r["backend"], r["baseline"]) for r in sel}):
+            pts = sorted((r["batch"], r["speedup"]) for r in sel if (r["dtype"], r["backend"], r["baseline"]) == key)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]} vs {key[2]}")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{op} ({pass_})")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("speedup (baseline time / ours)")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    devices = sorted({r["device"] for r in rows})
+    commits = sorted({r["commit"][:10] for r in rows})
+    fig.suptitle(f"{', '.join(devices)} — commit {', '.join(commits)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fusedconvlstm {env,check,bench,train}`` (also the ``fusedconvlstm`` script)."""
+"""Command line: ``python -m fusedconvlstm {env,check,bench,plot,train}`` (also the ``fusedconvlstm`` script)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(args)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plot speedup against batch size from results files."""
+    from fusedconvlstm.benchmarking import load_records, plot_speedups
+
+    out = args.out or args.results[0].removesuffix(".jsonl") + ".png"
+    print(plot_speedups(load_records(args.results), out))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the reference model on review text (see :mod:`fusedconvlstm.train`)."""
     from fusedconvlstm.train import run
@@ -124,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-reference", action="store_true", help="also time the reference backend on a GPU")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plot", help="PNG of speedup against batch size from bench results (needs matplotlib)")
+    p.add_argument("results", nargs="+", help="JSON-lines files written by bench")
+    p.add_argument("--out", help="PNG path (default: beside the first results file)")
+    p.set_defaults(func=cmd_plot)
 
     from fusedconvlstm.train import add_arguments
 

@@ -73,3 +73,12 @@ def test_bench_on_cpu_writes_json_lines(tmp_path, capsys, op):
         assert row["op"] == op and row["pass"] == "fwd" and row["median_ms"] > 0
         assert row["speedup"] == pytest.approx(row["baseline_median_ms"] / row["median_ms"])
         assert row["max_rel_err"] < 1e-5
+
+
+def test_plot_from_results(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--ops", "conv1d_stack", "--batches", "1", "2", "--out", str(out)]) == 0
+    png = tmp_path / "r.png"
+    assert main(["plot", str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -42,7 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedconvlstm.ops.conv1d import ConvLayer
-from fusedconvlstm.triton.conv1d import activate, alloc, conv_tile, dot_precision
+from fusedconvlstm.triton import conv1d as layer_kernels
+from fusedconvlstm.triton.conv1d import activate, conv_tile, dot_precision
 
 
 @triton.jit
@@ -275,7 +276,7 @@ def conv1d_stack_fused_forward(
         inter = tuple(intermediates)
     else:
         inter = tuple(
-            alloc((plan.programs, plan.samples * r, layer.out_channels), src.dtype, device)
+            layer_kernels.alloc((plan.programs, plan.samples * r, layer.out_channels), src.dtype, device)
             for layer, r in zip(layers[:-1], plan.rows[1:-1])
         )
     L = len(layers)

@@ -118,6 +118,8 @@ def conv_tile(
     GATHER: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
+    W_ALIGN: tl.constexpr,
 ):
     """Accumulate one ``[BLOCK_M, BLOCK_N]`` output tile of a conv layer into fp32 ``acc``.
 
@@ -126,7 +128,9 @@ def conv_tile(
     (t − t_origin)·stride_st``; with ``GATHER`` it is instead row ``tokens[tok_base[r] +
     t·stride_tokt]`` of the embedding table at ``src_ptr`` (``stride_st`` its row stride).
     ``w_ptr`` points at the layer's packed ``(k, C_in, C_out)`` weight; ``cols`` are the tile's
-    output channels.
+    output channels. ``ROW_ALIGN`` and ``W_ALIGN`` (elements) divide every input row offset and
+    ``C_OUT``: Triton only learns divisibility by 16 from the arguments, and without these hints
+    a 100-channel row would be read two bytes at a time.
     """
     for j in tl.static_range(KSIZE):
         t_in = t_in0 + j * DIL
@@ -139,17 +143,15 @@ def conv_tile(
             base = tok * stride_st
         else:
             base = row_base + (t_in - t_origin).to(tl.int64) * stride_st
+        base = tl.multiple_of(base, ROW_ALIGN)
         for c0 in range(0, C_IN, BLOCK_K):
             ks = c0 + tl.arange(0, BLOCK_K)
             k_ok = ks < C_IN
             a = tl.load(src_ptr + base[:, None] + ks[None, :] * stride_sc, mask=ok[:, None] & k_ok[None, :], other=0.0)
             if IN_ACT != "none":
                 a = activate(a.to(tl.float32), IN_ACT).to(src_ptr.dtype.element_ty)
-            w = tl.load(
-                w_ptr + (j * C_IN + ks)[:, None] * C_OUT + cols[None, :],
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
+            w_row = tl.multiple_of((j * C_IN + ks) * C_OUT, W_ALIGN)
+            w = tl.load(w_ptr + w_row[:, None] + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
 
@@ -195,6 +197,9 @@ def _conv1d_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
+    W_ALIGN: tl.constexpr,
+    OUT_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -208,15 +213,15 @@ def _conv1d_forward_kernel(
     acc = conv_tile(
         acc, src_ptr, b * stride_sb, t * STRIDE - PAD_L, row_ok, 0, T_IN, stride_st, stride_sc,
         tok_ptr, b * stride_tokb, stride_tokt, VOCAB, w_ptr, cols, col_ok, C_IN, C_OUT,
-        KSIZE, DIL, IN_ACT, GATHER, BLOCK_K, PRECISION,
+        KSIZE, DIL, IN_ACT, GATHER, BLOCK_K, PRECISION, ROW_ALIGN, W_ALIGN,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if STORE_Z:
-        z_off = b * stride_zb + t.to(tl.int64) * stride_zt
+        z_off = tl.multiple_of(b * stride_zb + t.to(tl.int64) * stride_zt, OUT_ALIGN)
         tl.store(z_ptr + z_off[:, None] + cols[None, :], acc.to(z_ptr.dtype.element_ty), mask=mask)
-    y_off = b * stride_yb + t.to(tl.int64) * stride_yt
+    y_off = tl.multiple_of(b * stride_yb + t.to(tl.int64) * stride_yt, OUT_ALIGN)
     tl.store(y_ptr + y_off[:, None] + cols[None, :], activate(acc, OUT_ACT).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -247,6 +252,9 @@ def _conv1d_input_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    DZ_ALIGN: tl.constexpr,
+    W_ALIGN: tl.constexpr,
+    OUT_ALIGN: tl.constexpr,
 ):
     # Program (m, n, q) computes rows u = q + STRIDE·i of phase q, for PHASE_ROWS = ceil(T_IN / STRIDE)
     # values of i per sample; tap j reaches phase q iff STRIDE divides q + PAD_L − j·DIL.
@@ -267,23 +275,20 @@ def _conv1d_input_grad_kernel(
             # Exact division: floor and truncation agree, also for negative off.
             t = i + off // STRIDE
             ok = row_ok & (t >= 0) & (t < T_OUT)
-            base = b * stride_dzb + t.to(tl.int64) * stride_dzt
+            base = tl.multiple_of(b * stride_dzb + t.to(tl.int64) * stride_dzt, DZ_ALIGN)
             for n0 in range(0, C_OUT, BLOCK_K):
                 ns = n0 + tl.arange(0, BLOCK_K)
                 n_ok = ns < C_OUT
                 a = tl.load(dz_ptr + base[:, None] + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
-                w = tl.load(
-                    w_ptr + (j * C_IN + cols)[None, :] * C_OUT + ns[:, None],
-                    mask=n_ok[:, None] & col_ok[None, :],
-                    other=0.0,
-                )
+                w_col = tl.multiple_of((j * C_IN + cols) * C_OUT, W_ALIGN)
+                w = tl.load(w_ptr + w_col[None, :] + ns[:, None], mask=n_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
     mask = row_ok[:, None] & col_ok[None, :]
     if PREV_ACT != "none":
-        zp_off = b * stride_zpb + u.to(tl.int64) * stride_zpt
+        zp_off = tl.multiple_of(b * stride_zpb + u.to(tl.int64) * stride_zpt, OUT_ALIGN)
         zp = tl.load(zp_ptr + zp_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc = acc * activation_derivative(zp, PREV_ACT)
-    dh_off = b * stride_dhb + u.to(tl.int64) * stride_dht
+    dh_off = tl.multiple_of(b * stride_dhb + u.to(tl.int64) * stride_dht, OUT_ALIGN)
     tl.store(dh_ptr + dh_off[:, None] + cols[None, :], acc.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
@@ -319,6 +324,8 @@ def _conv1d_weight_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
+    DZ_ALIGN: tl.constexpr,
 ):
     # Program (c, n, split·KSIZE + j) reduces rows [split·ROWS_PER_SPLIT, ...) of tap j into
     # the fp32 partial dw[split, j, c-tile, n-tile]; the (j = 0, c = 0) programs also reduce db.
@@ -332,7 +339,6 @@ def _conv1d_weight_grad_kernel(
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < C_OUT
     acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         do_bias = (j == 0) & (pid_c == 0)
     else:
@@ -353,17 +359,26 @@ def _conv1d_weight_grad_kernel(
             base = tok * stride_st
         else:
             base = b * stride_sb + t_in.to(tl.int64) * stride_st
+        base = tl.multiple_of(base, ROW_ALIGN)
         h_t = tl.load(src_ptr + base[None, :] + cs[:, None] * stride_sc, mask=c_ok[:, None] & in_ok[None, :], other=0.0)
         if IN_ACT != "none":
             h_t = activate(h_t.to(tl.float32), IN_ACT).to(src_ptr.dtype.element_ty)
-        g_off = b * stride_dzb + t.to(tl.int64) * stride_dzt
+        g_off = tl.multiple_of(b * stride_dzb + t.to(tl.int64) * stride_dzt, DZ_ALIGN)
         g = tl.load(dz_ptr + g_off[:, None] + ns[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(h_t, g, acc, input_precision=PRECISION)
-        if do_bias:
-            db_acc += tl.sum(g.to(tl.float32), axis=0)
     dw_off = ((split * KSIZE + j) * C_IN + cs).to(tl.int64) * C_OUT
     tl.store(dw_ptr + dw_off[:, None] + ns[None, :], acc, mask=c_ok[:, None] & n_ok[None, :])
     if do_bias:
+        # A second pass over the (L2-resident) dz rows, by these programs only: summing inside
+        # the main loop would break the wgmma pipeline of all of them.
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r0 in range(r_start, r_end, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rows < r_end
+            g_off = (rows // T_OUT).to(tl.int64) * stride_dzb + (rows % T_OUT).to(tl.int64) * stride_dzt
+            g_off = tl.multiple_of(g_off, DZ_ALIGN)
+            g = tl.load(dz_ptr + g_off[:, None] + ns[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            db_acc += tl.sum(g.to(tl.float32), axis=0)
         tl.store(db_ptr + split * C_OUT + ns, db_acc, mask=n_ok)
 
 
@@ -416,6 +431,15 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def align(*values: int) -> int:
+    """Largest power of two up to 16 dividing every value (offsets in elements): the alignment
+    hint of rows laid out with these strides."""
+    a = 16
+    while a > 1 and any(v % a for v in values):
+        a //= 2
+    return a
+
+
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
@@ -430,6 +454,8 @@ def gemm_config(device: torch.device, m: int, n: int, k: int) -> dict:
     block_k = _pow2_clamp(k, 16, 64)
     block_m = 128 if (device.type == "cuda" and m >= 8192 and block_n >= 64) else 64
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    if block_m * block_n >= 128 * 128:
+        block_k = min(block_k, 32)  # a 128x128x64 tile spills registers on sm_90 (ptxas -v)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
 
 
@@ -484,7 +510,9 @@ def conv1d_layer_forward(
         layer.padding[0],
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, IN_ACT=in_act, OUT_ACT=out_act,
         HAS_BIAS=bias is not None, STORE_Z=z is not None, GATHER=tokens is not None,
-        PRECISION=dot_precision(w_packed.dtype, y.device), **cfg,
+        PRECISION=dot_precision(w_packed.dtype, y.device), ROW_ALIGN=align(s_b, s_t),
+        W_ALIGN=align(layer.out_channels), OUT_ALIGN=align(*y.stride()[:2], *(z.stride()[:2] if z is not None else ())),
+        **cfg,
     )  # fmt: skip
 
 
@@ -517,7 +545,8 @@ def conv1d_layer_input_grad(
         dz, w_packed, zp, dh, rows, phase_rows, t_in, t_out, layer.in_channels, layer.out_channels,
         dz.stride(0), dz.stride(1), zp.stride(0), zp.stride(1), dh.stride(0), dh.stride(1), layer.padding[0],
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, PREV_ACT=prev_act,
-        PRECISION=dot_precision(w_packed.dtype, dh.device), **cfg,
+        PRECISION=dot_precision(w_packed.dtype, dh.device), DZ_ALIGN=align(*dz.stride()[:2]),
+        W_ALIGN=align(layer.out_channels), OUT_ALIGN=align(*dh.stride()[:2], *zp.stride()[:2]), **cfg,
     )  # fmt: skip
 
 
@@ -573,7 +602,8 @@ def conv1d_layer_weight_grad(
         s_b, s_t, s_c, tok_b, tok_t, dz.stride(0), dz.stride(1), layer.padding[0],
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, IN_ACT=in_act, GATHER=tokens is not None,
         HAS_BIAS=db is not None, BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_R=block_r,
-        PRECISION=dot_precision(src.dtype, device), num_warps=4, num_stages=3,
+        PRECISION=dot_precision(src.dtype, device), ROW_ALIGN=align(s_b, s_t), DZ_ALIGN=align(*dz.stride()[:2]),
+        num_warps=4, num_stages=3,
     )  # fmt: skip
     # torch.sum over a fixed leading axis reduces in a fixed order: deterministic.
     dw = dw[0] if splits == 1 else dw.sum(0)

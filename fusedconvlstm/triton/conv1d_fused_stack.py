@@ -85,6 +85,9 @@ def _conv1d_stack_fused_kernel(
     SLAB: tl.constexpr,
     STORE_ZL: tl.constexpr,
     SAMPLES: tl.constexpr,
+    SRC_ALIGN: tl.constexpr,
+    W_ALIGNS: tl.constexpr,
+    Y_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -96,8 +99,8 @@ def _conv1d_stack_fused_kernel(
         b0 = (work // N_TILES) * SAMPLES
         tile = work % N_TILES
         for i in tl.static_range(NUM_LAYERS):
-            c_in: tl.constexpr = CH[i]
-            c_out: tl.constexpr = CH[i + 1]
+            c_in = CH[i]
+            c_out = CH[i + 1]
             r_out = R[i + 1]
             t_out_len = T_LENS[i + 1]
             start_out = tile * TILE * PROD[i + 1] - OFF[i + 1]
@@ -120,6 +123,7 @@ def _conv1d_stack_fused_kernel(
                             acc, src_ptr, b64 * stride_sb, t * STRIDES[0] - PADL[0], row_ok, 0, T_LENS[0],
                             stride_st, stride_sc, tok_ptr, b64 * stride_tokb, stride_tokt, VOCAB,
                             w_ptrs[0], cols, col_ok, c_in, c_out, KS[0], DILS[0], "none", GATHER, BLOCK_K, PRECISION,
+                            SRC_ALIGN, W_ALIGNS[0],
                         )  # fmt: skip
                     else:
                         if SLAB:
@@ -133,18 +137,18 @@ def _conv1d_stack_fused_kernel(
                             acc, inter_ptrs[i - 1], in_base, t * STRIDES[i] - PADL[i], row_ok, origin, T_LENS[i],
                             c_in, 1, tok_ptr, in_base, 0, VOCAB,
                             w_ptrs[i], cols, col_ok, c_in, c_out, KS[i], DILS[i], ACTS[i - 1], False, BLOCK_K,
-                            PRECISION,
+                            PRECISION, W_ALIGNS[i - 1], W_ALIGNS[i],
                         )  # fmt: skip
                     if HAS_BIAS[i]:
                         acc += tl.load(b_ptrs[i] + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                     mask = row_ok[:, None] & col_ok[None, :]
                     if i == NUM_LAYERS - 1:
                         if STORE_ZL:
-                            zl_off = b64 * stride_zlb + t.to(tl.int64) * stride_zlt
+                            zl_off = tl.multiple_of(b64 * stride_zlb + t.to(tl.int64) * stride_zlt, W_ALIGNS[i])
                             tl.store(
                                 zl_ptr + zl_off[:, None] + cols[None, :], acc.to(zl_ptr.dtype.element_ty), mask=mask
                             )
-                        y_off = b64 * stride_yb + t.to(tl.int64) * stride_yt
+                        y_off = tl.multiple_of(b64 * stride_yb + t.to(tl.int64) * stride_yt, Y_ALIGN)
                         y = activate(acc, ACTS[i]).to(y_ptr.dtype.element_ty)
                         tl.store(y_ptr + y_off[:, None] + cols[None, :], y, mask=mask)
                     else:
@@ -152,6 +156,7 @@ def _conv1d_stack_fused_kernel(
                             out_off = (pid.to(tl.int64) * SAMPLES * r_out + r) * c_out
                         else:
                             out_off = (b64 * t_out_len + t) * c_out
+                        out_off = tl.multiple_of(out_off, W_ALIGNS[i])
                         dst = inter_ptrs[i]
                         tl.store(dst + out_off[:, None] + cols[None, :], acc.to(dst.dtype.element_ty), mask=mask)
             # The next layer reads rows other threads of this program just wrote.
@@ -308,6 +313,8 @@ def conv1d_stack_fused_forward(
         HAS_BIAS=tuple(b is not None for b in bias),
         PROD=tuple(prod), OFF=tuple(off),
         GATHER=tokens is not None, SLAB=not save, STORE_ZL=z_last is not None, SAMPLES=plan.samples,
+        SRC_ALIGN=layer_kernels.align(s_b, s_t), W_ALIGNS=tuple(layer_kernels.align(c.out_channels) for c in layers),
+        Y_ALIGN=layer_kernels.align(y.stride(0), y.stride(1)),
         PRECISION=dot_precision(src.dtype, device), **cfg,
     )  # fmt: skip
     return plan

@@ -250,6 +250,15 @@ def test_fused_stack_matches_torch(name, training, dtype, monkeypatch):
     _check_stack_op(stack, x, dtype, grad=training)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+def test_fused_stack_several_samples_per_work_item(training, monkeypatch):
+    monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "fused")
+    monkeypatch.setattr(conv1d_fused_stack, "SAMPLES_PER_WORK_ITEM", 2)
+    stack = Stack(5, FUSED_SPECS["mixed"])
+    x = torch.randn(3, 61, 5, dtype=F64, device=DEVICE)  # the second pair of samples is a single one
+    _check_stack_op(stack, x, torch.float32, grad=training)
+
+
 def test_auto_strategy_rule():
     meta = dict(dtype=torch.bfloat16, device="meta")
     chans = [100, 200, 200, 256, 256, 512]

@@ -1,197 +1,166 @@
-"""Benchmark the reference model's Conv1d stack on the ``triton`` backend against cuDNN (GPU only).
+"""What ``fusedconvlstm bench`` does not time for the Triton Conv1d stack (GPU; JSON lines).
 
-Cases (DESIGN.md §4 vocabulary), batch 256, 100 steps, 100 -> 200 -> 200 -> 256 -> 256 -> 512:
+``fusedconvlstm bench`` already times ``conv1d_stack`` on every serving backend against the
+cuDNN chain. This script adds, at the reference model's size (100 steps, 100 -> 200 -> 200 ->
+256 -> 256 -> 512, kernel 3, last stride 2):
 
-- ``conv1d_stack`` ``fwd`` and ``fwd+bwd``: the op (fused and per-layer strategies) against the
-  ``nn.Conv1d`` chain on cuDNN *including* the two transposes a ``(B, T, C)`` model pays, and
-  against ``torch.compile`` of that chain;
-- ``conv1d_stack_proj`` ``fwd``: the projection op (stack + 512 -> 4096 input projection of
-  both LSTMs, time-major gates) against the fused stack followed by a separate GEMM, and
-  against the cuDNN chain followed by the GEMM.
+- ``conv1d_stack``, ``fwd`` and ``fwd+bwd``: the fused-stack launch against the per-layer
+  launches of the same backend (baseline ``triton_layers``);
+- ``conv1d_stack_proj``, ``fwd`` and ``fwd+bwd``: the projection op (stack + the 512 -> 4096
+  input projection of both LSTMs, time-major gates) against the Triton stack followed by a
+  separate GEMM (``triton_stack_then_gemm``, the issue's 1.3x target) and against the cuDNN
+  chain with its two transposes followed by the GEMM (``cudnn_<dtype>``).
 
-Timing: ``triton.testing.do_bench`` (CUDA events, median after warm-up), inputs rotated over
-several buffers so the timed call does not find them in L2, each measurement taken twice (the
-spread is recorded). Errors: relative to a float64 run of the same inputs. One JSON object per
-line goes to ``benchmarks/results/<date>_<gpu>_conv1d_stack.jsonl``.
+Timing, environment and record format are :mod:`fusedconvlstm.benchmarking`'s (do_bench medians,
+twice; inputs rotated; DESIGN.md §4 fields). Errors are against float64 on the same inputs.
 
-Usage: ``python benchmarks/bench_conv1d_stack.py [--dtype bf16 fp16 fp32] [--batch 256]``.
+Usage: ``python benchmarks/bench_conv1d_stack.py [--dtypes bf16 fp16 fp32] [--batches 256] [--out F]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
-from pathlib import Path
+import statistics
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.testing
 
 import fusedconvlstm
+from fusedconvlstm.benchmarking import BenchRecord, default_output_path, environment, format_records, time_ms
 from fusedconvlstm.triton import conv1d_stack as triton_backend
+from fusedconvlstm.validate import rel_err
 
 CHANNELS = [100, 200, 200, 256, 256, 512]
 STRIDES = [1, 1, 1, 1, 2]
 SEQ = 100
-PROJ = 4096
-ROTATE = 8
+PROJ = 2 * 4 * 512  # both LSTMs' gates
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-BASELINE_NAMES = {torch.bfloat16: "cudnn_bf16", torch.float16: "cudnn_fp16", torch.float32: "cudnn_fp32_tf32"}
+CUDNN = {"bf16": "cudnn_bf16", "fp16": "cudnn_fp16", "fp32": "cudnn_fp32_tf32"}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def _stack_triton(x, w, b, strategy):
+    os.environ[triton_backend.STRATEGY_ENV_VAR] = strategy
+    return fusedconvlstm.conv1d_stack(x, w, b, stride=STRIDES, backend="triton")
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-def _time(fn, args_list) -> tuple[float, float]:
-    """Median ms of two do_bench runs, cycling through the argument sets."""
-    it = [0]
-
-    def call():
-        fn(*args_list[it[0] % len(args_list)])
-        it[0] += 1
-
-    return tuple(triton.testing.do_bench(call, warmup=50, rep=300, return_mode="median") for _ in range(2))
-
-
-def _chain(x_btc, weights, biases):
-    """The cuDNN model: channels-first Conv1d chain with the transposes a (B, T, C) model pays."""
-    h = x_btc.transpose(1, 2)
-    for w, b, s in zip(weights, biases, STRIDES):
-        h = F.conv1d(h, w, b, stride=s)
+def _stack_cudnn(x, w, b):
+    """The cuDNN model: the channels-first chain and the two transposes a (B, T, C) model pays."""
+    h = x.transpose(1, 2)
+    for wi, bi, s in zip(w, b, STRIDES):
+        h = F.conv1d(h, wi, bi, stride=s)
     return h.transpose(1, 2).contiguous()
 
 
-def _ours(x, weights, biases):
-    return fusedconvlstm.conv1d_stack(x, weights, biases, stride=STRIDES, backend="triton")
+def _proj_op(x, w, b, pw, pb):
+    os.environ[triton_backend.STRATEGY_ENV_VAR] = "auto"
+    return fusedconvlstm.conv1d_stack_projection(x, w, b, pw, pb, stride=STRIDES, backend="triton")
 
 
-def bench_dtype(name: str, B: int, device: torch.device, meta: dict) -> list[dict]:
-    """All cases in one dtype; returns the result rows."""
-    rows: list[dict] = []
-    dtype = DTYPES[name]
-    torch.manual_seed(0)
-    w64 = [
-        torch.randn(co, ci, 3, dtype=torch.float64, device=device) / (3 * ci) ** 0.5
-        for ci, co in zip(CHANNELS, CHANNELS[1:])
-    ]
-    b64 = [torch.randn(co, dtype=torch.float64, device=device) for co in CHANNELS[1:]]
-    pw64 = torch.randn(PROJ, CHANNELS[-1], dtype=torch.float64, device=device) / CHANNELS[-1] ** 0.5
-    pb64 = torch.randn(PROJ, dtype=torch.float64, device=device)
-    xs64 = [torch.randn(B, SEQ, CHANNELS[0], dtype=torch.float64, device=device) for _ in range(ROTATE)]
-    w = [t.to(dtype) for t in w64]
-    b = [t.to(dtype) for t in b64]
-    pw, pb = pw64.to(dtype), pb64.to(dtype)
-    xs = [t.to(dtype) for t in xs64]
-    ref = _chain(xs64[0], w64, b64)
-    ref_proj = F.linear(ref.transpose(0, 1), pw64, pb64)
-    compiled = torch.compile(_chain)
+def _then_gemm(stack):
+    return lambda x, w, b, pw, pb: F.linear(stack(x, w, b).transpose(0, 1), pw, pb)
 
-    def record(op, backend, baseline, pass_, ours_ms, base_ms, err, **extra):
-        row = dict(meta, op=op, backend=backend, baseline=baseline, dtype=name, **{"pass": pass_})
-        row.update(
-            median_ms=ours_ms[0],
-            median_ms_repeat=ours_ms[1],
-            baseline_median_ms=base_ms[0],
-            baseline_median_ms_repeat=base_ms[1],
-            speedup=base_ms[0] / ours_ms[0],
-            max_rel_err=err,
-            **extra,
-        )
-        rows.append(row)
-        print(json.dumps(row))
 
-    # forward
-    with torch.no_grad():
-        cudnn_fwd = _time(lambda x: _chain(x, w, b), [(x,) for x in xs])
-        compile_fwd = _time(lambda x: compiled(x, w, b), [(x,) for x in xs])
-        for strategy in ("fused", "layers"):
-            os.environ[triton_backend.STRATEGY_ENV_VAR] = strategy
-            err = _rel_err(_ours(xs[0], w, b), ref)
-            ours = _time(lambda x: _ours(x, w, b), [(x,) for x in xs])
-            extra = dict(strategy=strategy, baseline_rel_err=_rel_err(_chain(xs[0], w, b), ref))
-            record("conv1d_stack", "triton", BASELINE_NAMES[dtype], "fwd", ours, cudnn_fwd, err, **extra)
-            record("conv1d_stack", "triton", "torch_compile", "fwd", ours, compile_fwd, err, strategy=strategy)
-        # stack + input projection of both LSTMs
-        os.environ[triton_backend.STRATEGY_ENV_VAR] = "auto"
-        gates = fusedconvlstm.conv1d_stack_projection(xs[0], w, b, pw, pb, stride=STRIDES, backend="triton")
-        err = _rel_err(gates, ref_proj)
-        ours = _time(
-            lambda x: fusedconvlstm.conv1d_stack_projection(x, w, b, pw, pb, stride=STRIDES, backend="triton"),
-            [(x,) for x in xs],
-        )
-        then_gemm = _time(lambda x: F.linear(_ours(x, w, b).transpose(0, 1), pw, pb), [(x,) for x in xs])
-        cudnn_gemm = _time(lambda x: F.linear(_chain(x, w, b).transpose(0, 1), pw, pb), [(x,) for x in xs])
-        record("conv1d_stack_proj", "triton", "triton_stack_then_gemm", "fwd", ours, then_gemm, err)
-        record("conv1d_stack_proj", "triton", BASELINE_NAMES[dtype], "fwd", ours, cudnn_gemm, err)
+class _Case:
+    """Parameters in one dtype and float64, rotated inputs, and a timed step for a function."""
 
-    # forward + backward
-    wg = [t.clone().requires_grad_() for t in w]
-    bg = [t.clone().requires_grad_() for t in b]
-    xg = [x.clone().requires_grad_() for x in xs]
-    gy = torch.randn(B, 45, CHANNELS[-1], dtype=dtype, device=device)
+    def __init__(self, dtype, batch, device, proj):
+        self.dtype, self.train = dtype, False
+        shapes = [(co, ci, 3) for ci, co in zip(CHANNELS, CHANNELS[1:])]
+        self.p64 = [torch.randn(s, dtype=torch.float64, device=device) / (s[1] * 3) ** 0.5 for s in shapes]
+        self.p64 += [torch.randn(s[0], dtype=torch.float64, device=device) for s in shapes]
+        if proj:
+            self.p64 += [torch.randn(PROJ, CHANNELS[-1], dtype=torch.float64, device=device) / CHANNELS[-1] ** 0.5]
+            self.p64 += [torch.randn(PROJ, dtype=torch.float64, device=device)]
+        self.params = [p.to(dtype).requires_grad_() for p in self.p64]
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+        size = batch * SEQ * CHANNELS[0] * torch.finfo(dtype).bits // 8
+        self.xs = [
+            torch.randn(batch, SEQ, CHANNELS[0], dtype=dtype, device=device).requires_grad_()
+            for _ in range(max(1, min(8, 2 * l2 // size + 1)))
+        ]
+        self.i = 0
 
-    def train_step(fn, x):
-        fn(x, wg, bg).backward(gy)
+    def args(self, params):
+        w, b = params[:5], params[5:10]
+        return (w, b, *params[10:])
 
-    def grads(fn, x, ws, bs, dt):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (x, *ws, *bs)]
-        out = fn(leaves[0], leaves[1:6], leaves[6:])
-        return torch.autograd.grad(out, leaves, gy.to(dt))
+    def step(self, fn: Callable, train: bool) -> Callable[[], object]:
+        def run():
+            self.i = (self.i + 1) % len(self.xs)
+            with torch.set_grad_enabled(train):
+                out = fn(self.xs[self.i], *self.args(self.params))
+                if train:
+                    out.backward(torch.ones_like(out))
 
-    ref_grads = grads(_chain, xs64[0], w64, b64, torch.float64)
-    cudnn_bwd = _time(lambda x: train_step(_chain, x), [(x,) for x in xg])
-    for strategy in ("fused", "layers"):
-        os.environ[triton_backend.STRATEGY_ENV_VAR] = strategy
-        err = max(_rel_err(g, r) for g, r in zip(grads(_ours, xs[0], w, b, dtype), ref_grads))
-        ours = _time(lambda x: train_step(_ours, x), [(x,) for x in xg])
-        record("conv1d_stack", "triton", BASELINE_NAMES[dtype], "fwd+bwd", ours, cudnn_bwd, err, strategy=strategy)
-    return rows
+        return run
+
+    def error(self, fn: Callable, ref_fn: Callable, train: bool) -> float:
+        """Largest relative error of the output (and, when training, every gradient) vs float64."""
+        x = self.xs[0].detach()
+        leaves = [t.detach().requires_grad_(train) for t in (x, *self.params)]
+        leaves64 = [t.detach().double().requires_grad_(train) for t in (x, *self.p64)]
+        with torch.set_grad_enabled(train):
+            out, ref = fn(leaves[0], *self.args(leaves[1:])), ref_fn(leaves64[0], *self.args(leaves64[1:]))
+        errs = [rel_err(out, ref)]
+        if train:
+            g = torch.randn_like(ref)
+            errs += [rel_err(a, r) for a, r in zip(torch.autograd.grad(out, leaves, g.to(out.dtype)),
+                                                   torch.autograd.grad(ref, leaves64, g))]  # fmt: skip
+        return max(errs)
+
+
+def run(dtypes, batches, device, env) -> list[BenchRecord]:
+    records = []
+    for name in dtypes:
+        for batch in batches:
+            for pass_ in ("fwd", "fwd+bwd"):
+                train = pass_ == "fwd+bwd"
+                stack = _Case(DTYPES[name], batch, device, proj=False)
+                proj = _Case(DTYPES[name], batch, device, proj=True)
+                fused = lambda x, w, b: _stack_triton(x, w, b, "fused")
+                layers = lambda x, w, b: _stack_triton(x, w, b, "layers")
+                ref_proj = _then_gemm(_stack_cudnn)
+                comparisons = [
+                    ("conv1d_stack", stack, fused, "triton_layers", layers, _stack_cudnn),
+                    ("conv1d_stack_proj", proj, _proj_op, "triton_stack_then_gemm", _then_gemm(fused), ref_proj),
+                    ("conv1d_stack_proj", proj, _proj_op, CUDNN[name], ref_proj, ref_proj),
+                ]
+                for op, case, ours, baseline, base, ref in comparisons:
+                    err, base_err = case.error(ours, ref, train), case.error(base, ref, train)
+                    ours_ms = time_ms(case.step(ours, train), device)
+                    base_ms = time_ms(case.step(base, train), device)
+                    median, base_median = statistics.median(ours_ms), statistics.median(base_ms)
+                    rec = BenchRecord(
+                        **env, op=op, backend="triton", baseline=baseline, dtype=name, batch=batch, seq=SEQ,
+                        hidden=CHANNELS[-1], pass_=pass_, median_ms=median, baseline_median_ms=base_median,
+                        speedup=base_median / median, max_rel_err=err, repeats_ms=ours_ms,
+                        baseline_repeats_ms=base_ms, baseline_max_rel_err=base_err,
+                    )  # fmt: skip
+                    print(rec.to_json(), flush=True)
+                    records.append(rec)
+    return records
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=list(DTYPES))
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke test under the interpreter
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], choices=list(DTYPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[256])
+    parser.add_argument("--out", help="JSON lines file (default benchmarks/results/<date>_<device>.jsonl)")
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": a smoke run (interpreter)
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_conv1d_stack: needs a CUDA GPU")
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    meta = dict(
-        commit=_commit(),
-        device=gpu,
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
-        triton=triton.__version__,
-        batch=args.batch,
-        seq=SEQ,
-        hidden=CHANNELS[-1],
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.date.today().isoformat()
-    path = args.out / f"{stamp}_{gpu.replace(' ', '_')}_conv1d_stack.jsonl"
-    rows: list[dict] = []
-    for name in args.dtype:
-        rows += bench_dtype(name, args.batch, device, meta)
-    with path.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    print(f"wrote {len(rows)} rows to {path}")
+    env = environment()
+    records = run(args.dtypes, args.batches, device, env)
+    print(format_records(records))
+    out = args.out or default_output_path(env, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "a") as f:
+        f.writelines(rec.to_json() + "\n" for rec in records)
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

@@ -195,6 +195,19 @@ def _stack_backward(
     return grad_src, grad_w, grad_b
 
 
+def describe(call: Conv1dStackCall) -> str:
+    """How the forward of ``call`` runs (for ``backends.explain(..., detail=True)``)."""
+    layers, lens = call.all_layers(), _lens(call)
+    if choose_strategy(call) == "layers":
+        return f"{len(layers)} implicit-GEMM launches, one per layer"
+    plan = plan_fused(layers, lens, call.batch, call.dtype, call.device, call.save_for_backward)
+    where = "saved intermediates" if call.save_for_backward else "an L2 slab per program"
+    return (
+        f"one fused launch of {len(layers)} layers: {plan.n_work} work items of {plan.tile} output steps "
+        f"on {plan.programs} programs, intermediates through {where}"
+    )
+
+
 # --- the three ops' implementation functions -----------------------------------------------------
 
 
@@ -238,5 +251,5 @@ for _op, _fns in (
     (OP_PROJECTION, (_projection_forward, _projection_backward)),
 ):
     backends.register_implementation(
-        _op, "triton", why_not=_why_not, forward=_fns[0], backward=_fns[1], saved_shapes=saved_shapes
+        _op, "triton", why_not=_why_not, forward=_fns[0], backward=_fns[1], saved_shapes=saved_shapes, describe=describe
     )

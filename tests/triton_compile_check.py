@@ -80,7 +80,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
         1, min(triton.cdiv(2 * SM_COUNT, max(tiles, 1)), triton.cdiv(rows, 8 * block_r), 64)
     )
     precision = "tf32" if dtype == torch.float32 else "ieee"
-    layer_kernels.dot_precision = fused.dot_precision = lambda dt, device: precision
+    layer_kernels.dot_precision = fused.dot_precision = lambda dt, device, layer: precision
 
     B, T, V = 256, 100, 20_000
     chans = [100, 200, 200, 256, 256, 512]

@@ -55,6 +55,9 @@ class ConvLayer:
     dilation: int
     activation: str
     has_bias: bool
+    # A linear projection written as a kernel-1 layer (the projection epilogue): fp32 follows
+    # PyTorch's matmul TF32 setting rather than the convolution one.
+    matmul: bool = False
 
     def out_len(self, t_in: int) -> int:
         """Output length for input length ``t_in`` (``nn.Conv1d``'s formula)."""
@@ -263,7 +266,7 @@ def check_conv1d_stack_projection_args(
         _check_same(op, "proj_bias", proj_bias, x.dtype, x.device, "x")
         if tuple(proj_bias.shape) != (proj_weight.shape[0],):
             raise ValueError(f"{op}: proj_bias must have shape ({proj_weight.shape[0]},), got {tuple(proj_bias.shape)}")
-    projection = ConvLayer(c_out, proj_weight.shape[0], 1, 1, (0, 0), 1, "none", proj_bias is not None)
+    projection = ConvLayer(c_out, proj_weight.shape[0], 1, 1, (0, 0), 1, "none", proj_bias is not None, matmul=True)
     return Conv1dStackCall(
         call.batch,
         call.seq_len,

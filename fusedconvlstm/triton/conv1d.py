@@ -424,11 +424,14 @@ def alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """``tl.dot``'s input precision: TF32 for fp32 on CUDA when PyTorch allows it for convs."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+def dot_precision(dtype: torch.dtype, device: torch.device, layer: ConvLayer) -> str:
+    """``tl.dot``'s input precision for ``layer``: TF32 for fp32 on CUDA where PyTorch allows it
+    for the same operation (``cudnn.allow_tf32`` for convolutions, on by default;
+    ``cuda.matmul.allow_tf32`` for the projection, off by default), else IEEE fp32."""
+    if dtype != torch.float32 or device.type != "cuda":
+        return "ieee"
+    allowed = torch.backends.cuda.matmul.allow_tf32 if layer.matmul else torch.backends.cudnn.allow_tf32
+    return "tf32" if allowed else "ieee"
 
 
 def align(*values: int) -> int:
@@ -510,7 +513,7 @@ def conv1d_layer_forward(
         layer.padding[0],
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, IN_ACT=in_act, OUT_ACT=out_act,
         HAS_BIAS=bias is not None, STORE_Z=z is not None, GATHER=tokens is not None,
-        PRECISION=dot_precision(w_packed.dtype, y.device), ROW_ALIGN=align(s_b, s_t),
+        PRECISION=dot_precision(w_packed.dtype, y.device, layer), ROW_ALIGN=align(s_b, s_t),
         W_ALIGN=align(layer.out_channels), OUT_ALIGN=align(*y.stride()[:2], *(z.stride()[:2] if z is not None else ())),
         **cfg,
     )  # fmt: skip
@@ -545,7 +548,7 @@ def conv1d_layer_input_grad(
         dz, w_packed, zp, dh, rows, phase_rows, t_in, t_out, layer.in_channels, layer.out_channels,
         dz.stride(0), dz.stride(1), zp.stride(0), zp.stride(1), dh.stride(0), dh.stride(1), layer.padding[0],
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, PREV_ACT=prev_act,
-        PRECISION=dot_precision(w_packed.dtype, dh.device), DZ_ALIGN=align(*dz.stride()[:2]),
+        PRECISION=dot_precision(w_packed.dtype, dh.device, layer), DZ_ALIGN=align(*dz.stride()[:2]),
         W_ALIGN=align(layer.out_channels), OUT_ALIGN=align(*dh.stride()[:2], *zp.stride()[:2]), **cfg,
     )  # fmt: skip
 
@@ -602,7 +605,7 @@ def conv1d_layer_weight_grad(
         s_b, s_t, s_c, tok_b, tok_t, dz.stride(0), dz.stride(1), layer.padding[0],
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, IN_ACT=in_act, GATHER=tokens is not None,
         HAS_BIAS=db is not None, BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_R=block_r,
-        PRECISION=dot_precision(src.dtype, device), ROW_ALIGN=align(s_b, s_t), DZ_ALIGN=align(*dz.stride()[:2]),
+        PRECISION=dot_precision(dz.dtype, device, layer), ROW_ALIGN=align(s_b, s_t), DZ_ALIGN=align(*dz.stride()[:2]),
         num_warps=4, num_stages=3,
     )  # fmt: skip
     # torch.sum over a fixed leading axis reduces in a fixed order: deterministic.

@@ -91,7 +91,7 @@ def _conv1d_stack_fused_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISIONS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -122,7 +122,7 @@ def _conv1d_stack_fused_kernel(
                         acc = conv_tile(
                             acc, src_ptr, b64 * stride_sb, t * STRIDES[0] - PADL[0], row_ok, 0, T_LENS[0],
                             stride_st, stride_sc, tok_ptr, b64 * stride_tokb, stride_tokt, VOCAB,
-                            w_ptrs[0], cols, col_ok, c_in, c_out, KS[0], DILS[0], "none", GATHER, BLOCK_K, PRECISION,
+                            w_ptrs[0], cols, col_ok, c_in, c_out, KS[0], DILS[0], "none", GATHER, BLOCK_K, PRECISIONS[0],
                             SRC_ALIGN, W_ALIGNS[0],
                         )  # fmt: skip
                     else:
@@ -137,7 +137,7 @@ def _conv1d_stack_fused_kernel(
                             acc, inter_ptrs[i - 1], in_base, t * STRIDES[i] - PADL[i], row_ok, origin, T_LENS[i],
                             c_in, 1, tok_ptr, in_base, 0, VOCAB,
                             w_ptrs[i], cols, col_ok, c_in, c_out, KS[i], DILS[i], ACTS[i - 1], False, BLOCK_K,
-                            PRECISION, W_ALIGNS[i - 1], W_ALIGNS[i],
+                            PRECISIONS[i], W_ALIGNS[i - 1], W_ALIGNS[i],
                         )  # fmt: skip
                     if HAS_BIAS[i]:
                         acc += tl.load(b_ptrs[i] + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -321,6 +321,6 @@ def conv1d_stack_fused_forward(
         GATHER=tokens is not None, SLAB=not save, STORE_ZL=z_last is not None, SAMPLES=plan.samples,
         SRC_ALIGN=layer_kernels.align(s_b, s_t), W_ALIGNS=tuple(layer_kernels.align(c.out_channels) for c in layers),
         Y_ALIGN=layer_kernels.align(y.stride(0), y.stride(1)),
-        PRECISION=dot_precision(src.dtype, device), **cfg,
+        PRECISIONS=tuple(dot_precision(y.dtype, device, layer) for layer in layers), **cfg,
     )  # fmt: skip
     return plan

@@ -115,6 +115,21 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     backend._stack_backward(torch.randn(B, 45, 512, dtype=dtype), x, None, w_packed, biases, saved, call)
     case[0] = "embedding backward"
     backend._stack_backward(torch.randn(B, 45, 512, dtype=dtype), table, tokens, w_packed, biases, saved, e_call)
+    # Every activation (forward, prologue and derivative), stride 3, dilation, padding, in fp16.
+    h = torch.float16
+    mw = [torch.randn(24, 20, 3, dtype=h), torch.randn(16, 24, 5, dtype=h), torch.randn(12, 16, 1, dtype=h)]
+    mw.append(torch.randn(8, 12, 3, dtype=h))
+    mb = [torch.randn(24, dtype=h), None, torch.randn(12, dtype=h), torch.randn(8, dtype=h)]
+    mhyper = ([1, 3, 1, 1], [1, 1, 2, 1, 0, 0, 1, 1], [2, 1, 1, 1], "relu,gelu,silu,tanh")
+    mx = torch.randn(16, 64, 20, dtype=h)
+    m_packed, m_biases = backend._prepare(mw, mb, None, None)
+    m_call = check_conv1d_stack_args(mx, mw, mb, *mhyper, True)
+    for strategy in ("fused", "layers"):
+        os.environ[backend.STRATEGY_ENV_VAR] = strategy
+        case[0] = f"activations {strategy} forward (training)"
+        _, m_saved = backend._stack_forward(mx, None, m_packed, m_biases, m_call, True)
+    case[0] = "activations backward"
+    backend._stack_backward(torch.randn(16, 20, 8, dtype=h), mx, None, m_packed, m_biases, m_saved, m_call)
     return captured
 
 

@@ -59,7 +59,7 @@ def _tanh(v):
 def activate(v, ACT: tl.constexpr):
     """``ACT`` (``none``, ``relu``, ``gelu`` (erf), ``silu``, ``tanh``) of fp32 ``v``."""
     if ACT == "relu":
-        v = tl.maximum(v, 0.0)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) is NaN, as in torch
     elif ACT == "gelu":
         v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     elif ACT == "silu":

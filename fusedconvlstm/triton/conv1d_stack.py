@@ -109,6 +109,10 @@ def _stack_forward(
     layers, lens = call.all_layers(), _lens(call)
     L, B, dtype, device = len(layers), call.batch, call.dtype, call.device
     c_last = layers[-1].out_channels
+    if B == 0:  # nothing to launch (a grid dimension of 0 is not a launch)
+        out = torch.empty((lens[-1], 0, c_last) if call.projection is not None else (0, lens[-1], c_last), dtype=dtype,
+                          device=device)  # fmt: skip
+        return out, [torch.empty(shape, dtype=dt, device=device) for shape, dt in saved_shapes(call)] if save else []
     if call.projection is not None:
         out = layer_kernels.alloc((lens[-1], B, c_last), dtype, device)
         y = out.transpose(0, 1)
@@ -158,6 +162,10 @@ def _stack_backward(
     in nn.Conv1d layout, grad_b per layer or None)``."""
     layers, lens = call.all_layers(), _lens(call)
     L, B, dtype, device = len(layers), call.batch, call.dtype, call.device
+    if B == 0:
+        grad_src = torch.zeros_like(src) if tokens is not None else src.new_empty(src.shape)
+        grad_w = [layer_kernels.unpack_weight(torch.zeros_like(w)) for w in w_packed]
+        return grad_src, grad_w, [torch.zeros_like(b) if b is not None else None for b in biases]
     if not saved:
         _, saved = _stack_forward(src, tokens, w_packed, biases, call, save=True)
     z = [None] + list(saved[: L - 1]) + ([saved[L - 1]] if layers[-1].activation != "none" else [None])

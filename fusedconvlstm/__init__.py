@@ -4,20 +4,25 @@ The public surface:
 
 - modules :class:`LSTM` (drop-in for ``torch.nn.LSTM``) and :class:`Conv1dStack` (a chain of
   Conv1d layers on channels-last data), and :func:`convert` to swap them into a model;
-- ops :func:`lstm_recurrence` and :func:`conv1d_stack` (``torch.ops.fusedconvlstm.*``);
+- ops :func:`lstm_recurrence`, :func:`conv1d_stack` and its embedding-prologue and
+  projection-epilogue variants (``torch.ops.fusedconvlstm.*``);
 - :mod:`fusedconvlstm.models` with the reference model ``ConvLSTMClassifier``;
 - :mod:`fusedconvlstm.backends`: which backend serves a call and why another cannot.
 """
 
-from fusedconvlstm import ops  # noqa: F401, I001  (schemas first: the backends register against them)
+import importlib.util  # noqa: I001  (schemas first: the backends register against them)
+from fusedconvlstm import ops  # noqa: F401, I001
 from fusedconvlstm.reference import conv1d as _reference_conv1d  # noqa: F401
 from fusedconvlstm.reference import lstm as _reference_lstm  # noqa: F401
 from fusedconvlstm.cuda import lstm as _cuda_lstm  # noqa: F401
 from fusedconvlstm.triton import lstm as _triton_lstm  # noqa: F401  (imports Triton only when a kernel runs)
+
+if importlib.util.find_spec("triton") is not None:  # the conv kernels import Triton: only where it is installed
+    from fusedconvlstm.triton import conv1d_stack as _triton_conv1d_stack  # noqa: F401
 from fusedconvlstm import _extension
 from fusedconvlstm.backends import BACKENDS, BackendUnavailableError
 from fusedconvlstm.nn import LSTM, Conv1dStack, convert, parallel_lstm
-from fusedconvlstm.ops import conv1d_stack, lstm_recurrence
+from fusedconvlstm.ops import conv1d_stack, conv1d_stack_embedding, conv1d_stack_projection, lstm_recurrence
 
 __version__ = "0.1.0"
 
@@ -31,6 +36,8 @@ __all__ = [
     "Conv1dStack",
     "LSTM",
     "conv1d_stack",
+    "conv1d_stack_embedding",
+    "conv1d_stack_projection",
     "convert",
     "lstm_recurrence",
     "parallel_lstm",

@@ -1,4 +1,5 @@
 """Triton backend: kernels for the Conv1d stack and the LSTM recurrence.
 
-Nothing here imports Triton at package import time; the kernels load on first use.
+The LSTM module loads Triton on first use. The Conv1d modules (``conv1d``, ``conv1d_fused_stack``,
+``conv1d_stack``) import it directly; the package imports them only where Triton is installed.
 """

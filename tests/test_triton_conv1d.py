@@ -1,0 +1,564 @@
+"""Triton backend of the Conv1d stack ops (``fusedconvlstm/triton/conv1d*.py``).
+
+Every check compares against an ``F.conv1d`` chain in float64 and passes when the kernel's
+relative error is at most twice that of the same chain run by PyTorch in the kernel's dtype on
+the same inputs (DESIGN.md §3), for the output and every gradient. Outputs and all buffers the
+backend allocates are NaN-poisoned first (fixture below), so an element left unwritten fails.
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` in fp32 and fp16 at small sizes; on a
+GPU the same tests run on CUDA and add bf16, and the tests marked ``gpu`` run the reference
+model's full size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from fusedconvlstm import BackendUnavailableError, Conv1dStack, lstm_recurrence  # noqa: E402
+from fusedconvlstm.ops.conv1d import (  # noqa: E402
+    check_conv1d_stack_args,
+    conv1d_stack,
+    conv1d_stack_embedding,
+    conv1d_stack_projection,
+)
+from fusedconvlstm.reference.conv1d import apply_activation  # noqa: E402
+from fusedconvlstm.triton import conv1d as layer_kernels  # noqa: E402
+from fusedconvlstm.triton import conv1d_fused_stack  # noqa: E402
+from fusedconvlstm.triton import conv1d_stack as triton_stack  # noqa: E402
+from tests.conftest import HAS_GPU, TRITON_INTERPRET  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+F64 = torch.float64
+ON_GPU = HAS_GPU and not TRITON_INTERPRET
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# The interpreter's bf16 tl.dot is wrong: bf16 only on a GPU.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+# In fp32 both errors sit at a few ulps on these tiny problems, where a factor 2 is noise: allow
+# 2x PyTorch's error plus a few ulps of fp32.
+FLOOR = {torch.float32: 5e-7, torch.float16: 0.0, torch.bfloat16: 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_buffers(monkeypatch):
+    """Every buffer the backend allocates starts as NaN."""
+    monkeypatch.setattr(
+        layer_kernels, "alloc", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)
+    )
+
+
+@pytest.fixture(params=["layers", "fused"])
+def strategy(request, monkeypatch):
+    monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, request.param)
+    return request.param
+
+
+# --- a stack described by per-layer specs ----------------------------------------------------------
+
+
+def _pair(p, k, s, d):
+    if p == "same":
+        total = d * (k - 1)
+        return total // 2, total - total // 2
+    if p == "valid":
+        return 0, 0
+    return (p, p) if isinstance(p, int) else tuple(p)
+
+
+class Stack:
+    """Random float64 parameters of a stack from specs ``(c_out, k, stride, padding, dilation,
+    bias, activation)``, and the same stack computed by PyTorch's F.conv1d in any dtype."""
+
+    def __init__(self, c_in, specs, proj_out=0, proj_bias=True):
+        self.specs = specs
+        self.weights, self.biases = [], []
+        c = c_in
+        for c_out, k, _, _, _, b, _ in specs:
+            self.weights.append(torch.randn(c_out, c, k, dtype=F64, device=DEVICE) / math.sqrt(c * k))
+            self.biases.append(torch.randn(c_out, dtype=F64, device=DEVICE) if b else None)
+            c = c_out
+        self.proj_weight = torch.randn(proj_out, c, dtype=F64, device=DEVICE) / math.sqrt(c) if proj_out else None
+        self.proj_bias = torch.randn(proj_out, dtype=F64, device=DEVICE) if proj_out and proj_bias else None
+        self.kwargs = dict(
+            stride=[s[2] for s in specs],
+            padding=[_pair(s[3], s[1], s[2], s[4]) for s in specs],
+            dilation=[s[4] for s in specs],
+            activation=[s[6] for s in specs],
+        )
+
+    def params(self):
+        """Differentiable parameters in a fixed order (absent biases skipped)."""
+        out = list(self.weights) + [b for b in self.biases if b is not None]
+        if self.proj_weight is not None:
+            out += [self.proj_weight] + ([self.proj_bias] if self.proj_bias is not None else [])
+        return out
+
+    def split(self, ps):
+        L = len(self.weights)
+        w, rest = ps[:L], ps[L:]
+        it = iter(rest)
+        b = [next(it) if bb is not None else None for bb in self.biases]
+        pw = next(it) if self.proj_weight is not None else None
+        pb = next(it) if self.proj_bias is not None else None
+        return w, b, pw, pb
+
+    def torch_chain(self, h_btc, ps):
+        """PyTorch's own computation in the dtype of its arguments (channels-first chain)."""
+        w, b, pw, pb = self.split(ps)
+        h = h_btc.transpose(1, 2)
+        for wi, bi, s, pad, d, act in zip(
+            w, b, self.kwargs["stride"], self.kwargs["padding"], self.kwargs["dilation"], self.kwargs["activation"]
+        ):
+            h = apply_activation(F.conv1d(F.pad(h, pad), wi, bi, stride=s, dilation=d), act)
+        if pw is not None:
+            return F.linear(h.permute(2, 0, 1), pw, pb)  # time-major (T, B, N)
+        return h.transpose(1, 2)
+
+
+def _leaves(ts, dtype):
+    return [t.detach().to(dtype).clone().requires_grad_() for t in ts]
+
+
+def _grads(out, leaves, grad_out):
+    return torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+
+def _compare(name, ours, torch_same, ref, dtype):
+    """Our error against the float64 reference, at most 2x PyTorch's in the same dtype."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(ours).any(), f"{name}: NaN (an element left unwritten?)"
+    e_ours, e_torch = rel_err(ours, ref), rel_err(torch_same, ref)
+    assert e_ours <= 2 * e_torch + FLOOR[dtype], f"{name}: error {e_ours:.3g} > 2 x torch's {e_torch:.3g}"
+    return e_ours
+
+
+def _check_stack_op(stack, x, dtype, *, tokens=None, grad=True):
+    """Run ``stack`` on ``x`` (or on ``tokens`` with table ``x``) with the triton backend in
+    ``dtype``, with PyTorch in ``dtype`` and in float64; compare the output and all gradients."""
+
+    def run(backend, dt, use_op):
+        leaves = _leaves([x, *stack.params()], dt)
+        xx, ps = leaves[0], leaves[1:]
+        w, b, pw, pb = stack.split(ps)
+        with torch.set_grad_enabled(grad):
+            if not use_op:
+                h = F.embedding(tokens, xx) if tokens is not None else xx
+                out = stack.torch_chain(h, ps)
+            elif tokens is not None:
+                out = conv1d_stack_embedding(tokens, xx, w, b, backend=backend, **stack.kwargs)
+            elif pw is not None:
+                out = conv1d_stack_projection(xx, w, b, pw, pb, backend=backend, **stack.kwargs)
+            else:
+                out = conv1d_stack(xx, w, b, backend=backend, **stack.kwargs)
+        return out, leaves
+
+    ref, ref_leaves = run(None, F64, False)
+    same, same_leaves = run(None, dtype, False)
+    ours, our_leaves = run("triton", dtype, True)
+    assert ours.is_contiguous()
+    _compare("output", ours, same, ref, dtype)
+    if not grad:
+        return
+    g = torch.randn_like(ref)
+    names = ["x" if tokens is None else "table"] + [f"param[{i}]" for i in range(len(stack.params()))]
+    for name, a, b_, r in zip(
+        names, _grads(ours, our_leaves, g), _grads(same, same_leaves, g), _grads(ref, ref_leaves, g)
+    ):
+        _compare(f"grad {name}", a, b_, r, dtype)
+
+
+# --- every layer option, one launch per layer --------------------------------------------------------
+
+LAYER_SPECS = {
+    # (c_out, k, stride, padding, dilation, bias, activation). Odd channel counts, at least a
+    # dozen: a bias gradient with a handful of elements makes the 2x error ratio a coin toss.
+    "k1": [(13, 1, 1, 0, 1, True, "none")],
+    "k3-same-relu": [(14, 3, 1, "same", 1, False, "relu")],
+    "k5-s2-pad2-gelu": [(15, 5, 2, 2, 1, True, "gelu")],
+    "k3-s3-asym-d2-silu": [(13, 3, 3, (2, 1), 2, True, "silu")],
+    "k5-valid-d2-tanh": [(11, 5, 1, "valid", 2, False, "tanh")],
+    # Activations between layers run in the next layer's load (and its backward's epilogue).
+    "gelu-into-tanh": [(14, 3, 2, (1, 0), 1, True, "gelu"), (13, 3, 1, "same", 2, True, "tanh")],
+    "silu-into-relu": [(16, 5, 3, 2, 1, False, "silu"), (12, 1, 1, 0, 1, True, "relu")],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(LAYER_SPECS))
+def test_layer_options_match_torch(name, dtype, monkeypatch):
+    monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "layers")
+    stack = Stack(5, LAYER_SPECS[name])
+    x = torch.randn(3, 23, 5, dtype=F64, device=DEVICE)
+    _check_stack_op(stack, x, dtype)
+
+
+def test_non_contiguous_input_and_batch_one(monkeypatch):
+    monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "layers")
+    stack = Stack(5, LAYER_SPECS["gelu-into-tanh"])
+    x = torch.randn(1, 5, 50, dtype=F64, device=DEVICE).transpose(1, 2)[:, ::2]  # (1, 25, 5), strided in T and C
+    assert not x.is_contiguous()
+    _check_stack_op(stack, x, torch.float32)
+
+
+# --- the fused stack -----------------------------------------------------------------------------------
+
+FUSED_SPECS = {
+    # The reference model's shape, narrowed: five k=3 valid layers, the last stride 2, no activations.
+    "reference-like": [(13, 3, 1, 0, 1, True, "none")] * 2
+    + [(15, 3, 1, 0, 1, True, "none")] * 2
+    + [(16, 3, 2, 0, 1, True, "none")],
+    # Padding inside the stack (zero rows at the tile windows' edges), dilation, activations.
+    "mixed": [
+        (14, 3, 1, (1, 1), 1, True, "relu"),
+        (13, 3, 2, (2, 0), 2, False, "gelu"),
+        (15, 1, 1, 0, 1, True, "silu"),
+        (12, 5, 1, "same", 1, True, "tanh"),
+    ],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("name", list(FUSED_SPECS))
+def test_fused_stack_matches_torch(name, training, dtype, monkeypatch):
+    monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "fused")
+    stack = Stack(5, FUSED_SPECS[name])
+    x = torch.randn(2, 91, 5, dtype=F64, device=DEVICE)
+    call = check_conv1d_stack_args(
+        x.to(dtype), [w.to(dtype) for w in stack.weights], [b.to(dtype) if b is not None else None for b in stack.biases],
+        stack.kwargs["stride"],
+        [p for pair in stack.kwargs["padding"] for p in pair], stack.kwargs["dilation"],
+        ",".join(stack.kwargs["activation"]), training,
+    )  # fmt: skip
+    layers, lens = call.all_layers(), [call.seq_len] + call.out_lens()
+    plan = conv1d_fused_stack.plan_fused(layers, lens, call.batch, dtype, DEVICE, training)
+    if not ON_GPU:
+        # The test sizes make the interpreter run several tiles (halos recomputed) through a
+        # persistent loop (more work items than programs), and the inference slab is reused.
+        assert plan.n_tiles > 1 and plan.n_work > plan.programs and plan.slab == (not training)
+    _check_stack_op(stack, x, dtype, grad=training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+def test_fused_stack_several_samples_per_work_item(training, monkeypatch):
+    monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "fused")
+    monkeypatch.setattr(conv1d_fused_stack, "SAMPLES_PER_WORK_ITEM", 2)
+    stack = Stack(5, FUSED_SPECS["mixed"])
+    x = torch.randn(3, 61, 5, dtype=F64, device=DEVICE)  # the second pair of samples is a single one
+    _check_stack_op(stack, x, torch.float32, grad=training)
+
+
+def test_auto_strategy_rule():
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    chans = [100, 200, 200, 256, 256, 512]
+    w = [torch.empty(c_out, c_in, 3, **meta) for c_in, c_out in zip(chans, chans[1:])]
+    x = torch.empty(256, 100, 100, **meta)
+    call = check_conv1d_stack_args(x, w, [None] * 5, [1, 1, 1, 1, 2], [0] * 10, [1] * 5, ",".join(["none"] * 5))
+    assert triton_stack.choose_strategy(call) == "fused"
+    # The reference model's output tile is its whole 45-step sequence: no halo.
+    plan = conv1d_fused_stack.plan_fused(call.all_layers(), [100, 98, 96, 94, 92, 45], 256, torch.bfloat16,
+                                         torch.device("cpu"), False)  # fmt: skip
+    assert plan.tile == 45 and plan.rows == (99, 97, 95, 93, 91, 45)
+    # One layer, or an intermediate wider than the limit, runs per layer.
+    one = check_conv1d_stack_args(x, w[:1], [None], [1], [0, 0], [1], "none")
+    assert triton_stack.choose_strategy(one) == "layers"
+    wide = [torch.empty(2048, 100, 3, **meta), torch.empty(8, 2048, 3, **meta)]
+    wide_call = check_conv1d_stack_args(x, wide, [None, None], [1, 1], [0] * 4, [1, 1], "none,none")
+    assert triton_stack.choose_strategy(wide_call) == "layers"
+
+
+# --- embedding prologue, projection epilogue ----------------------------------------------------------
+
+OP_SPECS = [(16, 3, 1, 0, 1, True, "silu"), (7, 3, 2, (2, 1), 2, False, "none")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_embedding_op_matches_torch(dtype, strategy):
+    stack = Stack(5, OP_SPECS)
+    table = torch.randn(11, 5, dtype=F64, device=DEVICE)
+    tokens = torch.randint(0, 11, (3, 40), device=DEVICE)[:, ::2]  # non-contiguous ids, (3, 20)
+    tokens[0, :6] = 0  # a run of one id, as left padding gives
+    _check_stack_op(stack, table, dtype, tokens=tokens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_projection_op_matches_torch(dtype, strategy):
+    stack = Stack(5, OP_SPECS, proj_out=24)
+    x = torch.randn(3, 25, 5, dtype=F64, device=DEVICE)
+    _check_stack_op(stack, x, dtype)
+
+
+def test_projection_gates_feed_the_lstm_recurrence():
+    """gates.view(T, B, D, 4H) is lstm_recurrence's xg: two LSTMs on the stack's output."""
+    H, D = 4, 2
+    stack = Stack(5, OP_SPECS)
+    lstms = [torch.nn.LSTM(7, H, dtype=F64, device=DEVICE) for _ in range(D)]
+    pw = torch.cat([m.weight_ih_l0 for m in lstms]).detach()
+    pb = torch.cat([m.bias_ih_l0 + m.bias_hh_l0 for m in lstms]).detach()
+    x = torch.randn(2, 21, 5, dtype=F64, device=DEVICE)
+    with torch.no_grad():
+        gates = conv1d_stack_projection(
+            x.float(), [w.float() for w in stack.weights], [b.float() if b is not None else None for b in stack.biases],
+            pw.float(), pb.float(), backend="triton", **stack.kwargs,
+        )  # fmt: skip
+        T, B = gates.shape[:2]
+        y, h_n, _ = lstm_recurrence(
+            gates.double().view(T, B, D, 4 * H), [m.weight_hh_l0.detach() for m in lstms], backend="reference"
+        )
+        h = stack.torch_chain(x, stack.params()).transpose(0, 1)  # (T, B, 7)
+        for d, m in enumerate(lstms):
+            ref_y, (ref_h, _) = m(h)
+            assert rel_err(y[:, :, d], ref_y) < 1e-5 and rel_err(h_n[d], ref_h[0]) < 1e-5
+
+
+# --- gradients are deterministic; recompute when nothing was saved ----------------------------------
+
+
+def test_gradients_are_bitwise_reproducible(strategy):
+    stack = Stack(5, OP_SPECS)
+    table = torch.randn(13, 5, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    tokens = torch.randint(0, 13, (3, 60), device=DEVICE)
+    ps = _leaves(stack.params(), torch.float32)
+    w, b, _, _ = stack.split(ps)
+    runs = []
+    for _ in range(2):
+        y = conv1d_stack_embedding(tokens, table, w, b, backend="triton", **stack.kwargs)
+        runs.append(torch.autograd.grad(y, [table, *ps], torch.ones_like(y)))
+    for g1, g2 in zip(*runs):
+        assert torch.equal(g1, g2)
+
+
+def test_weight_grad_split_reduction_matches_one_chunk():
+    from fusedconvlstm.ops.conv1d import ConvLayer
+
+    layer = ConvLayer(6, 5, 3, 2, (1, 1), 1, "none", True)
+    x = torch.randn(3, 61, 6, device=DEVICE)
+    dz = torch.randn(3, layer.out_len(61), 5, device=DEVICE)
+    dw1, db1 = layer_kernels.conv1d_layer_weight_grad(x, dz, layer, 61, splits=1)
+    dw3, db3 = layer_kernels.conv1d_layer_weight_grad(x, dz, layer, 61, splits=3)
+    assert rel_err(dw3, dw1) < 1e-6 and rel_err(db3, db1) < 1e-6
+
+
+def test_backward_without_saved_tensors_recomputes():
+    stack = Stack(5, FUSED_SPECS["mixed"])
+    x = torch.randn(2, 30, 5, device=DEVICE)
+    w = [t.float() for t in stack.weights]
+    present = [t.float() for t in stack.biases if t is not None]
+    has_bias = [t is not None for t in stack.biases]
+    pads = [p for pair in stack.kwargs["padding"] for p in pair]
+    hyper = (has_bias, stack.kwargs["stride"], pads, stack.kwargs["dilation"], ",".join(stack.kwargs["activation"]))
+    op, bwd = torch.ops.fusedconvlstm.conv1d_stack, torch.ops.fusedconvlstm.conv1d_stack_backward
+    y, saved = op(x, w, present, *hyper, "triton", True)
+    y_nosave, nothing = op(x, w, present, *hyper, "triton", False)
+    assert len(saved) == 4 and nothing == [] and torch.equal(y, y_nosave)
+    g = torch.randn_like(y)
+    with_saved = bwd(g, x, w, present, *hyper, saved, "triton")
+    recomputed = bwd(g, x, w, present, *hyper, [], "triton")
+    for a, b in zip([with_saved[0], *with_saved[1], *with_saved[2]], [recomputed[0], *recomputed[1], *recomputed[2]]):
+        assert torch.equal(a, b)
+
+
+def test_zero_size_batch_and_nan_propagation(strategy):
+    stack = Stack(5, FUSED_SPECS["mixed"], proj_out=8)
+    w, b = [t.float() for t in stack.weights], [t.float() if t is not None else None for t in stack.biases]
+    x = torch.randn(0, 30, 5, device=DEVICE, requires_grad=True)
+    y = conv1d_stack(x, w, b, backend="triton", **stack.kwargs)
+    y.sum().backward()
+    assert y.shape[0] == 0 and x.grad.shape == x.shape
+    gates = conv1d_stack_projection(x, w, b, stack.proj_weight.float(), None, backend="triton", **stack.kwargs)
+    assert gates.shape[1] == 0
+    # A NaN (or inf) in the input reaches the same outputs as in PyTorch, through relu too.
+    x = torch.randn(2, 30, 5, device=DEVICE)
+    x[1, 7, 2], x[0, 20, 1] = math.nan, math.inf
+    stack.proj_weight = stack.proj_bias = None
+    with torch.no_grad():
+        ours = conv1d_stack(x, w, b, backend="triton", **stack.kwargs)
+        want = stack.torch_chain(x, [t.float() for t in stack.params()])
+    assert torch.equal(torch.isnan(ours), torch.isnan(want)) and torch.equal(torch.isinf(ours), torch.isinf(want))
+
+
+# --- opcheck ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_all_ops(backend):
+    stack = Stack(3, [(4, 3, 1, (1, 0), 2, True, "gelu"), (3, 2, 2, 0, 1, False, "tanh")], proj_out=8)
+    dt = torch.float32
+    x = torch.randn(2, 13, 3, dtype=dt, device=DEVICE, requires_grad=True)
+    w = _leaves(stack.weights, dt)
+    b = _leaves([stack.biases[0]], dt)
+    hyper = ([True, False], [1, 2], [1, 0, 0, 0], [2, 1], "gelu,tanh")
+    ops = torch.ops.fusedconvlstm
+    torch.library.opcheck(ops.conv1d_stack.default, (x, w, b, *hyper, backend))
+    table = torch.randn(9, 3, dtype=dt, device=DEVICE, requires_grad=True)
+    tokens = torch.randint(0, 9, (2, 13), device=DEVICE)
+    torch.library.opcheck(ops.conv1d_stack_embedding.default, (tokens, table, w, b, *hyper, backend))
+    pw, pb = _leaves([stack.proj_weight, stack.proj_bias], dt)
+    torch.library.opcheck(ops.conv1d_stack_projection.default, (x, w, b, *hyper, pw, pb, backend))
+    torch.library.opcheck(ops.conv1d_stack_projection.default, (x, w, b, *hyper, pw, None, backend))
+
+
+# --- inference fold --------------------------------------------------------------------------------------
+
+
+def test_fold_equals_the_unfolded_stack():
+    stack = Conv1dStack(5, [8, 8, 12, 12, 16], kernel_size=3, stride=[1, 1, 1, 1, 2], dtype=F64, device=DEVICE)
+    folded = stack.fold()
+    assert len(folded.layers) == 1
+    conv = folded.layers[0]
+    assert (conv.kernel_size, conv.stride, conv.dilation) == ((11,), (2,), (1,))
+    for T in (11, 12, 40):
+        x = torch.randn(3, T, 5, dtype=F64, device=DEVICE)
+        assert rel_err(folded(x), stack(x)) < 1e-12
+    # Padding inside the chain, an activation or a dropout stop a run; the rest folds.
+    mixed = Conv1dStack(
+        4, [5, 6, 7, 3, 2], kernel_size=[3, 2, 5, 1, 3], stride=[2, 3, 1, 1, 1], dilation=[2, 1, 3, 1, 1],
+        padding=[(1, 2), 0, 0, 1, 0], activation=["none", "none", "relu", "none", "none"],
+        dropout=[0.0, 0.0, 0.0, 0.5, 0.0], bias=[True, False, False, True, False], dtype=F64, device=DEVICE,
+    ).eval()  # fmt: skip
+    folded = mixed.fold()
+    assert [c.kernel_size[0] for c in folded.layers] == [40, 1, 3]
+    x = torch.randn(2, 90, 4, dtype=F64, device=DEVICE)
+    assert rel_err(folded(x), mixed(x)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fold_on_triton_within_rounding(dtype):
+    stack = Conv1dStack(5, [8, 8, 12, 12, 16], kernel_size=3, stride=[1, 1, 1, 1, 2], dtype=F64, device=DEVICE)
+    x = torch.randn(2, 41, 5, dtype=F64, device=DEVICE)
+    with torch.no_grad():
+        ref = stack(x)
+        folded = stack.fold().to(dtype)
+        unfolded = stack.to(dtype)
+        unfolded.backend = folded.backend = "triton"
+        e_unfolded = rel_err(unfolded(x.to(dtype)), ref)
+        e_folded = rel_err(folded(x.to(dtype)), ref)
+    # Folding changes the order of the sums, not the math: its error stays within 2x the stack's.
+    assert e_folded <= 2 * e_unfolded + FLOOR[dtype]
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+
+def test_triton_refuses_float64_by_name_and_auto_serves_it():
+    x = torch.randn(2, 9, 3, dtype=F64, device=DEVICE)
+    w = [torch.randn(4, 3, 3, dtype=F64, device=DEVICE)]
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        conv1d_stack(x, w, backend="triton")
+    assert conv1d_stack(x, w).shape == (2, 7, 4)
+
+
+def test_embedding_rejects_out_of_range_ids():
+    table = torch.randn(5, 3, device=DEVICE)
+    w = [torch.randn(4, 3, 3, device=DEVICE)]
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 5\)"):
+        conv1d_stack_embedding(torch.tensor([[0, 1, 5, 2]], device=DEVICE), table, w, backend="triton")
+    with pytest.raises(TypeError, match="tokens must be one of"):
+        conv1d_stack_embedding(torch.zeros(1, 4, device=DEVICE), table, w, backend="triton")
+
+
+def test_projection_checks_its_weight():
+    x = torch.randn(2, 9, 3, device=DEVICE)
+    w = [torch.randn(4, 3, 3, device=DEVICE)]
+    with pytest.raises(ValueError, match=r"proj_weight must be 2-D \(N, 4\)"):
+        conv1d_stack_projection(x, w, None, torch.randn(8, 5, device=DEVICE))
+    with pytest.raises(ValueError, match=r"proj_bias must have shape \(8,\)"):
+        conv1d_stack_projection(x, w, None, torch.randn(8, 4, device=DEVICE), torch.randn(7, device=DEVICE))
+
+
+# --- GPU: bf16 and the reference model's full size -----------------------------------------------------
+
+REFERENCE_SPECS = [(200, 3, 1, 0, 1, True, "none")] * 2 + [(256, 3, 1, 0, 1, True, "none")] * 2
+REFERENCE_SPECS += [(512, 3, 2, 0, 1, True, "none")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_reference_model_stack_full_size(dtype, strategy):
+    stack = Stack(100, REFERENCE_SPECS)
+    x = torch.randn(256, 100, 100, dtype=F64, device=DEVICE)
+    _check_stack_op(stack, x, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reference_model_embedding_and_projection_full_size(dtype, strategy):
+    stack = Stack(100, REFERENCE_SPECS)
+    table = torch.randn(20_000, 100, dtype=F64, device=DEVICE)
+    tokens = torch.randint(0, 20_000, (256, 100), device=DEVICE)
+    tokens[:, :30] = 0  # left padding: one long run of id 0 for the table gradient
+    _check_stack_op(stack, table, dtype, tokens=tokens)
+    proj = Stack(100, REFERENCE_SPECS, proj_out=4096)
+    _check_stack_op(proj, torch.randn(256, 100, 100, dtype=F64, device=DEVICE), dtype)
+
+
+@pytest.mark.gpu
+def test_reference_model_inference_fused_matches_training_path(monkeypatch):
+    """The slab (inference) and saved-intermediate (training) paths of the fused kernel, and the
+    per-layer path, agree at full size: a race between a layer's writes and the next layer's
+    reads in the fused kernel would show up here."""
+    stack = Stack(100, REFERENCE_SPECS)
+    x = torch.randn(256, 100, 100, device=DEVICE, dtype=torch.bfloat16)
+    w = [t.bfloat16() for t in stack.weights]
+    b = [t.bfloat16() for t in stack.biases]
+    outs = []
+    for strat, grad in (("fused", False), ("fused", True), ("layers", False)):
+        monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, strat)
+        ww = [t.clone().requires_grad_(grad) for t in w]
+        outs.append(conv1d_stack(x, ww, b, backend="triton", **stack.kwargs).detach())
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[0], outs[2]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_reference_model_gradients_bitwise_reproducible(strategy):
+    """At full size the weight-gradient reduction splits over many programs: still no atomics,
+    so two backward passes agree to the bit (also the embedding table's gradient)."""
+    stack = Stack(100, REFERENCE_SPECS)
+    table = torch.randn(20_000, 100, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    tokens = torch.randint(0, 20_000, (256, 100), device=DEVICE)
+    tokens[:, :30] = 0
+    ps = _leaves(stack.params(), torch.bfloat16)
+    w, b, _, _ = stack.split(ps)
+    g = torch.randn(256, 45, 512, device=DEVICE, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        y = conv1d_stack_embedding(tokens, table, w, b, backend="triton", **stack.kwargs)
+        runs.append(torch.autograd.grad(y, [table, *ps], g))
+    for g1, g2 in zip(*runs):
+        assert torch.equal(g1, g2)
+
+
+# --- the kernels compile for an H100 (checked here without a GPU) ----------------------------------------
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every kernel is compiled and run by the other tests")
+def test_kernels_compile_for_sm90():
+    """The interpreter never runs Triton's compiler: compile every kernel specialization of the
+    reference model's forward and backward for sm_90 in a subprocess without the interpreter."""
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not (bundled.exists() or shutil.which("ptxas")):
+        pytest.skip("no ptxas (Triton's NVIDIA backend) to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.triton_compile_check"], cwd=root, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "_conv1d_stack_fused_kernel" in out.stdout and "FAIL" not in out.stdout

@@ -1,0 +1,165 @@
+"""Compile the conv1d Triton kernels for an H100 (sm_90) without a GPU.
+
+The interpreter runs the kernels' math but never the compiler, so a kernel can pass every CPU
+test and still fail to compile (or run out of shared memory) on a GPU. This script drives the
+``triton`` backend of the conv1d ops at the reference model's size (bf16, batch 256) with the
+launches intercepted, then compiles every distinct specialization for sm_90 the way Triton's
+launcher would, and prints shared memory, registers and spills (``ptxas -v``).
+
+Run without ``TRITON_INTERPRET``: ``python -m tests.triton_compile_check``. Exit status 1 when a
+kernel does not compile or needs more shared memory than an H100 has. It uses private Triton
+launcher APIs (checked against Triton 3.8).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+H100_SHARED_BYTES = 227 * 1024
+TARGET = GPUTarget("cuda", 90, 32)
+SM_COUNT = 132
+
+
+def _compile(fn: JITFunction, args: tuple, kwargs: dict):
+    """Compile one launch for ``TARGET`` with the specialization Triton's launcher would use."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+
+
+def _ptxas_info(ptx: str) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return "ptxas not found"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    lines = [line.split("info    : ")[-1].strip() for line in out.stderr.splitlines()]
+    return "; ".join(line for line in lines if "registers" in line or "spill" in line)
+
+
+def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
+    """Drive the backend at the reference model's size, recording launches instead of running."""
+    captured: list[tuple[str, JITFunction, tuple, dict]] = []
+    case = ["?"]
+
+    def record(self, *args, grid, warmup, **kwargs):
+        captured.append((case[0], self, args, dict(kwargs)))
+
+    JITFunction.run = record
+
+    from fusedconvlstm.ops.conv1d import (
+        check_conv1d_stack_args,
+        check_conv1d_stack_embedding_args,
+        check_conv1d_stack_projection_args,
+    )
+    from fusedconvlstm.triton import conv1d as layer_kernels
+    from fusedconvlstm.triton import conv1d_fused_stack as fused
+    from fusedconvlstm.triton import conv1d_stack as backend
+
+    # Tile and split heuristics as they are on an H100 (they look at the device).
+    cuda = torch.device("cuda")
+    gemm_config, block_config = layer_kernels.gemm_config, fused.fused_block_config
+    layer_kernels.gemm_config = lambda device, m, n, k: gemm_config(cuda, m, n, k)
+    fused.fused_block_config = lambda layers, device: block_config(layers, cuda)
+    fused.resident_programs = lambda device: 2 * SM_COUNT
+    layer_kernels.weight_grad_splits = lambda device, tiles, rows, block_r: max(
+        1, min(triton.cdiv(2 * SM_COUNT, max(tiles, 1)), triton.cdiv(rows, 8 * block_r), 64)
+    )
+    precision = "tf32" if dtype == torch.float32 else "ieee"
+    layer_kernels.dot_precision = fused.dot_precision = lambda dt, device, layer: precision
+
+    B, T, V = 256, 100, 20_000
+    chans = [100, 200, 200, 256, 256, 512]
+    w = [torch.randn(c_out, c_in, 3, dtype=dtype) for c_in, c_out in zip(chans, chans[1:])]
+    b = [torch.randn(c_out, dtype=dtype) for c_out in chans[1:]]
+    x = torch.randn(B, T, 100, dtype=dtype)
+    tokens = torch.randint(0, V, (B, T))
+    table = torch.randn(V, 100, dtype=dtype)
+    hyper = ([1, 1, 1, 1, 2], [0] * 10, [1] * 5, ",".join(["none"] * 5))
+    w_packed, biases = backend._prepare(w, b, None, None)
+    proj_w, proj_b = torch.randn(4096, 512, dtype=dtype), torch.randn(4096, dtype=dtype)
+    pw_packed, p_biases = backend._prepare(w, b, proj_w, proj_b)
+    # One launch of each kind of specialization: the fused kernel in inference (slab), training
+    # with the embedding gather (saved intermediates) and with the projection; every layer.
+    os.environ[backend.STRATEGY_ENV_VAR] = "fused"
+    case[0] = "fused forward"
+    call = check_conv1d_stack_args(x, w, b, *hyper, False)
+    backend._stack_forward(x, None, w_packed, biases, call, False)
+    case[0] = "fused embedding forward (training)"
+    e_call = check_conv1d_stack_embedding_args(tokens, table, w, b, *hyper, True)
+    backend._stack_forward(table, tokens, w_packed, biases, e_call, True)
+    case[0] = "fused projection forward"
+    p_call = check_conv1d_stack_projection_args(x, w, b, *hyper, proj_w, proj_b, False)
+    backend._stack_forward(x, None, pw_packed, p_biases, p_call, False)
+    os.environ[backend.STRATEGY_ENV_VAR] = "layers"
+    case[0] = "layers embedding+projection forward"
+    ep_call = check_conv1d_stack_embedding_args(tokens, table, w, b, *hyper, True)
+    ep_call = type(ep_call)(**{**ep_call.__dict__, "projection": p_call.projection})
+    backend._stack_forward(table, tokens, pw_packed, p_biases, ep_call, True)
+    saved = [torch.randn(B, t, c, dtype=dtype) for t, c in zip([98, 96, 94, 92], chans[1:5])]
+    case[0] = "backward"
+    backend._stack_backward(torch.randn(B, 45, 512, dtype=dtype), x, None, w_packed, biases, saved, call)
+    case[0] = "embedding backward"
+    backend._stack_backward(torch.randn(B, 45, 512, dtype=dtype), table, tokens, w_packed, biases, saved, e_call)
+    # Every activation (forward, prologue and derivative), stride 3, dilation, padding, in fp16.
+    h = torch.float16
+    mw = [torch.randn(24, 20, 3, dtype=h), torch.randn(16, 24, 5, dtype=h), torch.randn(12, 16, 1, dtype=h)]
+    mw.append(torch.randn(8, 12, 3, dtype=h))
+    mb = [torch.randn(24, dtype=h), None, torch.randn(12, dtype=h), torch.randn(8, dtype=h)]
+    mhyper = ([1, 3, 1, 1], [1, 1, 2, 1, 0, 0, 1, 1], [2, 1, 1, 1], "relu,gelu,silu,tanh")
+    mx = torch.randn(16, 64, 20, dtype=h)
+    m_packed, m_biases = backend._prepare(mw, mb, None, None)
+    m_call = check_conv1d_stack_args(mx, mw, mb, *mhyper, True)
+    for strategy in ("fused", "layers"):
+        os.environ[backend.STRATEGY_ENV_VAR] = strategy
+        case[0] = f"activations {strategy} forward (training)"
+        _, m_saved = backend._stack_forward(mx, None, m_packed, m_biases, m_call, True)
+    case[0] = "activations backward"
+    backend._stack_backward(torch.randn(16, 20, 8, dtype=h), mx, None, m_packed, m_biases, m_saved, m_call)
+    return captured
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("run without TRITON_INTERPRET=1: the interpreter replaces the compiler")
+        return 2
+    dtype = getattr(torch, os.environ.get("DTYPE", "bfloat16"))
+    failures = 0
+    seen = set()
+    for case, fn, args, kwargs in _launches(dtype):
+        key = (fn.fn.__name__, repr(sorted((k, v) for k, v in kwargs.items() if k.isupper() or k.startswith("num"))))
+        key += tuple(a % 16 == 0 if isinstance(a, int) else None for a in args)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            compiled = _compile(fn, args, kwargs)
+        except Exception as e:  # report every kernel, then fail
+            print(f"FAIL {case}: {fn.fn.__name__}: {type(e).__name__}: {e}")
+            failures += 1
+            continue
+        shared = compiled.metadata.shared
+        ok = shared <= H100_SHARED_BYTES
+        failures += not ok
+        status = "ok  " if ok else "FAIL"
+        print(f"{status} {case}: {fn.fn.__name__} shared={shared} B; {_ptxas_info(compiled.asm['ptx'])}")
+        sys.stdout.flush()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -76,6 +76,10 @@ def _worker(rank: int, init_file: str, wrapper: str, out_dir: str) -> None:
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({n: g.detach().cpu() for n, g in grads.items()}, os.path.join(out_dir, "grads.pt"))
+        del wrapped, grads
+        # Both ranks finish their gloo traffic before either tears the group down: a rank that
+        # exits while its peer still talks aborts with "terminate called without an active exception".
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

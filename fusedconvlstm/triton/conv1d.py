@@ -36,23 +36,11 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedconvlstm.ops.conv1d import ConvLayer
+from fusedconvlstm.triton.elementwise import tanh
 
 # ---------------------------------------------------------------------------------------------
 # Activations (fp32 in, fp32 out)
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(v):
-    # libdevice's tanh does not run under the interpreter. exp(-2|v|) loses relative precision
-    # near 0 (1 - t cancels), so small |v| use the odd Taylor series (error < 1e-9 at |v| < 0.2).
-    a = tl.abs(v)
-    t = tl.exp(-2.0 * a)
-    big = (1.0 - t) / (1.0 + t)
-    v2 = v * v
-    small = a * (1.0 + v2 * (-1.0 / 3.0 + v2 * (2.0 / 15.0 + v2 * (-17.0 / 315.0 + v2 * (62.0 / 2835.0)))))
-    r = tl.where(a < 0.2, small, big)
-    return tl.where(v < 0.0, -r, r)
 
 
 @triton.jit
@@ -65,7 +53,7 @@ def activate(v, ACT: tl.constexpr):
     elif ACT == "silu":
         v = v * tl.sigmoid(v)
     elif ACT == "tanh":
-        v = _tanh(v)
+        v = tanh(v)
     return v
 
 
@@ -80,7 +68,7 @@ def activation_derivative(z, ACT: tl.constexpr):
         s = tl.sigmoid(z)
         d = s * (1.0 + z * (1.0 - s))
     elif ACT == "tanh":
-        t = _tanh(z)
+        t = tanh(z)
         d = 1.0 - t * t
     else:
         d = tl.full(z.shape, 1.0, tl.float32)

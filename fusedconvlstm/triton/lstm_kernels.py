@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fusedconvlstm.triton.elementwise import sigmoid, tanh
+
 # Scalars that change between calls without changing the code: not specialized, so one compiled
 # kernel serves every batch size and sequence length (the persistent launcher compiles once,
 # reads the kernel's resources, then sizes the grid with these).
@@ -36,33 +38,14 @@ _RUNTIME_SCALARS = ["T", "B", "reverse_mask", "n_bgroups", "rows_per_group", "st
 
 
 @triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    # No portable tanh primitive (libdevice is not available under the interpreter).
-    # (1 - e) / (1 + e) with e = exp(-2|x|) loses relative accuracy near 0 (1 - e cancels), so
-    # small arguments use the Taylor series, whose next term is below float32 rounding at 0.25.
-    ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)
-    large = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    r = tl.where(ax < 0.25, small, large)
-    return tl.where(x < 0, -r, r)
-
-
-@triton.jit
 def _lstm_cell_forward(pre_i, pre_f, pre_g, pre_o, c_prev):
     """Gate activations, ``c_t`` and ``h_t`` from pre-activations (float32)."""
-    i = _sigmoid(pre_i)
-    f = _sigmoid(pre_f)
-    g = _tanh(pre_g)
-    o = _sigmoid(pre_o)
+    i = sigmoid(pre_i)
+    f = sigmoid(pre_f)
+    g = tanh(pre_g)
+    o = sigmoid(pre_o)
     c = f * c_prev + i * g
-    h = o * _tanh(c)
+    h = o * tanh(c)
     return i, f, g, o, c, h
 
 
@@ -70,7 +53,7 @@ def _lstm_cell_forward(pre_i, pre_f, pre_g, pre_o, c_prev):
 def _lstm_cell_backward(dh, dc, i, f, g, o, c_prev):
     """Pre-activation gradients and ``dL/dc_{t-1}`` from ``dL/dh_t``, ``dL/dc_t`` (float32)."""
     c = f * c_prev + i * g
-    tc = _tanh(c)
+    tc = tanh(c)
     dc_t = dc + dh * o * (1.0 - tc * tc)
     d_i = dc_t * g * i * (1.0 - i)
     d_f = dc_t * c_prev * f * (1.0 - f)

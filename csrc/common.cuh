@@ -77,6 +77,16 @@ inline void check_shape(const Tensor& t, std::initializer_list<int64_t> shape, c
   }
 }
 
+// The device pointer of an optional (B,) int64 `lengths` tensor, checked; null when absent.
+inline const int64_t* optional_lengths(const std::optional<Tensor>& lengths, const Tensor& like, int64_t B,
+                                       const char* op) {
+  if (!lengths.has_value()) return nullptr;
+  check_cuda_contiguous(*lengths, like, op, "lengths");
+  check_dtype(*lengths, ScalarType::Long, op, "lengths");
+  check_shape(*lengths, {B}, op, "lengths");
+  return static_cast<const int64_t*>(lengths->data_ptr());
+}
+
 // The accumulation type: float for 16-bit and 32-bit storage, double for double.
 inline ScalarType acc_dtype(ScalarType t) { return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
 

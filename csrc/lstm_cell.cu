@@ -122,14 +122,6 @@ __global__ void lstm_cell_backward_kernel(const T* __restrict__ dh_rec, const T*
 
 constexpr int kThreads = 256;
 
-const int64_t* lengths_ptr(const std::optional<Tensor>& lengths, const Tensor& like, int64_t B, const char* op) {
-  if (!lengths.has_value()) return nullptr;
-  check_cuda_contiguous(*lengths, like, op, "lengths");
-  check_dtype(*lengths, ScalarType::Long, op, "lengths");
-  check_shape(*lengths, {B}, op, "lengths");
-  return static_cast<const int64_t*>(lengths->data_ptr());
-}
-
 void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tensor workspace,
                         std::optional<Tensor> lengths, int64_t step, int64_t reverse_mask) {
   const char* op = "lstm_cell_forward_";
@@ -151,7 +143,7 @@ void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tens
   check_shape(c, {D, B, H}, op, "c");
   check_shape(y, {T, B, D, H}, op, "y");
   check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
-  const int64_t* len = lengths_ptr(lengths, xg, B, op);
+  const int64_t* len = optional_lengths(lengths, xg, B, op);
   const int64_t total = D * B * H;
   if (total == 0) return;
   torch::stable::accelerator::DeviceGuard guard(xg.get_device_index());
@@ -191,7 +183,7 @@ void lstm_cell_backward_(Tensor dh_rec, Tensor grad_y, Tensor workspace, Tensor 
   check_shape(grad_y, {T, B, D, H}, op, "grad_y");
   check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
   check_shape(dgates_step, {D, B, 4 * H}, op, "dgates_step");
-  const int64_t* len = lengths_ptr(lengths, dgates, B, op);
+  const int64_t* len = optional_lengths(lengths, dgates, B, op);
   const int64_t total = D * B * H;
   if (total == 0) return;
   torch::stable::accelerator::DeviceGuard guard(dgates.get_device_index());

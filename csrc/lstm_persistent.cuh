@@ -307,6 +307,94 @@ inline void check_config(const Config& c, const char* op) {
   STD_TORCH_CHECK(c.nbg >= 1, op, ": nbg must be >= 1, got ", c.nbg);
 }
 
+// What both persistent kernels take besides their own tensors.
+struct RecurrenceParams {
+  const int64_t* lengths;  // (B,) or null
+  unsigned* sync;          // barrier counters, zeroed before the launch
+  int seq_len, B, D, H;
+  int64_t reverse_mask;
+  Layout l;
+  Config cfg;
+  bool precise;
+};
+
+// The sizes, dtype and launch layout of a persistent call, checked once for both ops. `seq` is the
+// (T, B, D, 4H) tensor of the op (xg forward, dgates backward); `k` the reduction length of one
+// step's GEMM and `m_rows`, `k_split` the kernel's tile parameters for make_layout.
+struct Problem {
+  int64_t T, B, D, H;
+  ScalarType dt;
+  Config cfg;
+  Layout l;
+};
+
+inline Problem check_problem(const Tensor& seq, const char* seq_name, int64_t nt, int64_t wm, int64_t wn, int64_t wk,
+                             int64_t nbg, bool precise, bool k_is_4h, int m_rows, int k_split, const char* op) {
+  STD_TORCH_CHECK(seq.dim() == 4, op, ": ", seq_name, " must be 4-D (T, B, D, 4H), got ", seq.dim(), "-D");
+  Problem p;
+  p.T = seq.size(0), p.B = seq.size(1), p.D = seq.size(2), p.H = seq.size(3) / 4;
+  STD_TORCH_CHECK(p.H > 0 && seq.size(3) == 4 * p.H, op, ": ", seq_name,
+                  ".shape[3] must be 4 * hidden_size > 0, got ", seq.size(3));
+  STD_TORCH_CHECK(p.T > 0 && p.B > 0, op, ": ", seq_name, " must have T > 0 and B > 0, got ", p.T, " and ", p.B);
+  STD_TORCH_CHECK(p.D >= 1 && p.D <= 62, op, ": the number of recurrences must lie in [1, 62], got ", p.D);
+  STD_TORCH_CHECK(p.T < (int64_t(1) << 31) && p.B < (int64_t(1) << 31) && p.H < (int64_t(1) << 20), op,
+                  ": sizes out of range (T and B below 2^31, H below 2^20)");
+  p.dt = seq.scalar_type();
+  STD_TORCH_CHECK(p.dt == ScalarType::Half || p.dt == ScalarType::BFloat16 || p.dt == ScalarType::Float, op, ": ",
+                  seq_name, " must be float16, bfloat16 or float32, got ", dtype_name(p.dt),
+                  " (float64 runs on the step-wise kernels)");
+  p.cfg = Config{static_cast<int>(nt), static_cast<int>(wm), static_cast<int>(wn), static_cast<int>(wk),
+                 static_cast<int>(nbg)};
+  check_config(p.cfg, op);
+  const int elem = p.dt == ScalarType::Float ? 4 : 2;
+  p.l = make_layout(p.cfg, p.B, p.D, p.H, k_is_4h ? 4 * p.H : p.H, elem, m_rows, k_split);
+  STD_TORCH_CHECK(p.cfg.nbg <= p.l.nbt, op, ": nbg (", p.cfg.nbg, ") must not exceed the number of batch tiles (",
+                  p.l.nbt, ")");
+  STD_TORCH_CHECK(p.T * p.l.nu < (int64_t(1) << 32), op, ": T * blocks per group must stay below 2^32");
+  STD_TORCH_CHECK(!precise || p.dt == ScalarType::Float, op, ": precise (3xTF32) applies to float32 only");
+  return p;
+}
+
+// Checks `lengths` and `sync`, zeroes the barrier counters on `stream` and fills the shared params.
+inline RecurrenceParams recurrence_params(const Problem& pb, const std::optional<Tensor>& lengths, const Tensor& sync,
+                                          const Tensor& like, int64_t reverse_mask, bool precise, cudaStream_t stream,
+                                          const char* op) {
+  check_dtype(sync, ScalarType::Int, op, "sync");
+  check_cuda_contiguous(sync, like, op, "sync");
+  const int64_t counters = pb.D * pb.cfg.nbg * kSyncStride;
+  STD_TORCH_CHECK(sync.numel() >= counters, op, ": sync must hold at least ", counters, " int32 counters, got ",
+                  sync.numel());
+  RecurrenceParams r;
+  r.lengths = optional_lengths(lengths, like, pb.B, op);
+  r.sync = static_cast<unsigned*>(sync.data_ptr());
+  r.seq_len = static_cast<int>(pb.T);
+  r.B = static_cast<int>(pb.B);
+  r.D = static_cast<int>(pb.D);
+  r.H = static_cast<int>(pb.H);
+  r.reverse_mask = reverse_mask;
+  r.l = pb.l;
+  r.cfg = pb.cfg;
+  r.precise = precise;
+  STD_CUDA_CHECK(cudaMemsetAsync(sync.data_ptr(), 0, sync.numel() * sizeof(int32_t), stream));
+  return r;
+}
+
+// Calls launch(T{}, std::integral_constant<int, NT>{}) for the compiled (dtype, batch tile) pairs.
+template <typename Launch>
+void dispatch_tile(ScalarType dt, int nt, Launch&& launch) {
+  auto by_nt = [&](auto t_tag) {
+    if (nt == 1)
+      launch(t_tag, std::integral_constant<int, 1>{});
+    else
+      launch(t_tag, std::integral_constant<int, 4>{});
+  };
+  switch (dt) {
+    case ScalarType::Half: by_nt(__half{}); break;
+    case ScalarType::BFloat16: by_nt(__nv_bfloat16{}); break;
+    default: by_nt(float{}); break;
+  }
+}
+
 // Launches `kernel` cooperatively (all blocks co-resident, which the spin barriers rely on),
 // after checking that the configuration fits the device; refuses with a sentence otherwise.
 template <typename Params>

@@ -21,22 +21,15 @@ namespace persistent {
 namespace {
 
 template <typename T>
-struct BackwardParams {
-  const T* grad_y;          // (T, B, D, H)
-  const float* ws;          // (T, B, D, 5H) from the forward: i, f, g, o, c
-  const float* c0;          // (D, B, H)
-  const T* w;               // (D, 4H, H)
-  float* dh_carry;          // (D, B, H): grad_h_n on entry, grad_h0 on exit
-  float* dc;                // (D, B, H): grad_c_n on entry, grad_c0 on exit
-  T* dgates;                // (T, B, D, 4H)
-  T* g_buf;                 // (2, D, B, kp): zero on entry
-  const int64_t* lengths;   // (B,) or null
-  unsigned* sync;
-  int seq_len, B, D, H;
-  int64_t reverse_mask;
-  Layout l;
-  Config cfg;
-  bool precise;
+struct BackwardParams : RecurrenceParams {
+  const T* grad_y;  // (T, B, D, H)
+  const float* ws;  // (T, B, D, 5H) from the forward: i, f, g, o, c
+  const float* c0;  // (D, B, H)
+  const T* w;       // (D, 4H, H)
+  float* dh_carry;  // (D, B, H): grad_h_n on entry, grad_h0 on exit
+  float* dc;        // (D, B, H): grad_c_n on entry, grad_c0 on exit
+  T* dgates;        // (T, B, D, 4H)
+  T* g_buf;         // (2, D, B, kp): zero on entry
 };
 
 constexpr int kMt = 1;  // 16 units per warp row
@@ -197,63 +190,32 @@ void lstm_persistent_backward_(Tensor grad_y, Tensor workspace, Tensor c0, Tenso
                                int64_t reverse_mask, int64_t nt, int64_t wm, int64_t wn, int64_t wk, int64_t nbg,
                                bool precise, Tensor dh_carry, Tensor dc, Tensor dgates, Tensor g_buf, Tensor sync) {
   const char* op = "lstm_persistent_backward_";
-  STD_TORCH_CHECK(dgates.dim() == 4, op, ": dgates must be 4-D (T, B, D, 4H), got ", dgates.dim(), "-D");
-  const int64_t T = dgates.size(0), B = dgates.size(1), D = dgates.size(2), H = dgates.size(3) / 4;
-  STD_TORCH_CHECK(H > 0 && dgates.size(3) == 4 * H, op, ": dgates.shape[3] must be 4 * hidden_size > 0, got ",
-                  dgates.size(3));
-  STD_TORCH_CHECK(T > 0 && B > 0, op, ": dgates must have T > 0 and B > 0, got ", T, " and ", B);
-  STD_TORCH_CHECK(D >= 1 && D <= 62, op, ": the number of recurrences must lie in [1, 62], got ", D);
-  STD_TORCH_CHECK(T < (int64_t(1) << 31) && B < (int64_t(1) << 31) && H < (int64_t(1) << 20), op,
-                  ": sizes out of range (T and B below 2^31, H below 2^20)");
-  const ScalarType dt = dgates.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::Half || dt == ScalarType::BFloat16 || dt == ScalarType::Float, op,
-                  ": dgates must be float16, bfloat16 or float32, got ", dtype_name(dt),
-                  " (float64 runs on the step-wise kernels)");
-  const Config cfg{static_cast<int>(nt), static_cast<int>(wm), static_cast<int>(wn), static_cast<int>(wk),
-                   static_cast<int>(nbg)};
-  check_config(cfg, op);
-  const int elem = dt == ScalarType::Float ? 4 : 2;
-  const Layout l = make_layout(cfg, B, D, H, 4 * H, elem, 16 * kMt, 1);
-  STD_TORCH_CHECK(cfg.nbg <= l.nbt, op, ": nbg (", cfg.nbg, ") must not exceed the number of batch tiles (", l.nbt,
-                  ")");
-  STD_TORCH_CHECK(T * l.nu < (int64_t(1) << 32), op, ": T * blocks per group must stay below 2^32");
-  STD_TORCH_CHECK(!precise || dt == ScalarType::Float, op, ": precise (3xTF32) applies to float32 only");
-
+  const Problem pb = check_problem(dgates, "dgates", nt, wm, wn, wk, nbg, precise, /*k_is_4h=*/true, 16 * kMt, 1, op);
+  const int64_t T = pb.T, B = pb.B, D = pb.D, H = pb.H;
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&grad_y, "grad_y"}, {&w_hh, "w_hh"}, {&g_buf, "g_buf"}})
-    check_dtype(*t, dt, op, name);
+    check_dtype(*t, pb.dt, op, name);
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&workspace, "workspace"}, {&c0, "c0"},
                          {&dh_carry, "dh_carry"}, {&dc, "dc"}})
     check_dtype(*t, ScalarType::Float, op, name);
-  check_dtype(sync, ScalarType::Int, op, "sync");
   const std::pair<const Tensor*, const char*> all[] = {
-      {&grad_y, "grad_y"}, {&workspace, "workspace"}, {&c0, "c0"}, {&w_hh, "w_hh"}, {&dh_carry, "dh_carry"},
-      {&dc, "dc"},         {&dgates, "dgates"},       {&g_buf, "g_buf"}, {&sync, "sync"}};
+      {&grad_y, "grad_y"}, {&workspace, "workspace"}, {&c0, "c0"}, {&w_hh, "w_hh"},
+      {&dh_carry, "dh_carry"}, {&dc, "dc"}, {&dgates, "dgates"}, {&g_buf, "g_buf"}};
   for (auto [t, name] : all) check_cuda_contiguous(*t, dgates, op, name);
   check_shape(grad_y, {T, B, D, H}, op, "grad_y");
   check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
   check_shape(w_hh, {D, 4 * H, H}, op, "w_hh");
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&c0, "c0"}, {&dh_carry, "dh_carry"}, {&dc, "dc"}})
     check_shape(*t, {D, B, H}, op, name);
-  check_shape(g_buf, {2, D, B, l.kp}, op, "g_buf");
-  STD_TORCH_CHECK(sync.numel() >= D * nbg * kSyncStride, op, ": sync must hold at least ", D * nbg * kSyncStride,
-                  " int32 counters, got ", sync.numel());
-  const int64_t* len = nullptr;
-  if (lengths.has_value()) {
-    check_cuda_contiguous(*lengths, dgates, op, "lengths");
-    check_dtype(*lengths, ScalarType::Long, op, "lengths");
-    check_shape(*lengths, {B}, op, "lengths");
-    len = static_cast<const int64_t*>(lengths->data_ptr());
-  }
+  check_shape(g_buf, {2, D, B, pb.l.kp}, op, "g_buf");
 
   const int device = dgates.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   cudaStream_t stream = current_stream(dgates);
-  STD_CUDA_CHECK(cudaMemsetAsync(sync.data_ptr(), 0, sync.numel() * sizeof(int32_t), stream));
-
-  auto launch = [&](auto t_tag, auto nt_tag) {
+  const RecurrenceParams common = recurrence_params(pb, lengths, sync, dgates, reverse_mask, precise, stream, op);
+  dispatch_tile(pb.dt, pb.cfg.nt, [&](auto t_tag, auto nt_tag) {
     using Ts = decltype(t_tag);
-    constexpr int NT = decltype(nt_tag)::value;
     BackwardParams<Ts> p;
+    static_cast<RecurrenceParams&>(p) = common;
     p.grad_y = static_cast<const Ts*>(grad_y.data_ptr());
     p.ws = static_cast<const float*>(workspace.data_ptr());
     p.c0 = static_cast<const float*>(c0.data_ptr());
@@ -262,29 +224,8 @@ void lstm_persistent_backward_(Tensor grad_y, Tensor workspace, Tensor c0, Tenso
     p.dc = static_cast<float*>(dc.data_ptr());
     p.dgates = static_cast<Ts*>(dgates.data_ptr());
     p.g_buf = static_cast<Ts*>(g_buf.data_ptr());
-    p.lengths = len;
-    p.sync = static_cast<unsigned*>(sync.data_ptr());
-    p.seq_len = static_cast<int>(T);
-    p.B = static_cast<int>(B);
-    p.D = static_cast<int>(D);
-    p.H = static_cast<int>(H);
-    p.reverse_mask = reverse_mask;
-    p.l = l;
-    p.cfg = cfg;
-    p.precise = precise;
-    launch_cooperative(lstm_persistent_backward_kernel<Ts, NT>, p, l, device, stream, op);
-  };
-  auto by_nt = [&](auto t_tag) {
-    if (cfg.nt == 1)
-      launch(t_tag, std::integral_constant<int, 1>{});
-    else
-      launch(t_tag, std::integral_constant<int, 4>{});
-  };
-  switch (dt) {
-    case ScalarType::Half: by_nt(__half{}); break;
-    case ScalarType::BFloat16: by_nt(__nv_bfloat16{}); break;
-    default: by_nt(float{}); break;
-  }
+    launch_cooperative(lstm_persistent_backward_kernel<Ts, decltype(nt_tag)::value>, p, pb.l, device, stream, op);
+  });
 }
 
 }  // namespace

@@ -23,20 +23,13 @@ namespace persistent {
 namespace {
 
 template <typename T>
-struct ForwardParams {
-  const T* xg;              // (T, B, D, 4H)
-  const T* w;               // (D, 4H, H)
-  T* h_buf;                 // (2, D, B, kp): h_buf[0] holds h0 on entry
-  float* c_state;           // (D, B, H): c0 on entry, c_n on exit
-  T* y;                     // (T, B, D, H)
-  float* ws;                // (T, B, D, 5H): i, f, g, o, c per step (zeros at masked steps)
-  const int64_t* lengths;   // (B,) or null
-  unsigned* sync;           // barrier counters, zeroed before the launch
-  int seq_len, B, D, H;
-  int64_t reverse_mask;
-  Layout l;
-  Config cfg;
-  bool precise;
+struct ForwardParams : RecurrenceParams {
+  const T* xg;     // (T, B, D, 4H)
+  const T* w;      // (D, 4H, H)
+  T* h_buf;        // (2, D, B, kp): h_buf[0] holds h0 on entry
+  float* c_state;  // (D, B, H): c0 on entry, c_n on exit
+  T* y;            // (T, B, D, H)
+  float* ws;       // (T, B, D, 5H): i, f, g, o, c per step (zeros at masked steps)
 };
 
 constexpr int kMt = 2;  // 32 rows per warp: 8 units x 4 gates
@@ -170,90 +163,37 @@ void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> leng
                               int64_t wm, int64_t wn, int64_t wk, int64_t nbg, bool precise, Tensor h_buf,
                               Tensor c_state, Tensor y, Tensor workspace, Tensor sync) {
   const char* op = "lstm_persistent_forward_";
-  STD_TORCH_CHECK(xg.dim() == 4, op, ": xg must be 4-D (T, B, D, 4H), got ", xg.dim(), "-D");
-  const int64_t T = xg.size(0), B = xg.size(1), D = xg.size(2), H = xg.size(3) / 4;
-  STD_TORCH_CHECK(H > 0 && xg.size(3) == 4 * H, op, ": xg.shape[3] must be 4 * hidden_size > 0, got ", xg.size(3));
-  STD_TORCH_CHECK(T > 0 && B > 0, op, ": xg must have T > 0 and B > 0, got ", T, " and ", B);
-  STD_TORCH_CHECK(D >= 1 && D <= 62, op, ": the number of recurrences must lie in [1, 62], got ", D);
-  STD_TORCH_CHECK(T < (int64_t(1) << 31) && B < (int64_t(1) << 31) && H < (int64_t(1) << 20), op,
-                  ": sizes out of range (T and B below 2^31, H below 2^20)");
-  const ScalarType dt = xg.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::Half || dt == ScalarType::BFloat16 || dt == ScalarType::Float, op,
-                  ": xg must be float16, bfloat16 or float32, got ", dtype_name(dt),
-                  " (float64 runs on the step-wise kernels)");
-  const Config cfg{static_cast<int>(nt), static_cast<int>(wm), static_cast<int>(wn), static_cast<int>(wk),
-                   static_cast<int>(nbg)};
-  check_config(cfg, op);
-  const int elem = dt == ScalarType::Float ? 4 : 2;
-  const Layout l = make_layout(cfg, B, D, H, H, elem, 16 * kMt, 4);
-  STD_TORCH_CHECK(cfg.nbg <= l.nbt, op, ": nbg (", cfg.nbg, ") must not exceed the number of batch tiles (", l.nbt,
-                  ")");
-  STD_TORCH_CHECK(T * l.nu < (int64_t(1) << 32), op, ": T * blocks per group must stay below 2^32");
-  STD_TORCH_CHECK(!precise || dt == ScalarType::Float, op, ": precise (3xTF32) applies to float32 only");
-
-  check_dtype(w_hh, dt, op, "w_hh");
-  check_dtype(h_buf, dt, op, "h_buf");
-  check_dtype(y, dt, op, "y");
+  const Problem pb = check_problem(xg, "xg", nt, wm, wn, wk, nbg, precise, /*k_is_4h=*/false, 16 * kMt, 4, op);
+  const int64_t T = pb.T, B = pb.B, D = pb.D, H = pb.H;
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&w_hh, "w_hh"}, {&h_buf, "h_buf"}, {&y, "y"}})
+    check_dtype(*t, pb.dt, op, name);
   check_dtype(c_state, ScalarType::Float, op, "c_state");
   check_dtype(workspace, ScalarType::Float, op, "workspace");
-  check_dtype(sync, ScalarType::Int, op, "sync");
   const std::pair<const Tensor*, const char*> all[] = {{&xg, "xg"}, {&w_hh, "w_hh"}, {&h_buf, "h_buf"},
-                                                       {&c_state, "c_state"}, {&y, "y"}, {&workspace, "workspace"},
-                                                       {&sync, "sync"}};
+                                                       {&c_state, "c_state"}, {&y, "y"}, {&workspace, "workspace"}};
   for (auto [t, name] : all) check_cuda_contiguous(*t, xg, op, name);
   check_shape(w_hh, {D, 4 * H, H}, op, "w_hh");
-  check_shape(h_buf, {2, D, B, l.kp}, op, "h_buf");
+  check_shape(h_buf, {2, D, B, pb.l.kp}, op, "h_buf");
   check_shape(c_state, {D, B, H}, op, "c_state");
   check_shape(y, {T, B, D, H}, op, "y");
   check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
-  STD_TORCH_CHECK(sync.numel() >= D * nbg * kSyncStride, op, ": sync must hold at least ", D * nbg * kSyncStride,
-                  " int32 counters, got ", sync.numel());
-  const int64_t* len = nullptr;
-  if (lengths.has_value()) {
-    check_cuda_contiguous(*lengths, xg, op, "lengths");
-    check_dtype(*lengths, ScalarType::Long, op, "lengths");
-    check_shape(*lengths, {B}, op, "lengths");
-    len = static_cast<const int64_t*>(lengths->data_ptr());
-  }
 
   const int device = xg.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   cudaStream_t stream = current_stream(xg);
-  STD_CUDA_CHECK(cudaMemsetAsync(sync.data_ptr(), 0, sync.numel() * sizeof(int32_t), stream));
-
-  auto launch = [&](auto t_tag, auto nt_tag) {
+  const RecurrenceParams common = recurrence_params(pb, lengths, sync, xg, reverse_mask, precise, stream, op);
+  dispatch_tile(pb.dt, pb.cfg.nt, [&](auto t_tag, auto nt_tag) {
     using Ts = decltype(t_tag);
-    constexpr int NT = decltype(nt_tag)::value;
     ForwardParams<Ts> p;
+    static_cast<RecurrenceParams&>(p) = common;
     p.xg = static_cast<const Ts*>(xg.data_ptr());
     p.w = static_cast<const Ts*>(w_hh.data_ptr());
     p.h_buf = static_cast<Ts*>(h_buf.data_ptr());
     p.c_state = static_cast<float*>(c_state.data_ptr());
     p.y = static_cast<Ts*>(y.data_ptr());
     p.ws = static_cast<float*>(workspace.data_ptr());
-    p.lengths = len;
-    p.sync = static_cast<unsigned*>(sync.data_ptr());
-    p.seq_len = static_cast<int>(T);
-    p.B = static_cast<int>(B);
-    p.D = static_cast<int>(D);
-    p.H = static_cast<int>(H);
-    p.reverse_mask = reverse_mask;
-    p.l = l;
-    p.cfg = cfg;
-    p.precise = precise;
-    launch_cooperative(lstm_persistent_forward_kernel<Ts, NT>, p, l, device, stream, op);
-  };
-  auto by_nt = [&](auto t_tag) {
-    if (cfg.nt == 1)
-      launch(t_tag, std::integral_constant<int, 1>{});
-    else
-      launch(t_tag, std::integral_constant<int, 4>{});
-  };
-  switch (dt) {
-    case ScalarType::Half: by_nt(__half{}); break;
-    case ScalarType::BFloat16: by_nt(__nv_bfloat16{}); break;
-    default: by_nt(float{}); break;
-  }
+    launch_cooperative(lstm_persistent_forward_kernel<Ts, decltype(nt_tag)::value>, p, pb.l, device, stream, op);
+  });
 }
 
 }  // namespace

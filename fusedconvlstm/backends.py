@@ -78,7 +78,7 @@ def _triton_why_not(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton)"
     if device.type == "cuda":
-        return None
+        return None if torch.cuda.is_available() else "no CUDA device is available to run Triton kernels"
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
             return None

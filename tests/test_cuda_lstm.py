@@ -26,8 +26,7 @@ import fusedconvlstm
 from fusedconvlstm import backends
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
-from fusedconvlstm.ops.lstm import LSTMRecurrenceCall
-from fusedconvlstm.ops.lstm_cell import reverse_mask
+from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, fp32_recurrence_allows_tf32, reverse_mask
 from fusedconvlstm.ops.lstm_persistent import OPS as PERSISTENT_OPS
 from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.reference.lstm import lstm_recurrence_reference
@@ -286,10 +285,10 @@ def test_fp32_precision_follows_the_cudnn_rnn_flag():
     saved = rnn.fp32_precision
     try:
         rnn.fp32_precision = "tf32"
-        assert cuda_lstm.tf32_allowed()
+        assert fp32_recurrence_allows_tf32()
         assert "TF32" in cuda_lstm.describe(_call(B=8, H=64), pc.H100_SXM)
         rnn.fp32_precision = "ieee"
-        assert not cuda_lstm.tf32_allowed()
+        assert not fp32_recurrence_allows_tf32()
         assert "3xTF32" in cuda_lstm.describe(_call(B=8, H=64), pc.H100_SXM)
     finally:
         rnn.fp32_precision = saved

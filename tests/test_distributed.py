@@ -82,6 +82,10 @@ def _worker(rank: int, init_file: str, wrapper: str, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without running C++ static destructors: gloo's threads can still be winding down then,
+    # and one in ~20 runs aborted there ("terminate called without an active exception") after the
+    # test's work was done and checked.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])

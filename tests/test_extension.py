@@ -10,7 +10,7 @@ import torch
 
 import fusedconvlstm
 from fusedconvlstm import _extension
-from fusedconvlstm.ops.lstm_cell import reverse_mask
+from fusedconvlstm.ops.lstm import reverse_mask
 
 CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None
 KERNEL_OPS = ("lstm_cell_forward_", "lstm_cell_backward_")

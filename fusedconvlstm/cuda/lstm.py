@@ -35,8 +35,13 @@ from torch import Tensor
 from fusedconvlstm import backends
 from fusedconvlstm.cuda import persistent_config
 from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout
-from fusedconvlstm.ops.lstm import OP, LSTMRecurrenceCall, recurrent_weight_grads
-from fusedconvlstm.ops.lstm_cell import reverse_mask
+from fusedconvlstm.ops.lstm import (
+    OP,
+    LSTMRecurrenceCall,
+    fp32_recurrence_allows_tf32,
+    recurrent_weight_grads,
+    reverse_mask,
+)
 from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 
 _cell_forward = torch.ops.fusedconvlstm.lstm_cell_forward_
@@ -66,19 +71,8 @@ def _lengths_on(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     return None if lengths is None else lengths.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
-def tf32_allowed() -> bool:
-    """Whether fp32 recurrences may use TF32, by the flag that governs ``nn.LSTM`` on cuDNN."""
-    cudnn = torch.backends.cudnn
-    for prec in (getattr(getattr(cudnn, "rnn", None), "fp32_precision", None), getattr(cudnn, "fp32_precision", None)):
-        if prec in ("tf32", "ieee"):
-            return prec == "tf32"
-    if getattr(torch.backends, "fp32_precision", "none") in ("tf32", "ieee"):
-        return torch.backends.fp32_precision == "tf32"
-    return False
-
-
 def _precise(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and not tf32_allowed()
+    return dtype == torch.float32 and not fp32_recurrence_allows_tf32()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -291,6 +291,25 @@ def resolve_lstm_backend(backend: str, call: LSTMRecurrenceCall) -> str:
     return _resolve(backend, call).backend
 
 
+def reverse_mask(reverse: Sequence[bool]) -> int:
+    """The bit mask of reversed recurrences that the kernels take (bit ``d`` for recurrence ``d``)."""
+    return sum(1 << d for d, r in enumerate(reverse) if r)
+
+
+def fp32_recurrence_allows_tf32() -> bool:
+    """Whether an fp32 recurrence may use TF32: the flag that governs ``nn.LSTM`` on cuDNN.
+
+    The most specific precision setting that is not ``"none"`` (inherit) decides, as in PyTorch
+    (``torch.backends.cudnn.rnn``, then ``cudnn``, then ``torch.backends``); a torch without them
+    falls back to ``torch.backends.cudnn.allow_tf32``.
+    """
+    for scope in (getattr(torch.backends.cudnn, "rnn", None), torch.backends.cudnn, torch.backends):
+        precision = getattr(scope, "fp32_precision", None)
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: Sequence[bool]) -> Tensor:
     """``h_{t-1}`` as seen by each step: ``(T, B, D, P)`` from the outputs ``y`` and ``h0``.
 

@@ -57,8 +57,3 @@ def _(dh_rec, grad_y, workspace, c0, dh_carry, dc, dgates, dgates_step, lengths,
 
 torch.library.impl("fusedconvlstm::lstm_cell_forward_", "cpu", _reference_cell.lstm_cell_forward_, lib=_LIB)
 torch.library.impl("fusedconvlstm::lstm_cell_backward_", "cpu", _reference_cell.lstm_cell_backward_, lib=_LIB)
-
-
-def reverse_mask(reverse: list[bool]) -> int:
-    """The bit mask of reversed recurrences used by the cell ops."""
-    return sum(1 << d for d, r in enumerate(reverse) if r)

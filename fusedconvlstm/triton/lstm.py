@@ -39,7 +39,13 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.ops.lstm import OP, LSTMRecurrenceCall, recurrent_weight_grads
+from fusedconvlstm.ops.lstm import (
+    OP,
+    LSTMRecurrenceCall,
+    fp32_recurrence_allows_tf32,
+    recurrent_weight_grads,
+    reverse_mask,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest hidden size for which one program holds the whole W_hh (4H × H) on-chip.
@@ -219,20 +225,7 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored for half-precision operands
-    return "tf32" if _cudnn_rnn_allows_tf32() else "ieee"
-
-
-def _cudnn_rnn_allows_tf32() -> bool:
-    # The most specific precision setting that is not "none" (inherit) decides, as in PyTorch.
-    for scope in (getattr(torch.backends.cudnn, "rnn", None), torch.backends.cudnn, torch.backends):
-        precision = getattr(scope, "fp32_precision", None)
-        if precision in ("tf32", "ieee"):
-            return precision == "tf32"
-    return bool(torch.backends.cudnn.allow_tf32)
-
-
-def _reverse_mask(reverse: list[bool]) -> int:
-    return sum(1 << d for d, r in enumerate(reverse) if r)
+    return "tf32" if fp32_recurrence_allows_tf32() else "ieee"
 
 
 def _lengths_arg(lengths: Tensor | None, device: torch.device) -> Tensor:
@@ -363,7 +356,7 @@ def lstm_forward(
             B=B,
             D=D,
             H=H,
-            reverse_mask=_reverse_mask(reverse),
+            reverse_mask=reverse_mask(reverse),
             HAS_LENGTHS=lengths is not None,
             DOT_PRECISION=_dot_precision(dtype),
         )
@@ -409,7 +402,7 @@ def lstm_backward(
             B=B,
             D=D,
             H=H,
-            reverse_mask=_reverse_mask(reverse),
+            reverse_mask=reverse_mask(reverse),
             HAS_LENGTHS=lengths is not None,
             DOT_PRECISION=_dot_precision(dtype),
         )

@@ -42,10 +42,11 @@ __global__ void lstm_cell_forward_kernel(const T* __restrict__ hh, const T* __re
     const StepIndex s = step_index(idx, seq_len, B, H, step, reverse_mask, false, lengths);
     const int64_t row = (s.t * B + s.b) * D + s.d;  // (t, b, d) row of xg, y and ws
     T* y_out = y + row * H + s.j;
-    Acc* ws_row = ws + row * 5 * H + s.j;
+    Acc* ws_row = ws == nullptr ? nullptr : ws + row * 5 * H + s.j;
     if (!s.valid) {
       *y_out = from_acc<T, Acc>(Acc(0));
-      for (int k = 0; k < 5; ++k) ws_row[k * H] = Acc(0);
+      if (ws != nullptr)
+        for (int k = 0; k < 5; ++k) ws_row[k * H] = Acc(0);
       continue;
     }
     const T* x_row = xg + row * 4 * H + s.j;
@@ -60,11 +61,13 @@ __global__ void lstm_cell_forward_kernel(const T* __restrict__ hh, const T* __re
     c[state] = c_new;
     h[state] = h_new;
     *y_out = h_new;
-    ws_row[0] = i;
-    ws_row[H] = f;
-    ws_row[2 * H] = g;
-    ws_row[3 * H] = o;
-    ws_row[4 * H] = c_new;
+    if (ws != nullptr) {  // null when the forward saves nothing for a backward
+      ws_row[0] = i;
+      ws_row[H] = f;
+      ws_row[2 * H] = g;
+      ws_row[3 * H] = o;
+      ws_row[4 * H] = c_new;
+    }
   }
 }
 
@@ -142,7 +145,8 @@ void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tens
   check_shape(h, {D, B, H}, op, "h");
   check_shape(c, {D, B, H}, op, "c");
   check_shape(y, {T, B, D, H}, op, "y");
-  check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
+  // An empty workspace: the forward saves nothing for a backward.
+  if (workspace.numel() != 0) check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
   const int64_t* len = optional_lengths(lengths, xg, B, op);
   const int64_t total = D * B * H;
   if (total == 0) return;
@@ -153,7 +157,7 @@ void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tens
     using Acc = decltype(acc_tag);
     lstm_cell_forward_kernel<Ts, Acc><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
         static_cast<const Ts*>(hh.data_ptr()), static_cast<const Ts*>(xg.data_ptr()), static_cast<Ts*>(h.data_ptr()),
-        static_cast<Acc*>(c.data_ptr()), static_cast<Ts*>(y.data_ptr()), static_cast<Acc*>(workspace.data_ptr()),
+        static_cast<Acc*>(c.data_ptr()), static_cast<Ts*>(y.data_ptr()), workspace.numel() ? static_cast<Acc*>(workspace.data_ptr()) : nullptr,
         len, T, B, D, H, step, reverse_mask);
   });
   STD_CUDA_KERNEL_LAUNCH_CHECK();

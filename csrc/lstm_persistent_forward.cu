@@ -29,7 +29,7 @@ struct ForwardParams : RecurrenceParams {
   T* h_buf;        // (2, D, B, kp): h_buf[0] holds h0 on entry
   float* c_state;  // (D, B, H): c0 on entry, c_n on exit
   T* y;            // (T, B, D, H)
-  float* ws;       // (T, B, D, 5H): i, f, g, o, c per step (zeros at masked steps)
+  float* ws;       // (T, B, D, 5H): i, f, g, o, c per step (zeros at masked steps); null: not saved
 };
 
 constexpr int kMt = 2;  // 32 rows per warp: 8 units x 4 gates
@@ -119,15 +119,17 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
         const int64_t state = (static_cast<int64_t>(d) * B + b) * H + j;
         const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;  // (t, b, d)
         T* y_out = p.y + row * H + j;
-        float* ws_row = p.ws + row * H5 + j;
+        float* ws_row = p.ws == nullptr ? nullptr : p.ws + row * H5 + j;
         T* h_out = h_next + static_cast<int64_t>(b) * kp + j;
         const bool valid = p.lengths == nullptr || t < p.lengths[b];
         if (!valid) {
           // Masked step: the state is carried (into the other buffer), the output is zero.
           *h_out = __ldcg(h_prev + static_cast<int64_t>(b) * kp + j);
           *y_out = zero_value<T>();
+          if (ws_row != nullptr) {
 #pragma unroll
-          for (int k = 0; k < 5; ++k) ws_row[k * H] = 0.0f;
+            for (int k = 0; k < 5; ++k) ws_row[k * H] = 0.0f;
+          }
           continue;
         }
         const T* x_row = p.xg + row * G + j;
@@ -146,11 +148,13 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
         p.c_state[state] = c_new;
         *h_out = h_new;
         *y_out = h_new;
-        ws_row[0] = i;
-        ws_row[H] = f;
-        ws_row[2 * H] = g;
-        ws_row[3 * H] = o;
-        ws_row[4 * H] = c_new;
+        if (ws_row != nullptr) {  // null when the forward saves nothing for a backward
+          ws_row[0] = i;
+          ws_row[H] = f;
+          ws_row[2 * H] = g;
+          ws_row[3 * H] = o;
+          ws_row[4 * H] = c_new;
+        }
       }
     }
     barrier_arrive(counter);
@@ -176,7 +180,8 @@ void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> leng
   check_shape(h_buf, {2, D, B, pb.l.kp}, op, "h_buf");
   check_shape(c_state, {D, B, H}, op, "c_state");
   check_shape(y, {T, B, D, H}, op, "y");
-  check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
+  // An empty workspace: the forward saves nothing for a backward.
+  if (workspace.numel() != 0) check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
 
   const int device = xg.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
@@ -191,7 +196,7 @@ void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> leng
     p.h_buf = static_cast<Ts*>(h_buf.data_ptr());
     p.c_state = static_cast<float*>(c_state.data_ptr());
     p.y = static_cast<Ts*>(y.data_ptr());
-    p.ws = static_cast<float*>(workspace.data_ptr());
+    p.ws = workspace.numel() ? static_cast<float*>(workspace.data_ptr()) : nullptr;
     launch_cooperative(lstm_persistent_forward_kernel<Ts, decltype(nt_tag)::value>, p, pb.l, device, stream, op);
   });
 }

@@ -361,3 +361,53 @@ def test_lstm_under_cpu_autocast_behaves_like_nn_lstm():
     assert rel_err(o_fus, want) <= 2 * rel_err(o_ref, want) + 4 * torch.finfo(torch.bfloat16).eps
     o_fus.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())
+
+
+def test_stepwise_forward_without_gradients_writes_no_workspace():
+    """The step-wise driver (on CPU tensors: the cell ops' CPU implementations) with
+    save_for_backward=False returns an empty workspace and the same results."""
+    from fusedconvlstm.cuda import lstm as cuda_lstm
+
+    lengths = torch.tensor([5, 2, 4])
+    xg, w_hh, _, h0, c0, _ = _op_args(lengths=lengths)
+    runs = [
+        cuda_lstm.lstm_recurrence_stepwise_forward(xg, w_hh, [], h0, c0, lengths, [False, True], save_for_backward=s)
+        for s in (False, True)
+    ]
+    assert runs[0][3].numel() == 0 and runs[1][3].numel() > 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][:3], runs[1][:3]))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_forward_without_gradients_saves_no_workspace_and_backward_recomputes(backend):
+    """With no gradient in view the forward writes no workspace; a backward handed that empty
+    workspace recomputes it and gives the usual gradients."""
+    dtype = F64 if backend == "reference" else torch.float32
+    lengths = torch.tensor([5, 2, 4])
+    xg, w_hh, _, h0, c0, _ = _op_args(lengths=lengths, dtype=dtype)
+    rev = [False, True]
+    op, op_bw = torch.ops.fusedconvlstm.lstm_recurrence, torch.ops.fusedconvlstm.lstm_recurrence_backward
+    y, h_n, c_n, ws = op(xg, w_hh, [], h0, c0, lengths, rev, backend, False)
+    assert ws.numel() == 0
+    y2, h2, c2, ws_saved = op(xg, w_hh, [], h0, c0, lengths, rev, backend, True)
+    assert torch.equal(y, y2) and torch.equal(h_n, h2) and torch.equal(c_n, c2)
+    grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n))
+    got = op_bw(*grads, xg, w_hh, [], h0, c0, lengths, rev, y, ws, backend)
+    want = op_bw(*grads, xg, w_hh, [], h0, c0, lengths, rev, y, ws_saved, backend)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert torch.equal(a, b)
+
+
+def test_wrapper_saves_workspace_only_when_a_gradient_is_needed(monkeypatch):
+    seen = []
+    real = torch.ops.fusedconvlstm.lstm_recurrence.default
+
+    xg, w_hh, _, h0, c0, _ = _op_args()
+    import fusedconvlstm.ops.lstm as ops_lstm
+
+    monkeypatch.setattr(ops_lstm, "_lstm_recurrence_op", lambda *a: seen.append(a[-1]) or real(*a))
+    lstm_recurrence(xg, w_hh, h0, c0, reverse=[False, True], backend="reference")
+    with torch.no_grad():
+        lstm_recurrence(xg.requires_grad_(), w_hh, h0, c0, reverse=[False, True], backend="reference")
+    lstm_recurrence(xg, w_hh, h0, c0, reverse=[False, True], backend="reference")
+    assert seen == [False, False, True]

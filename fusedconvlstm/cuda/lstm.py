@@ -168,7 +168,9 @@ def _plan_or_raise(call: LSTMRecurrenceCall, kind: str, config: Layout | None) -
 # Persistent path
 
 
-def lstm_recurrence_persistent_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, config: Layout | None = None):
+def lstm_recurrence_persistent_forward(
+    xg, w_hh, w_hr, h0, c0, lengths, reverse, config: Layout | None = None, save_for_backward: bool = True
+):
     """Forward on the persistent kernel: ``(y, h_n, c_n, workspace)``.
 
     ``config`` (a :class:`~fusedconvlstm.cuda.persistent_config.Layout`) overrides the chosen
@@ -182,7 +184,7 @@ def lstm_recurrence_persistent_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse,
     h_buf[0, :, :, :H] = h0
     c = c0.to(acc, copy=True).contiguous()
     y = xg.new_empty(T, B, D, H)
-    workspace = xg.new_empty(T, B, D, 5 * H, dtype=acc)
+    workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=acc)
     sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=xg.device)
     w = torch.stack(w_hh).contiguous()
     _persistent_forward(
@@ -240,7 +242,7 @@ def lstm_recurrence_persistent_backward(
 # Step-wise path (the baseline)
 
 
-def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse):
+def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True):
     """Forward of the step-wise recurrence: ``(y, h_n, c_n, workspace)``."""
     T, B, D, G = xg.shape
     H = G // 4
@@ -249,7 +251,7 @@ def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse):
     h = h0.contiguous().clone()
     c = c0.to(_acc(xg.dtype)).contiguous().clone()
     y = xg.new_empty(T, B, D, H)
-    workspace = xg.new_empty(T, B, D, 5 * H, dtype=_acc(xg.dtype))
+    workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=_acc(xg.dtype))
     hh = xg.new_empty(D, B, G)
     lengths = _lengths_on(lengths, xg.device)
     mask = reverse_mask(reverse)
@@ -287,13 +289,15 @@ def lstm_recurrence_stepwise_backward(
 # The registered implementation
 
 
-def lstm_recurrence_cuda_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse):
+def lstm_recurrence_cuda_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True):
     """The cuda backend's forward: persistent where it applies, else step-wise."""
     call = _call_of(xg, w_hr, lengths, reverse)
     plan = persistent_plan(call, "forward")
     if isinstance(plan, str):
-        return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse)
-    return lstm_recurrence_persistent_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, config=plan)
+        return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
+    return lstm_recurrence_persistent_forward(
+        xg, w_hh, w_hr, h0, c0, lengths, reverse, config=plan, save_for_backward=save_for_backward
+    )
 
 
 def lstm_recurrence_cuda_backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace):

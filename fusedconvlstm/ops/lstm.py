@@ -19,12 +19,15 @@ argument              shape                    notes
                                                unchanged and output zeros
 output ``y``          ``(T, B, D, P)``         ``y.view(T, B, D * P)`` is ``nn.LSTM``'s
 ``h_n``, ``c_n``      like ``h0``, ``c0``
-``workspace``         backend-defined          saved for the backward
+``workspace``         backend-defined          saved for the backward; empty with
+                                               ``save_for_backward=False`` (the wrapper
+                                               passes that when no gradient is needed)
 ====================  =======================  ==========================================
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +55,8 @@ class LSTMRecurrenceCall:
     device: torch.device
     has_lengths: bool
     reverse: tuple[bool, ...]
+    # False when no gradient will be asked for: backends then write no workspace.
+    save_for_backward: bool = True
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -66,6 +71,7 @@ def check_lstm_recurrence_args(
     c0: Tensor,
     lengths: Tensor | None,
     reverse: Sequence[bool],
+    save_for_backward: bool = True,
 ) -> LSTMRecurrenceCall:
     """Validate the arguments of ``lstm_recurrence``; errors name the argument and what it must be."""
     op = "lstm_recurrence"
@@ -126,6 +132,7 @@ def check_lstm_recurrence_args(
         device=xg.device,
         has_lengths=lengths is not None,
         reverse=tuple(bool(r) for r in reverse),
+        save_for_backward=bool(save_for_backward),
     )
 
 
@@ -149,19 +156,28 @@ def _lstm_recurrence_op(
     lengths: Tensor | None,
     reverse: Sequence[bool],
     backend: str,
+    save_for_backward: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
+    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
     impl = _resolve(backend, call)
     with backends.no_autocast(xg):
-        return impl.forward(xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse))
+        return impl.forward(
+            xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), save_for_backward=call.save_for_backward
+        )
+
+
+def _workspace_shape(impl: backends.Implementation, call: LSTMRecurrenceCall):
+    """The backend's workspace, or an empty one when the forward saves nothing."""
+    shape, dtype = impl.workspace_shape(call)
+    return (shape if call.save_for_backward else (0,)), dtype
 
 
 @_lstm_recurrence_op.register_fake
-def _(xg, w_hh, w_hr, h0, c0, lengths, reverse, backend):
-    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
+def _(xg, w_hh, w_hr, h0, c0, lengths, reverse, backend, save_for_backward=True):
+    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
     impl = _resolve(backend, call)
     T, B, D, P = call.seq_len, call.batch, call.num_recurrences, h0.shape[2]
-    ws_shape, ws_dtype = impl.workspace_shape(call)
+    ws_shape, ws_dtype = _workspace_shape(impl, call)
     return (
         xg.new_empty(T, B, D, P),
         h0.new_empty(h0.shape),
@@ -189,6 +205,11 @@ def _lstm_recurrence_backward_op(
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
     impl = _resolve(backend, call)
     with backends.no_autocast(xg):
+        if workspace.numel() == 0 and math.prod(impl.workspace_shape(call)[0]) > 0:
+            # The forward saved nothing (it ran without a gradient in view): recompute it.
+            _, _, _, workspace = impl.forward(
+                xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), save_for_backward=True
+            )
         return impl.backward(
             grad_y, grad_h_n, grad_c_n, xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), y, workspace
         )
@@ -206,7 +227,7 @@ def _(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, w
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    xg, w_hh, w_hr, h0, c0, lengths, reverse, backend = inputs
+    xg, w_hh, w_hr, h0, c0, lengths, reverse, backend, *_ = inputs
     y, _, _, workspace = output
     ctx.save_for_backward(xg, h0, c0, y, workspace, *w_hh, *w_hr)
     ctx.num_recurrences = len(w_hh)
@@ -235,7 +256,7 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
         workspace,
         ctx.backend,
     )
-    return grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0, None, None, None
+    return grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0, None, None, None, None
 
 
 _lstm_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
@@ -278,10 +299,11 @@ def lstm_recurrence(
         c0 = xg.new_zeros(D, B, H)
     if reverse is None:
         reverse = [False] * D
-    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (xg, h0, c0, *w_hh, *w_hr))
+    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save)
     impl = _resolve(backend, call)
     y, h_n, c_n, _ = _lstm_recurrence_op(
-        xg, list(w_hh), list(w_hr), h0, c0, lengths, [bool(r) for r in reverse], impl.backend
+        xg, list(w_hh), list(w_hr), h0, c0, lengths, [bool(r) for r in reverse], impl.backend, save
     )
     return y, h_n, c_n
 

@@ -15,8 +15,8 @@ backward the opposite, since it walks time backwards). A batch row ``b`` is *val
     Valid rows: gates ``i, f, g, o`` from ``xg[t, :, d] + hh[d]``; ``c = f c + i g`` and
     ``h = o tanh(c)`` written to the state ``h (D, B, H)``, ``c (D, B, H)`` (float32), to
     ``y[t, :, d]`` and, with the activations, to ``workspace[t, :, d] = [i, f, g, o, c]``
-    (float32, ``(T, B, D, 5H)``). Masked rows keep the state and write zeros to ``y`` and
-    ``workspace``.
+    (float32, ``(T, B, D, 5H)``; an empty workspace is not written, for forwards that save
+    nothing). Masked rows keep the state and write zeros to ``y`` and ``workspace``.
 
 ``lstm_cell_backward_(dh_rec, grad_y, workspace, c0, dh_carry, dc, dgates, dgates_step, lengths,
 step, reverse_mask)``:

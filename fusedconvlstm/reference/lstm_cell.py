@@ -51,7 +51,8 @@ def lstm_cell_forward_(
         c[d] = torch.where(valid, c_new.to(c.dtype), c[d])
         h[d] = torch.where(valid, h_new.to(h.dtype), h[d])
         y[t, :, d] = torch.where(valid, h_new, 0).to(y.dtype)
-        workspace[t, :, d] = torch.where(valid, torch.cat([i, f, g, o, c_new], dim=-1), 0).to(workspace.dtype)
+        if workspace.numel():  # empty when the forward saves nothing for a backward
+            workspace[t, :, d] = torch.where(valid, torch.cat([i, f, g, o, c_new], dim=-1), 0).to(workspace.dtype)
 
 
 def lstm_cell_backward_(

@@ -329,8 +329,12 @@ def lstm_forward(
     lengths: Tensor | None,
     reverse: list[bool],
     plan: LaunchPlan | None = None,
+    save_for_backward: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Forward of ``D`` recurrences in one launch: ``(y, h_n, c_n, workspace)`` (op layouts)."""
+    """Forward of ``D`` recurrences in one launch: ``(y, h_n, c_n, workspace)`` (op layouts).
+
+    Without ``save_for_backward`` the workspace is empty and the kernel writes none.
+    """
     from fusedconvlstm.triton.lstm_kernels import lstm_forward_kernel
 
     T, B, D, G = xg.shape
@@ -341,7 +345,7 @@ def lstm_forward(
     h_state[0].copy_(h0)
     c_state = _alloc((D, B, H), torch.float32, device)
     c_state.copy_(c0)
-    workspace = _alloc((T, B, D, 5 * H), torch.float32, device)
+    workspace = _alloc((T, B, D, 5 * H) if save_for_backward else (0,), torch.float32, device)
     if B > 0:
         plan = plan or plan_launch(_call_of(xg, lengths, reverse))
         call_args = dict(
@@ -351,7 +355,8 @@ def lstm_forward(
             y_ptr=y,
             h_ptr=h_state,
             c_ptr=c_state,
-            ws_ptr=workspace,
+            # Never written without SAVE_WS; the kernel still needs a pointer.
+            ws_ptr=workspace if save_for_backward else c_state,
             T=T,
             B=B,
             D=D,
@@ -359,6 +364,7 @@ def lstm_forward(
             reverse_mask=reverse_mask(reverse),
             HAS_LENGTHS=lengths is not None,
             DOT_PRECISION=_dot_precision(dtype),
+            SAVE_WS=save_for_backward,
         )
         _launch(lstm_forward_kernel, plan, call_args, D, H, T, B, device, with_finish=False)
     return y, h_state[T % 2].clone(), c_state.to(dtype), workspace
@@ -413,8 +419,8 @@ def lstm_backward(
     return dgates, grad_w_hh, dh.to(dtype), dc.to(dtype)
 
 
-def _forward(xg, w_hh, w_hr, h0, c0, lengths, reverse):
-    return lstm_forward(xg, w_hh, h0, c0, lengths, reverse)
+def _forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward=True):
+    return lstm_forward(xg, w_hh, h0, c0, lengths, reverse, save_for_backward=save_for_backward)
 
 
 def _backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace):
@@ -479,6 +485,8 @@ def persistent_kernel_resources(
             H_CACHE=".cg",
             DOT_PRECISION="tf32",
         )
+        if name == "forward":
+            constexprs["SAVE_WS"] = True
         signature = {arg: pointers[name].get(arg, "constexpr" if arg in constexprs else "i32") for arg in fn.arg_names}
         divisible = list(pointers[name]) + (["H"] if hidden % 16 == 0 else [])
         out[name] = ptxas_resources(fn, signature, constexprs, divisible, num_warps, cc)

@@ -189,6 +189,7 @@ def lstm_forward_kernel(
     USE_GRID_BARRIER: tl.constexpr,
     H_CACHE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SAVE_WS: tl.constexpr,
 ):
     """Steps ``[step_begin, step_end)`` of the forward recurrence (see the module docstring)."""
     d, bgroup, slice_id, group, n_slices = _program_coords(H, n_bgroups, BLOCK_H)
@@ -230,12 +231,13 @@ def lstm_forward_kernel(
             c_prev = tl.load(c_ptr + own, mask=m_own, other=0.0)
             i, f, g, o, c_new, h_new = _lstm_cell_forward(pre_i, pre_f, pre_g, pre_o, c_prev)
 
-            wrow = (((t * B + rows) * D + d).to(tl.int64) * 5 * H)[:, None] + u[None, :]
-            tl.store(ws_ptr + wrow, i, mask=m_own)
-            tl.store(ws_ptr + wrow + H, f, mask=m_own)
-            tl.store(ws_ptr + wrow + 2 * H, g, mask=m_own)
-            tl.store(ws_ptr + wrow + 3 * H, o, mask=m_own)
-            tl.store(ws_ptr + wrow + 4 * H, c_prev, mask=m_own)
+            if SAVE_WS:  # off when the forward saves nothing for a backward
+                wrow = (((t * B + rows) * D + d).to(tl.int64) * 5 * H)[:, None] + u[None, :]
+                tl.store(ws_ptr + wrow, i, mask=m_own)
+                tl.store(ws_ptr + wrow + H, f, mask=m_own)
+                tl.store(ws_ptr + wrow + 2 * H, g, mask=m_own)
+                tl.store(ws_ptr + wrow + 3 * H, o, mask=m_own)
+                tl.store(ws_ptr + wrow + 4 * H, c_prev, mask=m_own)
 
             h_out = h_new.to(y_ptr.dtype.element_ty)
             yrow = (((t * B + rows) * D + d).to(tl.int64) * H)[:, None] + u[None, :]

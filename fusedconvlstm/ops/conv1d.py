@@ -129,69 +129,41 @@ def _check_same(name: str, t: Tensor, dtype: torch.dtype, device: torch.device, 
         raise ValueError(f"{OP}: {name} must be on the device of {ref} ({device}), got {t.device}")
 
 
-def _check_layers(
-    seq_len: int,
-    c_in: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    ref: str,
-    weight: Sequence[Tensor],
-    bias: Sequence[Tensor | None],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-) -> tuple[ConvLayer, ...]:
-    """Validate the per-layer arguments against an input of ``seq_len`` steps and ``c_in`` channels."""
-    op, L = OP, len(weight)
-    if L == 0:
-        raise ValueError(f"{op}: weight must hold at least one layer")
-    for name, seq, n in (
-        ("bias", bias, L),
-        ("stride", stride, L),
-        ("dilation", dilation, L),
-        ("padding", padding, 2 * L),
-    ):
-        if len(seq) != n:
-            raise ValueError(f"{op}: {name} must have {n} entries for {L} layers, got {len(seq)}")
-    acts = parse_activations(activation, L)
-    layers = []
-    t = seq_len
-    for i in range(L):
-        w = weight[i]
-        if not isinstance(w, Tensor) or w.dim() != 3:
-            raise ValueError(f"{op}: weight[{i}] must be a 3-D tensor (C_out, C_in, k), got {getattr(w, 'shape', w)}")
-        if w.shape[1] != c_in:
-            where = {"x": "x.shape[2]", "table": "table.shape[1]"}[ref] if i == 0 else f"weight[{i - 1}].shape[0]"
-            raise ValueError(f"{op}: weight[{i}].shape[1] must equal {where} = {c_in}, got {w.shape[1]}")
-        _check_same(f"weight[{i}]", w, dtype, device, ref)
-        if bias[i] is not None:
-            _check_same(f"bias[{i}]", bias[i], dtype, device, ref)
-            if tuple(bias[i].shape) != (w.shape[0],):
-                raise ValueError(f"{op}: bias[{i}] must have shape ({w.shape[0]},), got {tuple(bias[i].shape)}")
-        if stride[i] < 1 or dilation[i] < 1:
-            raise ValueError(f"{op}: stride[{i}] and dilation[{i}] must be >= 1, got {stride[i]}, {dilation[i]}")
-        if padding[2 * i] < 0 or padding[2 * i + 1] < 0:
-            raise ValueError(f"{op}: padding of layer {i} must be >= 0, got {tuple(padding[2 * i : 2 * i + 2])}")
-        layer = ConvLayer(
-            in_channels=c_in,
-            out_channels=w.shape[0],
-            kernel_size=w.shape[2],
-            stride=int(stride[i]),
-            padding=(int(padding[2 * i]), int(padding[2 * i + 1])),
-            dilation=int(dilation[i]),
-            activation=acts[i],
-            has_bias=bias[i] is not None,
+def _check_layer(
+    i: int, w: Tensor, b: Tensor | None, stride: int, padding: tuple[int, int], dilation: int, activation: str,
+    c_in: int, t: int, x: Tensor, ref: str,
+) -> ConvLayer:  # fmt: skip
+    """Validate layer ``i`` on an input of ``c_in`` channels and ``t`` steps (``ref`` names the stack's input)."""
+    if not isinstance(w, Tensor) or w.dim() != 3:
+        raise ValueError(f"{OP}: weight[{i}] must be a 3-D tensor (C_out, C_in, k), got {getattr(w, 'shape', w)}")
+    if w.shape[1] != c_in:
+        where = {"x": "x.shape[2]", "table": "table.shape[1]"}[ref] if i == 0 else f"weight[{i - 1}].shape[0]"
+        raise ValueError(f"{OP}: weight[{i}].shape[1] must equal {where} = {c_in}, got {w.shape[1]}")
+    _check_same(f"weight[{i}]", w, x.dtype, x.device, ref)
+    if b is not None:
+        _check_same(f"bias[{i}]", b, x.dtype, x.device, ref)
+        if tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{OP}: bias[{i}] must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+    if stride < 1 or dilation < 1:
+        raise ValueError(f"{OP}: stride[{i}] and dilation[{i}] must be >= 1, got {stride}, {dilation}")
+    if padding[0] < 0 or padding[1] < 0:
+        raise ValueError(f"{OP}: padding of layer {i} must be >= 0, got {tuple(padding)}")
+    layer = ConvLayer(
+        in_channels=c_in,
+        out_channels=w.shape[0],
+        kernel_size=w.shape[2],
+        stride=int(stride),
+        padding=(int(padding[0]), int(padding[1])),
+        dilation=int(dilation),
+        activation=activation,
+        has_bias=b is not None,
+    )
+    if layer.out_len(t) < 1:
+        raise ValueError(
+            f"{OP}: layer {i} gets {t} time steps (padded {t + sum(layer.padding)}), fewer than its "
+            f"receptive field {layer.dilation * (layer.kernel_size - 1) + 1}; {ref} is too short"
         )
-        t_out = layer.out_len(t)
-        if t_out < 1:
-            raise ValueError(
-                f"{op}: layer {i} gets {t} time steps (padded {t + sum(layer.padding)}), fewer than its "
-                f"receptive field {layer.dilation * (layer.kernel_size - 1) + 1}; {ref} is too short"
-            )
-        layers.append(layer)
-        c_in, t = w.shape[0], t_out
-    return tuple(layers)
+    return layer
 
 
 def _dims(t: object) -> str:
@@ -201,25 +173,24 @@ def _dims(t: object) -> str:
 def _check_input(x: Tensor, tokens: Tensor | None) -> tuple[str, int, int, int]:
     """Check the input (``x``, or ``tokens`` and the table ``x``): its name in messages, ``B``, ``T``
     and the first layer's input channels."""
-    op = OP
     if tokens is None:
         if not isinstance(x, Tensor) or x.dim() != 3:
-            raise ValueError(f"{op}: x must be a 3-D channels-last tensor (B, T, C), got {_dims(x)}")
+            raise ValueError(f"{OP}: x must be a 3-D channels-last tensor (B, T, C), got {_dims(x)}")
         if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{op}: x must be one of {FLOAT_DTYPES}, got {x.dtype}")
+            raise TypeError(f"{OP}: x must be one of {FLOAT_DTYPES}, got {x.dtype}")
         return "x", *x.shape
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
-        raise ValueError(f"{op}: tokens must be a 2-D tensor (B, T) of token ids, got {_dims(tokens)}")
+        raise ValueError(f"{OP}: tokens must be a 2-D tensor (B, T) of token ids, got {_dims(tokens)}")
     if tokens.dtype not in TOKEN_DTYPES:
-        raise TypeError(f"{op}: tokens must be one of {TOKEN_DTYPES}, got {tokens.dtype}")
+        raise TypeError(f"{OP}: tokens must be one of {TOKEN_DTYPES}, got {tokens.dtype}")
     if not isinstance(x, Tensor) or x.dim() != 2:
-        raise ValueError(f"{op}: table must be a 2-D embedding table (V, E), got {_dims(x)}")
+        raise ValueError(f"{OP}: table must be a 2-D embedding table (V, E), got {_dims(x)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: table must be one of {FLOAT_DTYPES}, got {x.dtype}")
+        raise TypeError(f"{OP}: table must be one of {FLOAT_DTYPES}, got {x.dtype}")
     if tokens.device != x.device:
-        raise ValueError(f"{op}: tokens must be on the device of table ({x.device}), got {tokens.device}")
+        raise ValueError(f"{OP}: tokens must be on the device of table ({x.device}), got {tokens.device}")
     if x.shape[0] == 0:
-        raise ValueError(f"{op}: table must have at least one row")
+        raise ValueError(f"{OP}: table must have at least one row")
     return "table", *tokens.shape, x.shape[1]
 
 
@@ -227,21 +198,20 @@ def _check_projection(
     c_out: int, proj_weight: Tensor | None, proj_bias: Tensor | None, x: Tensor, ref: str
 ) -> ConvLayer | None:
     """The projection epilogue as a kernel-1 layer (``None`` without ``proj_weight``)."""
-    op = OP
     if proj_weight is None:
         if proj_bias is not None:
-            raise ValueError(f"{op}: proj_bias needs proj_weight")
+            raise ValueError(f"{OP}: proj_bias needs proj_weight")
         return None
     if not isinstance(proj_weight, Tensor) or proj_weight.dim() != 2 or proj_weight.shape[1] != c_out:
         raise ValueError(
-            f"{op}: proj_weight must be 2-D (N, {c_out}) (the last layer has {c_out} channels), "
+            f"{OP}: proj_weight must be 2-D (N, {c_out}) (the last layer has {c_out} channels), "
             f"got {getattr(proj_weight, 'shape', type(proj_weight).__name__)}"
         )
     _check_same("proj_weight", proj_weight, x.dtype, x.device, ref)
     if proj_bias is not None:
         _check_same("proj_bias", proj_bias, x.dtype, x.device, ref)
         if tuple(proj_bias.shape) != (proj_weight.shape[0],):
-            raise ValueError(f"{op}: proj_bias must have shape ({proj_weight.shape[0]},), got {tuple(proj_bias.shape)}")
+            raise ValueError(f"{OP}: proj_bias must have shape ({proj_weight.shape[0]},), got {tuple(proj_bias.shape)}")
     return ConvLayer(c_out, proj_weight.shape[0], 1, 1, (0, 0), 1, "none", proj_bias is not None, matmul=True)
 
 
@@ -262,12 +232,27 @@ def check_conv1d_stack_args(
     (``x`` is called ``table`` when ``tokens`` is given). Token values are checked separately, by
     :func:`check_token_values` (reading them is a device sync)."""
     ref, B, T, c_in = _check_input(x, tokens)
-    layers = _check_layers(T, c_in, x.dtype, x.device, ref, weight, bias, stride, padding, dilation, activation)
-    projection = _check_projection(layers[-1].out_channels, proj_weight, proj_bias, x, ref)
+    L = len(weight)
+    if L == 0:
+        raise ValueError(f"{OP}: weight must hold at least one layer")
+    for name, seq, n in (
+        ("bias", bias, L),
+        ("stride", stride, L),
+        ("dilation", dilation, L),
+        ("padding", padding, 2 * L),
+    ):
+        if len(seq) != n:
+            raise ValueError(f"{OP}: {name} must have {n} entries for {L} layers, got {len(seq)}")
+    layers, t = [], T
+    for i, act in enumerate(parse_activations(activation, L)):
+        pad = (padding[2 * i], padding[2 * i + 1])
+        layers.append(_check_layer(i, weight[i], bias[i], stride[i], pad, dilation[i], act, c_in, t, x, ref))
+        c_in, t = layers[-1].out_channels, layers[-1].out_len(t)
+    projection = _check_projection(c_in, proj_weight, proj_bias, x, ref)
     return Conv1dStackCall(
         B,
         T,
-        layers,
+        tuple(layers),
         x.dtype,
         x.device,
         vocab_size=x.shape[0] if tokens is not None else 0,

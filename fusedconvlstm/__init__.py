@@ -4,8 +4,9 @@ The public surface:
 
 - modules :class:`LSTM` (drop-in for ``torch.nn.LSTM``) and :class:`Conv1dStack` (a chain of
   Conv1d layers on channels-last data), and :func:`convert` to swap them into a model;
-- ops :func:`lstm_recurrence`, :func:`conv1d_stack` and its embedding-prologue and
-  projection-epilogue variants (``torch.ops.fusedconvlstm.*``);
+- ops :func:`lstm_recurrence` and :func:`conv1d_stack` (``torch.ops.fusedconvlstm.*``), with the
+  stack's embedding prologue and projection epilogue as :func:`conv1d_stack_embedding`,
+  :func:`conv1d_stack_projection` and :func:`conv1d_stack_embedding_projection`;
 - :mod:`fusedconvlstm.models` with the reference model ``ConvLSTMClassifier``;
 - :mod:`fusedconvlstm.backends`: which backend serves a call and why another cannot.
 """
@@ -22,7 +23,13 @@ if importlib.util.find_spec("triton") is not None:  # the conv kernels import Tr
 from fusedconvlstm import _extension
 from fusedconvlstm.backends import BACKENDS, BackendUnavailableError
 from fusedconvlstm.nn import LSTM, Conv1dStack, convert, parallel_lstm
-from fusedconvlstm.ops import conv1d_stack, conv1d_stack_embedding, conv1d_stack_projection, lstm_recurrence
+from fusedconvlstm.ops import (
+    conv1d_stack,
+    conv1d_stack_embedding,
+    conv1d_stack_embedding_projection,
+    conv1d_stack_projection,
+    lstm_recurrence,
+)
 
 __version__ = "0.1.0"
 
@@ -37,6 +44,7 @@ __all__ = [
     "LSTM",
     "conv1d_stack",
     "conv1d_stack_embedding",
+    "conv1d_stack_embedding_projection",
     "conv1d_stack_projection",
     "convert",
     "lstm_recurrence",

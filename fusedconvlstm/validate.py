@@ -86,6 +86,7 @@ def _conv_call(module: Conv1dStack, x: Tensor, device: torch.device):
     bias = [None if c.bias is None else torch.empty(c.bias.shape, **meta) for c in module.layers]
     call = check_conv1d_stack_args(
         xb,
+        None,
         weight,
         bias,
         [c.stride[0] for c in module.layers],

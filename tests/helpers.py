@@ -38,3 +38,40 @@ def lstm_weights(D: int, H: int, P: int | None = None, dtype=torch.float64, devi
         (torch.rand(4 * H, P, dtype=dtype, device=device) * 2 - 1).mul_(k).requires_grad_(requires_grad)
         for _ in range(D)
     ]
+
+
+# Prologue/epilogue combinations of the conv1d_stack op: (tokens, proj_weight, proj_bias) present.
+CONV1D_STACK_COMBOS = {
+    "plain": (False, False, False),
+    "tokens": (True, False, False),
+    "projection": (False, True, True),
+    "projection-no-bias": (False, True, False),
+    "tokens+projection": (True, True, True),
+}
+
+
+def opcheck_conv1d_stack(combo: str, backend: str, dtype=torch.float64, device="cpu") -> None:
+    """``torch.library.opcheck`` on ``conv1d_stack`` (inputs requiring grad) and on its backward op
+    for a small two-layer stack (activations, stride, padding, dilation, one absent bias) with the
+    prologue/epilogue of ``CONV1D_STACK_COMBOS[combo]``."""
+    with_tokens, with_pw, with_pb = CONV1D_STACK_COMBOS[combo]
+    opts = dict(dtype=dtype, device=device)
+    x = torch.randn(11, 3, **opts) if with_tokens else torch.randn(2, 13, 3, **opts)
+    tokens = torch.randint(0, 11, (2, 13), device=device) if with_tokens else None
+    weight = [torch.randn(4, 3, 3, **opts), torch.randn(3, 4, 2, **opts)]
+    bias = [torch.randn(4, **opts)]
+    pw = torch.randn(8, 3, **opts) if with_pw else None
+    pb = torch.randn(8, **opts) if with_pb else None
+    hyper = ([True, False], [1, 2], [1, 0, 0, 1], [2, 1], "gelu,tanh")
+
+    def args(requires_grad: bool) -> tuple:
+        def leaf(t):
+            return t if t is None else t.clone().requires_grad_(requires_grad)
+
+        w, b = [leaf(t) for t in weight], [leaf(t) for t in bias]
+        return (leaf(x), tokens, w, b, *hyper, leaf(pw), leaf(pb))
+
+    op, backward = torch.ops.fusedconvlstm.conv1d_stack, torch.ops.fusedconvlstm.conv1d_stack_backward
+    torch.library.opcheck(op.default, (*args(True), backend))
+    y, saved = op(*args(False), backend)
+    torch.library.opcheck(backward.default, (torch.randn_like(y), *args(False), saved, backend))

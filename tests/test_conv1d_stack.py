@@ -1,14 +1,16 @@
 """``fusedconvlstm.Conv1dStack`` and the ``conv1d_stack`` op on the reference backend, against
-chains of ``torch.nn.Conv1d`` in float64; opcheck/gradcheck; argument errors."""
+chains of ``torch.nn.Conv1d`` in float64 (with the embedding prologue and projection epilogue:
+``F.embedding`` before, ``F.linear`` after); opcheck/gradcheck; argument errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fusedconvlstm import Conv1dStack, conv1d_stack
-from tests.helpers import rel_err
+from fusedconvlstm import Conv1dStack, conv1d_stack, conv1d_stack_embedding_projection
+from tests.helpers import CONV1D_STACK_COMBOS, opcheck_conv1d_stack, rel_err
 
 F64 = torch.float64
 TOL64 = 1e-10
@@ -194,12 +196,9 @@ def _op_inputs(requires_grad=False):
     return x, w, b
 
 
-def test_conv1d_stack_opcheck_reference():
-    x, w, b = _op_inputs(requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.fusedconvlstm.conv1d_stack.default,
-        (x, w, [b[0]], [True, False], [1, 2], [1, 0, 0, 1], [2, 1], "gelu,tanh", "reference"),
-    )
+@pytest.mark.parametrize("combo", list(CONV1D_STACK_COMBOS))
+def test_conv1d_stack_opcheck_reference(combo):
+    opcheck_conv1d_stack(combo, "reference")
 
 
 def test_conv1d_stack_gradcheck_reference():
@@ -218,6 +217,85 @@ def test_conv1d_stack_gradcheck_reference():
         )
 
     assert torch.autograd.gradcheck(f, (x, w[0], w[1], b[0]))
+
+
+EP_SPECS = [(6, 3, 1, (1, 0), 2, True, "gelu"), (5, 3, 2, 0, 1, False, "tanh")]
+
+
+def _embedding_projection_inputs(V=13, E=4, N=12, B=3, T=19):
+    """tokens (B, T) with repeated ids, and float64 leaves: table, weights, present biases, proj W and b."""
+    tokens = torch.randint(0, V, (B, T))
+    tokens[0, :5] = 0  # a run of one id, as left padding gives
+    leaves = [torch.randn(V, E, dtype=F64)]
+    c = E
+    for c_out, k, *_ in EP_SPECS:
+        leaves.append(torch.randn(c_out, c, k, dtype=F64) / (c * k) ** 0.5)
+        c = c_out
+    leaves += [torch.randn(c_out, dtype=F64) for c_out, _, _, _, _, b, _ in EP_SPECS if b]
+    leaves += [torch.randn(N, c, dtype=F64) / c**0.5, torch.randn(N, dtype=F64)]
+    return tokens, [t.requires_grad_() for t in leaves]
+
+
+def _embedding_projection(tokens, table, w0, w1, b0, pw, pb):
+    return conv1d_stack_embedding_projection(
+        tokens,
+        table,
+        [w0, w1],
+        [b0, None],
+        pw,
+        pb,
+        stride=[s[2] for s in EP_SPECS],
+        padding=[s[3] if isinstance(s[3], tuple) else (s[3], s[3]) for s in EP_SPECS],
+        dilation=[s[4] for s in EP_SPECS],
+        activation=[s[6] for s in EP_SPECS],
+        backend="reference",
+    )
+
+
+def test_embedding_projection_matches_embedding_conv_chain_linear():
+    """Token ids to gates against F.embedding -> nn.Conv1d chain -> F.linear, time-major, with the
+    gradients of the table, every weight and bias and the projection's weight and bias."""
+    tokens, leaves = _embedding_projection_inputs()
+    table, w0, w1, b0, pw, pb = leaves
+    emb = nn.Embedding.from_pretrained(table.detach().clone(), freeze=False)
+    convs = _torch_chain(table.shape[1], [(c, k, s, 0, d, b, act) for c, k, s, _, d, b, act in EP_SPECS])
+    conv0, conv1 = (m for m in convs if isinstance(m, nn.Conv1d))
+    with torch.no_grad():
+        conv0.weight.copy_(w0)
+        conv0.bias.copy_(b0)
+        conv1.weight.copy_(w1)
+    proj = nn.Linear(pw.shape[1], pw.shape[0], dtype=F64)
+    with torch.no_grad():
+        proj.weight.copy_(pw)
+        proj.bias.copy_(pb)
+    # Layer 0 pads (1, 0): a chain with the padding written as F.pad around the first conv.
+    h = F.pad(emb(tokens).transpose(1, 2), (1, 0))
+    ref = proj(convs(h).permute(2, 0, 1))  # (T_out, B, N)
+    out = _embedding_projection(tokens, *leaves)
+    assert out.shape == ref.shape == (7, 3, 12) and out.is_contiguous()
+    assert rel_err(out, ref) < TOL64
+    g = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, leaves, g)
+    theirs = torch.autograd.grad(ref, [emb.weight, conv0.weight, conv1.weight, conv0.bias, proj.weight, proj.bias], g)
+    for name, a, b in zip(["table", "weight[0]", "weight[1]", "bias[0]", "proj_weight", "proj_bias"], ours, theirs):
+        assert rel_err(a, b) < TOL64, f"grad {name}"
+
+
+def test_embedding_projection_gradcheck_reference():
+    tokens, leaves = _embedding_projection_inputs(V=5, E=3, N=4, B=2, T=11)
+    assert torch.autograd.gradcheck(lambda *ps: _embedding_projection(tokens, *ps), leaves)
+
+
+def test_embedding_projection_errors_name_the_table():
+    tokens, (table, w0, w1, b0, pw, pb) = _embedding_projection_inputs()
+    with pytest.raises(ValueError, match=r"weight\[0\].shape\[1\] must equal table.shape\[1\] = 3, got 4"):
+        _embedding_projection(tokens, table[:, :3], w0, w1, b0, pw, pb)
+    with pytest.raises(TypeError, match=r"proj_weight must have the dtype of table"):
+        _embedding_projection(tokens, table, w0, w1, b0, pw.float(), pb)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 13\)"):
+        _embedding_projection(tokens + 1, table, w0, w1, b0, pw, pb)
+    with pytest.raises(ValueError, match="proj_bias needs proj_weight"):
+        _embedding_projection(tokens, table, w0, w1, b0, None, pb)
 
 
 @pytest.mark.parametrize(
@@ -248,16 +326,6 @@ def test_stack_compiles_fullgraph():
     x = torch.randn(2, 17, 3, dtype=F64)
     y = torch.compile(stack, fullgraph=True, backend="aot_eager")(x)
     assert rel_err(y, chain(x.transpose(1, 2)).transpose(1, 2)) < TOL64
-
-
-def test_conv1d_stack_backward_opcheck_reference():
-    x, w, b = _op_inputs()
-    hyper = ([True, False], [1, 2], [1, 0, 0, 1], [2, 1], "gelu,tanh")
-    y, saved = torch.ops.fusedconvlstm.conv1d_stack(x, w, [b[0]], *hyper, "reference")
-    torch.library.opcheck(
-        torch.ops.fusedconvlstm.conv1d_stack_backward.default,
-        (torch.randn_like(y), x, w, [b[0]], *hyper, saved, "reference"),
-    )
 
 
 def test_stack_under_cpu_autocast_behaves_like_nn_conv1d():

@@ -1,4 +1,4 @@
-"""Triton backend of the Conv1d stack ops (``fusedconvlstm/triton/conv1d*.py``).
+"""Triton backend of the Conv1d stack op (``fusedconvlstm/triton/conv1d*.py``).
 
 Every check compares against an ``F.conv1d`` chain in float64 and passes when the kernel's
 relative error is at most twice that of the same chain run by PyTorch in the kernel's dtype on
@@ -30,6 +30,7 @@ from fusedconvlstm.ops.conv1d import (  # noqa: E402
     check_conv1d_stack_args,
     conv1d_stack,
     conv1d_stack_embedding,
+    conv1d_stack_embedding_projection,
     conv1d_stack_projection,
 )
 from fusedconvlstm.reference.conv1d import apply_activation  # noqa: E402
@@ -37,7 +38,7 @@ from fusedconvlstm.triton import conv1d as layer_kernels  # noqa: E402
 from fusedconvlstm.triton import conv1d_fused_stack  # noqa: E402
 from fusedconvlstm.triton import conv1d_stack as triton_stack  # noqa: E402
 from tests.conftest import HAS_GPU, TRITON_INTERPRET  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import CONV1D_STACK_COMBOS, opcheck_conv1d_stack, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -156,6 +157,8 @@ def _check_stack_op(stack, x, dtype, *, tokens=None, grad=True):
             if not use_op:
                 h = F.embedding(tokens, xx) if tokens is not None else xx
                 out = stack.torch_chain(h, ps)
+            elif tokens is not None and pw is not None:
+                out = conv1d_stack_embedding_projection(tokens, xx, w, b, pw, pb, backend=backend, **stack.kwargs)
             elif tokens is not None:
                 out = conv1d_stack_embedding(tokens, xx, w, b, backend=backend, **stack.kwargs)
             elif pw is not None:
@@ -237,10 +240,10 @@ def test_fused_stack_matches_torch(name, training, dtype, monkeypatch):
     stack = Stack(5, FUSED_SPECS[name])
     x = torch.randn(2, 91, 5, dtype=F64, device=DEVICE)
     call = check_conv1d_stack_args(
-        x.to(dtype), [w.to(dtype) for w in stack.weights], [b.to(dtype) if b is not None else None for b in stack.biases],
-        stack.kwargs["stride"],
+        x.to(dtype), None, [w.to(dtype) for w in stack.weights],
+        [b.to(dtype) if b is not None else None for b in stack.biases], stack.kwargs["stride"],
         [p for pair in stack.kwargs["padding"] for p in pair], stack.kwargs["dilation"],
-        ",".join(stack.kwargs["activation"]), training,
+        ",".join(stack.kwargs["activation"]), save_for_backward=training,
     )  # fmt: skip
     layers, lens = call.all_layers(), [call.seq_len] + call.out_lens()
     plan = conv1d_fused_stack.plan_fused(layers, lens, call.batch, dtype, DEVICE, training)
@@ -265,17 +268,17 @@ def test_auto_strategy_rule():
     chans = [100, 200, 200, 256, 256, 512]
     w = [torch.empty(c_out, c_in, 3, **meta) for c_in, c_out in zip(chans, chans[1:])]
     x = torch.empty(256, 100, 100, **meta)
-    call = check_conv1d_stack_args(x, w, [None] * 5, [1, 1, 1, 1, 2], [0] * 10, [1] * 5, ",".join(["none"] * 5))
+    call = check_conv1d_stack_args(x, None, w, [None] * 5, [1, 1, 1, 1, 2], [0] * 10, [1] * 5, ",".join(["none"] * 5))
     assert triton_stack.choose_strategy(call) == "fused"
     # The reference model's output tile is its whole 45-step sequence: no halo.
     plan = conv1d_fused_stack.plan_fused(call.all_layers(), [100, 98, 96, 94, 92, 45], 256, torch.bfloat16,
                                          torch.device("cpu"), False)  # fmt: skip
     assert plan.tile == 45 and plan.rows == (99, 97, 95, 93, 91, 45)
     # One layer, or an intermediate wider than the limit, runs per layer.
-    one = check_conv1d_stack_args(x, w[:1], [None], [1], [0, 0], [1], "none")
+    one = check_conv1d_stack_args(x, None, w[:1], [None], [1], [0, 0], [1], "none")
     assert triton_stack.choose_strategy(one) == "layers"
     wide = [torch.empty(2048, 100, 3, **meta), torch.empty(8, 2048, 3, **meta)]
-    wide_call = check_conv1d_stack_args(x, wide, [None, None], [1, 1], [0] * 4, [1, 1], "none,none")
+    wide_call = check_conv1d_stack_args(x, None, wide, [None, None], [1, 1], [0] * 4, [1, 1], "none,none")
     assert triton_stack.choose_strategy(wide_call) == "layers"
 
 
@@ -298,6 +301,18 @@ def test_projection_op_matches_torch(dtype, strategy):
     stack = Stack(5, OP_SPECS, proj_out=24)
     x = torch.randn(3, 25, 5, dtype=F64, device=DEVICE)
     _check_stack_op(stack, x, dtype)
+
+
+@pytest.mark.parametrize("proj_bias", [True, False], ids=["proj-bias", "no-proj-bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_embedding_projection_op_matches_torch(dtype, proj_bias, strategy):
+    """Token ids to gates (the reference model's fused path) against F.embedding -> F.conv1d
+    chain -> F.linear: gates and the gradients of the table, the layers and the projection."""
+    stack = Stack(5, OP_SPECS, proj_out=24, proj_bias=proj_bias)
+    table = torch.randn(11, 5, dtype=F64, device=DEVICE)
+    tokens = torch.randint(0, 11, (3, 21), device=DEVICE, dtype=torch.int32)
+    tokens[1, :7] = 3  # a run of one id
+    _check_stack_op(stack, table, dtype, tokens=tokens)
 
 
 def test_projection_gates_feed_the_lstm_recurrence():
@@ -360,12 +375,13 @@ def test_backward_without_saved_tensors_recomputes():
     pads = [p for pair in stack.kwargs["padding"] for p in pair]
     hyper = (has_bias, stack.kwargs["stride"], pads, stack.kwargs["dilation"], ",".join(stack.kwargs["activation"]))
     op, bwd = torch.ops.fusedconvlstm.conv1d_stack, torch.ops.fusedconvlstm.conv1d_stack_backward
-    y, saved = op(x, w, present, *hyper, "triton", True)
-    y_nosave, nothing = op(x, w, present, *hyper, "triton", False)
+    y, saved = op(x, None, w, present, *hyper, None, None, "triton", True)
+    y_nosave, nothing = op(x, None, w, present, *hyper, None, None, "triton", False)
     assert len(saved) == 4 and nothing == [] and torch.equal(y, y_nosave)
     g = torch.randn_like(y)
-    with_saved = bwd(g, x, w, present, *hyper, saved, "triton")
-    recomputed = bwd(g, x, w, present, *hyper, [], "triton")
+    with_saved = bwd(g, x, None, w, present, *hyper, None, None, saved, "triton")
+    recomputed = bwd(g, x, None, w, present, *hyper, None, None, [], "triton")
+    assert with_saved[3] == [] and recomputed[3] == []
     for a, b in zip([with_saved[0], *with_saved[1], *with_saved[2]], [recomputed[0], *recomputed[1], *recomputed[2]]):
         assert torch.equal(a, b)
 
@@ -392,22 +408,11 @@ def test_zero_size_batch_and_nan_propagation(strategy):
 # --- opcheck ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck_all_ops(backend):
-    stack = Stack(3, [(4, 3, 1, (1, 0), 2, True, "gelu"), (3, 2, 2, 0, 1, False, "tanh")], proj_out=8)
-    dt = torch.float32
-    x = torch.randn(2, 13, 3, dtype=dt, device=DEVICE, requires_grad=True)
-    w = _leaves(stack.weights, dt)
-    b = _leaves([stack.biases[0]], dt)
-    hyper = ([True, False], [1, 2], [1, 0, 0, 0], [2, 1], "gelu,tanh")
-    ops = torch.ops.fusedconvlstm
-    torch.library.opcheck(ops.conv1d_stack.default, (x, w, b, *hyper, backend))
-    table = torch.randn(9, 3, dtype=dt, device=DEVICE, requires_grad=True)
-    tokens = torch.randint(0, 9, (2, 13), device=DEVICE)
-    torch.library.opcheck(ops.conv1d_stack_embedding.default, (tokens, table, w, b, *hyper, backend))
-    pw, pb = _leaves([stack.proj_weight, stack.proj_bias], dt)
-    torch.library.opcheck(ops.conv1d_stack_projection.default, (x, w, b, *hyper, pw, pb, backend))
-    torch.library.opcheck(ops.conv1d_stack_projection.default, (x, w, b, *hyper, pw, None, backend))
+@pytest.mark.parametrize("combo", list(CONV1D_STACK_COMBOS))
+def test_opcheck_triton(combo):
+    """The op and its backward op in every prologue/epilogue combination (the reference backend's
+    opcheck is in test_conv1d_stack.py)."""
+    opcheck_conv1d_stack(combo, "triton", torch.float32, DEVICE)
 
 
 # --- inference fold --------------------------------------------------------------------------------------
@@ -502,6 +507,7 @@ def test_reference_model_embedding_and_projection_full_size(dtype, strategy):
     _check_stack_op(stack, table, dtype, tokens=tokens)
     proj = Stack(100, REFERENCE_SPECS, proj_out=4096)
     _check_stack_op(proj, torch.randn(256, 100, 100, dtype=F64, device=DEVICE), dtype)
+    _check_stack_op(proj, table, dtype, tokens=tokens)  # token ids to gates: the model's fused path
 
 
 @pytest.mark.gpu

@@ -61,11 +61,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
 
     JITFunction.run = record
 
-    from fusedconvlstm.ops.conv1d import (
-        check_conv1d_stack_args,
-        check_conv1d_stack_embedding_args,
-        check_conv1d_stack_projection_args,
-    )
+    from fusedconvlstm.ops.conv1d import check_conv1d_stack_args
     from fusedconvlstm.triton import conv1d as layer_kernels
     from fusedconvlstm.triton import conv1d_fused_stack as fused
     from fusedconvlstm.triton import conv1d_stack as backend
@@ -94,27 +90,32 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     proj_w, proj_b = torch.randn(4096, 512, dtype=dtype), torch.randn(4096, dtype=dtype)
     pw_packed, p_biases = backend._prepare(w, b, proj_w, proj_b)
     # One launch of each kind of specialization: the fused kernel in inference (slab), training
-    # with the embedding gather (saved intermediates) and with the projection; every layer.
+    # with the embedding gather (saved intermediates), with the projection and with both; every layer.
     os.environ[backend.STRATEGY_ENV_VAR] = "fused"
     case[0] = "fused forward"
-    call = check_conv1d_stack_args(x, w, b, *hyper, False)
+    call = check_conv1d_stack_args(x, None, w, b, *hyper, None, None, False)
     backend._stack_forward(x, None, w_packed, biases, call, False)
     case[0] = "fused embedding forward (training)"
-    e_call = check_conv1d_stack_embedding_args(tokens, table, w, b, *hyper, True)
+    e_call = check_conv1d_stack_args(table, tokens, w, b, *hyper, None, None, True)
     backend._stack_forward(table, tokens, w_packed, biases, e_call, True)
     case[0] = "fused projection forward"
-    p_call = check_conv1d_stack_projection_args(x, w, b, *hyper, proj_w, proj_b, False)
+    p_call = check_conv1d_stack_args(x, None, w, b, *hyper, proj_w, proj_b, False)
     backend._stack_forward(x, None, pw_packed, p_biases, p_call, False)
+    # Token ids to gates (the reference model's fused path), fused and per layer.
+    ep_call = check_conv1d_stack_args(table, tokens, w, b, *hyper, proj_w, proj_b, True)
+    case[0] = "fused embedding+projection forward (training)"
+    backend._stack_forward(table, tokens, pw_packed, p_biases, ep_call, True)
     os.environ[backend.STRATEGY_ENV_VAR] = "layers"
     case[0] = "layers embedding+projection forward"
-    ep_call = check_conv1d_stack_embedding_args(tokens, table, w, b, *hyper, True)
-    ep_call = type(ep_call)(**{**ep_call.__dict__, "projection": p_call.projection})
-    backend._stack_forward(table, tokens, pw_packed, p_biases, ep_call, True)
+    _, ep_saved = backend._stack_forward(table, tokens, pw_packed, p_biases, ep_call, True)
     saved = [torch.randn(B, t, c, dtype=dtype) for t, c in zip([98, 96, 94, 92], chans[1:5])]
     case[0] = "backward"
     backend._stack_backward(torch.randn(B, 45, 512, dtype=dtype), x, None, w_packed, biases, saved, call)
     case[0] = "embedding backward"
     backend._stack_backward(torch.randn(B, 45, 512, dtype=dtype), table, tokens, w_packed, biases, saved, e_call)
+    case[0] = "embedding+projection backward"
+    gates_grad = torch.randn(45, B, 4096, dtype=dtype)
+    backend._stack_backward(gates_grad, table, tokens, pw_packed, p_biases, ep_saved, ep_call)
     # Every activation (forward, prologue and derivative), stride 3, dilation, padding, in fp16.
     h = torch.float16
     mw = [torch.randn(24, 20, 3, dtype=h), torch.randn(16, 24, 5, dtype=h), torch.randn(12, 16, 1, dtype=h)]
@@ -123,7 +124,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     mhyper = ([1, 3, 1, 1], [1, 1, 2, 1, 0, 0, 1, 1], [2, 1, 1, 1], "relu,gelu,silu,tanh")
     mx = torch.randn(16, 64, 20, dtype=h)
     m_packed, m_biases = backend._prepare(mw, mb, None, None)
-    m_call = check_conv1d_stack_args(mx, mw, mb, *mhyper, True)
+    m_call = check_conv1d_stack_args(mx, None, mw, mb, *mhyper, None, None, True)
     for strategy in ("fused", "layers"):
         os.environ[backend.STRATEGY_ENV_VAR] = strategy
         case[0] = f"activations {strategy} forward (training)"

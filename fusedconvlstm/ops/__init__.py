@@ -1,14 +1,27 @@
 """Op schemas of the package (namespace ``fusedconvlstm``), their fake implementations and autograd.
 
-Public ops: ``lstm_recurrence``, ``conv1d_stack``, ``conv1d_stack_embedding`` and
-``conv1d_stack_projection`` (and their ``*_backward`` twins, called by autograd). Kernel-level
+Public ops: ``lstm_recurrence`` and ``conv1d_stack`` (and their ``*_backward`` twins, called by
+autograd); the Python wrappers ``conv1d_stack_embedding``, ``conv1d_stack_projection`` and
+``conv1d_stack_embedding_projection`` call ``conv1d_stack`` with its embedding prologue, its
+projection epilogue or both. Kernel-level
 ops of the ``cuda`` backend: ``lstm_cell_forward_`` and ``lstm_cell_backward_`` (step-wise),
 ``lstm_persistent_forward_`` and ``lstm_persistent_backward_`` (persistent).
 """
 
 # Kernel-level op schemas first: the compiled extension registers its kernels against them.
 from fusedconvlstm.ops import lstm_cell, lstm_persistent  # noqa: F401
-from fusedconvlstm.ops.conv1d import conv1d_stack, conv1d_stack_embedding, conv1d_stack_projection
+from fusedconvlstm.ops.conv1d import (
+    conv1d_stack,
+    conv1d_stack_embedding,
+    conv1d_stack_embedding_projection,
+    conv1d_stack_projection,
+)
 from fusedconvlstm.ops.lstm import lstm_recurrence
 
-__all__ = ["conv1d_stack", "conv1d_stack_embedding", "conv1d_stack_projection", "lstm_recurrence"]
+__all__ = [
+    "conv1d_stack",
+    "conv1d_stack_embedding",
+    "conv1d_stack_embedding_projection",
+    "conv1d_stack_projection",
+    "lstm_recurrence",
+]

@@ -1,4 +1,4 @@
-"""The Conv1d stack ops: schemas, argument checks, fake implementations and autograd.
+"""The Conv1d stack op: schema, argument checks, fake implementation and autograd.
 
 ``fusedconvlstm::conv1d_stack`` applies ``L`` dense 1-D convolutions one after the other to
 channels-last input ``x`` of shape ``(B, T, C_in)`` and returns ``(B, T_out, C_out)``
@@ -6,20 +6,31 @@ channels-last input ``x`` of shape ``(B, T, C_in)`` and returns ``(B, T_out, C_o
 optional bias, a stride, zero padding ``(left, right)``, a dilation, and an activation applied
 after it (``none``, ``relu``, ``gelu`` (erf), ``silu``, ``tanh``).
 
-Two ops extend the stack at either end:
+Two optional arguments extend the stack at either end, alone or together:
 
-- ``fusedconvlstm::conv1d_stack_embedding`` takes token ids ``(B, T)`` and an embedding table
-  ``(V, E)`` instead of ``x``: the stack's first layer reads ``table[tokens]`` directly, so a
-  backend need not write the ``(B, T, E)`` embedding; its backward returns the table's gradient.
-- ``fusedconvlstm::conv1d_stack_projection`` multiplies the stack's output by ``proj_weight``
-  ``(N, C_out)`` and adds ``proj_bias`` ``(N,)`` (an LSTM input projection: ``N = D * 4H`` for
-  ``D`` LSTMs reading the stack, ``proj_weight = cat(W_ih)``, ``proj_bias = cat(b_ih + b_hh)``),
-  and returns the gate pre-activations **time-major**, ``(T_out, B, N)``:
-  ``gates.view(T_out, B, D, 4H)`` is ``lstm_recurrence``'s ``xg`` with no copy.
+- ``tokens`` ``(B, T)`` (int32/int64): an embedding prologue. ``x`` is then the embedding table
+  ``(V, E)`` and the first layer reads ``x[tokens]`` directly, so a backend need not write the
+  ``(B, T, E)`` embedding; ``x``'s gradient is the table's.
+- ``proj_weight`` ``(N, C_out)`` and optional ``proj_bias`` ``(N,)``: a projection epilogue (an
+  LSTM input projection: ``N = D * 4H`` for ``D`` LSTMs reading the stack,
+  ``proj_weight = cat(W_ih)``, ``proj_bias = cat(b_ih + b_hh)``). The op then returns the gate
+  pre-activations **time-major**, ``(T_out, B, N)``: ``gates.view(T_out, B, D, 4H)`` is
+  ``lstm_recurrence``'s ``xg`` with no copy.
 
-Every op also returns a list of tensors the backend saves for its backward (empty for the
+The op also returns a list of tensors the backend saves for its backward (empty for the
 reference, which recomputes). ``save_for_backward=False`` (what the Python wrappers pass when no
 gradient is needed) lets a backend skip writing them; a backward given an empty list recomputes.
+
+Biases travel as the list of present ones plus a per-layer flag: autograd of custom ops treats a
+list holding None (``Tensor?[]``) as an opaque leaf and would drop the bias gradients. For the
+same reason the backward op returns the projection's gradients as a list (``[]``, ``[grad_pw]``
+or ``[grad_pw, grad_pb]``) rather than ``Tensor?`` outputs.
+
+A backend implementation provides ``forward(x, tokens, weight, bias, proj_weight, proj_bias,
+call) -> (y, saved)``, ``backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, saved,
+call) -> (grad_x, grad_weight list, grad_bias list (present biases), grad_proj_weight or None,
+grad_proj_bias or None)`` and ``saved_shapes(call)``; ``bias`` is per layer (``None`` where a
+layer has none) and ``call`` is the :class:`Conv1dStackCall`.
 """
 
 from __future__ import annotations
@@ -33,14 +44,11 @@ from torch import Tensor
 from fusedconvlstm import backends
 
 OP = "conv1d_stack"
-OP_EMBEDDING = "conv1d_stack_embedding"
-OP_PROJECTION = "conv1d_stack_projection"
 ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TOKEN_DTYPES = (torch.int32, torch.int64)
 
-for _op in (OP, OP_EMBEDDING, OP_PROJECTION):
-    backends.register_op(_op, auto_order={"cuda": ("triton",), "cpu": ()})
+backends.register_op(OP, auto_order={"cuda": ("triton",), "cpu": ()})
 
 
 @dataclass(frozen=True)
@@ -95,45 +103,138 @@ class Conv1dStackCall:
         """The conv layers followed by the projection (as a kernel-1 layer) if there is one."""
         return self.layers + ((self.projection,) if self.projection is not None else ())
 
+    def out_shape(self) -> tuple[int, int, int]:
+        """``(B, T_out, C_out)``, or the gates' ``(T_out, B, N)`` with a projection."""
+        t_out = self.out_lens()[-1]
+        if self.projection is not None:
+            return t_out, self.batch, self.projection.out_channels
+        return self.batch, t_out, self.layers[-1].out_channels
+
 
 def parse_activations(activation: str, num_layers: int) -> list[str]:
     """Split the comma-separated per-layer activation string of the op schema."""
     acts = activation.split(",")
     if len(acts) != num_layers:
-        raise ValueError(
-            f"conv1d_stack: activation must name one activation per layer ({num_layers}), got {activation!r}"
-        )
+        raise ValueError(f"{OP}: activation must name one activation per layer ({num_layers}), got {activation!r}")
     for a in acts:
         if a not in ACTIVATIONS:
-            raise ValueError(f"conv1d_stack: activation must be one of {ACTIVATIONS}, got {a!r}")
+            raise ValueError(f"{OP}: activation must be one of {ACTIVATIONS}, got {a!r}")
     return acts
 
 
-def _check_same(op: str, name: str, t: Tensor, dtype: torch.dtype, device: torch.device, ref: str) -> None:
+def _check_same(name: str, t: Tensor, dtype: torch.dtype, device: torch.device, ref: str) -> None:
     if t.dtype != dtype:
-        raise TypeError(f"{op}: {name} must have the dtype of {ref} ({dtype}), got {t.dtype}")
+        raise TypeError(f"{OP}: {name} must have the dtype of {ref} ({dtype}), got {t.dtype}")
     if t.device != device:
-        raise ValueError(f"{op}: {name} must be on the device of {ref} ({device}), got {t.device}")
+        raise ValueError(f"{OP}: {name} must be on the device of {ref} ({device}), got {t.device}")
 
 
-def _check_layers(
-    op: str,
-    seq_len: int,
-    c_in: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    ref: str,
+def _check_layer(
+    i: int, w: Tensor, b: Tensor | None, stride: int, padding: tuple[int, int], dilation: int, activation: str,
+    c_in: int, t: int, x: Tensor, ref: str,
+) -> ConvLayer:  # fmt: skip
+    """Validate layer ``i`` on an input of ``c_in`` channels and ``t`` steps (``ref`` names the stack's input)."""
+    if not isinstance(w, Tensor) or w.dim() != 3:
+        raise ValueError(f"{OP}: weight[{i}] must be a 3-D tensor (C_out, C_in, k), got {getattr(w, 'shape', w)}")
+    if w.shape[1] != c_in:
+        where = {"x": "x.shape[2]", "table": "table.shape[1]"}[ref] if i == 0 else f"weight[{i - 1}].shape[0]"
+        raise ValueError(f"{OP}: weight[{i}].shape[1] must equal {where} = {c_in}, got {w.shape[1]}")
+    _check_same(f"weight[{i}]", w, x.dtype, x.device, ref)
+    if b is not None:
+        _check_same(f"bias[{i}]", b, x.dtype, x.device, ref)
+        if tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{OP}: bias[{i}] must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+    if stride < 1 or dilation < 1:
+        raise ValueError(f"{OP}: stride[{i}] and dilation[{i}] must be >= 1, got {stride}, {dilation}")
+    if padding[0] < 0 or padding[1] < 0:
+        raise ValueError(f"{OP}: padding of layer {i} must be >= 0, got {tuple(padding)}")
+    layer = ConvLayer(
+        in_channels=c_in,
+        out_channels=w.shape[0],
+        kernel_size=w.shape[2],
+        stride=int(stride),
+        padding=(int(padding[0]), int(padding[1])),
+        dilation=int(dilation),
+        activation=activation,
+        has_bias=b is not None,
+    )
+    if layer.out_len(t) < 1:
+        raise ValueError(
+            f"{OP}: layer {i} gets {t} time steps (padded {t + sum(layer.padding)}), fewer than its "
+            f"receptive field {layer.dilation * (layer.kernel_size - 1) + 1}; {ref} is too short"
+        )
+    return layer
+
+
+def _dims(t: object) -> str:
+    return f"{t.dim()}-D" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_input(x: Tensor, tokens: Tensor | None) -> tuple[str, int, int, int]:
+    """Check the input (``x``, or ``tokens`` and the table ``x``): its name in messages, ``B``, ``T``
+    and the first layer's input channels."""
+    if tokens is None:
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"{OP}: x must be a 3-D channels-last tensor (B, T, C), got {_dims(x)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{OP}: x must be one of {FLOAT_DTYPES}, got {x.dtype}")
+        return "x", *x.shape
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        raise ValueError(f"{OP}: tokens must be a 2-D tensor (B, T) of token ids, got {_dims(tokens)}")
+    if tokens.dtype not in TOKEN_DTYPES:
+        raise TypeError(f"{OP}: tokens must be one of {TOKEN_DTYPES}, got {tokens.dtype}")
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"{OP}: table must be a 2-D embedding table (V, E), got {_dims(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{OP}: table must be one of {FLOAT_DTYPES}, got {x.dtype}")
+    if tokens.device != x.device:
+        raise ValueError(f"{OP}: tokens must be on the device of table ({x.device}), got {tokens.device}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{OP}: table must have at least one row")
+    return "table", *tokens.shape, x.shape[1]
+
+
+def _check_projection(
+    c_out: int, proj_weight: Tensor | None, proj_bias: Tensor | None, x: Tensor, ref: str
+) -> ConvLayer | None:
+    """The projection epilogue as a kernel-1 layer (``None`` without ``proj_weight``)."""
+    if proj_weight is None:
+        if proj_bias is not None:
+            raise ValueError(f"{OP}: proj_bias needs proj_weight")
+        return None
+    if not isinstance(proj_weight, Tensor) or proj_weight.dim() != 2 or proj_weight.shape[1] != c_out:
+        raise ValueError(
+            f"{OP}: proj_weight must be 2-D (N, {c_out}) (the last layer has {c_out} channels), "
+            f"got {getattr(proj_weight, 'shape', type(proj_weight).__name__)}"
+        )
+    _check_same("proj_weight", proj_weight, x.dtype, x.device, ref)
+    if proj_bias is not None:
+        _check_same("proj_bias", proj_bias, x.dtype, x.device, ref)
+        if tuple(proj_bias.shape) != (proj_weight.shape[0],):
+            raise ValueError(f"{OP}: proj_bias must have shape ({proj_weight.shape[0]},), got {tuple(proj_bias.shape)}")
+    return ConvLayer(c_out, proj_weight.shape[0], 1, 1, (0, 0), 1, "none", proj_bias is not None, matmul=True)
+
+
+def check_conv1d_stack_args(
+    x: Tensor,
+    tokens: Tensor | None,
     weight: Sequence[Tensor],
     bias: Sequence[Tensor | None],
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     activation: str,
-) -> tuple[ConvLayer, ...]:
-    """Validate the per-layer arguments against an input of ``seq_len`` steps and ``c_in`` channels."""
+    proj_weight: Tensor | None = None,
+    proj_bias: Tensor | None = None,
+    save_for_backward: bool = True,
+) -> Conv1dStackCall:
+    """Validate the arguments of ``conv1d_stack``; errors name the argument and what it must be
+    (``x`` is called ``table`` when ``tokens`` is given). Token values are checked separately, by
+    :func:`check_token_values` (reading them is a device sync)."""
+    ref, B, T, c_in = _check_input(x, tokens)
     L = len(weight)
     if L == 0:
-        raise ValueError(f"{op}: weight must hold at least one layer")
+        raise ValueError(f"{OP}: weight must hold at least one layer")
     for name, seq, n in (
         ("bias", bias, L),
         ("stride", stride, L),
@@ -141,140 +242,22 @@ def _check_layers(
         ("padding", padding, 2 * L),
     ):
         if len(seq) != n:
-            raise ValueError(f"{op}: {name} must have {n} entries for {L} layers, got {len(seq)}")
-    acts = parse_activations(activation, L)
-    layers = []
-    t = seq_len
-    for i in range(L):
-        w = weight[i]
-        if not isinstance(w, Tensor) or w.dim() != 3:
-            raise ValueError(f"{op}: weight[{i}] must be a 3-D tensor (C_out, C_in, k), got {getattr(w, 'shape', w)}")
-        if w.shape[1] != c_in:
-            where = {"x": "x.shape[2]", "table": "table.shape[1]"}[ref] if i == 0 else f"weight[{i - 1}].shape[0]"
-            raise ValueError(f"{op}: weight[{i}].shape[1] must equal {where} = {c_in}, got {w.shape[1]}")
-        _check_same(op, f"weight[{i}]", w, dtype, device, ref)
-        if bias[i] is not None:
-            _check_same(op, f"bias[{i}]", bias[i], dtype, device, ref)
-            if tuple(bias[i].shape) != (w.shape[0],):
-                raise ValueError(f"{op}: bias[{i}] must have shape ({w.shape[0]},), got {tuple(bias[i].shape)}")
-        if stride[i] < 1 or dilation[i] < 1:
-            raise ValueError(f"{op}: stride[{i}] and dilation[{i}] must be >= 1, got {stride[i]}, {dilation[i]}")
-        if padding[2 * i] < 0 or padding[2 * i + 1] < 0:
-            raise ValueError(f"{op}: padding of layer {i} must be >= 0, got {tuple(padding[2 * i : 2 * i + 2])}")
-        layer = ConvLayer(
-            in_channels=c_in,
-            out_channels=w.shape[0],
-            kernel_size=w.shape[2],
-            stride=int(stride[i]),
-            padding=(int(padding[2 * i]), int(padding[2 * i + 1])),
-            dilation=int(dilation[i]),
-            activation=acts[i],
-            has_bias=bias[i] is not None,
-        )
-        t_out = layer.out_len(t)
-        if t_out < 1:
-            raise ValueError(
-                f"{op}: layer {i} gets {t} time steps (padded {t + sum(layer.padding)}), fewer than its "
-                f"receptive field {layer.dilation * (layer.kernel_size - 1) + 1}; {ref} is too short"
-            )
-        layers.append(layer)
-        c_in, t = w.shape[0], t_out
-    return tuple(layers)
-
-
-def check_conv1d_stack_args(
-    x: Tensor,
-    weight: Sequence[Tensor],
-    bias: Sequence[Tensor | None],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    save_for_backward: bool = True,
-) -> Conv1dStackCall:
-    """Validate the arguments of ``conv1d_stack``; errors name the argument and what it must be."""
-    op = OP
-    if not isinstance(x, Tensor) or x.dim() != 3:
-        got = f"{x.dim()}-D" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{op}: x must be a 3-D channels-last tensor (B, T, C), got {got}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: x must be one of {FLOAT_DTYPES}, got {x.dtype}")
-    B, T, c_in = x.shape
-    layers = _check_layers(op, T, c_in, x.dtype, x.device, "x", weight, bias, stride, padding, dilation, activation)
-    return Conv1dStackCall(B, T, layers, x.dtype, x.device, save_for_backward=bool(save_for_backward))
-
-
-def check_conv1d_stack_embedding_args(
-    tokens: Tensor,
-    table: Tensor,
-    weight: Sequence[Tensor],
-    bias: Sequence[Tensor | None],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    save_for_backward: bool = True,
-) -> Conv1dStackCall:
-    """Validate the arguments of ``conv1d_stack_embedding`` (token values are checked separately)."""
-    op = OP_EMBEDDING
-    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
-        got = f"{tokens.dim()}-D" if isinstance(tokens, Tensor) else type(tokens).__name__
-        raise ValueError(f"{op}: tokens must be a 2-D tensor (B, T) of token ids, got {got}")
-    if tokens.dtype not in TOKEN_DTYPES:
-        raise TypeError(f"{op}: tokens must be one of {TOKEN_DTYPES}, got {tokens.dtype}")
-    if not isinstance(table, Tensor) or table.dim() != 2:
-        got = f"{table.dim()}-D" if isinstance(table, Tensor) else type(table).__name__
-        raise ValueError(f"{op}: table must be a 2-D embedding table (V, E), got {got}")
-    if table.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: table must be one of {FLOAT_DTYPES}, got {table.dtype}")
-    if tokens.device != table.device:
-        raise ValueError(f"{op}: tokens must be on the device of table ({table.device}), got {tokens.device}")
-    if table.shape[0] == 0:
-        raise ValueError(f"{op}: table must have at least one row")
-    B, T = tokens.shape
-    layers = _check_layers(
-        op, T, table.shape[1], table.dtype, table.device, "table", weight, bias, stride, padding, dilation, activation
-    )
+            raise ValueError(f"{OP}: {name} must have {n} entries for {L} layers, got {len(seq)}")
+    layers, t = [], T
+    for i, act in enumerate(parse_activations(activation, L)):
+        pad = (padding[2 * i], padding[2 * i + 1])
+        layers.append(_check_layer(i, weight[i], bias[i], stride[i], pad, dilation[i], act, c_in, t, x, ref))
+        c_in, t = layers[-1].out_channels, layers[-1].out_len(t)
+    projection = _check_projection(c_in, proj_weight, proj_bias, x, ref)
     return Conv1dStackCall(
-        B, T, layers, table.dtype, table.device, vocab_size=table.shape[0], save_for_backward=bool(save_for_backward)
-    )
-
-
-def check_conv1d_stack_projection_args(
-    x: Tensor,
-    weight: Sequence[Tensor],
-    bias: Sequence[Tensor | None],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
-    save_for_backward: bool = True,
-) -> Conv1dStackCall:
-    """Validate the arguments of ``conv1d_stack_projection``."""
-    op = OP_PROJECTION
-    call = check_conv1d_stack_args(x, weight, bias, stride, padding, dilation, activation, save_for_backward)
-    c_out = call.layers[-1].out_channels
-    if not isinstance(proj_weight, Tensor) or proj_weight.dim() != 2 or proj_weight.shape[1] != c_out:
-        raise ValueError(
-            f"{op}: proj_weight must be 2-D (N, {c_out}) (the last layer has {c_out} channels), "
-            f"got {getattr(proj_weight, 'shape', type(proj_weight).__name__)}"
-        )
-    _check_same(op, "proj_weight", proj_weight, x.dtype, x.device, "x")
-    if proj_bias is not None:
-        _check_same(op, "proj_bias", proj_bias, x.dtype, x.device, "x")
-        if tuple(proj_bias.shape) != (proj_weight.shape[0],):
-            raise ValueError(f"{op}: proj_bias must have shape ({proj_weight.shape[0]},), got {tuple(proj_bias.shape)}")
-    projection = ConvLayer(c_out, proj_weight.shape[0], 1, 1, (0, 0), 1, "none", proj_bias is not None, matmul=True)
-    return Conv1dStackCall(
-        call.batch,
-        call.seq_len,
-        call.layers,
+        B,
+        T,
+        tuple(layers),
         x.dtype,
         x.device,
+        vocab_size=x.shape[0] if tokens is not None else 0,
         projection=projection,
-        save_for_backward=call.save_for_backward,
+        save_for_backward=bool(save_for_backward),
     )
 
 
@@ -288,38 +271,34 @@ def check_token_values(tokens: Tensor, vocab_size: int) -> None:
         return
     lo, hi = (int(v) for v in torch.aminmax(tokens))
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(
-            f"{OP_EMBEDDING}: tokens must lie in [0, {vocab_size}) (the table's rows), got ids in [{lo}, {hi}]"
-        )
+        raise ValueError(f"{OP}: tokens must lie in [0, {vocab_size}) (the table's rows), got ids in [{lo}, {hi}]")
 
 
-def _resolve(op: str, backend: str, call: Conv1dStackCall) -> backends.Implementation:
-    return backends.resolve(op, backend, call, call.device)
+def _resolve(backend: str, call: Conv1dStackCall) -> backends.Implementation:
+    return backends.resolve(OP, backend, call, call.device)
 
 
-def _saved_fakes(impl: backends.Implementation, call: Conv1dStackCall, like: Tensor) -> list[Tensor]:
-    return [like.new_empty(shape, dtype=dtype) for shape, dtype in impl.saved_shapes(call)]
+def _expand(present: Sequence[Tensor], flags: Sequence[bool]) -> list[Tensor | None]:
+    """Per-slot tensors (``None`` where a flag is false) from the list of the present ones."""
+    it = iter(present)
+    return [next(it) if f else None for f in flags]
 
 
-def _expand_bias(bias: Sequence[Tensor], has_bias: Sequence[bool], op: str = OP) -> list[Tensor | None]:
-    """Per-layer biases (``None`` where a layer has none) from the op's present-only list."""
-    if sum(bool(h) for h in has_bias) != len(bias):
-        raise ValueError(
-            f"{op}: bias holds {len(bias)} tensors but has_bias marks {sum(bool(h) for h in has_bias)} layers"
-        )
-    it = iter(bias)
-    return [next(it) if h else None for h in has_bias]
-
-
-# Biases travel as the list of present ones plus a per-layer flag: autograd of custom ops treats a
-# list holding None (``Tensor?[]``) as an opaque leaf and would drop the bias gradients.
-
-# --- conv1d_stack --------------------------------------------------------------------------------
+def _call(x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, save=True):
+    """The per-layer biases and the checked call of the op's arguments."""
+    if sum(map(bool, has_bias)) != len(bias):
+        raise ValueError(f"{OP}: bias holds {len(bias)} tensors but has_bias marks {sum(map(bool, has_bias))} layers")
+    per_layer = _expand(bias, has_bias)
+    call = check_conv1d_stack_args(
+        x, tokens, weight, per_layer, stride, padding, dilation, activation, proj_weight, proj_bias, save
+    )
+    return per_layer, call
 
 
 @torch.library.custom_op("fusedconvlstm::conv1d_stack", mutates_args=())
 def _conv1d_stack_op(
     x: Tensor,
+    tokens: Tensor | None,
     weight: Sequence[Tensor],
     bias: Sequence[Tensor],
     has_bias: Sequence[bool],
@@ -327,27 +306,40 @@ def _conv1d_stack_op(
     padding: Sequence[int],
     dilation: Sequence[int],
     activation: str,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor | None,
     backend: str,
     save_for_backward: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
-    per_layer = _expand_bias(bias, has_bias)
-    call = check_conv1d_stack_args(x, weight, per_layer, stride, padding, dilation, activation, save_for_backward)
+    per_layer, call = _call(
+        x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias,
+        save_for_backward,
+    )  # fmt: skip
+    if tokens is not None:
+        check_token_values(tokens, call.vocab_size)
+    impl = _resolve(backend, call)
     with backends.no_autocast(x):
-        return _resolve(OP, backend, call).forward(x, list(weight), per_layer, call)
+        return impl.forward(x, tokens, list(weight), per_layer, proj_weight, proj_bias, call)
 
 
 @_conv1d_stack_op.register_fake
-def _(x, weight, bias, has_bias, stride, padding, dilation, activation, backend, save_for_backward=True):
-    per_layer = _expand_bias(bias, has_bias)
-    call = check_conv1d_stack_args(x, weight, per_layer, stride, padding, dilation, activation, save_for_backward)
-    y = x.new_empty(call.batch, call.out_lens()[-1], call.layers[-1].out_channels)
-    return y, _saved_fakes(_resolve(OP, backend, call), call, x)
+def _(
+    x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, backend,
+    save_for_backward=True,
+):  # fmt: skip
+    _, call = _call(
+        x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias,
+        save_for_backward,
+    )  # fmt: skip
+    saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in _resolve(backend, call).saved_shapes(call)]
+    return x.new_empty(call.out_shape()), saved
 
 
 @torch.library.custom_op("fusedconvlstm::conv1d_stack_backward", mutates_args=())
 def _conv1d_stack_backward_op(
     grad_y: Tensor,
     x: Tensor,
+    tokens: Tensor | None,
     weight: Sequence[Tensor],
     bias: Sequence[Tensor],
     has_bias: Sequence[bool],
@@ -355,267 +347,96 @@ def _conv1d_stack_backward_op(
     padding: Sequence[int],
     dilation: Sequence[int],
     activation: str,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor | None,
     saved: Sequence[Tensor],
     backend: str,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    per_layer = _expand_bias(bias, has_bias)
-    call = check_conv1d_stack_args(x, weight, per_layer, stride, padding, dilation, activation)
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    per_layer, call = _call(
+        x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias
+    )
+    impl = _resolve(backend, call)
     with backends.no_autocast(x):
-        return _resolve(OP, backend, call).backward(grad_y, x, list(weight), per_layer, list(saved), call)
+        grad_x, grad_w, grad_b, grad_pw, grad_pb = impl.backward(
+            grad_y, x, tokens, list(weight), per_layer, proj_weight, proj_bias, list(saved), call
+        )
+    grad_proj = [g for g in (grad_pw, grad_pb) if g is not None]
+    return grad_x, grad_w, grad_b, grad_proj
 
 
 @_conv1d_stack_backward_op.register_fake
-def _(grad_y, x, weight, bias, has_bias, stride, padding, dilation, activation, saved, backend):
-    return torch.empty_like(x), [torch.empty_like(w) for w in weight], [torch.empty_like(b) for b in bias]
+def _(
+    grad_y, x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, saved,
+    backend,
+):  # fmt: skip
+    grad_proj = [torch.empty_like(p) for p in (proj_weight, proj_bias) if p is not None]
+    return torch.empty_like(x), [torch.empty_like(w) for w in weight], [torch.empty_like(b) for b in bias], grad_proj
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, has_bias, stride, padding, dilation, activation, backend, *_ = inputs
-    _, saved = output
-    ctx.save_for_backward(x, *weight, *bias, *saved)
-    ctx.counts = (len(weight), len(bias))
-    ctx.hyper = (list(has_bias), list(stride), list(padding), list(dilation), activation, backend)
+    x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias = inputs[:11]
+    optional = (tokens, proj_weight, proj_bias)
+    ctx.has_optional = [t is not None for t in optional]
+    ctx.save_for_backward(x, *[t for t in optional if t is not None], *weight, *bias, *output[1])
+    ctx.counts = (sum(ctx.has_optional), len(weight), len(bias))
+    ctx.hyper = (list(has_bias), list(stride), list(padding), list(dilation), activation)
+    ctx.backend = inputs[11]
 
 
 def _backward(ctx, grad_y, _grad_saved):
-    n_w, n_b = ctx.counts
+    n_opt, n_w, n_b = ctx.counts
     x, *rest = ctx.saved_tensors
-    weight, bias, saved = rest[:n_w], rest[n_w : n_w + n_b], rest[n_w + n_b :]
-    has_bias, stride, padding, dilation, activation, backend = ctx.hyper
-    grad_x, grad_w, grad_b = _conv1d_stack_backward_op(
-        grad_y.contiguous(), x, weight, bias, has_bias, stride, padding, dilation, activation, saved, backend
+    tokens, proj_weight, proj_bias = _expand(rest[:n_opt], ctx.has_optional)
+    weight, bias, saved = rest[n_opt : n_opt + n_w], rest[n_opt + n_w : n_opt + n_w + n_b], rest[n_opt + n_w + n_b :]
+    grad_x, grad_w, grad_b, grad_proj = _conv1d_stack_backward_op(
+        grad_y.contiguous(), x, tokens, weight, bias, *ctx.hyper, proj_weight, proj_bias, saved, ctx.backend
     )
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+    grad_pw, grad_pb = (grad_proj + [None, None])[:2]
+    return grad_x, None, grad_w, grad_b, None, None, None, None, None, grad_pw, grad_pb, None, None
 
 
 _conv1d_stack_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- conv1d_stack_embedding ----------------------------------------------------------------------
-
-
-@torch.library.custom_op("fusedconvlstm::conv1d_stack_embedding", mutates_args=())
-def _conv1d_stack_embedding_op(
-    tokens: Tensor,
-    table: Tensor,
-    weight: Sequence[Tensor],
-    bias: Sequence[Tensor],
-    has_bias: Sequence[bool],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    backend: str,
-    save_for_backward: bool = True,
-) -> tuple[Tensor, list[Tensor]]:
-    per_layer = _expand_bias(bias, has_bias, OP_EMBEDDING)
-    call = check_conv1d_stack_embedding_args(
-        tokens, table, weight, per_layer, stride, padding, dilation, activation, save_for_backward
-    )
-    check_token_values(tokens, call.vocab_size)
-    with backends.no_autocast(table):
-        return _resolve(OP_EMBEDDING, backend, call).forward(tokens, table, list(weight), per_layer, call)
-
-
-@_conv1d_stack_embedding_op.register_fake
-def _(tokens, table, weight, bias, has_bias, stride, padding, dilation, activation, backend, save_for_backward=True):
-    per_layer = _expand_bias(bias, has_bias, OP_EMBEDDING)
-    call = check_conv1d_stack_embedding_args(
-        tokens, table, weight, per_layer, stride, padding, dilation, activation, save_for_backward
-    )
-    y = table.new_empty(call.batch, call.out_lens()[-1], call.layers[-1].out_channels)
-    return y, _saved_fakes(_resolve(OP_EMBEDDING, backend, call), call, table)
-
-
-@torch.library.custom_op("fusedconvlstm::conv1d_stack_embedding_backward", mutates_args=())
-def _conv1d_stack_embedding_backward_op(
-    grad_y: Tensor,
-    tokens: Tensor,
-    table: Tensor,
-    weight: Sequence[Tensor],
-    bias: Sequence[Tensor],
-    has_bias: Sequence[bool],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    saved: Sequence[Tensor],
-    backend: str,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    per_layer = _expand_bias(bias, has_bias, OP_EMBEDDING)
-    call = check_conv1d_stack_embedding_args(tokens, table, weight, per_layer, stride, padding, dilation, activation)
-    impl = _resolve(OP_EMBEDDING, backend, call)
-    with backends.no_autocast(table):
-        return impl.backward(grad_y, tokens, table, list(weight), per_layer, list(saved), call)
-
-
-@_conv1d_stack_embedding_backward_op.register_fake
-def _(grad_y, tokens, table, weight, bias, has_bias, stride, padding, dilation, activation, saved, backend):
-    return torch.empty_like(table), [torch.empty_like(w) for w in weight], [torch.empty_like(b) for b in bias]
-
-
-def _embedding_setup_context(ctx, inputs, output) -> None:
-    tokens, table, weight, bias, has_bias, stride, padding, dilation, activation, backend, *_ = inputs
-    _, saved = output
-    ctx.save_for_backward(tokens, table, *weight, *bias, *saved)
-    ctx.counts = (len(weight), len(bias))
-    ctx.hyper = (list(has_bias), list(stride), list(padding), list(dilation), activation, backend)
-
-
-def _embedding_backward(ctx, grad_y, _grad_saved):
-    n_w, n_b = ctx.counts
-    tokens, table, *rest = ctx.saved_tensors
-    weight, bias, saved = rest[:n_w], rest[n_w : n_w + n_b], rest[n_w + n_b :]
-    has_bias, stride, padding, dilation, activation, backend = ctx.hyper
-    grad_table, grad_w, grad_b = _conv1d_stack_embedding_backward_op(
-        grad_y.contiguous(), tokens, table, weight, bias, has_bias, stride, padding, dilation, activation, saved,
-        backend,
-    )  # fmt: skip
-    return None, grad_table, grad_w, grad_b, None, None, None, None, None, None, None
-
-
-_conv1d_stack_embedding_op.register_autograd(_embedding_backward, setup_context=_embedding_setup_context)
-
-
-# --- conv1d_stack_projection ---------------------------------------------------------------------
-
-
-@torch.library.custom_op("fusedconvlstm::conv1d_stack_projection", mutates_args=())
-def _conv1d_stack_projection_op(
-    x: Tensor,
-    weight: Sequence[Tensor],
-    bias: Sequence[Tensor],
-    has_bias: Sequence[bool],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
-    backend: str,
-    save_for_backward: bool = True,
-) -> tuple[Tensor, list[Tensor]]:
-    per_layer = _expand_bias(bias, has_bias, OP_PROJECTION)
-    call = check_conv1d_stack_projection_args(
-        x, weight, per_layer, stride, padding, dilation, activation, proj_weight, proj_bias, save_for_backward
-    )
-    impl = _resolve(OP_PROJECTION, backend, call)
-    with backends.no_autocast(x):
-        return impl.forward(x, list(weight), per_layer, proj_weight, proj_bias, call)
-
-
-@_conv1d_stack_projection_op.register_fake
-def _(
-    x, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, backend,
-    save_for_backward=True,
-):  # fmt: skip
-    per_layer = _expand_bias(bias, has_bias, OP_PROJECTION)
-    call = check_conv1d_stack_projection_args(
-        x, weight, per_layer, stride, padding, dilation, activation, proj_weight, proj_bias, save_for_backward
-    )
-    gates = x.new_empty(call.out_lens()[-1], call.batch, call.projection.out_channels)
-    return gates, _saved_fakes(_resolve(OP_PROJECTION, backend, call), call, x)
-
-
-@torch.library.custom_op("fusedconvlstm::conv1d_stack_projection_backward", mutates_args=())
-def _conv1d_stack_projection_backward_op(
-    grad_gates: Tensor,
-    x: Tensor,
-    weight: Sequence[Tensor],
-    bias: Sequence[Tensor],
-    has_bias: Sequence[bool],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    proj_weight: Tensor,
-    proj_bias: Tensor | None,
-    saved: Sequence[Tensor],
-    backend: str,
-) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, list[Tensor]]:
-    per_layer = _expand_bias(bias, has_bias, OP_PROJECTION)
-    call = check_conv1d_stack_projection_args(
-        x, weight, per_layer, stride, padding, dilation, activation, proj_weight, proj_bias
-    )
-    impl = _resolve(OP_PROJECTION, backend, call)
-    with backends.no_autocast(x):
-        grad_x, grad_w, grad_b, grad_pw, grad_pb = impl.backward(
-            grad_gates, x, list(weight), per_layer, proj_weight, proj_bias, list(saved), call
-        )
-    # A Tensor? output is not allowed: the projection bias's gradient travels as a 0- or 1-list.
-    return grad_x, grad_w, grad_b, grad_pw, [] if grad_pb is None else [grad_pb]
-
-
-@_conv1d_stack_projection_backward_op.register_fake
-def _(
-    grad_gates, x, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, saved,
-    backend,
-):  # fmt: skip
-    return (
-        torch.empty_like(x),
-        [torch.empty_like(w) for w in weight],
-        [torch.empty_like(b) for b in bias],
-        torch.empty_like(proj_weight),
-        [] if proj_bias is None else [torch.empty_like(proj_bias)],
-    )
-
-
-def _projection_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, backend, *_ = inputs
-    _, saved = output
-    proj_bias_list = [] if proj_bias is None else [proj_bias]
-    ctx.save_for_backward(x, proj_weight, *proj_bias_list, *weight, *bias, *saved)
-    ctx.counts = (len(weight), len(bias), len(proj_bias_list))
-    ctx.hyper = (list(has_bias), list(stride), list(padding), list(dilation), activation, backend)
-
-
-def _projection_backward(ctx, grad_gates, _grad_saved):
-    n_w, n_b, n_pb = ctx.counts
-    x, proj_weight, *rest = ctx.saved_tensors
-    proj_bias, rest = (rest[0] if n_pb else None), rest[n_pb:]
-    weight, bias, saved = rest[:n_w], rest[n_w : n_w + n_b], rest[n_w + n_b :]
-    has_bias, stride, padding, dilation, activation, backend = ctx.hyper
-    grad_x, grad_w, grad_b, grad_pw, grad_pb = _conv1d_stack_projection_backward_op(
-        grad_gates.contiguous(), x, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight,
-        proj_bias, saved, backend,
-    )  # fmt: skip
-    grad_proj_bias = grad_pb[0] if n_pb else None
-    return grad_x, grad_w, grad_b, None, None, None, None, None, grad_pw, grad_proj_bias, None, None
-
-
-_conv1d_stack_projection_op.register_autograd(_projection_backward, setup_context=_projection_setup_context)
-
-
 # --- Python wrappers -----------------------------------------------------------------------------
 
 
-def _stack_args(
-    num_layers: int,
+def _stack(
+    x: Tensor,
+    tokens: Tensor | None,
+    weight: Sequence[Tensor],
     bias: Sequence[Tensor | None] | None,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor | None,
     stride: Sequence[int] | None,
     padding: Sequence[tuple[int, int]] | None,
     dilation: Sequence[int] | None,
     activation: Sequence[str] | None,
-    op: str,
-) -> tuple[list, list[int], list[int], list[int], str]:
-    L = num_layers
+    backend: str,
+) -> Tensor:
+    """The op with per-layer defaults filled in and ``auto`` resolved (so that the op, its fake and
+    its backward agree on one backend); asks the backend to save only when a gradient can flow."""
+    L = len(weight)
     bias = list(bias) if bias is not None else [None] * L
-    stride = list(stride) if stride is not None else [1] * L
-    dilation = list(dilation) if dilation is not None else [1] * L
     pads = list(padding) if padding is not None else [(0, 0)] * L
     if len(pads) != L:
-        raise ValueError(f"{op}: padding must have one (left, right) pair per layer ({L}), got {len(pads)}")
-    flat_padding = [int(p) for pair in pads for p in pair]
-    act = ",".join(activation) if activation is not None else ",".join(["none"] * L)
-    return bias, stride, flat_padding, dilation, act
-
-
-def _present(bias: Sequence[Tensor | None]) -> tuple[list[Tensor], list[bool]]:
-    return [b for b in bias if b is not None], [b is not None for b in bias]
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        raise ValueError(f"{OP}: padding must have one (left, right) pair per layer ({L}), got {len(pads)}")
+    args = (
+        list(stride) if stride is not None else [1] * L,
+        [int(p) for pair in pads for p in pair],
+        list(dilation) if dilation is not None else [1] * L,
+        ",".join(activation) if activation is not None else ",".join(["none"] * L),
+    )
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *weight, *bias, proj_weight, proj_bias)
+    )
+    call = check_conv1d_stack_args(x, tokens, weight, bias, *args, proj_weight, proj_bias, save)
+    impl = _resolve(backend, call)
+    present, has_bias = [b for b in bias if b is not None], [b is not None for b in bias]
+    y, _ = _conv1d_stack_op(
+        x, tokens, list(weight), present, has_bias, *args, proj_weight, proj_bias, impl.backend, save
+    )
+    return y
 
 
 def conv1d_stack(
@@ -642,14 +463,12 @@ def conv1d_stack(
 
     Returns:
         ``(B, T_out, C_out)``, contiguous.
+
+    :func:`conv1d_stack_embedding`, :func:`conv1d_stack_projection` and
+    :func:`conv1d_stack_embedding_projection` are the same op with an embedding gather before the
+    first layer, an LSTM input projection after the last, or both.
     """
-    bias, stride, padding_, dilation, act = _stack_args(len(weight), bias, stride, padding, dilation, activation, OP)
-    save = _needs_grad(x, *weight, *bias)
-    call = check_conv1d_stack_args(x, weight, bias, stride, padding_, dilation, act, save)
-    impl = _resolve(OP, backend, call)
-    present, has_bias = _present(bias)
-    y, _ = _conv1d_stack_op(x, list(weight), present, has_bias, stride, padding_, dilation, act, impl.backend, save)
-    return y
+    return _stack(x, None, weight, bias, None, None, stride, padding, dilation, activation, backend)
 
 
 def conv1d_stack_embedding(
@@ -666,25 +485,11 @@ def conv1d_stack_embedding(
 ) -> Tensor:
     """``conv1d_stack(F.embedding(tokens, table), ...)`` without writing the embedding.
 
-    Args:
-        tokens: token ids ``(B, T)``, int32 or int64, each in ``[0, V)``.
-        table: embedding table ``(V, E)`` (``nn.Embedding.weight``); gets a gradient.
-        weight, bias, stride, padding, dilation, activation, backend: as :func:`conv1d_stack`.
-
-    Returns:
-        ``(B, T_out, C_out)``, contiguous.
+    ``tokens`` are ids ``(B, T)``, int32 or int64, each in ``[0, V)``; ``table`` is ``(V, E)``
+    (``nn.Embedding.weight``) and gets a gradient. The rest is as :func:`conv1d_stack`; returns
+    ``(B, T_out, C_out)``, contiguous.
     """
-    bias, stride, padding_, dilation, act = _stack_args(
-        len(weight), bias, stride, padding, dilation, activation, OP_EMBEDDING
-    )
-    save = _needs_grad(table, *weight, *bias)
-    call = check_conv1d_stack_embedding_args(tokens, table, weight, bias, stride, padding_, dilation, act, save)
-    impl = _resolve(OP_EMBEDDING, backend, call)
-    present, has_bias = _present(bias)
-    y, _ = _conv1d_stack_embedding_op(
-        tokens, table, list(weight), present, has_bias, stride, padding_, dilation, act, impl.backend, save
-    )
-    return y
+    return _stack(table, tokens, weight, bias, None, None, stride, padding, dilation, activation, backend)
 
 
 def conv1d_stack_projection(
@@ -702,27 +507,36 @@ def conv1d_stack_projection(
 ) -> Tensor:
     """The stack followed by an LSTM input projection, returned time-major.
 
-    Args:
-        x, weight, bias, stride, padding, dilation, activation, backend: as :func:`conv1d_stack`.
-        proj_weight: ``(N, C_out)``; for ``D`` LSTMs reading the stack, ``cat([lstm.weight_ih_l0 ...])``.
-        proj_bias: ``(N,)`` or ``None``; for LSTMs, ``cat([lstm.bias_ih_l0 + lstm.bias_hh_l0 ...])``.
-
-    Returns:
-        gates ``(T_out, B, N)``, contiguous: ``gates.view(T_out, B, D, 4 * H)`` is the ``xg`` of
-        :func:`fusedconvlstm.lstm_recurrence`.
+    ``proj_weight`` is ``(N, C_out)`` (for ``D`` LSTMs reading the stack,
+    ``cat([lstm.weight_ih_l0 ...])``), ``proj_bias`` ``(N,)`` or ``None`` (for LSTMs,
+    ``cat([lstm.bias_ih_l0 + lstm.bias_hh_l0 ...])``); the rest is as :func:`conv1d_stack`.
+    Returns the gates ``(T_out, B, N)``, contiguous: ``gates.view(T_out, B, D, 4 * H)`` is the
+    ``xg`` of :func:`fusedconvlstm.lstm_recurrence`.
     """
     if proj_weight is None:
-        raise ValueError(f"{OP_PROJECTION}: proj_weight must be given")
-    bias, stride, padding_, dilation, act = _stack_args(
-        len(weight), bias, stride, padding, dilation, activation, OP_PROJECTION
-    )
-    save = _needs_grad(x, *weight, *bias, proj_weight, proj_bias)
-    call = check_conv1d_stack_projection_args(
-        x, weight, bias, stride, padding_, dilation, act, proj_weight, proj_bias, save
-    )
-    impl = _resolve(OP_PROJECTION, backend, call)
-    present, has_bias = _present(bias)
-    gates, _ = _conv1d_stack_projection_op(
-        x, list(weight), present, has_bias, stride, padding_, dilation, act, proj_weight, proj_bias, impl.backend, save
-    )
-    return gates
+        raise ValueError(f"{OP}: proj_weight must be given")
+    return _stack(x, None, weight, bias, proj_weight, proj_bias, stride, padding, dilation, activation, backend)
+
+
+def conv1d_stack_embedding_projection(
+    tokens: Tensor,
+    table: Tensor,
+    weight: Sequence[Tensor],
+    bias: Sequence[Tensor | None] | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+    *,
+    stride: Sequence[int] | None = None,
+    padding: Sequence[tuple[int, int]] | None = None,
+    dilation: Sequence[int] | None = None,
+    activation: Sequence[str] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Token ids to LSTM gates in one op: ``F.linear(conv1d_stack(F.embedding(tokens, table), ...),
+    proj_weight, proj_bias)``, time-major ``(T_out, B, N)``, with neither the embedding nor the
+    stack's output written.
+
+    Arguments as :func:`conv1d_stack_embedding` and :func:`conv1d_stack_projection`; the table,
+    the layers and the projection all get gradients.
+    """
+    return _stack(table, tokens, weight, bias, proj_weight, proj_bias, stride, padding, dilation, activation, backend)

@@ -1,8 +1,9 @@
-"""Reference backend of the Conv1d stack ops: ``F.conv1d`` layer by layer, on any device.
+"""Reference backend of the Conv1d stack op: ``F.conv1d`` layer by layer, on any device.
 
 Half-precision inputs are computed in float32 and rounded back once at the end. The backward
 recomputes the forward and applies ``torch.nn.grad.conv1d_input`` / ``conv1d_weight`` layer by
-layer. The embedding prologue is ``F.embedding``; the projection epilogue is ``F.linear``.
+layer. The embedding prologue is ``F.embedding`` (its backward an ``index_add_``); the projection
+epilogue is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.ops.conv1d import OP, OP_EMBEDDING, OP_PROJECTION, Conv1dStackCall
+from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall
 
 _ACTIVATIONS = {
     "none": lambda x: x,
@@ -63,14 +64,11 @@ def _layers_forward(h: Tensor, weight: list[Tensor], bias: list[Tensor | None], 
     return h, kept
 
 
-def _channels_first(x: Tensor) -> Tensor:
-    return x.to(_acc_dtype(x.dtype)).transpose(1, 2)
-
-
-def conv1d_stack_reference(x: Tensor, weight: list[Tensor], bias: list[Tensor | None], call: Conv1dStackCall) -> Tensor:
-    """The stack on channels-last ``x`` ``(B, T, C)``, returning contiguous ``(B, T_out, C_out)``."""
-    h, _ = _layers_forward(_channels_first(x), weight, bias, call)
-    return h.transpose(1, 2).to(x.dtype).contiguous()
+def _stack_input(x: Tensor, tokens: Tensor | None) -> Tensor:
+    """The first layer's input, channels-first in the accumulation dtype: ``x``, or with
+    ``tokens`` the table ``x``'s rows."""
+    h = F.embedding(tokens.long(), x) if tokens is not None else x
+    return h.to(_acc_dtype(x.dtype)).transpose(1, 2)
 
 
 def _layers_backward(g: Tensor, weight: list[Tensor], bias: list[Tensor | None], kept, call: Conv1dStackCall):
@@ -91,101 +89,67 @@ def _layers_backward(g: Tensor, weight: list[Tensor], bias: list[Tensor | None],
     return g, grad_w[::-1], grad_b[::-1]
 
 
-def conv1d_stack_reference_backward(
-    grad_y: Tensor, x: Tensor, weight: list[Tensor], bias: list[Tensor | None], call: Conv1dStackCall
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Gradients of the stack written out with ``torch.nn.grad`` (op implementations run below
-    autograd, so they cannot call it): ``(grad_x, grad_weight, grad_bias of present biases)``."""
-    _, kept = _layers_forward(_channels_first(x), weight, bias, call)
-    g, grad_w, grad_b = _layers_backward(grad_y.to(kept[0][1].dtype).transpose(1, 2), weight, bias, kept, call)
-    return g.transpose(1, 2).to(x.dtype).contiguous(), grad_w, grad_b
-
-
-def conv1d_stack_embedding_reference(
-    tokens: Tensor, table: Tensor, weight: list[Tensor], bias: list[Tensor | None], call: Conv1dStackCall
-) -> Tensor:
-    """``conv1d_stack_reference(F.embedding(tokens, table), ...)``: ``(B, T_out, C_out)``."""
-    h, _ = _layers_forward(_channels_first(F.embedding(tokens.long(), table)), weight, bias, call)
-    return h.transpose(1, 2).to(table.dtype).contiguous()
-
-
-def conv1d_stack_embedding_reference_backward(
-    grad_y: Tensor, tokens: Tensor, table: Tensor, weight: list[Tensor], bias: list[Tensor | None], call
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """``(grad_table, grad_weight, grad_bias of present biases)``; the table's gradient sums the
-    embedding's gradient over every position holding the same id."""
-    _, kept = _layers_forward(_channels_first(F.embedding(tokens.long(), table)), weight, bias, call)
-    g, grad_w, grad_b = _layers_backward(grad_y.to(kept[0][1].dtype).transpose(1, 2), weight, bias, kept, call)
-    grad_table = torch.zeros(table.shape, dtype=g.dtype, device=g.device)
-    grad_table.index_add_(0, tokens.reshape(-1).long(), g.transpose(1, 2).reshape(-1, table.shape[1]))
-    return grad_table.to(table.dtype), grad_w, grad_b
-
-
-def conv1d_stack_projection_reference(
+def conv1d_stack_reference(
     x: Tensor,
+    tokens: Tensor | None,
     weight: list[Tensor],
     bias: list[Tensor | None],
-    proj_weight: Tensor,
+    proj_weight: Tensor | None,
     proj_bias: Tensor | None,
     call: Conv1dStackCall,
 ) -> Tensor:
-    """The stack then ``h @ proj_weightᵀ + proj_bias``, returned time-major ``(T_out, B, N)``."""
-    h, _ = _layers_forward(_channels_first(x), weight, bias, call)
+    """The stack on channels-last ``x`` ``(B, T, C)`` (or on ``x[tokens]``), contiguous
+    ``(B, T_out, C_out)``; with ``proj_weight``, ``h @ proj_weightᵀ + proj_bias`` time-major
+    ``(T_out, B, N)``."""
+    h, _ = _layers_forward(_stack_input(x, tokens), weight, bias, call)
+    if proj_weight is None:
+        return h.transpose(1, 2).to(x.dtype).contiguous()
     acc = h.dtype
     gates = F.linear(h.permute(2, 0, 1), proj_weight.to(acc), None if proj_bias is None else proj_bias.to(acc))
     return gates.to(x.dtype).contiguous()
 
 
-def conv1d_stack_projection_reference_backward(
-    grad_gates: Tensor,
+def conv1d_stack_reference_backward(
+    grad_y: Tensor,
     x: Tensor,
+    tokens: Tensor | None,
     weight: list[Tensor],
     bias: list[Tensor | None],
-    proj_weight: Tensor,
+    proj_weight: Tensor | None,
     proj_bias: Tensor | None,
     call: Conv1dStackCall,
-):
-    """``(grad_x, grad_weight, grad_bias of present biases, grad_proj_weight, grad_proj_bias or None)``."""
-    h, kept = _layers_forward(_channels_first(x), weight, bias, call)
+) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
+    """Gradients of the stack written out with ``torch.nn.grad`` (op implementations run below
+    autograd, so they cannot call it): ``(grad_x, grad_weight, grad_bias of present biases,
+    grad_proj_weight or None, grad_proj_bias or None)``. With ``tokens``, ``grad_x`` is the
+    table's: the embedding's gradient summed over every position holding the same id."""
+    h, kept = _layers_forward(_stack_input(x, tokens), weight, bias, call)
     acc = h.dtype
-    gg = grad_gates.to(acc)  # (T, B, N)
-    h_tb = h.permute(2, 0, 1)  # (T, B, C)
-    grad_pw = torch.einsum("tbn,tbc->nc", gg, h_tb).to(proj_weight.dtype)
-    grad_pb = None if proj_bias is None else gg.sum(dim=(0, 1)).to(proj_bias.dtype)
-    g_h = (gg @ proj_weight.to(acc)).permute(1, 2, 0)  # (B, C, T)
+    g = grad_y.to(acc)
+    grad_pw = grad_pb = None
+    if proj_weight is None:
+        g_h = g.transpose(1, 2)
+    else:  # g is (T, B, N), h (B, C, T)
+        grad_pw = torch.einsum("tbn,bct->nc", g, h).to(proj_weight.dtype)
+        grad_pb = None if proj_bias is None else g.sum(dim=(0, 1)).to(proj_bias.dtype)
+        g_h = (g @ proj_weight.to(acc)).permute(1, 2, 0)
     g, grad_w, grad_b = _layers_backward(g_h, weight, bias, kept, call)
-    return g.transpose(1, 2).to(x.dtype).contiguous(), grad_w, grad_b, grad_pw, grad_pb
+    g = g.transpose(1, 2)  # (B, T, C_in)
+    if tokens is not None:
+        g = torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(
+            0, tokens.reshape(-1).long(), g.reshape(-1, x.shape[1])
+        )
+    return g.to(x.dtype).contiguous(), grad_w, grad_b, grad_pw, grad_pb
 
 
-def _forward(x, weight, bias, call):
-    return conv1d_stack_reference(x, weight, bias, call), []
+def _forward(x, tokens, weight, bias, proj_weight, proj_bias, call):
+    return conv1d_stack_reference(x, tokens, weight, bias, proj_weight, proj_bias, call), []
 
 
-def _backward(grad_y, x, weight, bias, saved, call):
-    return conv1d_stack_reference_backward(grad_y, x, weight, bias, call)
+def _backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, saved, call):
+    return conv1d_stack_reference_backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, call)
 
 
-def _embedding_forward(tokens, table, weight, bias, call):
-    return conv1d_stack_embedding_reference(tokens, table, weight, bias, call), []
-
-
-def _embedding_backward(grad_y, tokens, table, weight, bias, saved, call):
-    return conv1d_stack_embedding_reference_backward(grad_y, tokens, table, weight, bias, call)
-
-
-def _projection_forward(x, weight, bias, proj_weight, proj_bias, call):
-    return conv1d_stack_projection_reference(x, weight, bias, proj_weight, proj_bias, call), []
-
-
-def _projection_backward(grad_gates, x, weight, bias, proj_weight, proj_bias, saved, call):
-    return conv1d_stack_projection_reference_backward(grad_gates, x, weight, bias, proj_weight, proj_bias, call)
-
-
-for _op, _fns in (
-    (OP, (_forward, _backward)),
-    (OP_EMBEDDING, (_embedding_forward, _embedding_backward)),
-    (OP_PROJECTION, (_projection_forward, _projection_backward)),
-):
-    backends.register_implementation(
-        _op, "reference", why_not=lambda call: None, forward=_fns[0], backward=_fns[1], saved_shapes=lambda call: []
-    )
+backends.register_implementation(
+    OP, "reference", why_not=lambda call: None, forward=_forward, backward=_backward, saved_shapes=lambda call: []
+)

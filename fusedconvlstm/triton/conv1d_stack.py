@@ -1,5 +1,5 @@
-"""``triton`` backend of the Conv1d stack ops (``conv1d_stack``, ``conv1d_stack_embedding``,
-``conv1d_stack_projection``).
+"""``triton`` backend of the Conv1d stack op ``conv1d_stack`` (with or without its embedding
+prologue and projection epilogue).
 
 Forward: either one launch per layer (:mod:`fusedconvlstm.triton.conv1d`) or one launch for the
 whole stack (:mod:`fusedconvlstm.triton.conv1d_fused_stack`); :func:`choose_strategy` picks. The
@@ -8,7 +8,7 @@ layer (kernel 1) whose output is written time-major.
 
 Backward: per layer, last to first — the weight and bias gradients (deterministic split
 reduction), then the input gradient with the previous layer's activation derivative fused in
-its epilogue. The table gradient of the embedding op is a deterministic segment sum.
+its epilogue. The table gradient of the embedding prologue is a deterministic segment sum.
 
 What is saved, and why. The op saves the pre-activation ``z`` of every intermediate layer (and
 of the last layer when it has an activation), in the input dtype, and recomputes nothing: the
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.ops.conv1d import OP, OP_EMBEDDING, OP_PROJECTION, Conv1dStackCall
+from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall
 from fusedconvlstm.triton import conv1d as layer_kernels
 from fusedconvlstm.triton.conv1d_fused_stack import conv1d_stack_fused_forward, halo_overhead, plan_fused
 
@@ -110,8 +110,7 @@ def _stack_forward(
     L, B, dtype, device = len(layers), call.batch, call.dtype, call.device
     c_last = layers[-1].out_channels
     if B == 0:  # nothing to launch (a grid dimension of 0 is not a launch)
-        out = torch.empty((lens[-1], 0, c_last) if call.projection is not None else (0, lens[-1], c_last), dtype=dtype,
-                          device=device)  # fmt: skip
+        out = torch.empty(call.out_shape(), dtype=dtype, device=device)
         return out, [torch.empty(shape, dtype=dt, device=device) for shape, dt in saved_shapes(call)] if save else []
     if call.projection is not None:
         out = layer_kernels.alloc((lens[-1], B, c_last), dtype, device)
@@ -216,48 +215,23 @@ def describe(call: Conv1dStackCall) -> str:
     )
 
 
-# --- the three ops' implementation functions -----------------------------------------------------
+# --- the op's implementation functions ------------------------------------------------------------
 
 
-def _forward(x, weight, bias, call):
-    w_packed, biases = _prepare(weight, bias, None, None)
-    return _stack_forward(x, None, w_packed, biases, call, call.save_for_backward)
-
-
-def _backward(grad_y, x, weight, bias, saved, call):
-    w_packed, biases = _prepare(weight, bias, None, None)
-    grad_x, grad_w, grad_b = _stack_backward(grad_y, x, None, w_packed, biases, list(saved), call)
-    return grad_x, grad_w, [g for g in grad_b if g is not None]
-
-
-def _embedding_forward(tokens, table, weight, bias, call):
-    w_packed, biases = _prepare(weight, bias, None, None)
-    return _stack_forward(table, tokens, w_packed, biases, call, call.save_for_backward)
-
-
-def _embedding_backward(grad_y, tokens, table, weight, bias, saved, call):
-    w_packed, biases = _prepare(weight, bias, None, None)
-    grad_table, grad_w, grad_b = _stack_backward(grad_y, table, tokens, w_packed, biases, list(saved), call)
-    return grad_table, grad_w, [g for g in grad_b if g is not None]
-
-
-def _projection_forward(x, weight, bias, proj_weight, proj_bias, call):
+def _forward(x, tokens, weight, bias, proj_weight, proj_bias, call):
     w_packed, biases = _prepare(weight, bias, proj_weight, proj_bias)
-    return _stack_forward(x, None, w_packed, biases, call, call.save_for_backward)
+    return _stack_forward(x, tokens, w_packed, biases, call, call.save_for_backward)
 
 
-def _projection_backward(grad_gates, x, weight, bias, proj_weight, proj_bias, saved, call):
+def _backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, saved, call):
     w_packed, biases = _prepare(weight, bias, proj_weight, proj_bias)
-    grad_x, grad_w, grad_b = _stack_backward(grad_gates, x, None, w_packed, biases, list(saved), call)
-    grad_pw = grad_w[-1].squeeze(-1)
-    return grad_x, grad_w[:-1], [g for g in grad_b[:-1] if g is not None], grad_pw, grad_b[-1]
+    grad_x, grad_w, grad_b = _stack_backward(grad_y, x, tokens, w_packed, biases, list(saved), call)
+    grad_pw = grad_pb = None
+    if proj_weight is not None:  # the projection ran as the last (kernel-1) layer
+        grad_pw, grad_pb = grad_w.pop().squeeze(-1), grad_b.pop()
+    return grad_x, grad_w, [g for g in grad_b if g is not None], grad_pw, grad_pb
 
 
-for _op, _fns in (
-    (OP, (_forward, _backward)),
-    (OP_EMBEDDING, (_embedding_forward, _embedding_backward)),
-    (OP_PROJECTION, (_projection_forward, _projection_backward)),
-):
-    backends.register_implementation(
-        _op, "triton", why_not=_why_not, forward=_fns[0], backward=_fns[1], saved_shapes=saved_shapes, describe=describe
-    )
+backends.register_implementation(
+    OP, "triton", why_not=_why_not, forward=_forward, backward=_backward, saved_shapes=saved_shapes, describe=describe
+)

@@ -69,7 +69,7 @@ def _worker(rank: int, init_file: str, wrapper: str, out_dir: str) -> None:
             from torch.distributed.fsdp import fully_shard
 
             wrapped = _Logits(model)
-            fully_shard(model.lstms)  # one unit for both LSTMs: their recurrence is one op
+            # One unit: the fused path uses the embedding, conv and LSTM parameters in one op.
             fully_shard(wrapped)
             loss = F.binary_cross_entropy_with_logits(wrapped(tokens[shard]), labels[shard])
             loss.backward()

@@ -3,6 +3,8 @@ and ``convert`` on models that mix the fused layers with others."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -155,3 +157,31 @@ def test_model_compiles_fullgraph_and_matches_eager():
     assert rel_err(out, model(tokens)) < 1e-12
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_model_on_triton_matches_the_reference_twin(dtype):
+    """The whole fused path on the Triton backend (tokens -> gates in one conv op, both LSTMs in
+    one recurrence) against the plain-torch twin in float64: logits and every gradient within twice
+    the twin's own error in the same dtype (plus 4 ulp)."""
+    cfg = dict(SMALL, conv_channels=(12, 12, 16), hidden_size=8, dense_size=6)
+    ref64 = ConvLSTMClassifier.reference(dtype=F64, **cfg).eval()
+    tokens = torch.randint(0, 50, (3, 20))
+
+    def run(model):
+        model.zero_grad()
+        out = model.logits(tokens)
+        out.float().sum().backward()
+        return [out] + [
+            p.grad for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0].replace("conv.layers.", "conv."))
+        ]
+
+    want = run(ref64)
+    twin = copy.deepcopy(ref64).to(dtype)
+    fused = ConvLSTMClassifier.from_reference(copy.deepcopy(ref64), backend="triton").to(dtype).eval()
+    eps = torch.finfo(dtype).eps
+    for name, got, base, w in zip(
+        ["logits"] + [n for n, _ in sorted(ref64.named_parameters())], run(fused), run(twin), want
+    ):
+        assert rel_err(got, w) <= 2 * rel_err(base, w) + 4 * eps, name

@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 
 from fusedconvlstm import BackendUnavailableError, Conv1dStack, lstm_recurrence  # noqa: E402
 from fusedconvlstm.ops.conv1d import (  # noqa: E402
+    ConvLayer,
     check_conv1d_stack_args,
     conv1d_stack,
     conv1d_stack_embedding,
@@ -252,6 +253,21 @@ def test_fused_stack_matches_torch(name, training, dtype, monkeypatch):
         # persistent loop (more work items than programs), and the inference slab is reused.
         assert plan.n_tiles > 1 and plan.n_work > plan.programs and plan.slab == (not training)
     _check_stack_op(stack, x, dtype, grad=training)
+
+
+def test_fused_training_with_unneeded_trailing_rows(monkeypatch):
+    """A strided last layer leaves trailing rows of the saved intermediates that the output does
+    not depend on, which the fused kernel does not compute; the backward still visits them (with
+    zero gradient), so they must not hold garbage (here: the NaN poison)."""
+    monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "fused")
+    specs = [(6, 3, 1, 0, 1, True, "none"), (6, 3, 1, 0, 1, True, "none"), (7, 3, 2, 0, 1, True, "none")]
+    stack = Stack(4, specs)
+    x = torch.randn(2, 20, 4, dtype=F64, device=DEVICE)  # 20 -> 18 -> 16 -> 7: rows 15 and 17 unneeded
+    layers = tuple(
+        ConvLayer(c_in, c_out, k, s, (0, 0), 1, "none", True) for c_in, (c_out, k, s, *_) in zip([4, 6, 6], specs)
+    )
+    assert triton_stack.needed_rows(layers, [20, 18, 16, 7]) == [19, 17, 15, 7]
+    _check_stack_op(stack, x, torch.float32, grad=True)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])

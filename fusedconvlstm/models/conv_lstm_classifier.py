@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack
-from fusedconvlstm.nn.lstm import LSTM, ParallelLSTM, check_backend_name
+from fusedconvlstm.nn.lstm import (
+    LSTM,
+    ParallelLSTM,
+    autocast_dtype,
+    check_backend_name,
+    parallel_input_projection,
+    parallel_recurrent_weights,
+)
+from fusedconvlstm.ops.conv1d import conv1d_stack_embedding_projection, conv1d_stack_projection
+from fusedconvlstm.ops.lstm import lstm_recurrence
 
 
 @dataclass(frozen=True)
@@ -71,9 +80,10 @@ class _Head(nn.Module):
 class ConvLSTMClassifier(nn.Module):
     """Text classifier: token ids ``(B, T)`` to the probability ``(B, 1)`` of the positive class.
 
-    The sizes are those of :class:`ClassifierConfig` (keyword arguments override them). The
-    convolutions run as one :class:`Conv1dStack` on channels-last data, the LSTMs as one
-    recurrence (:class:`ParallelLSTM`); ``backend`` is passed to both.
+    The sizes are those of :class:`ClassifierConfig` (keyword arguments override them). Token ids
+    to gate pre-activations is one ``conv1d_stack`` op, both LSTMs one ``lstm_recurrence``
+    (see :meth:`logits`); ``backend`` is passed to both. Under FSDP wrap the model as one unit:
+    its forward uses the embedding, conv and LSTM parameters together in those ops.
     """
 
     def __init__(self, backend: str = "auto", device=None, dtype=None, **config) -> None:
@@ -100,12 +110,31 @@ class ConvLSTMClassifier(nn.Module):
         self.head = _Head(cfg, device=device, dtype=dtype)
 
     def logits(self, tokens: Tensor) -> Tensor:
-        """Pre-sigmoid scores ``(B, 1)``; train with ``BCEWithLogitsLoss`` on these."""
+        """Pre-sigmoid scores ``(B, 1)``; train with ``BCEWithLogitsLoss`` on these.
+
+        The fused path: one ``conv1d_stack`` op from token ids to both LSTMs' gate
+        pre-activations (embedding gather, the convolutions and the input projections; in
+        training with embedding dropout the embedding is materialized and dropped out first),
+        then one ``lstm_recurrence`` for both LSTMs, then the head.
+        """
         _check_tokens(tokens)
-        x = F.dropout(self.embedding(tokens), self.config.embedding_dropout, self.training)
-        x = self.conv(x)
-        states = [h_n[0] for _, (h_n, _) in self.lstms(x)]
-        return self.head(torch.cat(states, dim=1))
+        cfg = self.config
+        lstms = list(self.lstms)
+        table = self.embedding.weight
+        cast = autocast_dtype(table)  # under autocast, as the plain modules would compute
+        if cast is not None:
+            table = table.to(cast)
+        weight, bias, options = self.conv.op_arguments(cast=cast)
+        proj_weight, proj_bias = parallel_input_projection(lstms, cast)
+        if self.training and cfg.embedding_dropout > 0:
+            x = F.dropout(F.embedding(tokens, table), cfg.embedding_dropout, training=True)
+            gates = conv1d_stack_projection(x, weight, bias, proj_weight, proj_bias, **options)
+        else:
+            gates = conv1d_stack_embedding_projection(tokens, table, weight, bias, proj_weight, proj_bias, **options)
+        T, B = gates.shape[0], gates.shape[1]
+        xg = gates.view(T, B, len(lstms), 4 * cfg.hidden_size)
+        _, h_n, _ = lstm_recurrence(xg, parallel_recurrent_weights(lstms, cast), backend=self.backend)
+        return self.head(torch.cat(h_n.unbind(0), dim=1))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Probability ``(B, 1)`` of the positive class (Keras's sigmoid output)."""

@@ -324,23 +324,30 @@ class Conv1dStack(nn.Module):
         stack.train(self.training)
         return stack
 
-    def _run(self, x: Tensor, layers: range) -> Tensor:
+    def op_arguments(
+        self, layers: range | None = None, cast: torch.dtype | None = None
+    ) -> tuple[list[Tensor], list[Tensor | None], dict]:
+        """``(weight, bias, options)`` of the ``conv1d_stack`` ops for ``layers`` (default all),
+        parameters cast to ``cast`` when given (autocast)."""
+        layers = range(len(self.layers)) if layers is None else layers
         convs = [self.layers[i] for i in layers]
-        cast = autocast_dtype(x)  # as nn.Conv1d under autocast: everything in the autocast dtype
 
         def get(t: Tensor | None) -> Tensor | None:
             return t if t is None or cast is None else t.to(cast)
 
-        return conv1d_stack(
-            x if cast is None else x.to(cast),
-            [get(c.weight) for c in convs],
-            [get(c.bias) for c in convs],
+        options = dict(
             stride=[c.stride[0] for c in convs],
             padding=[self.paddings[i] for i in layers],
             dilation=[c.dilation[0] for c in convs],
             activation=[self.activations[i] for i in layers],
             backend=self.backend,
         )
+        return [get(c.weight) for c in convs], [get(c.bias) for c in convs], options
+
+    def _run(self, x: Tensor, layers: range) -> Tensor:
+        cast = autocast_dtype(x)  # as nn.Conv1d under autocast: everything in the autocast dtype
+        weight, bias, options = self.op_arguments(layers, cast)
+        return conv1d_stack(x if cast is None else x.to(cast), weight, bias, **options)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the stack; layout as given by ``channels_last``."""

@@ -310,6 +310,37 @@ class LSTM(nn.Module):
         return out[0], out[1]
 
 
+def _check_parallel(lstms: Sequence[LSTM], what: str) -> None:
+    first = lstms[0]
+    for k, m in enumerate(lstms):
+        if m.num_layers != 1 or m.bidirectional or m.proj_size:
+            raise ValueError(f"{what}: lstms[{k}] must be single-layer, unidirectional, without projection")
+        same = (m.input_size, m.hidden_size, m.batch_first, m.bias)
+        if same != (first.input_size, first.hidden_size, first.batch_first, first.bias):
+            raise ValueError(
+                f"{what}: lstms[{k}] must match lstms[0] in (input_size, hidden_size, batch_first, "
+                f"bias) = {(first.input_size, first.hidden_size, first.batch_first, first.bias)}, got {same}"
+            )
+
+
+def parallel_input_projection(lstms: Sequence[LSTM], cast: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(W, b)`` of the input projections of ``lstms`` as one GEMM: ``W_ih`` stacked and
+    ``b_ih + b_hh`` concatenated (per LSTM, then concatenated: see ``LSTM._layer_weights``),
+    cast to ``cast`` when given."""
+
+    def get(p: Tensor) -> Tensor:
+        return p if cast is None else p.to(cast)
+
+    w = torch.cat([get(m.weight_ih_l0) for m in lstms])
+    b = torch.cat([get(m.bias_ih_l0) + get(m.bias_hh_l0) for m in lstms]) if lstms[0].bias else None
+    return w, b
+
+
+def parallel_recurrent_weights(lstms: Sequence[LSTM], cast: torch.dtype | None = None) -> list[Tensor]:
+    """The ``W_hh`` of ``lstms``, cast to ``cast`` when given."""
+    return [m.weight_hh_l0 if cast is None else m.weight_hh_l0.to(cast) for m in lstms]
+
+
 def parallel_lstm(
     lstms: Sequence[LSTM], input: Tensor, backend: str | None = None
 ) -> list[tuple[Tensor, tuple[Tensor, Tensor]]]:  # noqa: A002
@@ -319,25 +350,19 @@ def parallel_lstm(
     ``lstm_recurrence`` call, so a fused backend runs them in the same launch. Returns, per
     module, what its own ``forward(input)`` returns. ``backend`` defaults to the first module's.
     """
+    _check_parallel(lstms, "parallel_lstm")
     first = lstms[0]
-    for k, m in enumerate(lstms):
-        if m.num_layers != 1 or m.bidirectional or m.proj_size:
-            raise ValueError(f"parallel_lstm: lstms[{k}] must be single-layer, unidirectional, without projection")
-        same = (m.input_size, m.hidden_size, m.batch_first, m.bias)
-        if same != (first.input_size, first.hidden_size, first.batch_first, first.bias):
-            raise ValueError(
-                f"parallel_lstm: lstms[{k}] must match lstms[0] in (input_size, hidden_size, batch_first, "
-                f"bias) = {(first.input_size, first.hidden_size, first.batch_first, first.bias)}, got {same}"
-            )
     if not isinstance(input, Tensor) or input.dim() != 3:
         raise ValueError(f"parallel_lstm: input must be a 3-D tensor, got {getattr(input, 'shape', type(input))}")
+    cast = autocast_dtype(input)
     x = input.transpose(0, 1) if first.batch_first else input
+    if cast is not None:
+        x = x.to(cast)
     T, B = x.shape[0], x.shape[1]
     H, N = first.hidden_size, len(lstms)
-    w = torch.cat([m.weight_ih_l0 for m in lstms])
-    b = torch.cat([m.bias_ih_l0 + m.bias_hh_l0 for m in lstms]) if first.bias else None
+    w, b = parallel_input_projection(lstms, cast)
     xg = F.linear(x, w, b).view(T, B, N, 4 * H)
-    y, h_n, c_n = lstm_recurrence(xg, [m.weight_hh_l0 for m in lstms], backend=backend or first.backend)
+    y, h_n, c_n = lstm_recurrence(xg, parallel_recurrent_weights(lstms, cast), backend=backend or first.backend)
     results = []
     for k in range(N):
         out = y[:, :, k]

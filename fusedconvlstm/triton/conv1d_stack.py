@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall
+from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall, ConvLayer
 from fusedconvlstm.triton import conv1d as layer_kernels
 from fusedconvlstm.triton.conv1d_fused_stack import conv1d_stack_fused_forward, halo_overhead, plan_fused
 
@@ -96,6 +96,15 @@ def _prepare(weight: list[Tensor], bias: list[Tensor | None], proj_weight: Tenso
     return [layer_kernels.pack_weight(w) for w in weights], biases
 
 
+def needed_rows(layers: tuple[ConvLayer, ...], lens: list[int]) -> list[int]:
+    """Per level (input, each layer's output), how many leading rows the final output depends on."""
+    need = [lens[-1]]
+    for layer, t in zip(reversed(layers), reversed(lens[:-1])):
+        last = (need[0] - 1) * layer.stride - layer.padding[0] + layer.dilation * (layer.kernel_size - 1)
+        need.insert(0, max(0, min(t, last + 1)))
+    return need
+
+
 def _stack_forward(
     src: Tensor,
     tokens: Tensor | None,
@@ -127,6 +136,12 @@ def _stack_forward(
                 layer_kernels.alloc((B, lens[lv], layers[lv - 1].out_channels), dtype, device) for lv in range(1, L)
             ]
         conv1d_stack_fused_forward(src, tokens, w_packed, biases, layers, lens, y, inter, z_last)
+        if inter:
+            # The fused kernel computes only the rows the output depends on; the weight gradient
+            # of the layer reading a level also visits its unneeded trailing rows (with a zero
+            # gradient there), so they must hold finite values, not whatever memory held.
+            for lv, need in enumerate(needed_rows(layers, lens)[1:-1], start=1):
+                inter[lv - 1][:, need:].zero_()
         saved = (inter or []) + ([z_last] if z_last is not None else [])
         return out, saved
     h = src

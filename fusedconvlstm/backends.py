@@ -171,6 +171,11 @@ def explain(op: str, call: object, device: torch.device, detail: bool = False) -
     return out
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in for ``dtype`` data: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def no_autocast(t: torch.Tensor) -> torch.autocast:
     """A context in which autocast is off on ``t``'s device: backends compute in the dtypes they
     were given, and autocast must not recast the torch ops inside them."""

@@ -86,10 +86,8 @@ def conv_setups(draw):
     return draw(st.integers(1, 5)), draw(st.integers(0, 3)), draw(st.integers(1, 40)), layers
 
 
-@SETTINGS
-@given(conv_setups())
-def test_conv_stack_matches_nn_conv1d(setup):
-    c_in, B, T, layers = setup
+def _chain(c_in: int, layers: list[dict]) -> nn.Sequential:
+    """The nn.Conv1d chain (float64) a drawn setup describes."""
     mods, c = [], c_in
     for spec in layers:
         mods.append(
@@ -107,7 +105,14 @@ def test_conv_stack_matches_nn_conv1d(setup):
         if spec["act"] is not None:
             mods.append(spec["act"]())
         c = spec["out_channels"]
-    chain = nn.Sequential(*mods)
+    return nn.Sequential(*mods)
+
+
+@SETTINGS
+@given(conv_setups())
+def test_conv_stack_matches_nn_conv1d(setup):
+    c_in, B, T, layers = setup
+    chain = _chain(c_in, layers)
     stack = Conv1dStack.from_torch(chain, backend="reference")
     x = torch.randn(B, c_in, T, dtype=F64)
     try:
@@ -186,24 +191,7 @@ def _within_twice_torch(got, torch_out, want, dtype=torch.float32) -> bool:
 @given(conv_setups())
 def test_conv_stack_on_triton_matches_nn_conv1d(setup):
     c_in, B, T, layers = setup
-    mods, c = [], c_in
-    for spec in layers:
-        mods.append(
-            nn.Conv1d(
-                c,
-                spec["out_channels"],
-                spec["kernel_size"],
-                stride=spec["stride"],
-                padding=spec["padding"],
-                dilation=spec["dilation"],
-                bias=spec["bias"],
-                dtype=F64,
-            )
-        )
-        if spec["act"] is not None:
-            mods.append(spec["act"]())
-        c = spec["out_channels"]
-    chain = nn.Sequential(*mods)
+    chain = _chain(c_in, layers)
     x = torch.randn(B, c_in, T, dtype=F64)
     try:
         want = chain(x)

@@ -57,7 +57,7 @@ def torch_in_dtype(monkeypatch):
 
     def run(xg, w_hh, h0, c0, lengths, reverse):
         with monkeypatch.context() as m:
-            m.setattr(reference_lstm, "_acc_dtype", lambda dtype: dtype)
+            m.setattr(reference_lstm, "accumulation_dtype", lambda dtype: dtype)
             return reference_lstm.lstm_recurrence_reference(xg, w_hh, [], h0, c0, lengths, reverse)
 
     return run

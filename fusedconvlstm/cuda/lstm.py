@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
+from fusedconvlstm.backends import accumulation_dtype
 from fusedconvlstm.cuda import persistent_config
 from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout
 from fusedconvlstm.ops.lstm import (
@@ -59,12 +60,8 @@ def _why_not(call: LSTMRecurrenceCall) -> str | None:
 
 
 def _workspace_shape(call: LSTMRecurrenceCall):
-    acc = torch.float64 if call.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(call.dtype)
     return (call.seq_len, call.batch, call.num_recurrences, 5 * call.hidden_size), acc
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _lengths_on(lengths: Tensor | None, device: torch.device) -> Tensor | None:
@@ -179,7 +176,7 @@ def lstm_recurrence_persistent_forward(
     T, B, D, G = xg.shape
     H = G // 4
     layout = _plan_or_raise(_call_of(xg, w_hr, lengths, reverse), "forward", config)
-    acc = _acc(xg.dtype)
+    acc = accumulation_dtype(xg.dtype)
     h_buf = xg.new_zeros(2, D, B, padded_reduction(H, xg.dtype))
     h_buf[0, :, :, :H] = h0
     c = c0.to(acc, copy=True).contiguous()
@@ -212,7 +209,7 @@ def lstm_recurrence_persistent_backward(
     """
     T, B, D, G = xg.shape
     layout = _plan_or_raise(_call_of(xg, w_hr, lengths, reverse), "backward", config)
-    acc = _acc(xg.dtype)
+    acc = accumulation_dtype(xg.dtype)
     dh_carry = grad_h_n.to(acc, copy=True).contiguous()
     dc = grad_c_n.to(acc, copy=True).contiguous()
     dgates = xg.new_empty(T, B, D, G)
@@ -249,9 +246,9 @@ def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, s
     xg = xg.contiguous()
     w_t = torch.stack(w_hh).transpose(1, 2)  # (D, H, 4H): h @ W_hhᵀ as a batched GEMM
     h = h0.contiguous().clone()
-    c = c0.to(_acc(xg.dtype)).contiguous().clone()
+    c = c0.to(accumulation_dtype(xg.dtype)).contiguous().clone()
     y = xg.new_empty(T, B, D, H)
-    workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=_acc(xg.dtype))
+    workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=accumulation_dtype(xg.dtype))
     hh = xg.new_empty(D, B, G)
     lengths = _lengths_on(lengths, xg.device)
     mask = reverse_mask(reverse)
@@ -266,7 +263,7 @@ def lstm_recurrence_stepwise_backward(
 ):
     """Backward of the step-wise recurrence: ``(grad_xg, grad_w_hh, [], grad_h0, grad_c0)``."""
     T, B, D, G = xg.shape
-    acc = _acc(xg.dtype)
+    acc = accumulation_dtype(xg.dtype)
     w = torch.stack(w_hh)  # (D, 4H, H): dgates @ W_hh as a batched GEMM
     dh_rec = h0.new_zeros(h0.shape)
     dh_carry = grad_h_n.to(acc).contiguous().clone()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedconvlstm import backends
+from fusedconvlstm.backends import accumulation_dtype
 from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall
 
 _ACTIVATIONS = {
@@ -47,10 +48,6 @@ def activation_grad(z: Tensor, name: str) -> Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _layers_forward(h: Tensor, weight: list[Tensor], bias: list[Tensor | None], call: Conv1dStackCall):
     """Run the stack on channels-first ``h`` (already in the accumulation dtype), keeping each
     layer's padded input and pre-activation for the backward."""
@@ -68,7 +65,7 @@ def _stack_input(x: Tensor, tokens: Tensor | None) -> Tensor:
     """The first layer's input, channels-first in the accumulation dtype: ``x``, or with
     ``tokens`` the table ``x``'s rows."""
     h = F.embedding(tokens.long(), x) if tokens is not None else x
-    return h.to(_acc_dtype(x.dtype)).transpose(1, 2)
+    return h.to(accumulation_dtype(x.dtype)).transpose(1, 2)
 
 
 def _layers_backward(g: Tensor, weight: list[Tensor], bias: list[Tensor | None], kept, call: Conv1dStackCall):

@@ -12,11 +12,8 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
+from fusedconvlstm.backends import accumulation_dtype
 from fusedconvlstm.ops.lstm import OP, LSTMRecurrenceCall
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lstm_recurrence_reference(
@@ -30,7 +27,7 @@ def lstm_recurrence_reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, h_n, c_n)`` of the recurrences, differentiable with autograd, in ``xg.dtype``."""
     T, B, D, G = xg.shape
-    acc = _acc_dtype(xg.dtype)
+    acc = accumulation_dtype(xg.dtype)
     valid_steps = None
     if lengths is not None:
         valid_steps = torch.arange(T, device=xg.device).unsqueeze(1) < lengths.to(xg.device).unsqueeze(0)  # (T, B)
@@ -92,7 +89,7 @@ def lstm_recurrence_reference_backward(
     forward's activations. Returns ``(grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0)``.
     """
     T, B, D, G = xg.shape
-    acc = _acc_dtype(xg.dtype)
+    acc = accumulation_dtype(xg.dtype)
     valid_steps = None
     if lengths is not None:
         valid_steps = torch.arange(T, device=xg.device).unsqueeze(1) < lengths.to(xg.device).unsqueeze(0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedconvlstm.backends import accumulation_dtype
+
 
 def _time_index(step: int, T: int, reversed_: bool, backward: bool) -> int:
     # The forward walks each recurrence in its own direction; the backward walks it back.
@@ -20,10 +22,6 @@ def _valid_rows(lengths: Tensor | None, t: int, batch: int, device: torch.device
     if lengths is None:
         return torch.ones(batch, 1, dtype=torch.bool, device=device)
     return (t < lengths.to(device)).unsqueeze(1)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lstm_cell_forward_(
@@ -39,7 +37,7 @@ def lstm_cell_forward_(
 ) -> None:
     """One step of the pointwise forward for all recurrences, in place (see the ops module)."""
     T, B, D, G = xg.shape
-    acc = _acc_dtype(xg.dtype)
+    acc = accumulation_dtype(xg.dtype)
     for d in range(D):
         t = _time_index(step, T, bool(reverse_mask >> d & 1), backward=False)
         valid = _valid_rows(lengths, t, B, xg.device)
@@ -71,7 +69,7 @@ def lstm_cell_backward_(
     """One step of the pointwise backward for all recurrences, in place (see the ops module)."""
     T, B, D, G = dgates.shape
     H = G // 4
-    acc = _acc_dtype(dgates.dtype)
+    acc = accumulation_dtype(dgates.dtype)
     for d in range(D):
         rev = bool(reverse_mask >> d & 1)
         t = _time_index(step, T, rev, backward=True)

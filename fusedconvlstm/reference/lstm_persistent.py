@@ -15,11 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedconvlstm.backends import accumulation_dtype
 from fusedconvlstm.reference import lstm_cell as _cell
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def padded_reduction(k: int, dtype: torch.dtype) -> int:
@@ -65,7 +62,7 @@ def lstm_persistent_forward_(
     op = "lstm_persistent_forward_"
     T, B, D, G = xg.shape
     H = G // 4
-    acc = _acc_dtype(xg.dtype)
+    acc = accumulation_dtype(xg.dtype)
     _check_config(op, nt, wm, wn, wk, nbg)
     _check(op, w_hh, "w_hh", (D, G, H), xg.dtype)
     _check(op, h_buf, "h_buf", (2, D, B, padded_reduction(H, xg.dtype)), xg.dtype)
@@ -104,7 +101,7 @@ def lstm_persistent_backward_(
     op = "lstm_persistent_backward_"
     T, B, D, G = dgates.shape
     H = G // 4
-    acc = _acc_dtype(dgates.dtype)
+    acc = accumulation_dtype(dgates.dtype)
     _check_config(op, nt, wm, wn, wk, nbg)
     _check(op, grad_y, "grad_y", (T, B, D, H), dgates.dtype)
     _check(op, workspace, "workspace", (T, B, D, 5 * H), acc)

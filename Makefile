@@ -41,8 +41,8 @@ check: setup
 	$(PY) -m fusedconvlstm check
 
 lint: setup
-	$(PY) -m ruff check fusedconvlstm tests benchmarks examples setup.py
-	$(PY) -m ruff format --check fusedconvlstm tests benchmarks examples setup.py
+	$(PY) -m ruff check fusedconvlstm tests benchmarks examples scripts setup.py
+	$(PY) -m ruff format --check fusedconvlstm tests benchmarks examples scripts setup.py
 
 # A compiled wheel (stable ABI, abi3): one file for every torch >= 2.11 and Python >= 3.10.
 wheel: setup

@@ -4,7 +4,8 @@
 # bench, copying logs and results to $OUT. Each stage is bounded by a timeout so one hung kernel
 # (a barrier bug) cannot eat the session's device time.
 #
-#   scripts/gpu_session.sh [build] [test] [check] [bench] [bench-full]   (default: all but bench-full)
+#   scripts/gpu_session.sh [build] [test] [check] [sanitize] [bench] [bench-full]
+#   (default: build test check bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fusedconvlstm-out}
@@ -40,6 +41,8 @@ for stage in "${stages[@]}"; do
         --ignore=tests/test_triton_lstm.py --ignore=tests/test_triton_conv1d.py ;;
     check)
       run check 300 python -m fusedconvlstm check ;;
+    sanitize)
+      run sanitize 900 scripts/sanitize.sh ;;
     bench)
       # The reference model's shapes: the issues' targets.
       run bench 540 python -m fusedconvlstm bench --batches 8 64 256 --out "$OUT/bench.jsonl" ;;

@@ -11,7 +11,8 @@ The public surface:
 - :mod:`fusedconvlstm.backends`: which backend serves a call and why another cannot.
 """
 
-import importlib.util  # noqa: I001  (schemas first: the backends register against them)
+import importlib.metadata  # noqa: I001  (schemas first: the backends register against them)
+import importlib.util
 from fusedconvlstm import ops  # noqa: F401, I001
 from fusedconvlstm.reference import conv1d as _reference_conv1d  # noqa: F401
 from fusedconvlstm.reference import lstm as _reference_lstm  # noqa: F401
@@ -22,7 +23,7 @@ if importlib.util.find_spec("triton") is not None:  # the conv kernels import Tr
     from fusedconvlstm.triton import conv1d_stack as _triton_conv1d_stack  # noqa: F401
 from fusedconvlstm import _extension
 from fusedconvlstm.backends import BACKENDS, BackendUnavailableError
-from fusedconvlstm.nn import LSTM, Conv1dStack, convert, parallel_lstm
+from fusedconvlstm.nn import LSTM, Conv1dStack, ParallelLSTM, convert, parallel_lstm
 from fusedconvlstm.ops import (
     conv1d_stack,
     conv1d_stack_embedding,
@@ -31,7 +32,10 @@ from fusedconvlstm.ops import (
     lstm_recurrence,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("fusedconvlstm")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree built in place
+    __version__ = "0+unknown"
 
 # Register the compiled CUDA kernels (if built) now that their op schemas exist; a failure is
 # recorded and reported by the cuda backend, never raised at import.
@@ -42,6 +46,7 @@ __all__ = [
     "BackendUnavailableError",
     "Conv1dStack",
     "LSTM",
+    "ParallelLSTM",
     "conv1d_stack",
     "conv1d_stack_embedding",
     "conv1d_stack_embedding_projection",

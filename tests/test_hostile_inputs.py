@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+pytest.importorskip("hypothesis", reason="hypothesis drives these tests (pip install hypothesis)")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

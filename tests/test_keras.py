@@ -18,8 +18,9 @@ import warnings
 import zipfile
 from dataclasses import asdict
 
-import numpy as np
 import pytest
+
+np = pytest.importorskip("numpy")
 import torch
 
 from fusedconvlstm import LSTM, Conv1dStack

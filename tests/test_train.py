@@ -6,8 +6,9 @@ from __future__ import annotations
 import bz2
 import gzip
 
-import numpy as np
 import pytest
+
+np = pytest.importorskip("numpy")
 import torch
 
 from fusedconvlstm.data import Vocabulary, load_fasttext, load_fine_foods, normalize, tokenize

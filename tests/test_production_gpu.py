@@ -128,3 +128,28 @@ def test_lstm_past_2_31_elements():
         _, (h_n, _) = lstm(x)
         _, (h_last, _) = lstm(x[:, -1:])
     assert rel_err(h_n[:, -1:], h_last) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_behaves_like_nn_modules(dtype):
+    """Under CUDA autocast the fused modules give the dtypes nn.LSTM / nn.Conv1d give, fp32
+    parameter gradients, and errors within twice the plain modules' against float64."""
+    ref = torch.nn.LSTM(64, 64, batch_first=True, device="cuda")
+    fused = LSTM.from_torch(ref)
+    chain = torch.nn.Sequential(torch.nn.Conv1d(64, 64, 3), torch.nn.Conv1d(64, 64, 3, stride=2)).cuda()
+    stack = Conv1dStack.from_torch(chain)
+    x = torch.randn(8, 40, 64, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        try:
+            o_ref = ref(x)[0]
+        except RuntimeError as exc:  # a cuDNN without this dtype's LSTM: nothing to compare with
+            pytest.skip(f"nn.LSTM cannot run under {dtype} autocast here: {exc}")
+        o_fus = fused(x)[0]
+        c_ref, c_fus = chain(x.transpose(1, 2)), stack(x.transpose(1, 2))
+    assert o_fus.dtype == o_ref.dtype and c_fus.dtype == c_ref.dtype
+    want = LSTM.from_torch(ref.double(), backend="reference")(x.double())[0]
+    assert rel_err(o_fus, want) <= 2 * rel_err(o_ref, want) + 4 * torch.finfo(dtype).eps
+    c_want = chain.double()(x.double().transpose(1, 2))
+    assert rel_err(c_fus, c_want) <= 2 * rel_err(c_ref, c_want) + 4 * torch.finfo(dtype).eps
+    o_fus.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())

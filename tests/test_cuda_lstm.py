@@ -723,9 +723,12 @@ def test_gpu_persistent_and_stepwise_combine_and_agree():
 
 @pytest.mark.gpu
 def test_gpu_kernel_refuses_a_grid_that_cannot_be_resident():
-    T, B, D, H = 2, 8, 8, 512
+    # 16 recurrences x 64 unit slices of 8 = 1024 blocks of ~50 KiB: shared memory alone allows at
+    # most 4 per SM (528 on an H100), whatever the register count (at 64 registers or fewer the
+    # 512 blocks of 8 recurrences would fit 4 per SM and launch).
+    T, B, D, H = 2, 8, 16, 512
     args = list(_persistent_forward_args(T, B, D, H, dtype=torch.bfloat16, reverse=[False] * D, device="cuda"))
-    args[4:9] = [1, 1, 1, 8, 1]  # 8 recurrences x 64 unit slices of 8 = 512 blocks of ~49 KiB
+    args[4:9] = [1, 1, 1, 8, 1]
     with pytest.raises(RuntimeError, match="co-resident blocks"):
         torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
     args[4:9] = [1, 1, 1, 8, 0]

@@ -1,0 +1,169 @@
+"""The persistent LSTM kernels' index arithmetic, fragment layouts and barrier protocol, checked on
+the CPU through a line-by-line model (:mod:`tests.persistent_kernel_model`) against the reference
+op, for launch configurations that cover every code path: one and several batch tiles per block
+(prefetch of the next tile), several batch groups, padded hidden units and batch rows, both operand
+widths (16-bit and TF32 layouts), reversed recurrences and lengths with empty and full rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fusedconvlstm.cuda import persistent_config as pc
+from fusedconvlstm.ops.lstm import reverse_mask
+from fusedconvlstm.reference import lstm_persistent as ref
+from tests import persistent_kernel_model as km
+from tests.helpers import lstm_weights
+
+F64 = torch.float64
+T, B, D, H = 4, 27, 2, 20
+LENGTHS = [4, 0, 2, 4, 1, 3, 4, 4, 4, 2, 4, 1, 4, 4, 3, 4, 4, 4, 0, 4, 4, 2, 4, 4, 4, 4, 3]
+REVERSE = [False, True]
+DTYPE_OF_WIDTH = {2: torch.bfloat16, 4: torch.float32}
+
+# (nt, wm, wn, wk, nbg): chosen so that B = 27 gives 1-4 tiles per block and H = 20 leaves padded units.
+FORWARD_CONFIGS = [(1, 1, 1, 8, 1), (1, 1, 1, 8, 2), (4, 2, 1, 4, 1), (1, 2, 4, 1, 1), (4, 1, 2, 4, 1), (1, 8, 1, 1, 1)]
+BACKWARD_CONFIGS = [
+    (1, 1, 1, 8, 1),
+    (1, 1, 1, 8, 2),
+    (4, 1, 2, 4, 1),
+    (1, 2, 2, 2, 1),
+    (1, 2, 1, 4, 4),
+    (1, 8, 1, 1, 1),
+]
+
+
+def _cute_index(shape, stride, coord) -> int:
+    """A CuTe layout (nested shape / stride tuples) applied to a flat coordinate (colexicographic)."""
+    if isinstance(shape, int):
+        return coord * stride
+    out = 0
+    for s, d in zip(shape, stride):
+        size = _size(s)
+        out += _cute_index(s, d, coord % size)
+        coord //= size
+    return out
+
+
+def _size(shape) -> int:
+    return shape if isinstance(shape, int) else int(np.prod([_size(s) for s in shape]))
+
+
+# CUTLASS cute/atom/mma_traits_sm80.hpp: (thread, value) -> column-major index of the operand.
+_CUTE = {
+    2: {  # SM80_16x8x16_F32{BF16,F16}..._TN: A (M16, K16), B (N8, K16), C (M16, N8)
+        "a": (((4, 8), (2, 2, 2)), ((32, 1), (16, 8, 128)), 16),
+        "b": (((4, 8), (2, 2)), ((16, 1), (8, 64)), 8),
+    },
+    1: {  # SM80_16x8x8_F32TF32TF32F32_TN: A (M16, K8), B (N8, K8)
+        "a": (((4, 8), (2, 2)), ((16, 1), (8, 64)), 16),
+        "b": (((4, 8), 2), ((8, 1), 32), 8),
+    },
+}
+_CUTE_C = (((4, 8), (2, 2)), ((32, 1), (16, 8)), 16)
+
+
+@pytest.mark.parametrize("words", [2, 1], ids=["m16n8k16", "m16n8k8_tf32"])
+def test_model_fragment_tables_match_cutlass(words):
+    frag = km.fragment_coords(words)
+    for operand in ("a", "b"):
+        (tshape, vshape), (tstride, vstride), rows = _CUTE[words][operand]
+        first, second = frag[operand]
+        regs = first.shape[0]
+        for lane in range(32):
+            for reg in range(regs):
+                for e in range(words):
+                    idx = _cute_index(tshape, tstride, lane) + _cute_index(vshape, vstride, e + words * reg)
+                    # A: (m, k) from m + 16 k; B: (n, k) from n + 8 k, the model gives (k, n)
+                    got = (first[reg, lane, e], second[reg, lane, e])
+                    want = (idx % rows, idx // rows) if operand == "a" else (idx // rows, idx % rows)
+                    assert got == want, (operand, lane, reg, e)
+    (tshape, vshape), (tstride, vstride), rows = _CUTE_C
+    for lane in range(32):
+        for i in range(4):
+            idx = _cute_index(tshape, tstride, lane) + _cute_index(vshape, vstride, i)
+            assert (frag["c"][0][lane, i], frag["c"][1][lane, i]) == (idx % rows, idx // rows)
+
+
+def _problem(kind, cfg, eb, lengths):
+    layout = pc.make_layout(kind, *cfg, B, D, H, DTYPE_OF_WIDTH[eb])
+    return km.Problem(T, B, D, H, eb, layout, lengths, reverse_mask(REVERSE))
+
+
+def _inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    xg = torch.randn(T, B, D, 4 * H, dtype=F64, generator=g)
+    torch.manual_seed(seed)
+    w = torch.stack(lstm_weights(D, H, dtype=F64))
+    h0 = 0.5 * torch.randn(D, B, H, dtype=F64, generator=g)
+    c0 = 0.5 * torch.randn(D, B, H, dtype=F64, generator=g)
+    return xg, w, h0, c0
+
+
+def _reference_forward(xg, w, h0, c0, lengths):
+    h_buf = torch.zeros(2, D, B, ref.padded_reduction(H, F64), dtype=F64)
+    h_buf[0, :, :, :H] = h0
+    c = c0.clone()
+    y = torch.empty(T, B, D, H, dtype=F64)
+    ws = torch.empty(T, B, D, 5 * H, dtype=F64)
+    sync = torch.empty(D * km.SYNC_STRIDE, dtype=torch.int32)
+    ref.lstm_persistent_forward_(xg, w, lengths, reverse_mask(REVERSE), 1, 1, 1, 8, 1, False, h_buf, c, y, ws, sync)
+    return y, h_buf[T % 2, :, :, :H], c, ws
+
+
+def _close(model: np.ndarray, reference: torch.Tensor, name: str) -> None:
+    assert not np.isnan(model).any(), f"{name}: NaN (an element never written, or an unwritten byte read)"
+    np.testing.assert_allclose(model, reference.numpy(), rtol=1e-11, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("eb", [2, 4], ids=["16bit", "tf32"])
+@pytest.mark.parametrize("cfg", FORWARD_CONFIGS, ids=str)
+@pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "full"])
+def test_forward_kernel_model_matches_reference(cfg, eb, with_lengths):
+    lengths = torch.tensor(LENGTHS) if with_lengths else None
+    xg, w, h0, c0 = _inputs(1)
+    want = _reference_forward(xg, w, h0, c0, lengths)
+    p = _problem("forward", cfg, eb, None if lengths is None else lengths.numpy())
+    for seed in range(2):  # two interleavings of the blocks
+        got = km.run_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed)
+        for name, a, b in zip(("y", "h_n", "c_n", "workspace"), got, want):
+            _close(a, b, name)
+
+
+@pytest.mark.parametrize("eb", [2, 4], ids=["16bit", "tf32"])
+@pytest.mark.parametrize("cfg", BACKWARD_CONFIGS, ids=str)
+@pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "full"])
+def test_backward_kernel_model_matches_reference(cfg, eb, with_lengths):
+    lengths = torch.tensor(LENGTHS) if with_lengths else None
+    xg, w, h0, c0 = _inputs(2)
+    _, _, _, ws = _reference_forward(xg, w, h0, c0, lengths)
+    g = torch.Generator().manual_seed(3)
+    grad_y = torch.randn(T, B, D, H, dtype=F64, generator=g)
+    grad_h_n, grad_c_n = torch.randn(D, B, H, dtype=F64, generator=g), torch.randn(D, B, H, dtype=F64, generator=g)
+    dh, dc = grad_h_n.clone(), grad_c_n.clone()
+    dgates = torch.empty(T, B, D, 4 * H, dtype=F64)
+    g_buf = torch.zeros(2, D, B, ref.padded_reduction(4 * H, F64), dtype=F64)
+    sync = torch.empty(D * km.SYNC_STRIDE, dtype=torch.int32)
+    ref.lstm_persistent_backward_(
+        grad_y, ws, c0, w, lengths, reverse_mask(REVERSE), 1, 1, 1, 8, 1, False, dh, dc, dgates, g_buf, sync
+    )
+    p = _problem("backward", cfg, eb, None if lengths is None else lengths.numpy())
+    for seed in range(2):
+        got = km.run_backward(
+            p, grad_y.numpy(), ws.numpy(), c0.numpy(), w.numpy(), grad_h_n.numpy(), grad_c_n.numpy(), seed
+        )
+        for name, a, b in zip(("dgates", "grad_h0", "grad_c0"), got, (dgates, dh, dc)):
+            _close(a, b, name)
+
+
+def test_forward_kernel_model_without_workspace():
+    """``save_for_backward=False``: a null workspace; the outputs are unchanged."""
+    lengths = torch.tensor(LENGTHS)
+    xg, w, h0, c0 = _inputs(4)
+    want = _reference_forward(xg, w, h0, c0, lengths)
+    p = _problem("forward", (1, 1, 1, 8, 2), 2, lengths.numpy())
+    got = km.run_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), 0, save_workspace=False)
+    assert got[3] is None
+    for name, a, b in zip(("y", "h_n", "c_n"), got[:3], want[:3]):
+        _close(a, b, name)

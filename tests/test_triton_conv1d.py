@@ -270,6 +270,24 @@ def test_fused_training_with_unneeded_trailing_rows(monkeypatch):
     _check_stack_op(stack, x, torch.float32, grad=True)
 
 
+def test_fused_training_with_rows_between_tile_windows(monkeypatch):
+    """A layer whose kernel span is shorter than its stride (kernel 1, stride 2) skips a row at
+    each boundary between two tiles' windows: no tile computes it. The backward multiplies it by
+    zero (gelu' of it in the input gradient, the weight gradient of the layer reading it), so it
+    must not hold garbage (here: the NaN poison)."""
+    monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "fused")
+    stack = Stack(4, [(6, 3, 1, 0, 1, True, "gelu"), (5, 1, 1, 0, 1, True, "tanh"), (7, 1, 2, 0, 1, True, "none")])
+    x = torch.randn(1, 41, 4, dtype=F64, device=DEVICE)  # 41 -> 39 -> 39 -> 20
+    layers = tuple(
+        ConvLayer(c_in, c_out, k, s, (0, 0), 1, "none", True)
+        for c_in, c_out, k, s in [(4, 6, 3, 1), (6, 5, 1, 1), (5, 7, 1, 2)]
+    )
+    plan = conv1d_fused_stack.plan_fused(layers, [41, 39, 39, 20], 1, torch.float32, DEVICE, True)
+    if not ON_GPU:
+        assert plan.n_tiles > 1 and conv1d_fused_stack.levels_with_gaps(layers, plan) == [True, True]
+    _check_stack_op(stack, x, torch.float32, grad=True)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
 def test_fused_stack_several_samples_per_work_item(training, monkeypatch):
     monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "fused")

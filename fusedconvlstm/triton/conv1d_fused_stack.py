@@ -35,6 +35,7 @@ so a new sequence length does not recompile.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -257,6 +258,22 @@ def halo_overhead(layers: tuple[ConvLayer, ...], lens: list[int], plan: FusedPla
     """Rows computed by the fused launch over rows the per-layer launches compute (≥ 1)."""
     needed = sum(lens[1:])
     return plan.n_tiles * sum(min(r, t) for r, t in zip(plan.rows[1:], lens[1:])) / needed
+
+
+def levels_with_gaps(layers: tuple[ConvLayer, ...], plan: FusedPlan) -> list[bool]:
+    """For each intermediate level 1..L-1, whether rows lie between two tiles' windows.
+
+    Tile ``k``'s window of level ``l`` starts at ``k · tile · Π strides[l:]``; when a later layer's
+    kernel span is shorter than its stride (kernel 1, stride 2), a window is shorter than that
+    spacing and the rows in between belong to no tile: the fused kernel never writes them. The
+    output does not depend on them, but the backward visits them (multiplied by zero), so a
+    training launch must hand the kernel zeroed buffers for these levels.
+    """
+    gaps = []
+    for lv in range(1, len(layers)):
+        spacing = plan.tile * math.prod(layer.stride for layer in layers[lv:])
+        gaps.append(plan.n_tiles > 1 and plan.rows[lv] < spacing)
+    return gaps
 
 
 def fused_block_config(layers: tuple[ConvLayer, ...], device: torch.device) -> dict:

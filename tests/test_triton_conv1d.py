@@ -511,6 +511,7 @@ print(dot_precision(torch.float32, cuda, conv), dot_precision(torch.float32, cud
         ("torch.backends.cudnn.conv.fp32_precision = 'ieee'", "ieee ieee"),
         ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "tf32 tf32"),
         ("torch.backends.fp32_precision = 'ieee'; torch.backends.cudnn.conv.fp32_precision = 'tf32'", "tf32 ieee"),
+        ("torch.backends.cudnn.conv.fp32_precision = 'none'", "ieee ieee"),  # all inherit: IEEE
     ],
 )
 def test_fp32_dot_precision_follows_pytorch_flags(flags, expected):

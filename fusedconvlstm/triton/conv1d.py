@@ -416,15 +416,18 @@ def _fp32_allows_tf32(op: str) -> bool:
     """Whether PyTorch lets an fp32 cuDNN convolution (``op="conv"``) or cuBLAS matmul
     (``"matmul"``) use TF32: the most specific ``fp32_precision`` that is not ``"none"``
     (the op's, then ``torch.backends.cudnn``'s, which is CUDA's as a whole, then
-    ``torch.backends``'), else the legacy ``allow_tf32`` flag. The legacy getters raise once the
-    new API has set different values for ops that share them (``cudnn.rnn.fp32_precision =
-    "ieee"`` alone is enough), so they are read only when no new-style setting decides.
+    ``torch.backends``'); all ``"none"`` is IEEE. The legacy ``allow_tf32`` getters raise once
+    the new API has been used (``cudnn.rnn.fp32_precision = "ieee"`` alone is enough), so they
+    are read only by a torch without ``fp32_precision``.
     """
     op_scope = getattr(torch.backends.cudnn, "conv", None) if op == "conv" else torch.backends.cuda.matmul
-    for scope in (op_scope, torch.backends.cudnn, torch.backends):
-        precision = getattr(scope, "fp32_precision", None)
+    scopes = (op_scope, torch.backends.cudnn, torch.backends)
+    precisions = [getattr(scope, "fp32_precision", None) for scope in scopes]
+    for precision in precisions:
         if precision in ("tf32", "ieee"):
             return precision == "tf32"
+    if any(p is not None for p in precisions):
+        return False
     return bool(torch.backends.cudnn.allow_tf32 if op == "conv" else torch.backends.cuda.matmul.allow_tf32)
 
 

@@ -270,6 +270,24 @@ def test_fused_training_with_unneeded_trailing_rows(monkeypatch):
     _check_stack_op(stack, x, torch.float32, grad=True)
 
 
+def test_fused_training_with_rows_between_tile_windows(monkeypatch):
+    """A layer whose kernel span is shorter than its stride (kernel 1, stride 2) skips a row at
+    each boundary between two tiles' windows: no tile computes it. The backward multiplies it by
+    zero (gelu' of it in the input gradient, the weight gradient of the layer reading it), so it
+    must not hold garbage (here: the NaN poison)."""
+    monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "fused")
+    stack = Stack(4, [(6, 3, 1, 0, 1, True, "gelu"), (5, 1, 1, 0, 1, True, "tanh"), (7, 1, 2, 0, 1, True, "none")])
+    x = torch.randn(1, 41, 4, dtype=F64, device=DEVICE)  # 41 -> 39 -> 39 -> 20
+    layers = tuple(
+        ConvLayer(c_in, c_out, k, s, (0, 0), 1, "none", True)
+        for c_in, c_out, k, s in [(4, 6, 3, 1), (6, 5, 1, 1), (5, 7, 1, 2)]
+    )
+    plan = conv1d_fused_stack.plan_fused(layers, [41, 39, 39, 20], 1, torch.float32, DEVICE, True)
+    if not ON_GPU:
+        assert plan.n_tiles > 1 and conv1d_fused_stack.levels_with_gaps(layers, plan) == [True, True]
+    _check_stack_op(stack, x, torch.float32, grad=True)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
 def test_fused_stack_several_samples_per_work_item(training, monkeypatch):
     monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "fused")
@@ -468,6 +486,44 @@ def test_fold_on_triton_within_rounding(dtype):
         e_folded = rel_err(folded(x.to(dtype)), ref)
     # Folding changes the order of the sums, not the math: its error stays within 2x the stack's.
     assert e_folded <= 2 * e_unfolded + FLOOR[dtype]
+
+
+_TF32_PROBE = """
+import sys, torch
+from fusedconvlstm.ops.conv1d import ConvLayer
+from fusedconvlstm.triton.conv1d import dot_precision
+exec(sys.argv[1])
+conv = ConvLayer(4, 4, 3, 1, (0, 0), 1, "none", True)
+proj = ConvLayer(4, 4, 1, 1, (0, 0), 1, "none", True, matmul=True)
+cuda = torch.device("cuda")  # only the device type is looked at: no GPU needed
+print(dot_precision(torch.float32, cuda, conv), dot_precision(torch.float32, cuda, proj))
+"""
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ("", "tf32 ieee"),  # PyTorch's defaults: TF32 for cuDNN convs, IEEE for matmuls
+        ("torch.backends.cudnn.allow_tf32 = False", "ieee ieee"),
+        ("torch.backends.cuda.matmul.allow_tf32 = True", "tf32 tf32"),
+        # The new API: the legacy allow_tf32 getters raise after these, so they must not be read.
+        ("torch.backends.cudnn.rnn.fp32_precision = 'ieee'", "tf32 ieee"),
+        ("torch.backends.cudnn.conv.fp32_precision = 'ieee'", "ieee ieee"),
+        ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "tf32 tf32"),
+        ("torch.backends.fp32_precision = 'ieee'; torch.backends.cudnn.conv.fp32_precision = 'tf32'", "tf32 ieee"),
+        ("torch.backends.cudnn.conv.fp32_precision = 'none'", "ieee ieee"),  # all inherit: IEEE
+    ],
+)
+def test_fp32_dot_precision_follows_pytorch_flags(flags, expected):
+    """fp32 TF32 follows the flag PyTorch applies to the same op, set through either API (in a
+    subprocess: the flags are process-wide and the legacy getters cannot always be restored)."""
+    if "fp32_precision" in flags and not hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _TF32_PROBE, flags], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == expected.split()
 
 
 # --- errors ------------------------------------------------------------------------------------------------

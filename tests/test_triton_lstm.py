@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -397,6 +398,30 @@ def test_persistent_kernels_compile_for_hopper_without_spills():
     for kernel, res in json.loads(run.stdout.strip().splitlines()[-1]).items():
         assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (kernel, res)
         assert res["registers"] <= 255 and res["shared"] <= H100.shared_memory_per_block_optin, (kernel, res)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ("", True),  # PyTorch's default for cuDNN's RNNs
+        ("torch.backends.cudnn.allow_tf32 = False", False),
+        ("torch.backends.cudnn.rnn.fp32_precision = 'ieee'", False),
+        # All inherit (IEEE); the legacy allow_tf32 getter raises here, so it must not be read.
+        ("torch.backends.cudnn.conv.fp32_precision = 'ieee'; torch.backends.cudnn.rnn.fp32_precision = 'none'", False),
+    ],
+)
+def test_fp32_tf32_rule_follows_pytorch_flags(flags, expected):
+    """In a subprocess: the flags are process-wide and the legacy getters cannot always be restored."""
+    if "fp32_precision" in flags and not hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    code = f"import torch; from fusedconvlstm.ops.lstm import fp32_recurrence_allows_tf32 as f; {flags or 'pass'}; print(f())"
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    )
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == str(expected)
 
 
 def test_interpreter_and_cpu_use_the_single_program_mode():

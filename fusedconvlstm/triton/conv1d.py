@@ -23,9 +23,9 @@ and that one tensor serves the next layer's forward, its weight gradient, and th
 derivative in the backward (so a backward needs no post-activation copy). Every supported
 activation maps 0 to 0, so applying it to the zero padding keeps it zero.
 
-Accumulation is fp32 for fp16/bf16/fp32 inputs; fp32 inputs use TF32 tensor cores when
-``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for convolutions) and IEEE fp32
-otherwise and on the CPU interpreter.
+Accumulation is fp32 for fp16/bf16/fp32 inputs; fp32 inputs use TF32 tensor cores where PyTorch
+allows it for a cuDNN convolution (its default) and IEEE fp32 otherwise and on the CPU
+interpreter (:func:`dot_precision`).
 """
 
 from __future__ import annotations
@@ -412,14 +412,32 @@ def alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _fp32_allows_tf32(op: str) -> bool:
+    """Whether PyTorch lets an fp32 cuDNN convolution (``op="conv"``) or cuBLAS matmul
+    (``"matmul"``) use TF32: the most specific ``fp32_precision`` that is not ``"none"``
+    (the op's, then ``torch.backends.cudnn``'s, which is CUDA's as a whole, then
+    ``torch.backends``'); all ``"none"`` is IEEE. The legacy ``allow_tf32`` getters raise once
+    the new API has been used (``cudnn.rnn.fp32_precision = "ieee"`` alone is enough), so they
+    are read only by a torch without ``fp32_precision``.
+    """
+    op_scope = getattr(torch.backends.cudnn, "conv", None) if op == "conv" else torch.backends.cuda.matmul
+    scopes = (op_scope, torch.backends.cudnn, torch.backends)
+    precisions = [getattr(scope, "fp32_precision", None) for scope in scopes]
+    for precision in precisions:
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    if any(p is not None for p in precisions):
+        return False
+    return bool(torch.backends.cudnn.allow_tf32 if op == "conv" else torch.backends.cuda.matmul.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device, layer: ConvLayer) -> str:
     """``tl.dot``'s input precision for ``layer``: TF32 for fp32 on CUDA where PyTorch allows it
-    for the same operation (``cudnn.allow_tf32`` for convolutions, on by default;
-    ``cuda.matmul.allow_tf32`` for the projection, off by default), else IEEE fp32."""
+    for the same operation (a cuDNN convolution, TF32 by default; a matmul for the projection,
+    IEEE by default), else IEEE fp32."""
     if dtype != torch.float32 or device.type != "cuda":
         return "ieee"
-    allowed = torch.backends.cuda.matmul.allow_tf32 if layer.matmul else torch.backends.cudnn.allow_tf32
-    return "tf32" if allowed else "ieee"
+    return "tf32" if _fp32_allows_tf32("matmul" if layer.matmul else "conv") else "ieee"
 
 
 def align(*values: int) -> int:

@@ -35,6 +35,7 @@ so a new sequence length does not recompile.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -119,11 +120,15 @@ def _conv1d_stack_fused_kernel(
                     cols = n0 + tl.arange(0, BLOCK_N)
                     col_ok = cols < c_out
                     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                    # Elements of constexpr tuples are wrapped in tl.constexpr where Triton 3.6 needs
+                    # it (it fails to compile otherwise): strings passed to a jit function ("'str'
+                    # object has no attribute 'type'") and the divisor of tl.multiple_of.
                     if i == 0:
                         acc = conv_tile(
                             acc, src_ptr, b64 * stride_sb, t * STRIDES[0] - PADL[0], row_ok, 0, T_LENS[0],
                             stride_st, stride_sc, tok_ptr, b64 * stride_tokb, stride_tokt, VOCAB,
-                            w_ptrs[0], cols, col_ok, c_in, c_out, KS[0], DILS[0], "none", GATHER, BLOCK_K, PRECISIONS[0],
+                            w_ptrs[0], cols, col_ok, c_in, c_out, KS[0], DILS[0], "none", GATHER, BLOCK_K,
+                            tl.constexpr(PRECISIONS[0]),
                             SRC_ALIGN, W_ALIGNS[0],
                         )  # fmt: skip
                     else:
@@ -137,27 +142,29 @@ def _conv1d_stack_fused_kernel(
                         acc = conv_tile(
                             acc, inter_ptrs[i - 1], in_base, t * STRIDES[i] - PADL[i], row_ok, origin, T_LENS[i],
                             c_in, 1, tok_ptr, in_base, 0, VOCAB,
-                            w_ptrs[i], cols, col_ok, c_in, c_out, KS[i], DILS[i], ACTS[i - 1], False, BLOCK_K,
-                            PRECISIONS[i], W_ALIGNS[i - 1], W_ALIGNS[i],
+                            w_ptrs[i], cols, col_ok, c_in, c_out, KS[i], DILS[i], tl.constexpr(ACTS[i - 1]), False,
+                            BLOCK_K, tl.constexpr(PRECISIONS[i]), W_ALIGNS[i - 1], W_ALIGNS[i],
                         )  # fmt: skip
                     if HAS_BIAS[i]:
                         acc += tl.load(b_ptrs[i] + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                     mask = row_ok[:, None] & col_ok[None, :]
                     if i == NUM_LAYERS - 1:
                         if STORE_ZL:
-                            zl_off = tl.multiple_of(b64 * stride_zlb + t.to(tl.int64) * stride_zlt, W_ALIGNS[i])
+                            zl_off = tl.multiple_of(
+                                b64 * stride_zlb + t.to(tl.int64) * stride_zlt, tl.constexpr(W_ALIGNS[i])
+                            )
                             tl.store(
                                 zl_ptr + zl_off[:, None] + cols[None, :], acc.to(zl_ptr.dtype.element_ty), mask=mask
                             )
                         y_off = tl.multiple_of(b64 * stride_yb + t.to(tl.int64) * stride_yt, Y_ALIGN)
-                        y = activate(acc, ACTS[i]).to(y_ptr.dtype.element_ty)
+                        y = activate(acc, tl.constexpr(ACTS[i])).to(y_ptr.dtype.element_ty)
                         tl.store(y_ptr + y_off[:, None] + cols[None, :], y, mask=mask)
                     else:
                         if SLAB:
                             out_off = (pid.to(tl.int64) * SAMPLES * r_out + r) * c_out
                         else:
                             out_off = (b64 * t_out_len + t) * c_out
-                        out_off = tl.multiple_of(out_off, W_ALIGNS[i])
+                        out_off = tl.multiple_of(out_off, tl.constexpr(W_ALIGNS[i]))
                         dst = inter_ptrs[i]
                         tl.store(dst + out_off[:, None] + cols[None, :], acc.to(dst.dtype.element_ty), mask=mask)
             # The next layer reads rows other threads of this program just wrote.
@@ -251,6 +258,22 @@ def halo_overhead(layers: tuple[ConvLayer, ...], lens: list[int], plan: FusedPla
     """Rows computed by the fused launch over rows the per-layer launches compute (≥ 1)."""
     needed = sum(lens[1:])
     return plan.n_tiles * sum(min(r, t) for r, t in zip(plan.rows[1:], lens[1:])) / needed
+
+
+def levels_with_gaps(layers: tuple[ConvLayer, ...], plan: FusedPlan) -> list[bool]:
+    """For each intermediate level 1..L-1, whether rows lie between two tiles' windows.
+
+    Tile ``k``'s window of level ``l`` starts at ``k · tile · Π strides[l:]``; when a later layer's
+    kernel span is shorter than its stride (kernel 1, stride 2), a window is shorter than that
+    spacing and the rows in between belong to no tile: the fused kernel never writes them. The
+    output does not depend on them, but the backward visits them (multiplied by zero), so a
+    training launch must hand the kernel zeroed buffers for these levels.
+    """
+    gaps = []
+    for lv in range(1, len(layers)):
+        spacing = plan.tile * math.prod(layer.stride for layer in layers[lv:])
+        gaps.append(plan.n_tiles > 1 and plan.rows[lv] < spacing)
+    return gaps
 
 
 def fused_block_config(layers: tuple[ConvLayer, ...], device: torch.device) -> dict:

@@ -31,7 +31,12 @@ from torch import Tensor
 from fusedconvlstm import backends
 from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall, ConvLayer
 from fusedconvlstm.triton import conv1d as layer_kernels
-from fusedconvlstm.triton.conv1d_fused_stack import conv1d_stack_fused_forward, halo_overhead, plan_fused
+from fusedconvlstm.triton.conv1d_fused_stack import (
+    conv1d_stack_fused_forward,
+    halo_overhead,
+    levels_with_gaps,
+    plan_fused,
+)
 
 STRATEGY_ENV_VAR = "FUSEDCONVLSTM_CONV1D_STRATEGY"
 """``auto`` (default), ``fused`` or ``layers``: forces the forward strategy (for tests and benchmarks)."""
@@ -132,8 +137,12 @@ def _stack_forward(
     if L > 1 and choose_strategy(call) == "fused":
         inter = None
         if save:
+            # The plan conv1d_stack_fused_forward launches with (same arguments).
+            gaps = levels_with_gaps(layers, plan_fused(layers, lens, B, src.dtype, device, True))
+            shapes = [(B, lens[lv], layers[lv - 1].out_channels) for lv in range(1, L)]
             inter = [
-                layer_kernels.alloc((B, lens[lv], layers[lv - 1].out_channels), dtype, device) for lv in range(1, L)
+                torch.zeros(shape, dtype=dtype, device=device) if gap else layer_kernels.alloc(shape, dtype, device)
+                for shape, gap in zip(shapes, gaps)
             ]
         conv1d_stack_fused_forward(src, tokens, w_packed, biases, layers, lens, y, inter, z_last)
         if inter:

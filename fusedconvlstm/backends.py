@@ -176,6 +176,30 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def fp32_allows_tf32(op: str) -> bool:
+    """Whether PyTorch lets an fp32 ``op`` on CUDA use TF32: ``"rnn"`` (cuDNN's RNNs, TF32 by
+    default), ``"conv"`` (cuDNN's convolutions, TF32 by default) or ``"matmul"`` (cuBLAS, IEEE by
+    default). Kernels that stand in for that op follow the same flag.
+
+    The most specific ``fp32_precision`` that is not ``"none"`` (inherit) decides, as in PyTorch:
+    the op's own, then ``torch.backends.cudnn``'s (CUDA's as a whole), then ``torch.backends``';
+    all ``"none"`` is IEEE. The legacy ``allow_tf32`` getters raise once the new API has been used
+    (``cudnn.rnn.fp32_precision = "ieee"`` alone is enough), so only a torch without
+    ``fp32_precision`` reads them.
+    """
+    if op not in ("rnn", "conv", "matmul"):
+        raise ValueError(f"fp32_allows_tf32: unknown op {op!r} (expected 'rnn', 'conv' or 'matmul')")
+    op_scope = torch.backends.cuda.matmul if op == "matmul" else getattr(torch.backends.cudnn, op, None)
+    scopes = (op_scope, torch.backends.cudnn, torch.backends)
+    precisions = [getattr(scope, "fp32_precision", None) for scope in scopes]
+    for precision in precisions:
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    if any(p is not None for p in precisions):
+        return False
+    return bool(torch.backends.cuda.matmul.allow_tf32 if op == "matmul" else torch.backends.cudnn.allow_tf32)
+
+
 def no_autocast(t: torch.Tensor) -> torch.autocast:
     """A context in which autocast is off on ``t``'s device: backends compute in the dtypes they
     were given, and autocast must not recast the torch ops inside them."""

@@ -58,3 +58,8 @@ def test_explain_lists_every_backend():
     assert set(reasons) == set(backends.BACKENDS)
     assert reasons["reference"] is None
     assert isinstance(reasons["cuda"], str) and reasons["cuda"]
+
+
+def test_tf32_rule_rejects_an_unknown_op():
+    with pytest.raises(ValueError, match="unknown op 'gemm'"):
+        backends.fp32_allows_tf32("gemm")

@@ -319,21 +319,9 @@ def reverse_mask(reverse: Sequence[bool]) -> int:
 
 
 def fp32_recurrence_allows_tf32() -> bool:
-    """Whether an fp32 recurrence may use TF32: the flag that governs ``nn.LSTM`` on cuDNN.
-
-    The most specific precision setting that is not ``"none"`` (inherit) decides, as in PyTorch
-    (``torch.backends.cudnn.rnn``, then ``cudnn``, then ``torch.backends``); all ``"none"`` is
-    IEEE. A torch without them falls back to ``torch.backends.cudnn.allow_tf32`` (whose getter
-    raises once the new API has been used, so it is not read otherwise).
-    """
-    scopes = (getattr(torch.backends.cudnn, "rnn", None), torch.backends.cudnn, torch.backends)
-    precisions = [getattr(scope, "fp32_precision", None) for scope in scopes]
-    for precision in precisions:
-        if precision in ("tf32", "ieee"):
-            return precision == "tf32"
-    if any(p is not None for p in precisions):
-        return False
-    return bool(torch.backends.cudnn.allow_tf32)
+    """Whether an fp32 recurrence may use TF32: the flag that governs ``nn.LSTM`` on cuDNN
+    (:func:`fusedconvlstm.backends.fp32_allows_tf32` for ``"rnn"``)."""
+    return backends.fp32_allows_tf32("rnn")
 
 
 def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: Sequence[bool]) -> Tensor:

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedconvlstm import backends
 from fusedconvlstm.ops.conv1d import ConvLayer
 from fusedconvlstm.triton.elementwise import tanh
 
@@ -412,32 +413,13 @@ def alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _fp32_allows_tf32(op: str) -> bool:
-    """Whether PyTorch lets an fp32 cuDNN convolution (``op="conv"``) or cuBLAS matmul
-    (``"matmul"``) use TF32: the most specific ``fp32_precision`` that is not ``"none"``
-    (the op's, then ``torch.backends.cudnn``'s, which is CUDA's as a whole, then
-    ``torch.backends``'); all ``"none"`` is IEEE. The legacy ``allow_tf32`` getters raise once
-    the new API has been used (``cudnn.rnn.fp32_precision = "ieee"`` alone is enough), so they
-    are read only by a torch without ``fp32_precision``.
-    """
-    op_scope = getattr(torch.backends.cudnn, "conv", None) if op == "conv" else torch.backends.cuda.matmul
-    scopes = (op_scope, torch.backends.cudnn, torch.backends)
-    precisions = [getattr(scope, "fp32_precision", None) for scope in scopes]
-    for precision in precisions:
-        if precision in ("tf32", "ieee"):
-            return precision == "tf32"
-    if any(p is not None for p in precisions):
-        return False
-    return bool(torch.backends.cudnn.allow_tf32 if op == "conv" else torch.backends.cuda.matmul.allow_tf32)
-
-
 def dot_precision(dtype: torch.dtype, device: torch.device, layer: ConvLayer) -> str:
     """``tl.dot``'s input precision for ``layer``: TF32 for fp32 on CUDA where PyTorch allows it
     for the same operation (a cuDNN convolution, TF32 by default; a matmul for the projection,
     IEEE by default), else IEEE fp32."""
     if dtype != torch.float32 or device.type != "cuda":
         return "ieee"
-    return "tf32" if _fp32_allows_tf32("matmul" if layer.matmul else "conv") else "ieee"
+    return "tf32" if backends.fp32_allows_tf32("matmul" if layer.matmul else "conv") else "ieee"
 
 
 def align(*values: int) -> int:

@@ -17,6 +17,13 @@ Two optional arguments extend the stack at either end, alone or together:
   pre-activations **time-major**, ``(T_out, B, N)``: ``gates.view(T_out, B, D, 4H)`` is
   ``lstm_recurrence``'s ``xg`` with no copy.
 
+Dropout (training): ``dropout[i]`` is the rate applied to layer ``i``'s input (for ``i = 0``
+the input or the gathered embedding rows, else the previous layer's activated output), drawn
+from the int64 ``seed`` tensor by a counter-based generator (:mod:`fusedconvlstm.reference.dropout`):
+the op stays a pure function of its arguments, every backend draws bitwise the same masks, and
+the backward draws them again instead of storing them. Kept elements are scaled by
+``1 / (1 − p)``, as ``F.dropout`` does. An empty list (or all zeros) is no dropout.
+
 The op also returns a list of tensors the backend saves for its backward (empty for the
 reference, which recomputes). ``save_for_backward=False`` (what the Python wrappers pass when no
 gradient is needed) lets a backend skip writing them; a backward given an empty list recomputes.
@@ -27,8 +34,8 @@ same reason the backward op returns the projection's gradients as a list (``[]``
 or ``[grad_pw, grad_pb]``) rather than ``Tensor?`` outputs.
 
 A backend implementation provides ``forward(x, tokens, weight, bias, proj_weight, proj_bias,
-call) -> (y, saved)``, ``backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, saved,
-call) -> (grad_x, grad_weight list, grad_bias list (present biases), grad_proj_weight or None,
+seed, call) -> (y, saved)``, ``backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias,
+seed, saved, call) -> (grad_x, grad_weight list, grad_bias list (present biases), grad_proj_weight or None,
 grad_proj_bias or None)`` and ``saved_shapes(call)``; ``bias`` is per layer (``None`` where a
 layer has none) and ``call`` is the :class:`Conv1dStackCall`.
 """
@@ -42,6 +49,7 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
+from fusedconvlstm.reference.dropout import draw_seed
 
 OP = "conv1d_stack"
 ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
@@ -90,6 +98,12 @@ class Conv1dStackCall:
     vocab_size: int = 0
     projection: ConvLayer | None = None
     save_for_backward: bool = True
+    # Per conv layer, the dropout rate on its input; () when no layer drops out.
+    dropout: tuple[float, ...] = ()
+
+    def dropout_levels(self) -> list[tuple[int, float]]:
+        """``(level, p)`` of every layer input with dropout (level ``i`` is layer ``i``'s input)."""
+        return [(i, p) for i, p in enumerate(self.dropout) if p > 0]
 
     def out_lens(self) -> list[int]:
         """Sequence length after each conv layer."""
@@ -215,6 +229,27 @@ def _check_projection(
     return ConvLayer(c_out, proj_weight.shape[0], 1, 1, (0, 0), 1, "none", proj_bias is not None, matmul=True)
 
 
+def _check_dropout(dropout: Sequence[float] | None, seed: Tensor | None, x: Tensor, L: int, ref: str) -> tuple:
+    """The per-layer rates (``()`` for none) after checking them and the seed."""
+    if dropout is None or len(dropout) == 0:
+        return ()
+    if len(dropout) != L:
+        raise ValueError(f"{OP}: dropout must have one rate per layer ({L}), got {len(dropout)}")
+    rates = tuple(float(p) for p in dropout)
+    for i, p in enumerate(rates):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{OP}: dropout[{i}] must lie in [0, 1], got {p}")
+    if not any(rates):
+        return ()
+    if seed is None:
+        raise ValueError(f"{OP}: dropout needs a seed (an int64 tensor of one element)")
+    if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"{OP}: seed must be an int64 tensor of one element, got {getattr(seed, 'dtype', seed)}")
+    if seed.device != x.device:
+        raise ValueError(f"{OP}: seed must be on the device of {ref} ({x.device}), got {seed.device}")
+    return rates
+
+
 def check_conv1d_stack_args(
     x: Tensor,
     tokens: Tensor | None,
@@ -227,6 +262,8 @@ def check_conv1d_stack_args(
     proj_weight: Tensor | None = None,
     proj_bias: Tensor | None = None,
     save_for_backward: bool = True,
+    dropout: Sequence[float] | None = None,
+    seed: Tensor | None = None,
 ) -> Conv1dStackCall:
     """Validate the arguments of ``conv1d_stack``; errors name the argument and what it must be
     (``x`` is called ``table`` when ``tokens`` is given). Token values are checked separately, by
@@ -249,6 +286,7 @@ def check_conv1d_stack_args(
         layers.append(_check_layer(i, weight[i], bias[i], stride[i], pad, dilation[i], act, c_in, t, x, ref))
         c_in, t = layers[-1].out_channels, layers[-1].out_len(t)
     projection = _check_projection(c_in, proj_weight, proj_bias, x, ref)
+    rates = _check_dropout(dropout, seed, x, L, ref)
     return Conv1dStackCall(
         B,
         T,
@@ -258,6 +296,7 @@ def check_conv1d_stack_args(
         vocab_size=x.shape[0] if tokens is not None else 0,
         projection=projection,
         save_for_backward=bool(save_for_backward),
+        dropout=rates,
     )
 
 
@@ -284,13 +323,16 @@ def _expand(present: Sequence[Tensor], flags: Sequence[bool]) -> list[Tensor | N
     return [next(it) if f else None for f in flags]
 
 
-def _call(x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, save=True):
+def _call(
+    x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, save=True,
+    dropout=None, seed=None,
+):  # fmt: skip
     """The per-layer biases and the checked call of the op's arguments."""
     if sum(map(bool, has_bias)) != len(bias):
         raise ValueError(f"{OP}: bias holds {len(bias)} tensors but has_bias marks {sum(map(bool, has_bias))} layers")
     per_layer = _expand(bias, has_bias)
     call = check_conv1d_stack_args(
-        x, tokens, weight, per_layer, stride, padding, dilation, activation, proj_weight, proj_bias, save
+        x, tokens, weight, per_layer, stride, padding, dilation, activation, proj_weight, proj_bias, save, dropout, seed
     )
     return per_layer, call
 
@@ -310,26 +352,28 @@ def _conv1d_stack_op(
     proj_bias: Tensor | None,
     backend: str,
     save_for_backward: bool = True,
+    dropout: Sequence[float] | None = None,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     per_layer, call = _call(
         x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias,
-        save_for_backward,
+        save_for_backward, dropout, seed,
     )  # fmt: skip
     if tokens is not None:
         check_token_values(tokens, call.vocab_size)
     impl = _resolve(backend, call)
     with backends.no_autocast(x):
-        return impl.forward(x, tokens, list(weight), per_layer, proj_weight, proj_bias, call)
+        return impl.forward(x, tokens, list(weight), per_layer, proj_weight, proj_bias, seed, call)
 
 
 @_conv1d_stack_op.register_fake
 def _(
     x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, backend,
-    save_for_backward=True,
+    save_for_backward=True, dropout=None, seed=None,
 ):  # fmt: skip
     _, call = _call(
         x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias,
-        save_for_backward,
+        save_for_backward, dropout, seed,
     )  # fmt: skip
     saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in _resolve(backend, call).saved_shapes(call)]
     return x.new_empty(call.out_shape()), saved
@@ -351,14 +395,17 @@ def _conv1d_stack_backward_op(
     proj_bias: Tensor | None,
     saved: Sequence[Tensor],
     backend: str,
+    dropout: Sequence[float] | None = None,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     per_layer, call = _call(
-        x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias
-    )
+        x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, True,
+        dropout, seed,
+    )  # fmt: skip
     impl = _resolve(backend, call)
     with backends.no_autocast(x):
         grad_x, grad_w, grad_b, grad_pw, grad_pb = impl.backward(
-            grad_y, x, tokens, list(weight), per_layer, proj_weight, proj_bias, list(saved), call
+            grad_y, x, tokens, list(weight), per_layer, proj_weight, proj_bias, seed, list(saved), call
         )
     grad_proj = [g for g in (grad_pw, grad_pb) if g is not None]
     return grad_x, grad_w, grad_b, grad_proj
@@ -367,7 +414,7 @@ def _conv1d_stack_backward_op(
 @_conv1d_stack_backward_op.register_fake
 def _(
     grad_y, x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias, saved,
-    backend,
+    backend, dropout=None, seed=None,
 ):  # fmt: skip
     grad_proj = [torch.empty_like(p) for p in (proj_weight, proj_bias) if p is not None]
     return torch.empty_like(x), [torch.empty_like(w) for w in weight], [torch.empty_like(b) for b in bias], grad_proj
@@ -375,24 +422,27 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:
     x, tokens, weight, bias, has_bias, stride, padding, dilation, activation, proj_weight, proj_bias = inputs[:11]
-    optional = (tokens, proj_weight, proj_bias)
+    dropout, seed = (list(inputs[13:15]) + [None, None])[:2]
+    optional = (tokens, proj_weight, proj_bias, seed)
     ctx.has_optional = [t is not None for t in optional]
     ctx.save_for_backward(x, *[t for t in optional if t is not None], *weight, *bias, *output[1])
     ctx.counts = (sum(ctx.has_optional), len(weight), len(bias))
     ctx.hyper = (list(has_bias), list(stride), list(padding), list(dilation), activation)
     ctx.backend = inputs[11]
+    ctx.dropout = list(dropout) if dropout is not None else None
 
 
 def _backward(ctx, grad_y, _grad_saved):
     n_opt, n_w, n_b = ctx.counts
     x, *rest = ctx.saved_tensors
-    tokens, proj_weight, proj_bias = _expand(rest[:n_opt], ctx.has_optional)
+    tokens, proj_weight, proj_bias, seed = _expand(rest[:n_opt], ctx.has_optional)
     weight, bias, saved = rest[n_opt : n_opt + n_w], rest[n_opt + n_w : n_opt + n_w + n_b], rest[n_opt + n_w + n_b :]
     grad_x, grad_w, grad_b, grad_proj = _conv1d_stack_backward_op(
-        grad_y.contiguous(), x, tokens, weight, bias, *ctx.hyper, proj_weight, proj_bias, saved, ctx.backend
-    )
+        grad_y.contiguous(), x, tokens, weight, bias, *ctx.hyper, proj_weight, proj_bias, saved, ctx.backend,
+        ctx.dropout, seed,
+    )  # fmt: skip
     grad_pw, grad_pb = (grad_proj + [None, None])[:2]
-    return grad_x, None, grad_w, grad_b, None, None, None, None, None, grad_pw, grad_pb, None, None
+    return grad_x, None, grad_w, grad_b, None, None, None, None, None, grad_pw, grad_pb, None, None, None, None
 
 
 _conv1d_stack_op.register_autograd(_backward, setup_context=_setup_context)
@@ -413,9 +463,12 @@ def _stack(
     dilation: Sequence[int] | None,
     activation: Sequence[str] | None,
     backend: str,
+    dropout: Sequence[float] | None = None,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """The op with per-layer defaults filled in and ``auto`` resolved (so that the op, its fake and
-    its backward agree on one backend); asks the backend to save only when a gradient can flow."""
+    its backward agree on one backend); asks the backend to save only when a gradient can flow,
+    and draws a seed from PyTorch's generator when dropout is on and none was given."""
     L = len(weight)
     bias = list(bias) if bias is not None else [None] * L
     pads = list(padding) if padding is not None else [(0, 0)] * L
@@ -430,12 +483,16 @@ def _stack(
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *weight, *bias, proj_weight, proj_bias)
     )
-    call = check_conv1d_stack_args(x, tokens, weight, bias, *args, proj_weight, proj_bias, save)
+    dropout = [float(p) for p in dropout] if dropout is not None and any(dropout) else None
+    if dropout is not None and seed is None:
+        seed = draw_seed(x.device)
+    call = check_conv1d_stack_args(x, tokens, weight, bias, *args, proj_weight, proj_bias, save, dropout, seed)
     impl = _resolve(backend, call)
     present, has_bias = [b for b in bias if b is not None], [b is not None for b in bias]
     y, _ = _conv1d_stack_op(
-        x, tokens, list(weight), present, has_bias, *args, proj_weight, proj_bias, impl.backend, save
-    )
+        x, tokens, list(weight), present, has_bias, *args, proj_weight, proj_bias, impl.backend, save,
+        dropout, seed if dropout is not None else None,
+    )  # fmt: skip
     return y
 
 
@@ -449,6 +506,8 @@ def conv1d_stack(
     dilation: Sequence[int] | None = None,
     activation: Sequence[str] | None = None,
     backend: str = "auto",
+    dropout: Sequence[float] | None = None,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """Apply a stack of Conv1d layers to channels-last ``x`` of shape ``(B, T, C_in)``.
 
@@ -460,6 +519,11 @@ def conv1d_stack(
         padding: per layer ``(left, right)`` zero padding, default ``(0, 0)``.
         activation: per layer, applied after it; default ``"none"``.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        dropout: per layer, the dropout rate on that layer's input (training); none by default.
+            A fused backend applies it as it reads the layer's input, with masks drawn from
+            ``seed`` (module docstring).
+        seed: int64 tensor of one element on ``x``'s device; drawn from PyTorch's generator
+            when dropout is on and it is not given (so ``torch.manual_seed`` reproduces a call).
 
     Returns:
         ``(B, T_out, C_out)``, contiguous.
@@ -468,7 +532,7 @@ def conv1d_stack(
     :func:`conv1d_stack_embedding_projection` are the same op with an embedding gather before the
     first layer, an LSTM input projection after the last, or both.
     """
-    return _stack(x, None, weight, bias, None, None, stride, padding, dilation, activation, backend)
+    return _stack(x, None, weight, bias, None, None, stride, padding, dilation, activation, backend, dropout, seed)
 
 
 def conv1d_stack_embedding(
@@ -482,6 +546,8 @@ def conv1d_stack_embedding(
     dilation: Sequence[int] | None = None,
     activation: Sequence[str] | None = None,
     backend: str = "auto",
+    dropout: Sequence[float] | None = None,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """``conv1d_stack(F.embedding(tokens, table), ...)`` without writing the embedding.
 
@@ -489,7 +555,9 @@ def conv1d_stack_embedding(
     (``nn.Embedding.weight``) and gets a gradient. The rest is as :func:`conv1d_stack`; returns
     ``(B, T_out, C_out)``, contiguous.
     """
-    return _stack(table, tokens, weight, bias, None, None, stride, padding, dilation, activation, backend)
+    return _stack(
+        table, tokens, weight, bias, None, None, stride, padding, dilation, activation, backend, dropout, seed
+    )
 
 
 def conv1d_stack_projection(
@@ -504,6 +572,8 @@ def conv1d_stack_projection(
     dilation: Sequence[int] | None = None,
     activation: Sequence[str] | None = None,
     backend: str = "auto",
+    dropout: Sequence[float] | None = None,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """The stack followed by an LSTM input projection, returned time-major.
 
@@ -515,7 +585,9 @@ def conv1d_stack_projection(
     """
     if proj_weight is None:
         raise ValueError(f"{OP}: proj_weight must be given")
-    return _stack(x, None, weight, bias, proj_weight, proj_bias, stride, padding, dilation, activation, backend)
+    return _stack(
+        x, None, weight, bias, proj_weight, proj_bias, stride, padding, dilation, activation, backend, dropout, seed
+    )
 
 
 def conv1d_stack_embedding_projection(
@@ -531,6 +603,8 @@ def conv1d_stack_embedding_projection(
     dilation: Sequence[int] | None = None,
     activation: Sequence[str] | None = None,
     backend: str = "auto",
+    dropout: Sequence[float] | None = None,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """Token ids to LSTM gates in one op: ``F.linear(conv1d_stack(F.embedding(tokens, table), ...),
     proj_weight, proj_bias)``, time-major ``(T_out, B, N)``, with neither the embedding nor the
@@ -539,4 +613,18 @@ def conv1d_stack_embedding_projection(
     Arguments as :func:`conv1d_stack_embedding` and :func:`conv1d_stack_projection`; the table,
     the layers and the projection all get gradients.
     """
-    return _stack(table, tokens, weight, bias, proj_weight, proj_bias, stride, padding, dilation, activation, backend)
+    return _stack(
+        table,
+        tokens,
+        weight,
+        bias,
+        proj_weight,
+        proj_bias,
+        stride,
+        padding,
+        dilation,
+        activation,
+        backend,
+        dropout,
+        seed,
+    )

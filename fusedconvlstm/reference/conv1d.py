@@ -3,7 +3,8 @@
 Half-precision inputs are computed in float32 and rounded back once at the end. The backward
 recomputes the forward and applies ``torch.nn.grad.conv1d_input`` / ``conv1d_weight`` layer by
 layer. The embedding prologue is ``F.embedding`` (its backward an ``index_add_``); the projection
-epilogue is ``F.linear``.
+epilogue is ``F.linear``. Dropout multiplies a layer's input by the keep-mask of
+:mod:`fusedconvlstm.reference.dropout` (the same masks as the fused backends) and ``1 / (1 − p)``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 from fusedconvlstm import backends
 from fusedconvlstm.backends import accumulation_dtype
 from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall
+from fusedconvlstm.reference import dropout as philox_dropout
 
 _ACTIVATIONS = {
     "none": lambda x: x,
@@ -48,12 +50,27 @@ def activation_grad(z: Tensor, name: str) -> Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def _layers_forward(h: Tensor, weight: list[Tensor], bias: list[Tensor | None], call: Conv1dStackCall):
+def dropout_factors(seed: Tensor | None, call: Conv1dStackCall, dtype: torch.dtype) -> list[Tensor | None]:
+    """Per layer, ``keep-mask / (1 − p)`` of its input, channels-first ``(B, C, T)`` in ``dtype``
+    (``None`` without dropout there)."""
+    factors: list[Tensor | None] = [None] * len(call.layers)
+    lens = [call.seq_len] + call.out_lens()
+    for level, p in call.dropout_levels():
+        shape = (call.batch, lens[level], call.layers[level].in_channels)
+        keep = philox_dropout.keep_mask(seed, level, shape, p)
+        factors[level] = (keep.to(dtype) * philox_dropout.scale(p)).transpose(1, 2)
+    return factors
+
+
+def _layers_forward(h: Tensor, weight: list[Tensor], bias: list[Tensor | None], call: Conv1dStackCall, factors):
     """Run the stack on channels-first ``h`` (already in the accumulation dtype), keeping each
-    layer's padded input and pre-activation for the backward."""
+    layer's padded input and pre-activation for the backward; ``factors`` from
+    :func:`dropout_factors`."""
     acc = h.dtype
     kept = []
-    for layer, w, b in zip(call.layers, weight, bias):
+    for layer, w, b, f in zip(call.layers, weight, bias, factors):
+        if f is not None:
+            h = h * f
         padded = F.pad(h, layer.padding)
         z = F.conv1d(padded, w.to(acc), None if b is None else b.to(acc), stride=layer.stride, dilation=layer.dilation)
         kept.append((padded, z))
@@ -68,13 +85,13 @@ def _stack_input(x: Tensor, tokens: Tensor | None) -> Tensor:
     return h.to(accumulation_dtype(x.dtype)).transpose(1, 2)
 
 
-def _layers_backward(g: Tensor, weight: list[Tensor], bias: list[Tensor | None], kept, call: Conv1dStackCall):
+def _layers_backward(g: Tensor, weight: list[Tensor], bias: list[Tensor | None], kept, call: Conv1dStackCall, factors):
     """Back through the layers from ``g`` (channels-first, accumulation dtype): the input's gradient
     (channels-first, accumulation dtype), the weights' and the present biases' gradients."""
     acc = g.dtype
     grad_w: list[Tensor] = []
     grad_b: list[Tensor] = []
-    for layer, w, b, (padded, z) in reversed(list(zip(call.layers, weight, bias, kept))):
+    for layer, w, b, (padded, z), f in reversed(list(zip(call.layers, weight, bias, kept, factors))):
         gz = g * activation_grad(z, layer.activation)
         grad_w.append(
             torch.nn.grad.conv1d_weight(padded, w.shape, gz, stride=layer.stride, dilation=layer.dilation).to(w.dtype)
@@ -83,6 +100,8 @@ def _layers_backward(g: Tensor, weight: list[Tensor], bias: list[Tensor | None],
             grad_b.append(gz.sum(dim=(0, 2)).to(b.dtype))
         g_padded = torch.nn.grad.conv1d_input(padded.shape, w.to(acc), gz, stride=layer.stride, dilation=layer.dilation)
         g = g_padded[:, :, layer.padding[0] : g_padded.shape[2] - layer.padding[1]]
+        if f is not None:
+            g = g * f
     return g, grad_w[::-1], grad_b[::-1]
 
 
@@ -94,11 +113,13 @@ def conv1d_stack_reference(
     proj_weight: Tensor | None,
     proj_bias: Tensor | None,
     call: Conv1dStackCall,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """The stack on channels-last ``x`` ``(B, T, C)`` (or on ``x[tokens]``), contiguous
     ``(B, T_out, C_out)``; with ``proj_weight``, ``h @ proj_weightᵀ + proj_bias`` time-major
     ``(T_out, B, N)``."""
-    h, _ = _layers_forward(_stack_input(x, tokens), weight, bias, call)
+    factors = dropout_factors(seed, call, accumulation_dtype(x.dtype))
+    h, _ = _layers_forward(_stack_input(x, tokens), weight, bias, call, factors)
     if proj_weight is None:
         return h.transpose(1, 2).to(x.dtype).contiguous()
     acc = h.dtype
@@ -115,12 +136,14 @@ def conv1d_stack_reference_backward(
     proj_weight: Tensor | None,
     proj_bias: Tensor | None,
     call: Conv1dStackCall,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
     """Gradients of the stack written out with ``torch.nn.grad`` (op implementations run below
     autograd, so they cannot call it): ``(grad_x, grad_weight, grad_bias of present biases,
     grad_proj_weight or None, grad_proj_bias or None)``. With ``tokens``, ``grad_x`` is the
     table's: the embedding's gradient summed over every position holding the same id."""
-    h, kept = _layers_forward(_stack_input(x, tokens), weight, bias, call)
+    factors = dropout_factors(seed, call, accumulation_dtype(x.dtype))
+    h, kept = _layers_forward(_stack_input(x, tokens), weight, bias, call, factors)
     acc = h.dtype
     g = grad_y.to(acc)
     grad_pw = grad_pb = None
@@ -130,7 +153,7 @@ def conv1d_stack_reference_backward(
         grad_pw = torch.einsum("tbn,bct->nc", g, h).to(proj_weight.dtype)
         grad_pb = None if proj_bias is None else g.sum(dim=(0, 1)).to(proj_bias.dtype)
         g_h = (g @ proj_weight.to(acc)).permute(1, 2, 0)
-    g, grad_w, grad_b = _layers_backward(g_h, weight, bias, kept, call)
+    g, grad_w, grad_b = _layers_backward(g_h, weight, bias, kept, call, factors)
     g = g.transpose(1, 2)  # (B, T, C_in)
     if tokens is not None:
         g = torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(
@@ -139,12 +162,12 @@ def conv1d_stack_reference_backward(
     return g.to(x.dtype).contiguous(), grad_w, grad_b, grad_pw, grad_pb
 
 
-def _forward(x, tokens, weight, bias, proj_weight, proj_bias, call):
-    return conv1d_stack_reference(x, tokens, weight, bias, proj_weight, proj_bias, call), []
+def _forward(x, tokens, weight, bias, proj_weight, proj_bias, seed, call):
+    return conv1d_stack_reference(x, tokens, weight, bias, proj_weight, proj_bias, call, seed), []
 
 
-def _backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, saved, call):
-    return conv1d_stack_reference_backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, call)
+def _backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, seed, saved, call):
+    return conv1d_stack_reference_backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, call, seed)
 
 
 backends.register_implementation(

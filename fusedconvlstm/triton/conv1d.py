@@ -23,6 +23,11 @@ and that one tensor serves the next layer's forward, its weight gradient, and th
 derivative in the backward (so a backward needs no post-activation copy). Every supported
 activation maps 0 to 0, so applying it to the zero padding keeps it zero.
 
+Dropout on a layer's input is applied the same way, as the layer loads it: ``act(z) · m · scale``
+with the level's uint8 keep-mask ``m`` (:mod:`fusedconvlstm.triton.dropout`), in the forward and
+in the weight gradient; the input gradient multiplies by ``m · scale`` in its epilogue. Neither
+the dropped-out tensor nor (with a seed) the mask needs to be kept for the backward.
+
 Accumulation is fp32 for fp16/bf16/fp32 inputs; fp32 inputs use TF32 tensor cores where PyTorch
 allows it for a cuDNN convolution (its default) and IEEE fp32 otherwise and on the CPU
 interpreter (:func:`dot_precision`).
@@ -109,6 +114,10 @@ def conv_tile(
     PRECISION: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
     W_ALIGN: tl.constexpr,
+    drop_ptr,
+    drop_row,
+    DROP: tl.constexpr,
+    DROP_SCALE: tl.constexpr,
 ):
     """Accumulate one ``[BLOCK_M, BLOCK_N]`` output tile of a conv layer into fp32 ``acc``.
 
@@ -119,7 +128,9 @@ def conv_tile(
     ``w_ptr`` points at the layer's packed ``(k, C_in, C_out)`` weight; ``cols`` are the tile's
     output channels. ``ROW_ALIGN`` and ``W_ALIGN`` (elements) divide every input row offset and
     ``C_OUT``: Triton only learns divisibility by 16 from the arguments, and without these hints
-    a 100-channel row would be read two bytes at a time.
+    a 100-channel row would be read two bytes at a time. With ``DROP`` the input is multiplied by
+    ``DROP_SCALE`` times its keep-mask, element ``(drop_row[r] + t)·C_IN + c`` of ``drop_ptr``
+    (``drop_row = b·T_SRC``: the mask is indexed by logical position, wherever the rows live).
     """
     for j in tl.static_range(KSIZE):
         t_in = t_in0 + j * DIL
@@ -136,9 +147,15 @@ def conv_tile(
         for c0 in range(0, C_IN, BLOCK_K):
             ks = c0 + tl.arange(0, BLOCK_K)
             k_ok = ks < C_IN
-            a = tl.load(src_ptr + base[:, None] + ks[None, :] * stride_sc, mask=ok[:, None] & k_ok[None, :], other=0.0)
-            if IN_ACT != "none":
-                a = activate(a.to(tl.float32), IN_ACT).to(src_ptr.dtype.element_ty)
+            a_ok = ok[:, None] & k_ok[None, :]
+            a = tl.load(src_ptr + base[:, None] + ks[None, :] * stride_sc, mask=a_ok, other=0.0)
+            if IN_ACT != "none" or DROP:
+                a = activate(a.to(tl.float32), IN_ACT)
+                if DROP:
+                    m_off = (drop_row + t_in.to(tl.int64)) * C_IN
+                    keep = tl.load(drop_ptr + m_off[:, None] + ks[None, :], mask=a_ok, other=0)
+                    a = a * (keep.to(tl.float32) * DROP_SCALE)
+                a = a.to(src_ptr.dtype.element_ty)
             w_row = tl.multiple_of((j * C_IN + ks) * C_OUT, W_ALIGN)
             w = tl.load(w_ptr + w_row[:, None] + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
@@ -158,6 +175,7 @@ def _conv1d_forward_kernel(
     b_ptr,
     y_ptr,
     z_ptr,
+    drop_ptr,
     M,
     T_IN,
     T_OUT,
@@ -182,6 +200,8 @@ def _conv1d_forward_kernel(
     HAS_BIAS: tl.constexpr,
     STORE_Z: tl.constexpr,
     GATHER: tl.constexpr,
+    DROP: tl.constexpr,
+    DROP_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -202,7 +222,7 @@ def _conv1d_forward_kernel(
     acc = conv_tile(
         acc, src_ptr, b * stride_sb, t * STRIDE - PAD_L, row_ok, 0, T_IN, stride_st, stride_sc,
         tok_ptr, b * stride_tokb, stride_tokt, VOCAB, w_ptr, cols, col_ok, C_IN, C_OUT,
-        KSIZE, DIL, IN_ACT, GATHER, BLOCK_K, PRECISION, ROW_ALIGN, W_ALIGN,
+        KSIZE, DIL, IN_ACT, GATHER, BLOCK_K, PRECISION, ROW_ALIGN, W_ALIGN, drop_ptr, b * T_IN, DROP, DROP_SCALE,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -220,6 +240,7 @@ def _conv1d_input_grad_kernel(
     w_ptr,
     zp_ptr,
     dh_ptr,
+    drop_ptr,
     ROWS,
     PHASE_ROWS,
     T_IN,
@@ -237,6 +258,8 @@ def _conv1d_input_grad_kernel(
     STRIDE: tl.constexpr,
     DIL: tl.constexpr,
     PREV_ACT: tl.constexpr,
+    DROP: tl.constexpr,
+    DROP_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -273,6 +296,10 @@ def _conv1d_input_grad_kernel(
                 w = tl.load(w_ptr + w_col[None, :] + ns[:, None], mask=n_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
     mask = row_ok[:, None] & col_ok[None, :]
+    if DROP:
+        m_off = (b * T_IN + u.to(tl.int64)) * C_IN
+        keep = tl.load(drop_ptr + m_off[:, None] + cols[None, :], mask=mask, other=0)
+        acc = acc * (keep.to(tl.float32) * DROP_SCALE)
     if PREV_ACT != "none":
         zp_off = tl.multiple_of(b * stride_zpb + u.to(tl.int64) * stride_zpt, OUT_ALIGN)
         zp = tl.load(zp_ptr + zp_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -288,6 +315,7 @@ def _conv1d_weight_grad_kernel(
     dz_ptr,
     dw_ptr,
     db_ptr,
+    drop_ptr,
     M,
     T_IN,
     T_OUT,
@@ -309,6 +337,8 @@ def _conv1d_weight_grad_kernel(
     IN_ACT: tl.constexpr,
     GATHER: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DROP: tl.constexpr,
+    DROP_SCALE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -349,9 +379,15 @@ def _conv1d_weight_grad_kernel(
         else:
             base = b * stride_sb + t_in.to(tl.int64) * stride_st
         base = tl.multiple_of(base, ROW_ALIGN)
-        h_t = tl.load(src_ptr + base[None, :] + cs[:, None] * stride_sc, mask=c_ok[:, None] & in_ok[None, :], other=0.0)
-        if IN_ACT != "none":
-            h_t = activate(h_t.to(tl.float32), IN_ACT).to(src_ptr.dtype.element_ty)
+        h_ok = c_ok[:, None] & in_ok[None, :]
+        h_t = tl.load(src_ptr + base[None, :] + cs[:, None] * stride_sc, mask=h_ok, other=0.0)
+        if IN_ACT != "none" or DROP:
+            h_t = activate(h_t.to(tl.float32), IN_ACT)
+            if DROP:
+                m_off = (b * T_IN + t_in.to(tl.int64)) * C_IN
+                keep = tl.load(drop_ptr + m_off[None, :] + cs[:, None], mask=h_ok, other=0)
+                h_t = h_t * (keep.to(tl.float32) * DROP_SCALE)
+            h_t = h_t.to(src_ptr.dtype.element_ty)
         g_off = tl.multiple_of(b * stride_dzb + t.to(tl.int64) * stride_dzt, DZ_ALIGN)
         g = tl.load(dz_ptr + g_off[:, None] + ns[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(h_t, g, acc, input_precision=PRECISION)
@@ -476,8 +512,12 @@ def conv1d_layer_forward(
     out_act: str = "none",
     z: Tensor | None = None,
     tokens: Tensor | None = None,
+    drop: Tensor | None = None,
+    drop_scale: float = 1.0,
 ) -> None:
-    """One layer: ``y = out_act(conv(in_act(src)) + bias)``, and ``z`` (pre-activation) if given.
+    """One layer: ``y = out_act(conv(in_act(src)) + bias)``, and ``z`` (pre-activation) if given;
+    with ``drop`` (the input level's uint8 keep-mask ``(B, T_in, C_in)``) the input is
+    ``in_act(src) · drop · drop_scale``.
 
     ``src`` is ``(B, T_in, C_in)`` with any strides, or the embedding table ``(V, C_in)`` when
     ``tokens`` ``(B, T_in)`` is given. ``y`` and ``z`` are ``(B, T_out, C_out)`` views with unit
@@ -494,13 +534,14 @@ def conv1d_layer_forward(
         (s_b, s_t, s_c), tok_b, tok_t, vocab = _strides3(src), 0, 0, 0
     _conv1d_forward_kernel[grid](
         src, tokens if tokens is not None else src, w_packed, bias if bias is not None else w_packed, y,
-        z if z is not None else y,
+        z if z is not None else y, drop if drop is not None else y,
         M, t_in, t_out, layer.in_channels, layer.out_channels, vocab,
         s_b, s_t, s_c, tok_b, tok_t, y.stride(0), y.stride(1),
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
         layer.padding[0],
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, IN_ACT=in_act, OUT_ACT=out_act,
         HAS_BIAS=bias is not None, STORE_Z=z is not None, GATHER=tokens is not None,
+        DROP=drop is not None, DROP_SCALE=float(drop_scale),
         PRECISION=dot_precision(w_packed.dtype, y.device, layer), ROW_ALIGN=align(s_b, s_t),
         W_ALIGN=align(layer.out_channels), OUT_ALIGN=align(*y.stride()[:2], *(z.stride()[:2] if z is not None else ())),
         **cfg,
@@ -515,9 +556,12 @@ def conv1d_layer_input_grad(
     *,
     prev_act: str = "none",
     z_prev: Tensor | None = None,
+    drop: Tensor | None = None,
+    drop_scale: float = 1.0,
 ) -> None:
     """``dh = conv_transpose(dz) · prev_act'(z_prev)``: the gradient at the layer's input, through
-    the previous layer's activation when ``prev_act`` is not ``none``.
+    the previous layer's activation when ``prev_act`` is not ``none`` (and through the input's
+    dropout, ``· drop · drop_scale``, with ``drop``).
 
     ``dz`` ``(B, T_out, C_out)`` and ``dh``, ``z_prev`` ``(B, T_in, C_in)`` have unit channel stride.
     """
@@ -533,9 +577,10 @@ def conv1d_layer_input_grad(
     )
     zp = z_prev if z_prev is not None else dh
     _conv1d_input_grad_kernel[grid](
-        dz, w_packed, zp, dh, rows, phase_rows, t_in, t_out, layer.in_channels, layer.out_channels,
+        dz, w_packed, zp, dh, drop if drop is not None else dh, rows, phase_rows, t_in, t_out, layer.in_channels, layer.out_channels,
         dz.stride(0), dz.stride(1), zp.stride(0), zp.stride(1), dh.stride(0), dh.stride(1), layer.padding[0],
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, PREV_ACT=prev_act,
+        DROP=drop is not None, DROP_SCALE=float(drop_scale),
         PRECISION=dot_precision(w_packed.dtype, dh.device, layer), DZ_ALIGN=align(*dz.stride()[:2]),
         W_ALIGN=align(layer.out_channels), OUT_ALIGN=align(*dh.stride()[:2], *zp.stride()[:2]), **cfg,
     )  # fmt: skip
@@ -561,9 +606,12 @@ def conv1d_layer_weight_grad(
     in_act: str = "none",
     tokens: Tensor | None = None,
     splits: int | None = None,
+    drop: Tensor | None = None,
+    drop_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     """Packed fp32 ``(k, C_in, C_out)`` weight gradient and fp32 bias gradient (``None`` without
-    bias) of one layer, from its input ``src`` (as in :func:`conv1d_layer_forward`) and ``dz``."""
+    bias) of one layer, from its input ``src`` (as in :func:`conv1d_layer_forward`, ``drop`` too)
+    and ``dz``."""
     B, t_out = dz.shape[0], dz.shape[1]
     M = B * t_out
     device = dz.device
@@ -589,10 +637,10 @@ def conv1d_layer_weight_grad(
     )
     _conv1d_weight_grad_kernel[grid](
         src, tokens if tokens is not None else src, dz, dw, db if db is not None else dw,
-        M, t_in, t_out, layer.in_channels, layer.out_channels, vocab, rows_per_split,
+        drop if drop is not None else dz, M, t_in, t_out, layer.in_channels, layer.out_channels, vocab, rows_per_split,
         s_b, s_t, s_c, tok_b, tok_t, dz.stride(0), dz.stride(1), layer.padding[0],
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, IN_ACT=in_act, GATHER=tokens is not None,
-        HAS_BIAS=db is not None, BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_R=block_r,
+        HAS_BIAS=db is not None, DROP=drop is not None, DROP_SCALE=float(drop_scale), BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION=dot_precision(dz.dtype, device, layer), ROW_ALIGN=align(s_b, s_t), DZ_ALIGN=align(*dz.stride()[:2]),
         num_warps=4, num_stages=3,
     )  # fmt: skip

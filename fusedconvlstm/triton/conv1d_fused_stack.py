@@ -57,6 +57,7 @@ def _conv1d_stack_fused_kernel(
     inter_ptrs,
     y_ptr,
     zl_ptr,
+    drop_ptrs,
     B,
     T_LENS,
     R,
@@ -94,6 +95,8 @@ def _conv1d_stack_fused_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISIONS: tl.constexpr,
+    DROPS: tl.constexpr,
+    DROP_SCALES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -130,6 +133,7 @@ def _conv1d_stack_fused_kernel(
                             w_ptrs[0], cols, col_ok, c_in, c_out, KS[0], DILS[0], "none", GATHER, BLOCK_K,
                             tl.constexpr(PRECISIONS[0]),
                             SRC_ALIGN, W_ALIGNS[0],
+                            drop_ptrs[0], b64 * T_LENS[0], tl.constexpr(DROPS[0]), tl.constexpr(DROP_SCALES[0]),
                         )  # fmt: skip
                     else:
                         if SLAB:
@@ -144,6 +148,7 @@ def _conv1d_stack_fused_kernel(
                             c_in, 1, tok_ptr, in_base, 0, VOCAB,
                             w_ptrs[i], cols, col_ok, c_in, c_out, KS[i], DILS[i], tl.constexpr(ACTS[i - 1]), False,
                             BLOCK_K, tl.constexpr(PRECISIONS[i]), W_ALIGNS[i - 1], W_ALIGNS[i],
+                            drop_ptrs[i], b64 * T_LENS[i], tl.constexpr(DROPS[i]), tl.constexpr(DROP_SCALES[i]),
                         )  # fmt: skip
                     if HAS_BIAS[i]:
                         acc += tl.load(b_ptrs[i] + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -295,6 +300,7 @@ def conv1d_stack_fused_forward(
     y: Tensor,
     intermediates: list[Tensor] | None,
     z_last: Tensor | None,
+    drops: list[tuple[Tensor, float] | None] | None = None,
 ) -> FusedPlan:
     """Run all ``layers`` in one launch.
 
@@ -302,6 +308,7 @@ def conv1d_stack_fused_forward(
     ``(B, T_out, C_out)`` output view (unit channel stride). ``intermediates`` are the
     contiguous ``(B, T_l, C_l)`` pre-activations of levels 1..L-1 to write (training), or
     ``None`` for inference (slab mode). ``z_last`` receives the last layer's pre-activation.
+    ``drops`` holds per layer ``(keep-mask of its input, scale)`` or ``None`` (no dropout).
     """
     B = y.shape[0]
     device = y.device
@@ -325,11 +332,12 @@ def conv1d_stack_fused_forward(
     else:
         s_b, s_t, s_c = src.stride()
         tok_b, tok_t, vocab = 0, 0, 0
+    drops = list(drops) if drops is not None else [None] * L
     cfg = fused_block_config(layers, device)
     _conv1d_stack_fused_kernel[(plan.programs,)](
         src, tokens if tokens is not None else src, tuple(w_packed),
         tuple(b if b is not None else w for b, w in zip(bias, w_packed)), inter, y,
-        z_last if z_last is not None else y,
+        z_last if z_last is not None else y, tuple(d[0] if d is not None else y for d in drops),
         B, tuple(lens), plan.rows, plan.tile, plan.n_tiles, plan.n_work, vocab,
         s_b, s_t, s_c, tok_b, tok_t, y.stride(0), y.stride(1),
         z_last.stride(0) if z_last is not None else 0, z_last.stride(1) if z_last is not None else 0,
@@ -345,6 +353,8 @@ def conv1d_stack_fused_forward(
         GATHER=tokens is not None, SLAB=not save, STORE_ZL=z_last is not None, SAMPLES=plan.samples,
         SRC_ALIGN=layer_kernels.align(s_b, s_t), W_ALIGNS=tuple(layer_kernels.align(c.out_channels) for c in layers),
         Y_ALIGN=layer_kernels.align(y.stride(0), y.stride(1)),
-        PRECISIONS=tuple(dot_precision(y.dtype, device, layer) for layer in layers), **cfg,
+        PRECISIONS=tuple(dot_precision(y.dtype, device, layer) for layer in layers),
+        DROPS=tuple(d is not None for d in drops), DROP_SCALES=tuple(float(d[1]) if d is not None else 1.0 for d in drops),
+        **cfg,
     )  # fmt: skip
     return plan

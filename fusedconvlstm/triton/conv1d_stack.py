@@ -30,7 +30,9 @@ from torch import Tensor
 
 from fusedconvlstm import backends
 from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall, ConvLayer
+from fusedconvlstm.reference.dropout import scale as dropout_scale
 from fusedconvlstm.triton import conv1d as layer_kernels
+from fusedconvlstm.triton import dropout as triton_dropout
 from fusedconvlstm.triton.conv1d_fused_stack import (
     conv1d_stack_fused_forward,
     halo_overhead,
@@ -110,6 +112,20 @@ def needed_rows(layers: tuple[ConvLayer, ...], lens: list[int]) -> list[int]:
     return need
 
 
+def dropout_masks(seed: Tensor | None, call: Conv1dStackCall) -> list[tuple[Tensor, float] | None]:
+    """Per layer of ``call.all_layers()``, ``(uint8 keep-mask of its input, scale)`` or ``None``."""
+    layers, lens = call.all_layers(), _lens(call)
+    drops: list[tuple[Tensor, float] | None] = [None] * len(layers)
+    for level, p in call.dropout_levels():
+        shape = (call.batch, lens[level], layers[level].in_channels)
+        drops[level] = (triton_dropout.keep_mask(seed, level, shape, p), dropout_scale(p))
+    return drops
+
+
+def _drop_kwargs(drop: tuple[Tensor, float] | None) -> dict:
+    return {} if drop is None else dict(drop=drop[0], drop_scale=drop[1])
+
+
 def _stack_forward(
     src: Tensor,
     tokens: Tensor | None,
@@ -117,10 +133,13 @@ def _stack_forward(
     biases: list[Tensor | None],
     call: Conv1dStackCall,
     save: bool,
+    drops: list[tuple[Tensor, float] | None] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Forward of all layers; returns the output (time-major for a projection call) and the
-    saved pre-activations (empty unless ``save``)."""
+    saved pre-activations (empty unless ``save``); ``drops`` from :func:`dropout_masks` (``None``:
+    no dropout)."""
     layers, lens = call.all_layers(), _lens(call)
+    drops = drops if drops is not None else [None] * len(layers)
     L, B, dtype, device = len(layers), call.batch, call.dtype, call.device
     c_last = layers[-1].out_channels
     if B == 0:  # nothing to launch (a grid dimension of 0 is not a launch)
@@ -144,7 +163,7 @@ def _stack_forward(
                 torch.zeros(shape, dtype=dtype, device=device) if gap else layer_kernels.alloc(shape, dtype, device)
                 for shape, gap in zip(shapes, gaps)
             ]
-        conv1d_stack_fused_forward(src, tokens, w_packed, biases, layers, lens, y, inter, z_last)
+        conv1d_stack_fused_forward(src, tokens, w_packed, biases, layers, lens, y, inter, z_last, drops)
         if inter:
             # The fused kernel computes only the rows the output depends on; the weight gradient
             # of the layer reading a level also visits its unneeded trailing rows (with a zero
@@ -161,11 +180,13 @@ def _stack_forward(
         if i == L - 1:
             layer_kernels.conv1d_layer_forward(
                 h, w_packed[i], biases[i], layer, lens[i], y, in_act=in_act, out_act=layer.activation, z=z_last,
-                tokens=tok,
+                tokens=tok, **_drop_kwargs(drops[i]),
             )  # fmt: skip
         else:
             z = layer_kernels.alloc((B, lens[i + 1], layer.out_channels), dtype, device)
-            layer_kernels.conv1d_layer_forward(h, w_packed[i], biases[i], layer, lens[i], z, in_act=in_act, tokens=tok)
+            layer_kernels.conv1d_layer_forward(
+                h, w_packed[i], biases[i], layer, lens[i], z, in_act=in_act, tokens=tok, **_drop_kwargs(drops[i])
+            )
             inter.append(z)
             h = z
     saved = (inter + ([z_last] if z_last is not None else [])) if save else []
@@ -180,17 +201,19 @@ def _stack_backward(
     biases: list[Tensor | None],
     saved: list[Tensor],
     call: Conv1dStackCall,
+    drops: list[tuple[Tensor, float] | None] | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
     """Gradients of all layers: ``(grad of src (x, or the table with tokens), grad_w per layer
-    in nn.Conv1d layout, grad_b per layer or None)``."""
+    in nn.Conv1d layout, grad_b per layer or None)``; ``drops`` those of the forward."""
     layers, lens = call.all_layers(), _lens(call)
+    drops = drops if drops is not None else [None] * len(layers)
     L, B, dtype, device = len(layers), call.batch, call.dtype, call.device
     if B == 0:
         grad_src = torch.zeros_like(src) if tokens is not None else src.new_empty(src.shape)
         grad_w = [layer_kernels.unpack_weight(torch.zeros_like(w)) for w in w_packed]
         return grad_src, grad_w, [torch.zeros_like(b) if b is not None else None for b in biases]
     if not saved:
-        _, saved = _stack_forward(src, tokens, w_packed, biases, call, save=True)
+        _, saved = _stack_forward(src, tokens, w_packed, biases, call, True, drops)
     z = [None] + list(saved[: L - 1]) + ([saved[L - 1]] if layers[-1].activation != "none" else [None])
     g = grad_out.transpose(0, 1) if call.projection is not None else grad_out
     if g.stride(-1) != 1:
@@ -205,24 +228,27 @@ def _stack_backward(
         h = src if i == 0 else z[i]
         in_act = layers[i - 1].activation if i > 0 else "none"
         tok = tokens if i == 0 else None
-        dw, db = layer_kernels.conv1d_layer_weight_grad(h, g, layer, lens[i], in_act=in_act, tokens=tok)
+        dw, db = layer_kernels.conv1d_layer_weight_grad(
+            h, g, layer, lens[i], in_act=in_act, tokens=tok, **_drop_kwargs(drops[i])
+        )
         grad_w[i] = layer_kernels.unpack_weight(dw).to(dtype)
         grad_b[i] = db.to(dtype) if db is not None else None
         if i > 0:
             dh = layer_kernels.alloc((B, lens[i], layer.in_channels), dtype, device)
             act = layers[i - 1].activation
             layer_kernels.conv1d_layer_input_grad(
-                g, w_packed[i], layer, dh, prev_act=act, z_prev=z[i] if act != "none" else None
-            )
+                g, w_packed[i], layer, dh, prev_act=act, z_prev=z[i] if act != "none" else None,
+                **_drop_kwargs(drops[i]),
+            )  # fmt: skip
             g = dh
         elif tokens is not None:
             # fp32 position gradients so the table's segment sums round once.
             dh = layer_kernels.alloc((B, lens[0], layer.in_channels), torch.float32, device)
-            layer_kernels.conv1d_layer_input_grad(g, w_packed[0], layer, dh)
+            layer_kernels.conv1d_layer_input_grad(g, w_packed[0], layer, dh, **_drop_kwargs(drops[0]))
             grad_src = layer_kernels.embedding_grad(dh, tokens, call.vocab_size).to(dtype)
         else:
             grad_src = layer_kernels.alloc((B, lens[0], layer.in_channels), dtype, device)
-            layer_kernels.conv1d_layer_input_grad(g, w_packed[0], layer, grad_src)
+            layer_kernels.conv1d_layer_input_grad(g, w_packed[0], layer, grad_src, **_drop_kwargs(drops[0]))
     return grad_src, grad_w, grad_b
 
 
@@ -242,14 +268,16 @@ def describe(call: Conv1dStackCall) -> str:
 # --- the op's implementation functions ------------------------------------------------------------
 
 
-def _forward(x, tokens, weight, bias, proj_weight, proj_bias, call):
+def _forward(x, tokens, weight, bias, proj_weight, proj_bias, seed, call):
     w_packed, biases = _prepare(weight, bias, proj_weight, proj_bias)
-    return _stack_forward(x, tokens, w_packed, biases, call, call.save_for_backward)
+    drops = dropout_masks(seed, call)
+    return _stack_forward(x, tokens, w_packed, biases, call, call.save_for_backward, drops)
 
 
-def _backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, saved, call):
+def _backward(grad_y, x, tokens, weight, bias, proj_weight, proj_bias, seed, saved, call):
     w_packed, biases = _prepare(weight, bias, proj_weight, proj_bias)
-    grad_x, grad_w, grad_b = _stack_backward(grad_y, x, tokens, w_packed, biases, list(saved), call)
+    drops = dropout_masks(seed, call)
+    grad_x, grad_w, grad_b = _stack_backward(grad_y, x, tokens, w_packed, biases, list(saved), call, drops)
     grad_pw = grad_pb = None
     if proj_weight is not None:  # the projection ran as the last (kernel-1) layer
         grad_pw, grad_pb = grad_w.pop().squeeze(-1), grad_b.pop()

@@ -50,10 +50,11 @@ CONV1D_STACK_COMBOS = {
 }
 
 
-def opcheck_conv1d_stack(combo: str, backend: str, dtype=torch.float64, device="cpu") -> None:
+def opcheck_conv1d_stack(combo: str, backend: str, dtype=torch.float64, device="cpu", dropout=False) -> None:
     """``torch.library.opcheck`` on ``conv1d_stack`` (inputs requiring grad) and on its backward op
     for a small two-layer stack (activations, stride, padding, dilation, one absent bias) with the
-    prologue/epilogue of ``CONV1D_STACK_COMBOS[combo]``."""
+    prologue/epilogue of ``CONV1D_STACK_COMBOS[combo]``, and with ``dropout`` on both layers'
+    inputs."""
     with_tokens, with_pw, with_pb = CONV1D_STACK_COMBOS[combo]
     opts = dict(dtype=dtype, device=device)
     x = torch.randn(11, 3, **opts) if with_tokens else torch.randn(2, 13, 3, **opts)
@@ -71,7 +72,8 @@ def opcheck_conv1d_stack(combo: str, backend: str, dtype=torch.float64, device="
         w, b = [leaf(t) for t in weight], [leaf(t) for t in bias]
         return (leaf(x), tokens, w, b, *hyper, leaf(pw), leaf(pb))
 
+    drop = ([0.3, 0.5], torch.tensor(1234, device=device)) if dropout else ()
     op, backward = torch.ops.fusedconvlstm.conv1d_stack, torch.ops.fusedconvlstm.conv1d_stack_backward
-    torch.library.opcheck(op.default, (*args(True), backend))
-    y, saved = op(*args(False), backend)
-    torch.library.opcheck(backward.default, (torch.randn_like(y), *args(False), saved, backend))
+    torch.library.opcheck(op.default, (*args(True), backend, True, *drop))
+    y, saved = op(*args(False), backend, True, *drop)
+    torch.library.opcheck(backward.default, (torch.randn_like(y), *args(False), saved, backend, *drop))

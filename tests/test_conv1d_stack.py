@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedconvlstm import Conv1dStack, conv1d_stack, conv1d_stack_embedding_projection
+from fusedconvlstm.reference import dropout as philox_dropout
 from tests.helpers import CONV1D_STACK_COMBOS, opcheck_conv1d_stack, rel_err
 
 F64 = torch.float64
@@ -196,9 +197,10 @@ def _op_inputs(requires_grad=False):
     return x, w, b
 
 
+@pytest.mark.parametrize("dropout", [False, True], ids=["", "dropout"])
 @pytest.mark.parametrize("combo", list(CONV1D_STACK_COMBOS))
-def test_conv1d_stack_opcheck_reference(combo):
-    opcheck_conv1d_stack(combo, "reference")
+def test_conv1d_stack_opcheck_reference(combo, dropout):
+    opcheck_conv1d_stack(combo, "reference", dropout=dropout)
 
 
 def test_conv1d_stack_gradcheck_reference():
@@ -337,3 +339,99 @@ def test_stack_under_cpu_autocast_behaves_like_nn_conv1d():
     assert y.dtype == y_ref.dtype == torch.bfloat16
     want = chain.double()(x.double())
     assert rel_err(y, want) <= 2 * rel_err(y_ref, want) + 4 * torch.finfo(torch.bfloat16).eps
+
+
+# --- dropout -------------------------------------------------------------------------------------------
+
+
+def test_philox_matches_the_published_answer_and_keeps_one_minus_p():
+    """Philox4x32-10 at counter 0 under key 0 is 0x6627e8d5 (the Random123 known answer); masks
+    keep about 1 - p of the elements, and levels and seeds give independent masks."""
+    assert int(philox_dropout.philox(torch.tensor(0), torch.tensor([0]))[0]) == 0x6627E8D5
+    seed = torch.tensor(2024)
+    for p in (0.1, 0.5, 0.75):
+        keep = philox_dropout.keep_mask(seed, 0, (64, 100, 25), p)
+        n = keep.numel()
+        assert abs(keep.float().mean().item() - (1 - p)) <= 4 * (p * (1 - p) / n) ** 0.5
+    a, b = philox_dropout.keep_mask(seed, 0, (4096,), 0.5), philox_dropout.keep_mask(seed, 1, (4096,), 0.5)
+    c = philox_dropout.keep_mask(torch.tensor(2025), 0, (4096,), 0.5)
+    for other in (b, c):  # agreement of independent fair coins: 1/2 +- 4 sigma
+        assert abs((a == other).float().mean().item() - 0.5) < 4 * (0.25 / 4096) ** 0.5
+
+
+def test_op_dropout_is_the_masked_chain():
+    """The reference op with dropout equals the nn.Conv1d chain with each layer's input multiplied
+    by its mask and 1 / (1 - p), output and gradients."""
+    x, w, b = _op_inputs(requires_grad=True)
+    seed = torch.tensor(99)
+    rates = [0.4, 0.25]
+    y = conv1d_stack(
+        x, w, b, stride=[1, 2], padding=[(1, 0), (0, 1)], activation=["gelu", "tanh"], dropout=rates, seed=seed
+    )
+    xr, w0, w1, b0 = (t.detach().clone().requires_grad_() for t in (x, w[0], w[1], b[0]))
+    h = philox_dropout.dropout(xr, rates[0], seed, 0)
+    h = F.gelu(F.conv1d(F.pad(h.transpose(1, 2), (1, 0)), w0, b0))
+    h = philox_dropout.dropout(h.transpose(1, 2), rates[1], seed, 1).transpose(1, 2)
+    want = torch.tanh(F.conv1d(F.pad(h, (0, 1)), w1, stride=2)).transpose(1, 2)
+    assert rel_err(y, want) < TOL64
+    g = torch.randn_like(want)
+    ours = torch.autograd.grad(y, [x, w[0], w[1], b[0]], g)
+    ref = torch.autograd.grad(want, [xr, w0, w1, b0], g)
+    for a, r in zip(ours, ref):
+        assert rel_err(a, r) < TOL64
+    # Dropping everything at the second layer leaves its (absent) bias: zeros.
+    y1 = conv1d_stack(x, w, b, stride=[1, 2], padding=[(1, 0), (0, 1)], dropout=[0.0, 1.0], seed=seed)
+    assert torch.equal(y1, torch.zeros_like(y1))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dropout=[0.5]), "dropout must have one rate per layer"),
+        (dict(dropout=[0.5, 1.5]), r"dropout\[1\] must lie in \[0, 1\]"),
+        (dict(dropout=[0.5, 0.0], seed=torch.tensor(3.0)), "seed must be an int64 tensor of one element"),
+        (dict(dropout=[0.5, 0.0], seed=torch.tensor([1, 2])), "seed must be an int64 tensor of one element"),
+        (dict(dropout=[0.5, 0.0], seed=torch.tensor(3, device="meta")), "seed must be on the device of x"),
+    ],
+)
+def test_dropout_errors_name_the_argument(kwargs, match):
+    x, w, b = _op_inputs()
+    with pytest.raises(ValueError, match=match):
+        conv1d_stack(x, w, b, **kwargs)
+    # The op itself also refuses dropout without a seed (the wrappers draw one).
+    has_bias = [t is not None for t in b]
+    with pytest.raises(ValueError, match="dropout needs a seed"):
+        torch.ops.fusedconvlstm.conv1d_stack(
+            x, None, w, [t for t in b if t is not None], has_bias, [1, 1], [0] * 4, [1, 1], "none,none", None, None,
+            "reference", True, [0.5, 0.0], None,
+        )  # fmt: skip
+
+
+def test_module_dropout_runs_inside_the_op():
+    """Conv1dStack in training: dropout between layers is the op's (the masked chain), one after
+    the last layer is F.dropout; in evaluation none."""
+    stack = Conv1dStack(
+        3, [4, 5, 2], kernel_size=3, activation="relu", dropout=[0.5, 0.3, 0.0], channels_last=False, dtype=F64
+    )
+    x = torch.randn(2, 3, 20, dtype=F64)
+    torch.manual_seed(4)
+    y = stack(x)
+    torch.manual_seed(4)
+    seed = philox_dropout.draw_seed("cpu")
+    h = x
+    for i, conv in enumerate(stack.layers):
+        if i > 0:
+            h = philox_dropout.dropout(h.transpose(1, 2), stack.dropouts[i - 1], seed, i).transpose(1, 2)
+        h = conv(h)
+        if i < 2:
+            h = F.relu(h)
+    assert rel_err(y, h) < TOL64
+    stack.eval()
+    assert rel_err(stack(x), _chain_of(stack)(x)) < TOL64
+
+
+def _chain_of(stack):
+    mods = []
+    for conv, act in zip(stack.layers, stack.activations):
+        mods += [conv] + ([ACT_MODULES[act]()] if act != "none" else [])
+    return nn.Sequential(*mods)

@@ -61,6 +61,33 @@ def test_fused_model_equals_reference_twin_forward_and_backward(batch):
         assert rel_err(p.grad, ref_grads[key].grad) < 1e-10, name
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_training_mode_fused_and_reference_twin_drop_the_same_elements(backend):
+    """In training, seeded alike, the fused model (embedding dropout inside the stack op) and its
+    plain twin draw the same masks, embedding and head alike: same outputs and gradients."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if fusedconvlstm.backends.backend_why_not("triton", torch.device("cpu")) is not None:
+            pytest.skip("Triton does not run on the CPU here (TRITON_INTERPRET=1 is needed)")
+    dtype = F64 if backend == "reference" else torch.float32
+    fused = ConvLSTMClassifier(backend=backend, dtype=dtype, **SMALL).train()
+    ref = fused.to_reference()
+    tokens = torch.randint(0, 50, (3, 20))
+    torch.manual_seed(8)
+    out_f = fused.logits(tokens)
+    torch.manual_seed(8)
+    out_r = ref.logits(tokens)
+    tol = 1e-10 if dtype == F64 else 1e-4
+    assert rel_err(out_f, out_r) < tol
+    out_f.sum().backward()
+    out_r.sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        assert rel_err(p.grad, ref_grads[name.replace("conv.layers.", "conv.")].grad) < tol, name
+    # The masks are not vacuous: the same model in evaluation mode computes something else.
+    assert rel_err(fused.eval().logits(tokens), out_f) > 1e-3
+
+
 def test_weights_copy_both_ways():
     ref = ConvLSTMClassifier.reference(dtype=F64, **SMALL)
     fused = ConvLSTMClassifier.from_reference(ref, backend="reference")

@@ -34,10 +34,12 @@ from fusedconvlstm.ops.conv1d import (  # noqa: E402
     conv1d_stack_embedding_projection,
     conv1d_stack_projection,
 )
+from fusedconvlstm.reference import dropout as philox_dropout  # noqa: E402
 from fusedconvlstm.reference.conv1d import apply_activation  # noqa: E402
 from fusedconvlstm.triton import conv1d as layer_kernels  # noqa: E402
 from fusedconvlstm.triton import conv1d_fused_stack  # noqa: E402
 from fusedconvlstm.triton import conv1d_stack as triton_stack  # noqa: E402
+from fusedconvlstm.triton import dropout as triton_dropout  # noqa: E402
 from tests.conftest import HAS_GPU, TRITON_INTERPRET  # noqa: E402
 from tests.helpers import CONV1D_STACK_COMBOS, opcheck_conv1d_stack, rel_err  # noqa: E402
 
@@ -83,8 +85,11 @@ class Stack:
     """Random float64 parameters of a stack from specs ``(c_out, k, stride, padding, dilation,
     bias, activation)``, and the same stack computed by PyTorch's F.conv1d in any dtype."""
 
-    def __init__(self, c_in, specs, proj_out=0, proj_bias=True):
+    def __init__(self, c_in, specs, proj_out=0, proj_bias=True, dropout=None, seed=None):
         self.specs = specs
+        # Dropout on each layer's input (the op's ``dropout``/``seed``); the chain applies the
+        # reference masks of the same seed.
+        self.drop = dict(dropout=dropout, seed=seed) if dropout else {}
         self.weights, self.biases = [], []
         c = c_in
         for c_out, k, _, _, _, b, _ in specs:
@@ -120,9 +125,13 @@ class Stack:
         """PyTorch's own computation in the dtype of its arguments (channels-first chain)."""
         w, b, pw, pb = self.split(ps)
         h = h_btc.transpose(1, 2)
-        for wi, bi, s, pad, d, act in zip(
-            w, b, self.kwargs["stride"], self.kwargs["padding"], self.kwargs["dilation"], self.kwargs["activation"]
+        for i, (wi, bi, s, pad, d, act) in enumerate(
+            zip(w, b, self.kwargs["stride"], self.kwargs["padding"], self.kwargs["dilation"], self.kwargs["activation"])
         ):
+            if self.drop:
+                h = philox_dropout.dropout(h.transpose(1, 2), self.drop["dropout"][i], self.drop["seed"], i).transpose(
+                    1, 2
+                )
             h = apply_activation(F.conv1d(F.pad(h, pad), wi, bi, stride=s, dilation=d), act)
         if pw is not None:
             return F.linear(h.permute(2, 0, 1), pw, pb)  # time-major (T, B, N)
@@ -159,13 +168,15 @@ def _check_stack_op(stack, x, dtype, *, tokens=None, grad=True):
                 h = F.embedding(tokens, xx) if tokens is not None else xx
                 out = stack.torch_chain(h, ps)
             elif tokens is not None and pw is not None:
-                out = conv1d_stack_embedding_projection(tokens, xx, w, b, pw, pb, backend=backend, **stack.kwargs)
+                out = conv1d_stack_embedding_projection(
+                    tokens, xx, w, b, pw, pb, backend=backend, **stack.kwargs, **stack.drop
+                )
             elif tokens is not None:
-                out = conv1d_stack_embedding(tokens, xx, w, b, backend=backend, **stack.kwargs)
+                out = conv1d_stack_embedding(tokens, xx, w, b, backend=backend, **stack.kwargs, **stack.drop)
             elif pw is not None:
-                out = conv1d_stack_projection(xx, w, b, pw, pb, backend=backend, **stack.kwargs)
+                out = conv1d_stack_projection(xx, w, b, pw, pb, backend=backend, **stack.kwargs, **stack.drop)
             else:
-                out = conv1d_stack(xx, w, b, backend=backend, **stack.kwargs)
+                out = conv1d_stack(xx, w, b, backend=backend, **stack.kwargs, **stack.drop)
         return out, leaves
 
     ref, ref_leaves = run(None, F64, False)
@@ -286,6 +297,67 @@ def test_fused_training_with_rows_between_tile_windows(monkeypatch):
     if not ON_GPU:
         assert plan.n_tiles > 1 and conv1d_fused_stack.levels_with_gaps(layers, plan) == [True, True]
     _check_stack_op(stack, x, torch.float32, grad=True)
+
+
+# --- dropout ---------------------------------------------------------------------------------------------
+
+
+def test_mask_kernel_draws_the_reference_masks():
+    """The Triton mask kernel and the PyTorch Philox give bitwise the same masks (levels > 0 put
+    bits in the counter's high word), and keep about 1 - p of the elements."""
+    seed = torch.randint(0, philox_dropout.SEED_HIGH, (), device=DEVICE)
+    for level, p, shape in [(0, 0.25, (3, 41, 37)), (2, 0.5, (2, 33, 64)), (5, 0.9, (1, 7, 300)), (1, 1.0, (2, 3, 4))]:
+        ours = triton_dropout.keep_mask(seed, level, shape, p)
+        ref = philox_dropout.keep_mask(seed, level, shape, p)
+        assert ours.dtype == torch.uint8 and torch.equal(ours.bool(), ref), (level, p)
+        n = ref.numel()
+        assert abs(ref.float().mean().item() - (1 - p)) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-12, (level, p)
+
+
+DROPOUT_SPECS = {
+    # Dropout on the input (or the gathered embedding), between activated layers, through padding,
+    # stride and dilation; one layer without.
+    "mixed": (FUSED_SPECS["mixed"], [0.3, 0.5, 0.0, 0.2]),
+    "reference-like": (FUSED_SPECS["reference-like"], [0.25, 0.0, 0.0, 0.0, 0.0]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("combo", ["plain", "tokens+projection"])
+@pytest.mark.parametrize("name", list(DROPOUT_SPECS))
+def test_dropout_matches_torch_with_the_same_masks(name, combo, dtype, strategy):
+    """Output and every gradient against the float64 chain that applies the reference masks of
+    the same seed: the kernels drop exactly the reference's elements, forward and backward."""
+    specs, rates = DROPOUT_SPECS[name]
+    seed = torch.randint(0, philox_dropout.SEED_HIGH, (), device=DEVICE)
+    with_tokens, with_proj, _ = CONV1D_STACK_COMBOS[combo]
+    stack = Stack(5, specs, proj_out=24 if with_proj else 0, dropout=rates, seed=seed)
+    if with_tokens:
+        tokens = torch.randint(0, 37, (3, 47), device=DEVICE)
+        _check_stack_op(stack, torch.randn(37, 5, dtype=F64, device=DEVICE), dtype, tokens=tokens)
+    else:
+        _check_stack_op(stack, torch.randn(3, 47, 5, dtype=F64, device=DEVICE), dtype)
+
+
+def test_dropout_is_a_function_of_the_seed(strategy):
+    stack = Stack(5, FUSED_SPECS["mixed"])
+    x = torch.randn(2, 40, 5, device=DEVICE)
+    w, b = [t.float() for t in stack.weights], [t.float() if t is not None else None for t in stack.biases]
+    rates = [0.5, 0.5, 0.5, 0.5]
+
+    def run(seed):
+        return conv1d_stack(x, w, b, backend="triton", dropout=rates, seed=seed, **stack.kwargs)
+
+    s1, s2 = torch.tensor(7, device=DEVICE), torch.tensor(8, device=DEVICE)
+    assert torch.equal(run(s1), run(s1)) and not torch.equal(run(s1), run(s2))
+    # Without a seed one is drawn from PyTorch's generator: manual_seed reproduces the call.
+    torch.manual_seed(3)
+    a = conv1d_stack(x, w, b, backend="triton", dropout=rates, **stack.kwargs)
+    torch.manual_seed(3)
+    assert torch.equal(a, conv1d_stack(x, w, b, backend="triton", dropout=rates, **stack.kwargs))
+    # All-zero rates are no dropout at all.
+    plain = conv1d_stack(x, w, b, backend="triton", **stack.kwargs)
+    assert torch.equal(plain, conv1d_stack(x, w, b, backend="triton", dropout=[0.0] * 4, **stack.kwargs))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])

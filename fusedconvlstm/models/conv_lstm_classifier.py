@@ -24,8 +24,9 @@ from fusedconvlstm.nn.lstm import (
     parallel_input_projection,
     parallel_recurrent_weights,
 )
-from fusedconvlstm.ops.conv1d import conv1d_stack_embedding_projection, conv1d_stack_projection
+from fusedconvlstm.ops.conv1d import conv1d_stack_embedding_projection
 from fusedconvlstm.ops.lstm import lstm_recurrence
+from fusedconvlstm.reference import dropout as philox_dropout
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,9 @@ class ConvLSTMClassifier(nn.Module):
         """Pre-sigmoid scores ``(B, 1)``; train with ``BCEWithLogitsLoss`` on these.
 
         The fused path: one ``conv1d_stack`` op from token ids to both LSTMs' gate
-        pre-activations (embedding gather, the convolutions and the input projections; in
-        training with embedding dropout the embedding is materialized and dropped out first),
-        then one ``lstm_recurrence`` for both LSTMs, then the head.
+        pre-activations (embedding gather, the convolutions and the input projections; the
+        embedding dropout of training inside it too, as the first layer reads the rows), then
+        one ``lstm_recurrence`` for both LSTMs, then the head.
         """
         _check_tokens(tokens)
         cfg = self.config
@@ -126,11 +127,12 @@ class ConvLSTMClassifier(nn.Module):
             table = table.to(cast)
         weight, bias, options = self.conv.op_arguments(cast=cast)
         proj_weight, proj_bias = parallel_input_projection(lstms, cast)
+        dropout = None
         if self.training and cfg.embedding_dropout > 0:
-            x = F.dropout(F.embedding(tokens, table), cfg.embedding_dropout, training=True)
-            gates = conv1d_stack_projection(x, weight, bias, proj_weight, proj_bias, **options)
-        else:
-            gates = conv1d_stack_embedding_projection(tokens, table, weight, bias, proj_weight, proj_bias, **options)
+            dropout = [cfg.embedding_dropout] + [0.0] * (len(weight) - 1)
+        gates = conv1d_stack_embedding_projection(
+            tokens, table, weight, bias, proj_weight, proj_bias, dropout=dropout, **options
+        )
         T, B = gates.shape[0], gates.shape[1]
         xg = gates.view(T, B, len(lstms), 4 * cfg.hidden_size)
         _, h_n, _ = lstm_recurrence(xg, parallel_recurrent_weights(lstms, cast), backend=self.backend)
@@ -190,7 +192,10 @@ class ReferenceConvLSTMClassifier(nn.Module):
     """The model from plain ``nn.Embedding``, ``nn.Conv1d``, ``nn.LSTM`` and ``nn.Linear``.
 
     This is the cuDNN model a user would otherwise run: the convolutions take ``(B, C, T)``, so
-    it pays a transpose before and after them, and the two LSTMs run one after the other.
+    it pays a transpose before and after them, and the two LSTMs run one after the other. One
+    difference: its embedding dropout draws its mask as the fused model's does
+    (:func:`fusedconvlstm.reference.dropout.dropout`, the same rate and scaling as ``F.dropout``),
+    so the two models seeded alike drop the same elements and train to the same weights.
     """
 
     def __init__(self, device=None, dtype=None, **config) -> None:
@@ -212,7 +217,9 @@ class ReferenceConvLSTMClassifier(nn.Module):
     def logits(self, tokens: Tensor) -> Tensor:
         """Pre-sigmoid scores ``(B, 1)``."""
         _check_tokens(tokens)
-        x = F.dropout(self.embedding(tokens), self.config.embedding_dropout, self.training)
+        x = self.embedding(tokens)
+        if self.training and self.config.embedding_dropout > 0:
+            x = philox_dropout.dropout(x, self.config.embedding_dropout)
         x = self.conv(x.transpose(1, 2)).transpose(1, 2)
         states = [lstm(x)[1][0][0] for lstm in self.lstms]
         return self.head(torch.cat(states, dim=1))

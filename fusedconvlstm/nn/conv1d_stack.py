@@ -113,7 +113,9 @@ class Conv1dStack(nn.Module):
             applied between layers (after every layer but the last); a sequence gives the
             activation after each layer.
         dropout: probability, applied (in training) after each activation between layers, or a
-            sequence with one probability per layer.
+            sequence with one probability per layer. Dropout between layers runs inside the
+            stack op (masks from a counter-based generator seeded by PyTorch's, see
+            :func:`fusedconvlstm.conv1d_stack`); one after the last layer is ``F.dropout``.
         channels_last: input and output are ``(B, T, C)`` when true, else ``(B, C, T)`` like
             ``nn.Conv1d``. Unbatched 2-D input is accepted in the same layout.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
@@ -344,10 +346,12 @@ class Conv1dStack(nn.Module):
         )
         return [get(c.weight) for c in convs], [get(c.bias) for c in convs], options
 
-    def _run(self, x: Tensor, layers: range) -> Tensor:
+    def _run(self, x: Tensor) -> Tensor:
         cast = autocast_dtype(x)  # as nn.Conv1d under autocast: everything in the autocast dtype
-        weight, bias, options = self.op_arguments(layers, cast)
-        return conv1d_stack(x if cast is None else x.to(cast), weight, bias, **options)
+        weight, bias, options = self.op_arguments(cast=cast)
+        # Layer i's input dropout is the dropout after layer i - 1.
+        dropout = [0.0] + self.dropouts[:-1] if self.training and any(self.dropouts[:-1]) else None
+        return conv1d_stack(x if cast is None else x.to(cast), weight, bias, dropout=dropout, **options)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the stack; layout as given by ``channels_last``."""
@@ -363,14 +367,9 @@ class Conv1dStack(nn.Module):
             raise ValueError(
                 f"Conv1dStack: input must have {self.in_channels} channels in layout {layout}, got shape {tuple(x.shape)}"
             )
-        # Dropout needs random masks between layers: split the stack where it is active.
-        start = 0
-        for i, p in enumerate(self.dropouts):
-            if p > 0 and self.training:
-                x = F.dropout(self._run(x, range(start, i + 1)), p, training=True)
-                start = i + 1
-        if start < len(self.layers):
-            x = self._run(x, range(start, len(self.layers)))
+        x = self._run(x)
+        if self.training and self.dropouts[-1] > 0:
+            x = F.dropout(x, self.dropouts[-1], training=True)
         if not self.channels_last:
             x = x.transpose(1, 2)
         return x.squeeze(0) if unbatched else x

@@ -81,3 +81,15 @@ def draw_seed(device: torch.device | str) -> Tensor:
     """A fresh seed from PyTorch's generator of ``device`` (so ``torch.manual_seed`` reproduces
     it), kept on ``device``: no host sync, and a CUDA graph replay draws a new one."""
     return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=device)
+
+
+def dropout(x: Tensor, p: float, seed: Tensor | None = None, level: int = 0) -> Tensor:
+    """``F.dropout(x, p, training=True)`` with the mask of stream ``level`` of ``seed`` (drawn by
+    :func:`draw_seed` when not given) over ``x``'s row-major positions: the elements a fused op
+    given the same seed drops at that level. Differentiable (a product with a constant)."""
+    if p == 0:
+        return x
+    if seed is None:
+        seed = draw_seed(x.device)
+    keep = keep_mask(seed, level, tuple(x.shape), min(float(p), 1.0))
+    return x * (keep.to(x.dtype) * scale(p))

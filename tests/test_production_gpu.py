@@ -74,6 +74,35 @@ def test_cuda_graph_capture_and_replay_forward_and_backward():
         assert rel_err(got, want) < 1e-5
 
 
+def test_cuda_graph_replays_draw_new_dropout_masks():
+    """A training step with the fused embedding dropout, captured once: each replay draws a new
+    seed on the device (new masks), and a replay equals an eager step from the same generator
+    state."""
+    config = {**SMALL, "lstm_dropout": 0.0, "dense_dropout": 0.0}  # only the fused dropout
+    model = ConvLSTMClassifier(backend="auto", device="cuda", dtype=torch.float32, **config).train()
+    tokens = torch.randint(1, 1000, (8, 100), device="cuda")
+
+    def step():
+        return model.logits(tokens)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    torch.cuda.manual_seed(21)
+    graph.replay()
+    first = static_out.clone()
+    graph.replay()
+    assert not torch.equal(first, static_out)
+    torch.cuda.manual_seed(21)
+    assert rel_err(first, step()) < 1e-5
+
+
 @pytest.mark.parametrize("module", ["lstm", "conv1d_stack", "model"])
 def test_no_memory_growth_over_10000_calls(module):
     if module == "lstm":

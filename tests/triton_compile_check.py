@@ -116,6 +116,17 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     case[0] = "embedding+projection backward"
     gates_grad = torch.randn(45, B, 4096, dtype=dtype)
     backend._stack_backward(gates_grad, table, tokens, pw_packed, p_biases, ep_saved, ep_call)
+    # Training with dropout: on the gathered embedding (the reference model's) and mid-stack.
+    seed = torch.tensor(5)
+    d_call = check_conv1d_stack_args(table, tokens, w, b, *hyper, proj_w, proj_b, True, [0.25, 0, 0, 0, 0.1], seed)
+    case[0] = "dropout masks"
+    drops = backend.dropout_masks(seed, d_call)
+    for strategy in ("fused", "layers"):
+        os.environ[backend.STRATEGY_ENV_VAR] = strategy
+        case[0] = f"dropout {strategy} embedding+projection forward (training)"
+        _, d_saved = backend._stack_forward(table, tokens, pw_packed, p_biases, d_call, True, drops)
+    case[0] = "dropout embedding+projection backward"
+    backend._stack_backward(gates_grad, table, tokens, pw_packed, p_biases, d_saved, d_call, drops)
     # Every activation (forward, prologue and derivative), stride 3, dilation, padding, in fp16.
     h = torch.float16
     mw = [torch.randn(24, 20, 3, dtype=h), torch.randn(16, 24, 5, dtype=h), torch.randn(12, 16, 1, dtype=h)]

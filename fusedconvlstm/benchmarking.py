@@ -227,7 +227,7 @@ def _conv_case(dtype, base_dtype, batch, backend, train, device, l2):
 def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_baseline):
     # Both models stay in eval mode, also for the training step: dropout would draw different
     # masks on the two sides and make the error check meaningless.
-    ref = ReferenceConvLSTMClassifier(device=device)
+    ref = ReferenceConvLSTMClassifier(device=device, dropout_masks="torch")
     ours = ConvLSTMClassifier.from_reference(ref, backend=backend).to(dtype).eval()
     base = copy.deepcopy(ref).to(base_dtype).eval()
     ref64 = copy.deepcopy(ref).double().eval()

@@ -88,6 +88,21 @@ def test_training_mode_fused_and_reference_twin_drop_the_same_elements(backend):
     assert rel_err(fused.eval().logits(tokens), out_f) > 1e-3
 
 
+def test_reference_twin_can_drop_out_with_torch_masks():
+    ref = ReferenceConvLSTMClassifier(dtype=F64, dropout_masks="torch", **SMALL).train()
+    tokens = torch.randint(0, 50, (3, 20))
+    torch.manual_seed(2)
+    a = ref.logits(tokens)
+    torch.manual_seed(2)
+    fused_masks = ReferenceConvLSTMClassifier(dtype=F64, **SMALL)
+    fused_masks.load_state_dict(ref.state_dict())
+    torch.manual_seed(2)
+    b = fused_masks.train().logits(tokens)
+    assert not torch.equal(a, b)  # different generators, different masks
+    with pytest.raises(ValueError, match="dropout_masks must be 'fused' or 'torch'"):
+        ReferenceConvLSTMClassifier(dropout_masks="numpy", **SMALL)
+
+
 def test_weights_copy_both_ways():
     ref = ConvLSTMClassifier.reference(dtype=F64, **SMALL)
     fused = ConvLSTMClassifier.from_reference(ref, backend="reference")

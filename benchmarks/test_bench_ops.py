@@ -29,7 +29,7 @@ def _cases() -> list[dict]:
     out = []
     for op, (batches, seqs) in SIZES.items():
         out += plan([op], ["bf16", "fp16", "fp32"], batches, seqs, ["fwd", "fwd+bwd"], torch.device("cuda"),
-                    include_reference=False, compile_baseline=True)  # fmt: skip
+                    include_reference=False)  # fmt: skip
     return out
 
 

@@ -18,6 +18,7 @@
 
 #include "common.cuh"
 
+#include <cstdlib>
 #include <type_traits>
 
 namespace fusedconvlstm {
@@ -30,7 +31,10 @@ constexpr int kRowPadBytes = 16;
 constexpr int kSyncStride = 32;  // barrier counters 128 bytes apart: one L2 line per group
 // A group barrier that waits longer than this means co-residency broke (it cannot in a
 // cooperative launch) or a bug: the kernel traps instead of hanging the process forever.
+// FUSEDCONVLSTM_BARRIER_TIMEOUT_S overrides it (0: never trap, for a debugger or a slow
+// compute-sanitizer run, where a correct kernel can wait longer).
 constexpr unsigned long long kWatchdogNs = 10ull * 1000 * 1000 * 1000;
+constexpr const char* kWatchdogEnv = "FUSEDCONVLSTM_BARRIER_TIMEOUT_S";
 
 // Launch configuration: per-warp tile MT x NT mma tiles (MT fixed per kernel, NT a template
 // parameter), warps split as wm (rows) x wn (batch columns) x wk (reduction), the batch split
@@ -271,15 +275,16 @@ __device__ __forceinline__ void barrier_arrive(unsigned* counter) {
   }
 }
 
-__device__ __forceinline__ void barrier_wait(unsigned* counter, unsigned target, int step) {
+__device__ __forceinline__ void barrier_wait(unsigned* counter, unsigned target, int step,
+                                             unsigned long long watchdog_ns) {
   if (threadIdx.x == 0) {
     if (ld_acquire(counter) < target) {
       const unsigned long long start = global_timer_ns();
       while (ld_acquire(counter) < target) {
-        if (global_timer_ns() - start > kWatchdogNs) {
-          printf("fusedconvlstm persistent LSTM: block %d waited more than 10 s at the barrier of step %d "
-                 "(counter %u, target %u); trapping instead of hanging\n",
-                 blockIdx.x, step, ld_acquire(counter), target);
+        if (watchdog_ns != 0 && global_timer_ns() - start > watchdog_ns) {
+          printf("fusedconvlstm persistent LSTM: block %d waited more than %llu ns at the barrier of step %d "
+                 "(counter %u, target %u); trapping instead of hanging (FUSEDCONVLSTM_BARRIER_TIMEOUT_S)\n",
+                 blockIdx.x, watchdog_ns, step, ld_acquire(counter), target);
           __trap();
         }
       }
@@ -316,7 +321,26 @@ struct RecurrenceParams {
   Layout l;
   Config cfg;
   bool precise;
+  unsigned long long watchdog_ns;  // 0: no watchdog
 };
+
+// The barrier watchdog: FUSEDCONVLSTM_BARRIER_TIMEOUT_S seconds if set (0 turns it off), else 10 s.
+inline unsigned long long watchdog_ns_from_env(const char* op) {
+  const char* text = std::getenv(kWatchdogEnv);
+  if (text == nullptr || *text == '\0') return kWatchdogNs;
+  char* end = nullptr;
+  const double seconds = std::strtod(text, &end);
+  STD_TORCH_CHECK(end != text && *end == '\0' && seconds >= 0 && seconds < 1e9, op, ": ", kWatchdogEnv,
+                  " must be a number of seconds >= 0 (0: no watchdog), got '", text, "'");
+  return static_cast<unsigned long long>(seconds * 1e9);
+}
+
+// cp.async reads 16-byte chunks: a buffer that is a view at an odd offset would fault.
+inline void check_aligned_16(const Tensor& t, const char* op, const char* name) {
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+                  " must be 16-byte aligned (it is read with 16-byte async copies); pass a fresh tensor, not an "
+                  "offset view");
+}
 
 // The sizes, dtype and launch layout of a persistent call, checked once for both ops. `seq` is the
 // (T, B, D, 4H) tensor of the op (xg forward, dgates backward); `k` the reduction length of one
@@ -375,6 +399,7 @@ inline RecurrenceParams recurrence_params(const Problem& pb, const std::optional
   r.l = pb.l;
   r.cfg = pb.cfg;
   r.precise = precise;
+  r.watchdog_ns = watchdog_ns_from_env(op);
   STD_CUDA_CHECK(cudaMemsetAsync(sync.data_ptr(), 0, sync.numel() * sizeof(int32_t), stream));
   return r;
 }
@@ -408,7 +433,12 @@ void launch_cooperative(void (*kernel)(Params), const Params& params, const Layo
   STD_TORCH_CHECK(l.smem <= smem_optin, op, ": the configuration needs ", l.smem,
                   " bytes of shared memory per block, the device allows ", smem_optin,
                   "; use a smaller tile (or the step-wise kernels)");
-  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem));
+  // The device's opt-in maximum, not this call's size: the attribute is per function and process
+  // wide, so another thread's smaller call could otherwise lower it between this set and launch.
+  // The largest carveout, which the occupancy query below assumes.
+  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin));
+  STD_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
   int per_sm = 0;
   STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, l.smem));
   STD_TORCH_CHECK(per_sm > 0 && l.grid <= per_sm * sms, op, ": the configuration needs ", l.grid,

@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
     if (!last) {
       barrier_arrive(counter);
       if (s + 1 < n_steps) load_first(s + 1);
-      barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s);
+      barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s, p.watchdog_ns);
     }
   }
 }
@@ -207,6 +207,7 @@ void lstm_persistent_backward_(Tensor grad_y, Tensor workspace, Tensor c0, Tenso
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&c0, "c0"}, {&dh_carry, "dh_carry"}, {&dc, "dc"}})
     check_shape(*t, {D, B, H}, op, name);
   check_shape(g_buf, {2, D, B, pb.l.kp}, op, "g_buf");
+  check_aligned_16(g_buf, op, "g_buf");
 
   const int device = dgates.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);

@@ -157,9 +157,12 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
         }
       }
     }
-    barrier_arrive(counter);
-    if (s + 1 < p.seq_len) load_first_x(s + 1);
-    barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s);
+    // No block reads h after the last step: no barrier there.
+    if (s + 1 < p.seq_len) {
+      barrier_arrive(counter);
+      load_first_x(s + 1);
+      barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s, p.watchdog_ns);
+    }
   }
 }
 
@@ -178,6 +181,7 @@ void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> leng
   for (auto [t, name] : all) check_cuda_contiguous(*t, xg, op, name);
   check_shape(w_hh, {D, 4 * H, H}, op, "w_hh");
   check_shape(h_buf, {2, D, B, pb.l.kp}, op, "h_buf");
+  check_aligned_16(h_buf, op, "h_buf");
   check_shape(c_state, {D, B, H}, op, "c_state");
   check_shape(y, {T, B, D, H}, op, "y");
   // An empty workspace: the forward saves nothing for a backward.

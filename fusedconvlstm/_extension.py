@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from fusedconvlstm._sources import sources_digest
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .` (or `make build`)"
 
@@ -67,6 +69,22 @@ def unavailable_reason() -> str | None:
             f"{info.get('cuda_version', '?')}) cannot be loaded into torch {torch.__version__} "
             f"(CUDA {torch.version.cuda}): {exc}; {_REBUILD}"
         )
+    return None
+
+
+def stale_reason() -> str | None:
+    """In a source checkout: why the built extension may not match ``csrc/`` (it was built from
+    other sources, or its build recorded none), else ``None``. Installed wheels carry no sources
+    and are never stale."""
+    current = sources_digest(os.path.dirname(_HERE))
+    info = build_info()
+    if current is None or info is None or _library_path() is None:
+        return None
+    built = info.get("sources_sha256")
+    if built is None:
+        return "the extension's build recorded no digest of its sources; rebuild to be sure it matches csrc/"
+    if built != current:
+        return f"fusedconvlstm._C was built from other sources than csrc/ holds now; {_REBUILD}"
     return None
 
 

@@ -74,6 +74,30 @@ class BenchRecord:
     repeats_ms: list[float] = field(default_factory=list)
     baseline_repeats_ms: list[float] = field(default_factory=list)
     baseline_max_rel_err: float | None = None
+    # DESIGN.md §3's pass mark: our error at most twice the baseline's (plus 4 ulp of our dtype).
+    err_within_2x_baseline: bool | None = None
+
+    @classmethod
+    def measured(
+        cls, env: dict, times_ms: tuple[list[float], list[float]], errors: tuple[float, float], **case
+    ) -> BenchRecord:
+        """A record from the repeated timings and the errors of (ours, baseline): medians,
+        speedup and the pass mark derived here, once."""
+        (ours_ms, base_ms), (err, base_err) = times_ms, errors
+        median, base_median = statistics.median(ours_ms), statistics.median(base_ms)
+        eps = torch.finfo(DTYPES[case["dtype"]]).eps
+        return cls(
+            **env,
+            **case,
+            median_ms=median,
+            baseline_median_ms=base_median,
+            speedup=base_median / median,
+            max_rel_err=err,
+            repeats_ms=ours_ms,
+            baseline_repeats_ms=base_ms,
+            baseline_max_rel_err=base_err,
+            err_within_2x_baseline=bool(err <= 2 * base_err + 4 * eps),
+        )
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -81,8 +105,13 @@ class BenchRecord:
         return json.dumps(d)
 
 
-def environment() -> dict:
-    """What the results were measured with."""
+COMMIT_ENV = "FUSEDCONVLSTM_COMMIT"
+
+
+def source_commit() -> str:
+    """The commit the running sources are: ``git rev-parse HEAD`` (``-dirty`` when tracked files
+    differ from it); where there is no git checkout (a copy of the working tree on another
+    machine), ``$FUSEDCONVLSTM_COMMIT`` as the copier recorded it; else ``"unknown"``."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__)
@@ -93,9 +122,14 @@ def environment() -> dict:
             text=True,
             cwd=os.path.dirname(__file__),
         ).stdout.strip()
-        commit += "-dirty" if dirty else ""
+        return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return os.environ.get(COMMIT_ENV, "").strip() or "unknown"
+
+
+def environment() -> dict:
+    """What the results were measured with."""
+    commit = source_commit()
     try:
         import triton
 
@@ -176,11 +210,59 @@ def _inputs(shape, dtype, base_dtype, device, train):
     )
 
 
-def _lstm_pair_case(op, dtype, base_dtype, batch, seq, hidden, backend, train, device, l2):
+FLASHRNN_BACKENDS = ("cuda_fused", "cuda", "triton_fused")
+
+
+class BaselineUnavailable(RuntimeError):
+    """A baseline that cannot run here (a package missing, or it refused the shape)."""
+
+
+class FlashRNNLSTM(nn.Module):
+    """``nn.LSTM(batch_first=True)`` (one layer) on the FlashRNN package's kernels, as a baseline.
+
+    FlashRNN takes the input projection precomputed (``Wx``), so it is one GEMM here, as in our
+    LSTM: both sides time the same work. Weights map from ``nn.LSTM`` in its "GHDP" layout with one
+    head: ``R[g, 0, d, p] = W_hh[g H + d, p]`` (gate order i, f, z, o is torch's i, f, g, o), the two
+    biases summed."""
+
+    def __init__(self, lstm: nn.LSTM, backend: str, dtype: torch.dtype):
+        super().__init__()
+        try:
+            from flashrnn import flashrnn
+        except ImportError as exc:
+            raise BaselineUnavailable(f"flashrnn is not installed ({exc})") from exc
+        if lstm.num_layers != 1 or lstm.bidirectional or lstm.proj_size or not lstm.batch_first:
+            raise BaselineUnavailable("the FlashRNN baseline maps one batch_first unidirectional layer")
+        self._flashrnn, self.backend, self.hidden = flashrnn, backend, lstm.hidden_size
+        H = lstm.hidden_size
+        with torch.no_grad():
+            self.w_ih = nn.Parameter(lstm.weight_ih_l0.detach().to(dtype).clone())
+            self.r = nn.Parameter(lstm.weight_hh_l0.detach().to(dtype).reshape(4, 1, H, H).clone())
+            self.b = nn.Parameter((lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().to(dtype).reshape(4, 1, H).clone())
+        self.kernel_dtype = str(dtype).removeprefix("torch.")
+
+    def forward(self, x: Tensor):
+        B, T, _ = x.shape
+        wx = (x @ self.w_ih.t()).view(B, T, 4, 1, self.hidden)
+        try:
+            states, last = self._flashrnn(
+                wx, self.r, self.b, function="lstm", backend=self.backend, dtype=self.kernel_dtype
+            )
+        except Exception as exc:  # its JIT build or kernel refused: report, do not time
+            raise BaselineUnavailable(f"flashrnn {self.backend}: {type(exc).__name__}: {exc}") from exc
+        y = states[0, :, :, 0, :]  # (S, B, T, heads, H): state 0 is h
+        return y, (last[0, :, -1, 0, :].unsqueeze(0), last[1, :, -1, 0, :].unsqueeze(0))
+
+
+def _lstm_pair_case(op, dtype, base_dtype, batch, seq, hidden, backend, train, device, l2, baseline="cudnn"):
     n = 2 if op == "lstm_pair" else 1
     torch_lstms = [nn.LSTM(hidden, hidden, batch_first=True, device=device) for _ in range(n)]
     ours = [LSTM.from_torch(m, backend=backend).to(dtype) for m in torch_lstms]
-    base = [copy.deepcopy(m).to(base_dtype) for m in torch_lstms]
+    if baseline.startswith("flashrnn_"):
+        flash_backend = baseline.removeprefix("flashrnn_")
+        base = [FlashRNNLSTM(m, flash_backend, base_dtype) for m in torch_lstms]
+    else:
+        base = [copy.deepcopy(m).to(base_dtype) for m in torch_lstms]
     ref64 = [copy.deepcopy(m).double() for m in torch_lstms]
     rot = _Rotating(lambda: _inputs((batch, seq, hidden), dtype, base_dtype, device, train), l2)
 
@@ -224,17 +306,17 @@ def _conv_case(dtype, base_dtype, batch, backend, train, device, l2):
     )
 
 
-def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_baseline):
+def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mode):
     # Both models stay in eval mode, also for the training step: dropout would draw different
     # masks on the two sides and make the error check meaningless.
     ref = ReferenceConvLSTMClassifier(device=device, dropout_masks="torch")
     ours = ConvLSTMClassifier.from_reference(ref, backend=backend).to(dtype).eval()
     base = copy.deepcopy(ref).to(base_dtype).eval()
     ref64 = copy.deepcopy(ref).double().eval()
-    if compile_baseline:
-        base_fn = torch.compile(base.logits)
-    else:
+    if compile_mode is None:
         base_fn = base.logits
+    else:
+        base_fn = torch.compile(base.logits, mode=compile_mode)
 
     def make():
         return (torch.randint(1, 20_000, (batch, 100), device=device), torch.randint(0, 2, (batch, 1), device=device))
@@ -317,9 +399,13 @@ def plan(
     passes: Iterable[str],
     device: torch.device,
     include_reference: bool,
-    compile_baseline: bool,
+    compile_modes: Iterable[str] = ("default",),
+    flashrnn_backends: Iterable[str] = (),
 ) -> list[dict]:
-    """The list of cases to run (each a dict of parameters)."""
+    """The list of cases to run (each a dict of parameters). ``compile_modes``: the
+    ``torch.compile`` modes the reference model is also timed under; ``flashrnn_backends``: the
+    FlashRNN kernels the LSTM cases are also timed against, in our dtype (both GPU only)."""
+    compile_modes, flashrnn_backends = tuple(compile_modes), tuple(flashrnn_backends)
     cases = []
     for op in ops:
         for dtype_name in dtypes:
@@ -327,11 +413,15 @@ def plan(
                 for seq in seqs if op in ("lstm", "lstm_pair") else [45 if op != "conv1d_stack" else 100]:
                     for pass_ in _passes_of(op, passes):
                         for baseline, base_dtype in _baselines(dtype_name, device):
-                            names = [baseline] + (
-                                [baseline.replace("cudnn", "torch_compile")]
-                                if compile_baseline and op.startswith("model") and device.type == "cuda"
-                                else []
-                            )
+                            names = [baseline]
+                            if op.startswith("model") and device.type == "cuda":
+                                names += [compiled_baseline_name(baseline, mode) for mode in compile_modes]
+                            if (
+                                op in ("lstm", "lstm_pair")
+                                and device.type == "cuda"
+                                and base_dtype == DTYPES[dtype_name]
+                            ):
+                                names += [f"flashrnn_{b}" for b in flashrnn_backends]
                             for bname in names:
                                 for backend in _serving_backends(op, device, DTYPES[dtype_name], include_reference):
                                     cases.append(
@@ -347,6 +437,25 @@ def plan(
                                         )
                                     )
     return cases
+
+
+COMPILE_MODES = ("default", "max-autotune")
+
+
+def compiled_baseline_name(baseline: str, mode: str) -> str:
+    """``cudnn_fp16`` under ``torch.compile(mode=...)``: ``torch_compile_fp16`` (default mode) or
+    ``torch_compile_max_autotune_fp16``."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    infix = "" if mode == "default" else "_" + mode.replace("-", "_")
+    return baseline.replace("cudnn", "torch_compile" + infix, 1)
+
+
+def compile_mode_of(baseline: str) -> str | None:
+    """The ``torch.compile`` mode a baseline name stands for, ``None`` for eager."""
+    if not baseline.startswith("torch_compile"):
+        return None
+    return "max-autotune" if baseline.startswith("torch_compile_max_autotune") else "default"
 
 
 def _passes_of(op: str, passes: Iterable[str]) -> list[str]:
@@ -375,11 +484,11 @@ def build_pair(case: dict, device: torch.device, hidden: int) -> _Pair:
     l2 = _l2_bytes(device)
     op, batch, backend = case["op"], case["batch"], case["backend"]
     if op in ("lstm", "lstm_pair"):
-        return _lstm_pair_case(op, dtype, base_dtype, batch, case["seq"], hidden, backend, train, device, l2)
+        seq = case["seq"]
+        return _lstm_pair_case(op, dtype, base_dtype, batch, seq, hidden, backend, train, device, l2, case["baseline"])
     if op == "conv1d_stack":
         return _conv_case(dtype, base_dtype, batch, backend, train, device, l2)
-    compiled = case["baseline"].startswith("torch_compile")
-    return _model_case(dtype, base_dtype, batch, backend, train, device, l2, compiled)
+    return _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mode_of(case["baseline"]))
 
 
 def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchRecord:
@@ -389,9 +498,10 @@ def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchR
     err, base_err = pair.errors()
     ours_ms = time_ms(pair.ours, device)
     base_ms = time_ms(pair.baseline, device)
-    median, base_median = statistics.median(ours_ms), statistics.median(base_ms)
-    return BenchRecord(
-        **env,
+    return BenchRecord.measured(
+        env,
+        (ours_ms, base_ms),
+        (err, base_err),
         op=op,
         backend=backend,
         baseline=case["baseline"],
@@ -400,13 +510,6 @@ def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchR
         seq=case["seq"],
         hidden=hidden,
         pass_=case["pass_"],
-        median_ms=median,
-        baseline_median_ms=base_median,
-        speedup=base_median / median,
-        max_rel_err=err,
-        repeats_ms=ours_ms,
-        baseline_repeats_ms=base_ms,
-        baseline_max_rel_err=base_err,
     )
 
 
@@ -460,21 +563,28 @@ def main_bench(args) -> int:
     seqs = args.seqs or [45]
     passes = args.passes or (["fwd", "fwd+bwd"] if gpu else ["fwd"])
     hidden = args.hidden or 512
-    cases = plan(
-        ops, dtypes, batches, seqs, passes, device, args.include_reference, compile_baseline=not args.no_compile
-    )
+    compile_modes = () if args.no_compile else tuple(args.compile_modes or ("default",))
+    flashrnn = tuple(getattr(args, "flashrnn", None) or ())
+    cases = plan(ops, dtypes, batches, seqs, passes, device, args.include_reference, compile_modes, flashrnn)
     if not cases:
         print("nothing to run: no backend can serve these cases on this machine", flush=True)
         return 1
     out_path = args.out or (default_output_path(env, os.getcwd()) if gpu else None)
     records = []
     t_start = time.perf_counter()
+    budget = getattr(args, "time_budget", None)
     for k, case in enumerate(cases, 1):
         label = f"{case['op']} {case['pass_']} {case['dtype']} b={case['batch']} T={case['seq']} {case['backend']} vs {case['baseline']}"
+        if budget is not None and time.perf_counter() - t_start > budget:
+            print(
+                f"time budget of {budget:.0f} s spent: {len(cases) - k + 1} case(s) not run, from [{k}/{len(cases)}] {label}"
+            )
+            break
         print(f"[{k}/{len(cases)}] {label} ... ", end="", flush=True)
         try:
             rec = run_case(case, device, env, hidden if case["op"] in ("lstm", "lstm_pair") else 512)
         except (RuntimeError, backends.BackendUnavailableError, torch.OutOfMemoryError) as exc:
+            # BaselineUnavailable is a RuntimeError: a baseline that cannot run here is skipped.
             print(f"skipped: {str(exc).splitlines()[0]}", flush=True)
             continue
         records.append(rec)

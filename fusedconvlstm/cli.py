@@ -33,6 +33,9 @@ def cmd_env(args: argparse.Namespace) -> int:
             f"extension      built with torch {info['torch_version']}, CUDA {info['cuda_version']}, "
             f"stable ABI >= {info['torch_target_version']}, archs {info['arch_list']}"
         )
+    stale = _extension.stale_reason()
+    if stale:
+        print(f"extension      STALE: {stale}")
     print()
     devices = [torch.device("cuda")] if torch.cuda.is_available() else []
     devices.append(torch.device("cpu"))
@@ -108,7 +111,7 @@ def _package_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line."""
     from fusedconvlstm import BACKENDS
-    from fusedconvlstm.benchmarking import DTYPES, OPS
+    from fusedconvlstm.benchmarking import COMPILE_MODES, DTYPES, FLASHRNN_BACKENDS, OPS
 
     parser = argparse.ArgumentParser(prog="fusedconvlstm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON-lines file (default on a GPU: benchmarks/results/<date>_<gpu>.jsonl)")
     p.add_argument("--include-reference", action="store_true", help="also time the reference backend on a GPU")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument(
+        "--compile-modes",
+        nargs="+",
+        choices=list(COMPILE_MODES),
+        help="torch.compile modes of the reference-model baselines (default: default; max-autotune compiles for minutes)",
+    )
+    p.add_argument(
+        "--flashrnn",
+        nargs="+",
+        choices=list(FLASHRNN_BACKENDS),
+        help="also time the lstm cases against these FlashRNN kernels (needs `pip install flashrnn`; cuda_fused "
+        "compiles for minutes at its first call)",
+    )
+    p.add_argument(
+        "--time-budget", type=float, metavar="SECONDS", help="start no new case after this many seconds (GPU leases)"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plot", help="PNG of speedup against batch size from bench results (needs matplotlib)")

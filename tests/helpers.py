@@ -77,3 +77,18 @@ def opcheck_conv1d_stack(combo: str, backend: str, dtype=torch.float64, device="
     torch.library.opcheck(op.default, (*args(True), backend, True, *drop))
     y, saved = op(*args(False), backend, True, *drop)
     torch.library.opcheck(backward.default, (torch.randn_like(y), *args(False), saved, backend, *drop))
+
+
+def capture_graph(step):
+    """Warm ``step`` up on a side stream, then capture it in a CUDA graph: ``(graph, its static
+    outputs)``. Replaying the graph reruns ``step`` on whatever its input buffers hold then."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    return graph, static_out

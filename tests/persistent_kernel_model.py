@@ -380,11 +380,11 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
                 for kk, v in enumerate((i_g, f_g, g_g, o_g, c_new)):
                     mem["ws"][ws_row + kk * H] = v
             yield None
-        counters[counter] += 1  # barrier_arrive
-        yield None
-        if s + 1 < p.T:
+        if s + 1 < p.T:  # no barrier after the last step
+            counters[counter] += 1  # barrier_arrive
+            yield None
             load_first_x(s + 1)
-        yield (counter, (s + 1) * lay.nu)  # barrier_wait
+            yield (counter, (s + 1) * lay.nu)  # barrier_wait
 
 
 def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.ndarray, rng: np.random.Generator):

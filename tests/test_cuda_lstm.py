@@ -30,7 +30,7 @@ from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, fp32_recurrence_allows_tf
 from fusedconvlstm.ops.lstm_persistent import OPS as PERSISTENT_OPS
 from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.reference.lstm import lstm_recurrence_reference
-from tests.helpers import lstm_weights, poison_, rel_err
+from tests.helpers import capture_graph, lstm_weights, poison_, rel_err
 
 CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None
 KERNEL_OPS = ("lstm_cell_forward_", "lstm_cell_backward_", *PERSISTENT_OPS)
@@ -680,15 +680,8 @@ def test_gpu_cuda_graph_capture(dtype, persistent_only):
     torch.manual_seed(4)
     m = fusedconvlstm.LSTM(32, 128, bidirectional=True, backend="cuda").to(device="cuda", dtype=dtype)
     x_static = torch.randn(20, 16, 32, device="cuda", dtype=dtype)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(s):
-        for _ in range(2):
-            m(x_static)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        out_static, (hn_static, cn_static) = m(x_static)
+    with torch.no_grad():
+        graph, (out_static, (hn_static, cn_static)) = capture_graph(lambda: m(x_static))
     x_new = torch.randn_like(x_static)
     x_static.copy_(x_new)
     graph.replay()
@@ -696,6 +689,31 @@ def test_gpu_cuda_graph_capture(dtype, persistent_only):
     with torch.no_grad():
         out, (hn, cn) = m(x_new)
     assert torch.equal(out_static, out) and torch.equal(hn_static, hn) and torch.equal(cn_static, cn)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_with_lengths_on_the_device(persistent_only):
+    """Lengths on the device capture and replay; lengths on the host get an error naming them
+    (a host-to-device copy cannot be captured)."""
+    torch.manual_seed(5)
+    T, B, H = 9, 6, 64
+    xg = torch.randn(T, B, 2, 4 * H, device="cuda", dtype=torch.bfloat16)
+    w_hh = [0.1 * torch.randn(4 * H, H, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    lengths = torch.tensor([9, 1, 4, 9, 7, 2], device="cuda")
+
+    def step():
+        return fusedconvlstm.lstm_recurrence(xg, w_hh, lengths=lengths, reverse=[False, True], backend="cuda")
+
+    graph, (y_static, hn_static, cn_static) = capture_graph(step)
+    xg.copy_(torch.randn_like(xg))
+    graph.replay()
+    torch.cuda.synchronize()
+    y, hn, cn = step()
+    assert torch.equal(y_static, y) and torch.equal(hn_static, hn) and torch.equal(cn_static, cn)
+
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="lengths must be on cuda"), torch.cuda.graph(graph):
+        fusedconvlstm.lstm_recurrence(xg, w_hh, lengths=lengths.cpu(), reverse=[False, True], backend="cuda")
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ import torch
 
 import fusedconvlstm
 from fusedconvlstm import _extension
+from fusedconvlstm._sources import sources_digest
 from fusedconvlstm.ops.lstm import reverse_mask
 
 CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None
@@ -22,6 +23,27 @@ def test_extension_was_built_and_loads():
     info = _extension.build_info()
     assert info["torch_target_version"] == "2.11"
     assert "8.0" in info["arch_list"] and "9.0a" in info["arch_list"]
+    assert _extension.stale_reason() is None  # built from the sources csrc/ holds
+
+
+def test_a_build_from_other_sources_is_reported(monkeypatch):
+    monkeypatch.setattr(_extension, "_library_path", lambda: "/somewhere/_C.abi3.so")
+    monkeypatch.setattr(_extension, "build_info", lambda: {"sources_sha256": "0" * 64})
+    assert "built from other sources than csrc/ holds now" in _extension.stale_reason()
+    monkeypatch.setattr(_extension, "build_info", lambda: {"torch_version": "2.11.0"})
+    assert "recorded no digest" in _extension.stale_reason()
+
+
+def test_sources_digest_follows_every_source_and_needs_csrc(tmp_path):
+    assert sources_digest(str(tmp_path)) is None  # an installed wheel: no sources beside it
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "a.cu").write_text("kernel")
+    (tmp_path / "setup.py").write_text("setup()")
+    first = sources_digest(str(tmp_path))
+    (tmp_path / "setup.py").write_text("setup(ext_modules=[])")
+    second = sources_digest(str(tmp_path))
+    (tmp_path / "csrc" / "b.cuh").write_text("")
+    assert len({first, second, sources_digest(str(tmp_path))}) == 3
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no nvcc or no CUDA build of torch: the extension is not expected")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fusedconvlstm import LSTM, Conv1dStack
 from fusedconvlstm.models import ConvLSTMClassifier
-from tests.helpers import rel_err
+from tests.helpers import capture_graph, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -42,20 +42,6 @@ def test_model_compiles_with_reduce_overhead_and_matches_eager():
     assert rel_err(out, eager) < 1e-2
 
 
-def _capture(step):
-    """Warm ``step`` up on a side stream, then capture it: ``(graph, its static outputs)``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
-    return graph, static_out
-
-
 def test_cuda_graph_capture_and_replay_forward_and_backward():
     """The whole model's forward and backward captured once and replayed on new inputs equal an
     eager run on those inputs: every kernel launches on the current stream and allocates nothing
@@ -69,7 +55,7 @@ def test_cuda_graph_capture_and_replay_forward_and_backward():
         loss = F.binary_cross_entropy_with_logits(model.logits(static_tokens), static_labels)
         return (loss, *torch.autograd.grad(loss, params))
 
-    graph, static_out = _capture(step)
+    graph, static_out = capture_graph(step)
 
     new_tokens = torch.randint(1, 1000, (8, 100), device="cuda")
     static_tokens.copy_(new_tokens)
@@ -91,7 +77,7 @@ def test_cuda_graph_replays_draw_new_dropout_masks():
     def step():
         return model.logits(tokens)
 
-    graph, static_out = _capture(step)
+    graph, static_out = capture_graph(step)
     torch.cuda.manual_seed(21)
     graph.replay()
     first = static_out.clone()

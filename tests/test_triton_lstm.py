@@ -27,7 +27,7 @@ from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, check_lstm_recurrence_arg
 from fusedconvlstm.reference import lstm as reference_lstm
 from fusedconvlstm.triton import lstm as triton_lstm
 from fusedconvlstm.triton import persistent
-from tests.helpers import lstm_weights, rel_err
+from tests.helpers import capture_graph, lstm_weights, rel_err
 
 pytestmark = pytest.mark.triton
 
@@ -568,9 +568,7 @@ def test_gpu_cuda_graph_capture():
         return y, h_n, c_n, g_xg, *g_w, g_h0, g_c0
 
     eager = step()  # also compiles the kernels, outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_graph(step)
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):

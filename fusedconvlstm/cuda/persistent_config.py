@@ -20,7 +20,10 @@ import torch
 
 THREADS = 256
 WARPS = THREADS // 32
-MAX_BLOCKS_PER_SM = 2  # __launch_bounds__(256, 2) in both kernels
+# __launch_bounds__(256, 2) asks ptxas for at most 128 registers so that two blocks fit; it is a
+# minimum, not a cap. Three could fit if a compiler ever used fewer than ~80 registers; counting
+# two keeps the co-residency check conservative (a smaller grid than possible, never a larger).
+MAX_BLOCKS_PER_SM = 2
 K_STEP_BYTES = 32
 ROW_PAD_BYTES = 16
 KINDS = ("forward", "backward")

@@ -118,6 +118,11 @@ def check_lstm_recurrence_args(
             raise TypeError(f"{op}: lengths must be int32 or int64, got {lengths.dtype}")
         if lengths.device.type not in ("cpu", xg.device.type):
             raise ValueError(f"{op}: lengths must be on the CPU or on {xg.device}, got {lengths.device}")
+        if lengths.device.type == "cpu" and xg.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                f"{op}: lengths must be on {xg.device} while a CUDA graph is being captured (a copy from the "
+                "host cannot be captured), got a CPU tensor"
+            )
         if lengths.device.type == "cpu" and lengths.numel() and not _is_fake(lengths):
             lo, hi = int(lengths.min()), int(lengths.max())
             if lo < 0 or hi > T:

@@ -1,0 +1,115 @@
+"""``fusedconvlstm.benchmarking``: what its records say (commit, pass mark), how cases are planned
+(torch.compile modes, FlashRNN baselines, the time budget of a GPU lease), and that the FlashRNN
+baseline computes ``nn.LSTM`` (checked on FlashRNN's own pure-PyTorch kernel on the CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+from fusedconvlstm import benchmarking
+from fusedconvlstm.benchmarking import BenchRecord, compile_mode_of, compiled_baseline_name, plan
+from tests.helpers import rel_err
+
+F64 = torch.float64
+ENV = dict(commit="c", device="d", torch="t", cuda=None, cudnn=None, triton=None)
+CASE = dict(op="lstm", backend="cuda", baseline="cudnn_fp16", batch=8, seq=45, hidden=512, pass_="fwd")
+
+
+def test_record_derives_medians_speedup_and_the_pass_mark():
+    rec = BenchRecord.measured(ENV, ([2.0, 4.0, 3.0], [9.0, 6.0]), (1e-3, 1e-3), dtype="bf16", **CASE)
+    assert (rec.median_ms, rec.baseline_median_ms, rec.speedup) == (3.0, 7.5, 2.5)
+    assert rec.err_within_2x_baseline
+    eps = torch.finfo(torch.bfloat16).eps
+    worse = BenchRecord.measured(ENV, ([1.0], [1.0]), (2e-3 + 4 * eps + 1e-6, 1e-3), dtype="bf16", **CASE)
+    assert not worse.err_within_2x_baseline
+    assert '"pass": "fwd"' in worse.to_json()
+
+
+def test_commit_comes_from_the_environment_where_git_cannot_tell(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0])
+
+    monkeypatch.setattr(benchmarking.subprocess, "run", no_git)
+    monkeypatch.setenv(benchmarking.COMMIT_ENV, "0123abcd")
+    assert benchmarking.source_commit() == "0123abcd"
+    monkeypatch.delenv(benchmarking.COMMIT_ENV)
+    assert benchmarking.source_commit() == "unknown"
+
+
+def test_compile_baseline_names_round_trip():
+    for mode in benchmarking.COMPILE_MODES:
+        name = compiled_baseline_name("cudnn_bf16", mode)
+        assert name.startswith("torch_compile") and name.endswith("_bf16")
+        assert compile_mode_of(name) == mode
+    assert compile_mode_of("cudnn_bf16") is None
+    with pytest.raises(ValueError, match="compile mode"):
+        compiled_baseline_name("cudnn_bf16", "fast")
+
+
+def test_plan_adds_compile_and_flashrnn_baselines_only_on_a_gpu(monkeypatch):
+    args = (["lstm", "model_inference"], ["bf16"], [8], [45], ["fwd"])
+    cpu = plan(*args, torch.device("cpu"), False, ("default", "max-autotune"), ("cuda_fused",))
+    assert cpu and {c["baseline"] for c in cpu} == {"torch_cpu_bf16"}
+
+    # What a GPU machine would plan (which backends serve CUDA tensors is asked per case).
+    monkeypatch.setattr(benchmarking, "_serving_backends", lambda *a: ["cuda"])
+    gpu = plan(*args, torch.device("cuda"), False, ("default", "max-autotune"), ("cuda_fused",))
+    by_op = {op: {c["baseline"] for c in gpu if c["op"] == op} for op in ("lstm", "model_inference")}
+    assert by_op["lstm"] == {"cudnn_fp16", "cudnn_bf16", "flashrnn_cuda_fused"}
+    assert by_op["model_inference"] == {
+        "cudnn_fp16",
+        "cudnn_bf16",
+        "torch_compile_fp16",
+        "torch_compile_bf16",
+        "torch_compile_max_autotune_fp16",
+        "torch_compile_max_autotune_bf16",
+    }
+    flash = [c for c in gpu if c["baseline"] == "flashrnn_cuda_fused"]
+    assert all(c["base_dtype"] == torch.bfloat16 for c in flash)
+
+
+def test_time_budget_stops_before_the_next_case(tmp_path, capsys):
+    args = argparse.Namespace(
+        ops=["conv1d_stack"],
+        dtypes=None,
+        batches=[1, 2],
+        seqs=None,
+        passes=None,
+        hidden=None,
+        out=str(tmp_path / "r.jsonl"),
+        include_reference=False,
+        no_compile=True,
+        compile_modes=None,
+        flashrnn=None,
+        time_budget=0.0,
+    )
+    assert benchmarking.main_bench(args) == 1  # nothing was timed
+    assert "time budget of 0 s spent: 2 case(s) not run" in capsys.readouterr().out
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_flashrnn_baseline_maps_nn_lstm_weights():
+    pytest.importorskip("flashrnn")
+    torch.manual_seed(3)
+    ref = nn.LSTM(12, 16, batch_first=True, dtype=F64)
+    flash = benchmarking.FlashRNNLSTM(ref, "vanilla", F64)  # FlashRNN's pure-PyTorch kernel
+    x = torch.randn(3, 5, 12, dtype=F64, requires_grad=True)
+    y, (h, c) = flash(x)
+    y_ref, (h_ref, c_ref) = ref(x)
+    for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        assert got.shape == want.shape and rel_err(got, want) < 1e-12
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    assert rel_err(gx, gx_ref) < 1e-12
+
+
+def test_flashrnn_baseline_refuses_what_it_does_not_map():
+    pytest.importorskip("flashrnn")
+    with pytest.raises(benchmarking.BaselineUnavailable, match="one batch_first unidirectional layer"):
+        benchmarking.FlashRNNLSTM(nn.LSTM(4, 4, bidirectional=True, batch_first=True), "vanilla", F64)

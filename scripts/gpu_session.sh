@@ -51,7 +51,7 @@ report() {
   [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict="TIMED OUT"
   [ "$rc" -eq 0 ] || status=1
   note "== $name: $verdict (${secs} s)"
-  grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|rel err|STALE|Error|error:" "$LOGS/$name.log" | tail -n 12 |
+  grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed|skipped|errors?)|STALE|Error|error:" "$LOGS/$name.log" | tail -n 12 |
     sed 's/^/   /' | tee -a "$SUMMARY"
 }
 

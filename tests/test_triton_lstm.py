@@ -346,6 +346,11 @@ def test_persistent_plan_from_device_limits(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="do not fit on-chip"):
         triton_lstm.plan_launch(big)
     assert "co-resident" in triton_lstm._why_not(_call(num_recurrences=2, hidden_size=8192, device=cuda))
+    # 2 x 896 in float32: 4 x 16 x 896 x 4 = 224 KiB of W_hh fits the 227 KiB opt-in, but not with
+    # the dots' scratch beside it (the compiled kernel would fail to load).
+    assert "and about 8192 bytes of scratch" in triton_lstm._why_not(
+        _call(num_recurrences=2, hidden_size=896, device=cuda)
+    )
     assert triton_lstm.plan_launch(_call(hidden_size=64, device=cuda)).mode == "single"
 
 
@@ -366,7 +371,7 @@ def test_persistent_grid_is_sized_from_the_compiled_kernel(monkeypatch):
     monkeypatch.setattr(persistent, "co_resident_programs", lambda compiled, device: capacity["value"])
     monkeypatch.setattr(triton_lstm, "_persistent_sizing", {})
     plan = triton_lstm.LaunchPlan("persistent", 16, 32, 4, 1, 256, 64)
-    args = dict(len_ptr=torch.empty(1, dtype=torch.int32), xg_ptr=torch.empty(1), HAS_LENGTHS=False)
+    args = dict(len_ptr=torch.empty(1, dtype=torch.int32), xg_ptr=torch.empty(1), T=45, HAS_LENGTHS=False)
     cpu = torch.device("cpu")
     # 2 x 512 / 16 = 64 programs per batch group; 264 co-resident -> 4 groups of 64 rows.
     sized = triton_lstm._size_persistent_grid(Kernel(), plan, args, {"BLOCK_B": 32}, 2, 512, 256, cpu, False)
@@ -374,9 +379,13 @@ def test_persistent_grid_is_sized_from_the_compiled_kernel(monkeypatch):
     assert warmups[0]["n_bgroups"] == 1 and warmups[0]["step_end"] == 0
     info = triton_lstm.last_persistent_launch()
     assert info["grid"] == 256 <= info["capacity"] and info["plan"] == sized
-    # Cached: no second compile for the same call.
+    # Cached: no second compile for the same call, nor for a sequence length Triton specializes
+    # alike (neither 1 nor a multiple of 16); one that it specializes otherwise compiles again.
     triton_lstm._size_persistent_grid(Kernel(), plan, args, {"BLOCK_B": 32}, 2, 512, 256, cpu, False)
+    triton_lstm._size_persistent_grid(Kernel(), plan, dict(args, T=77), {"BLOCK_B": 32}, 2, 512, 256, cpu, False)
     assert len(warmups) == 1
+    triton_lstm._size_persistent_grid(Kernel(), plan, dict(args, T=48), {"BLOCK_B": 32}, 2, 512, 256, cpu, False)
+    assert len(warmups) == 2
     # A small batch never gets empty groups.
     small = triton_lstm._size_persistent_grid(Kernel(), plan, args, {"BLOCK_B": 32}, 2, 512, 40, cpu, False)
     assert small.n_bgroups * small.rows_per_group >= 40 and small.n_bgroups == 2
@@ -385,12 +394,41 @@ def test_persistent_grid_is_sized_from_the_compiled_kernel(monkeypatch):
         triton_lstm._size_persistent_grid(Kernel(), plan, args, {"BLOCK_B": 16}, 2, 512, 256, cpu, False)
 
 
-def test_persistent_kernels_compile_for_hopper_without_spills():
+def test_persistent_kernel_that_does_not_fit_an_sm_is_refused_not_raised(monkeypatch):
+    """Triton finds out of shared memory only when the binary loads: that is a refusal of the
+    backend (auto takes another), not an error from inside Triton."""
+    from triton.runtime.errors import OutOfResources
+
+    class Kernel:
+        fn = type("fn", (), {"__name__": "lstm_backward_kernel"})
+
+        def warmup(self, grid, **kwargs):
+            raise OutOfResources(240 * 1024, 232448, "shared memory")
+
+    monkeypatch.setattr(triton_lstm, "_persistent_sizing", {})
+    plan = triton_lstm.LaunchPlan("persistent", 16, 32, 4, 1, 256, 64)
+    args = dict(len_ptr=torch.empty(1, dtype=torch.int32), T=45, HAS_LENGTHS=False)
+    with pytest.raises(BackendUnavailableError, match="does not fit an SM"):
+        triton_lstm._size_persistent_grid(Kernel(), plan, args, {}, 2, 512, 256, torch.device("cpu"), True)
+
+
+def test_co_resident_programs_take_the_drivers_count_when_it_is_smaller(monkeypatch):
+    meta = type("meta", (), {"shared": 69632, "num_warps": 4})
+    compiled = type("compiled", (), {"n_regs": 96, "metadata": meta, "function": 0, "_init_handles": lambda self: None})
+    monkeypatch.setattr(persistent, "device_limits", lambda index: H100)
+    calculator = persistent.programs_per_sm(96, 4, 69632, H100) * H100.multiprocessor_count
+    for driver, want in ((None, calculator), (1, H100.multiprocessor_count), (99, calculator)):
+        monkeypatch.setattr(persistent, "driver_programs_per_sm", lambda function, threads, shared, n=driver: n)
+        assert persistent.co_resident_programs(compiled(), torch.device("cuda", 0)) == want
+
+
+@pytest.mark.parametrize("batch", [8, 256], ids=["block16", "block32"])
+def test_persistent_kernels_compile_for_hopper_without_spills(batch):
     """The persistent kernels compiled ahead of time for sm_90 (no GPU needed): no register spills,
     shared memory within an H100's. Runs outside the interpreter, which cannot compile."""
     code = (
         "import json, torch; from fusedconvlstm.triton.lstm import persistent_kernel_resources as r; "
-        "print(json.dumps(r(torch.bfloat16, 512, 256)))"
+        f"print(json.dumps(r(torch.bfloat16, 512, {batch})))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)

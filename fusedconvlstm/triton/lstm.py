@@ -56,15 +56,19 @@ _BLOCK_H_CHOICES = (16, 32, 64)
 # whole weight tile stays in shared memory).
 _K_CHUNK = 64
 # (kernel, block_b) -> (num_warps, k_chunk) of the persistent mode. Chosen from ptxas's register
-# and spill counts for sm_90 at H = 512 (bf16 and fp32, 16 units per program; see
-# persistent_kernel_resources): every entry compiles without spills, at 96 to 210 registers per
-# thread. Not yet tuned for time on a GPU.
+# and spill counts for sm_90 (bf16 and fp32, H = 512 and 320, 16 units per program; see
+# persistent_kernel_resources) under both Triton 3.6 and 3.8: no spills there, 80 to 255
+# registers per thread (the block-16 backward spilled at 4 warps under 3.6, hence 8). Odd sizes
+# such as H = 100 at block 32 still spill a few dozen bytes. Not yet tuned for time on a GPU.
 _PERSISTENT_TILES = {
     ("forward", 16): (4, 128),
     ("forward", 32): (4, 64),
-    ("backward", 16): (4, 128),
+    ("backward", 16): (8, 128),
     ("backward", 32): (4, 128),
 }
+# Shared memory a persistent kernel needs beyond its W_hh tile (layout-conversion scratch of the
+# dots; ptxas reports 4 KiB in the forward and 8 KiB in the backward at H = 512).
+_PERSISTENT_SMEM_SCRATCH = 8 * 1024
 
 _last_persistent_launch: dict[str, object] = {}
 # Persistent grid sizing per (kernel, constexprs, call shape, device): compiling and reading the
@@ -152,17 +156,19 @@ def persistent_block_h(call: LSTMRecurrenceCall) -> int | str:
     H, D = call.hidden_size, call.num_recurrences
     index = call.device.index if call.device.index is not None else torch.cuda.current_device()
     limits = device_limits(index)
-    h_pad = reduction_pad(H, _k_chunk(H))
+    # The reduction as the widest chunk of any persistent tile pads it.
+    h_pad = max(reduction_pad(H, _k_chunk(H, k_chunk)) for _, k_chunk in _PERSISTENT_TILES.values())
     elem = torch.empty(0, dtype=call.dtype).element_size()
     for block_h in _BLOCK_H_CHOICES:
         programs = D * _cdiv(H, block_h)
         if programs > limits.multiprocessor_count:
             continue
         w_bytes = 4 * block_h * h_pad * elem
-        if w_bytes > limits.shared_memory_per_block_optin:
+        if w_bytes + _PERSISTENT_SMEM_SCRATCH > limits.shared_memory_per_block_optin:
             return (
                 f"the recurrent weights do not fit on-chip: each of {programs} programs would hold "
-                f"{w_bytes} bytes of W_hh (4 x {block_h} x {h_pad} {call.dtype}), more than the "
+                f"{w_bytes} bytes of W_hh (4 x {block_h} x {h_pad} {call.dtype}) and about "
+                f"{_PERSISTENT_SMEM_SCRATCH} bytes of scratch, more than the "
                 f"{limits.shared_memory_per_block_optin} bytes of shared memory of an SM"
             )
         return block_h
@@ -271,11 +277,17 @@ def _launch(
 
 def _size_persistent_grid(kernel, plan, call_args, meta, D, H, B, device, with_finish) -> LaunchPlan:
     """Compile ``kernel``, then give it as many batch groups as stay co-resident."""
+    from triton.runtime.errors import OutOfResources
+
     from fusedconvlstm.triton.persistent import co_resident_programs
 
     dtypes = tuple(str(v.dtype) for v in call_args.values() if isinstance(v, Tensor))
-    flags = tuple(sorted((k, v) for k, v in call_args.items() if k.isupper()))
-    key = (kernel.fn.__name__, tuple(sorted(meta.items())), flags, dtypes, plan, D, H, B, str(device))
+    # The constexpr flags; of T only how Triton specializes an integer (== 1, a multiple of 16),
+    # so a new sequence length does not compile again, also not inside a CUDA-graph capture.
+    flags = tuple(sorted((k, v) for k, v in call_args.items() if k.isupper() and len(k) > 1))
+    T = call_args["T"]
+    key = (kernel.fn.__name__, tuple(sorted(meta.items())), flags, dtypes, plan, D, H, B, T == 1, T % 16 == 0)
+    key += (str(device),)
     if key not in _persistent_sizing:
         # The grid size and batch tiling are runtime scalars (not specialized), so this compiles
         # the very kernel the launch runs.
@@ -283,8 +295,13 @@ def _size_persistent_grid(kernel, plan, call_args, meta, D, H, B, device, with_f
         probe.update(n_bgroups=1, rows_per_group=plan.rows_per_group, step_begin=0, step_end=0)
         if with_finish:
             probe["finish"] = 0
-        compiled = kernel.warmup(**probe, **meta, grid=(1,))
-        capacity = co_resident_programs(compiled, device)
+        try:
+            compiled = kernel.warmup(**probe, **meta, grid=(1,))
+            capacity = co_resident_programs(compiled, device)
+        except OutOfResources as exc:  # more shared memory than an SM has, found when it loads
+            raise backends.BackendUnavailableError(
+                f"{OP}: backend='triton' cannot serve this call: the persistent kernel does not fit an SM ({exc})"
+            ) from exc
         per_group = D * plan.n_slices(H)
         if per_group > capacity:
             raise backends.BackendUnavailableError(

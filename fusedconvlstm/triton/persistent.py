@@ -68,12 +68,35 @@ def programs_per_sm(n_regs: int, num_warps: int, shared_bytes: int, limits: Devi
     return max(0, min(by_regs, by_threads, by_smem, _MAX_CTAS_PER_SM))
 
 
+def driver_programs_per_sm(function: int, threads: int, shared_bytes: int) -> int | None:
+    """The driver's own occupancy answer for a loaded kernel (``cuOccupancyMaxActiveBlocksPerMultiprocessor``
+    on the ``CUfunction`` handle), or ``None`` where the driver library cannot be asked. It knows
+    what the calculator above cannot: the shared-memory carveout it will really pick."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    n = ctypes.c_int()
+    rc = libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(n), ctypes.c_void_p(function), ctypes.c_int(threads), ctypes.c_size_t(shared_bytes)
+    )
+    return int(n.value) if rc == 0 else None
+
+
 def co_resident_programs(compiled, device: torch.device) -> int:
-    """Programs of the compiled Triton kernel ``compiled`` that ``device`` runs at the same time."""
-    compiled._init_handles()  # loads the binary: fills n_regs
+    """Programs of the compiled Triton kernel ``compiled`` that ``device`` runs at the same time:
+    the smaller of the calculator's count and the driver's (an overestimate would make the
+    cooperative launch fail, never hang)."""
+    compiled._init_handles()  # loads the binary: fills n_regs and the function handle
     index = device.index if device.index is not None else torch.cuda.current_device()
     limits = device_limits(index)
-    per_sm = programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared, limits)
+    num_warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
+    per_sm = programs_per_sm(compiled.n_regs, num_warps, shared, limits)
+    driver = driver_programs_per_sm(compiled.function, num_warps * limits.warp_size, shared)
+    if driver is not None:
+        per_sm = min(per_sm, driver)
     return per_sm * limits.multiprocessor_count
 
 

@@ -22,9 +22,14 @@ the same cell math, so this is a choice of schedule, not a silent change of back
 (``proj_size``) are refused by ``why_not``.
 
 The input projection ``x W_ihᵀ`` arrives precomputed in ``xg`` (one GEMM before the loop, done
-by the module); computing it inside the persistent kernel while a step waits at its barrier is a
-later optimisation. The driver only calls ops, so on CPU tensors it runs the ops' CPU
-implementations, which is how CI tests it.
+by the module). Computing it inside the persistent kernel while a step waits at its barrier is
+not done, for a reason of bytes *(estimate, to be measured)*: in this decomposition every block
+already reads the whole ``h`` tile of its batch rows from L2 each step (``grid x bt x H``
+elements: 4 MiB per step at the reference pair, B = 64, bf16), and the projection would make
+every block read the whole ``x`` tile too, doubling that traffic, while the precomputed ``xg``
+costs each block only its own units' columns (0.5 MiB per step in all) and the GEMM runs at
+tensor-core speed before the loop. The driver only calls ops, so on CPU tensors it runs the ops'
+CPU implementations, which is how CI tests it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,64 @@
+"""The scripts of a GPU lease (``scripts/gpu_prepare.sh``, ``scripts/gpu_session.sh``): they parse,
+and the session's stages that need no GPU run here as they will there, so a lease is not spent
+finding a broken script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from fusedconvlstm import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("gpu_prepare.sh", "gpu_session.sh", "sanitize.sh")
+
+
+def _env(out: Path) -> dict:
+    # `python` in the scripts is the one running these tests, as it is the only one on the GPU machine.
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    return dict(os.environ, PATH=path, OUT=str(out), FUSEDCONVLSTM_COMMIT="0123abc")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_parses(script):
+    run = subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_session_prep_uses_the_carried_build_and_returns_a_summary_and_logs(tmp_path):
+    if _extension.unavailable_reason() is not None or _extension.stale_reason() is not None:
+        pytest.skip("no current build of the extension here to carry")
+    out = tmp_path / "out"
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_session.sh"), "prep"],
+        env=_env(out),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "prep: carried extension loads and matches the sources" in summary
+    assert "== env: ok" in summary and "commit 0123abc" in summary
+    # What comes back from a lease: at most 8 files, the logs folded into one archive.
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.txt"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert {"logs/prep_check.log", "logs/env.log"} <= set(tar.getnames())
+
+
+def test_session_refuses_an_unknown_stage(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_session.sh"), "benchmark-everything"],
+        env=_env(out),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "unknown stage benchmark-everything" in (out / "summary.txt").read_text()

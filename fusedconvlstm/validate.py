@@ -101,6 +101,12 @@ def _with_device(call, device: torch.device, dtype: torch.dtype):
     return type(call)(**{**call.__dict__, "device": device, "dtype": dtype})
 
 
+def _reference_conv_stack() -> nn.Sequential:
+    """The reference model's five linear convs (DESIGN.md §1)."""
+    chans, strides = (100, 200, 200, 256, 256, 512), (1, 1, 1, 1, 2)
+    return nn.Sequential(*[nn.Conv1d(i, o, 3, stride=s) for i, o, s in zip(chans, chans[1:], strides)])
+
+
 def default_cases(quick: bool = False) -> list[_Case]:
     """The cases ``check`` runs: LSTM layer options and Conv1d stacks at small sizes."""
     cases = []
@@ -111,6 +117,8 @@ def default_cases(quick: bool = False) -> list[_Case]:
             dict(input_size=8, hidden_size=16, num_layers=2, bidirectional=True, batch_first=True),
             (2, 5),
         ),
+        # The reference model's shape: on a GPU the multi-program persistent kernels (H > 64).
+        ("T45 B64 I512 H512 (reference model)", dict(input_size=512, hidden_size=512), (45, 64)),
     ]
     if quick:
         lstm_configs = lstm_configs[:1]
@@ -132,6 +140,7 @@ def default_cases(quick: bool = False) -> list[_Case]:
             "B3 T31 8->12->8 k5/k3 s2 pad",
             lambda: nn.Sequential(nn.Conv1d(8, 12, 5, stride=2, padding=2), nn.GELU(), nn.Conv1d(12, 8, 3, padding=1)),
         ),
+        ("B8 T100 100->200->200->256->256->512 k3 last s2 (reference model)", _reference_conv_stack),
     ]
     if quick:
         conv_configs = conv_configs[:1]

@@ -12,12 +12,14 @@ model's full size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -288,12 +290,12 @@ def test_fused_training_with_rows_between_tile_windows(monkeypatch):
     must not hold garbage (here: the NaN poison)."""
     monkeypatch.setenv(triton_stack.STRATEGY_ENV_VAR, "fused")
     stack = Stack(4, [(6, 3, 1, 0, 1, True, "gelu"), (5, 1, 1, 0, 1, True, "tanh"), (7, 1, 2, 0, 1, True, "none")])
-    x = torch.randn(1, 41, 4, dtype=F64, device=DEVICE)  # 41 -> 39 -> 39 -> 20
+    x = torch.randn(1, 81, 4, dtype=F64, device=DEVICE)  # 81 -> 79 -> 79 -> 40: two tiles of 20
     layers = tuple(
         ConvLayer(c_in, c_out, k, s, (0, 0), 1, "none", True)
         for c_in, c_out, k, s in [(4, 6, 3, 1), (6, 5, 1, 1), (5, 7, 1, 2)]
     )
-    plan = conv1d_fused_stack.plan_fused(layers, [41, 39, 39, 20], 1, torch.float32, DEVICE, True)
+    plan = conv1d_fused_stack.plan_fused(layers, [81, 79, 79, 40], 1, torch.float32, DEVICE, True)
     if not ON_GPU:
         assert plan.n_tiles > 1 and conv1d_fused_stack.levels_with_gaps(layers, plan) == [True, True]
     _check_stack_op(stack, x, torch.float32, grad=True)
@@ -377,15 +379,77 @@ def test_auto_strategy_rule():
     call = check_conv1d_stack_args(x, None, w, [None] * 5, [1, 1, 1, 1, 2], [0] * 10, [1] * 5, ",".join(["none"] * 5))
     assert triton_stack.choose_strategy(call) == "fused"
     # The reference model's output tile is its whole 45-step sequence: no halo.
-    plan = conv1d_fused_stack.plan_fused(call.all_layers(), [100, 98, 96, 94, 92, 45], 256, torch.bfloat16,
-                                         torch.device("cpu"), False)  # fmt: skip
+    lens = [100, 98, 96, 94, 92, 45]
+    plan = conv1d_fused_stack.plan_fused(call.all_layers(), lens, 256, torch.bfloat16, torch.device("cpu"), False)
     assert plan.tile == 45 and plan.rows == (99, 97, 95, 93, 91, 45)
+    assert conv1d_fused_stack.halo_overhead(call.all_layers(), lens, plan) == 1.0
     # One layer, or an intermediate wider than the limit, runs per layer.
     one = check_conv1d_stack_args(x, None, w[:1], [None], [1], [0, 0], [1], "none")
     assert triton_stack.choose_strategy(one) == "layers"
     wide = [torch.empty(2048, 100, 3, **meta), torch.empty(8, 2048, 3, **meta)]
     wide_call = check_conv1d_stack_args(x, None, wide, [None, None], [1, 1], [0] * 4, [1, 1], "none,none")
     assert triton_stack.choose_strategy(wide_call) == "layers"
+
+
+# What the plan reads of an H100 (torch.cuda.get_device_properties); an H200 has the same.
+H100 = SimpleNamespace(multi_processor_count=132, L2_cache_size=50 * 2**20, regs_per_multiprocessor=65536, warp_size=32)
+
+
+def _reference_call(batch, training, embedding_projection=False):
+    """The reference model's stack call (bf16, T = 100) on meta tensors, optionally from token ids
+    to the gates of both LSTMs (the 512 -> 4096 projection)."""
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    chans = [100, 200, 200, 256, 256, 512]
+    w = [torch.empty(c_out, c_in, 3, **meta) for c_in, c_out in zip(chans, chans[1:])]
+    hyper = ([1, 1, 1, 1, 2], [0] * 10, [1] * 5, ",".join(["none"] * 5))
+    if embedding_projection:
+        tokens = torch.zeros(batch, 100, dtype=torch.int64, device="meta")
+        table, pw = torch.empty(20_000, 100, **meta), torch.empty(4096, 512, **meta)
+        return check_conv1d_stack_args(table, tokens, w, [None] * 5, *hyper, pw, None, training)
+    return check_conv1d_stack_args(
+        torch.empty(batch, 100, 100, **meta), None, w, [None] * 5, *hyper, None, None, training
+    )
+
+
+@pytest.mark.parametrize("embedding_projection", [False, True], ids=["stack", "tokens-to-gates"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("batch", [128, 256, 1024, 2048])
+def test_reference_model_fuses_whole_sequences_on_an_h100(batch, training, embedding_projection, monkeypatch):
+    """With an H100's SM count, registers and L2: the fused kernel (8 warps, 255 registers) has one
+    program per SM, so batch 128 and 256 are about one and two waves of whole sequences; and with
+    the projection the inference slab (levels 1..5, 217 KB in bf16) fits the L2 share."""
+    monkeypatch.setattr(layer_kernels, "gpu_properties", lambda device: H100)
+    call = _reference_call(batch, training, embedding_projection)
+    layers, lens = call.all_layers(), triton_stack._lens(call)
+    plan = conv1d_fused_stack.plan_fused(layers, lens, batch, call.dtype, call.device, training)
+    assert (plan.tile, plan.n_tiles, plan.n_work, plan.programs) == (45, 1, batch, min(batch, 132))
+    assert conv1d_fused_stack.halo_overhead(layers, lens, plan) == 1.0
+    assert triton_stack.choose_strategy(call) == "fused"
+
+
+def test_fused_plan_on_an_h100(monkeypatch):
+    monkeypatch.setattr(layer_kernels, "gpu_properties", lambda device: H100)
+    cuda = torch.device("cuda")  # only looked at through gpu_properties
+    assert conv1d_fused_stack.resident_programs(cuda, 8) == 132
+    assert conv1d_fused_stack.resident_programs(cuda, 4) == 264
+    # 60 % of the 50 MiB L2 over 132 programs.
+    assert conv1d_fused_stack.slab_budget_bytes(cuda, 132) == 238_312
+    # A small batch leaves SMs idle with whole sequences: two balanced tiles (23 + 22), not the
+    # halving's 22 + 22 + 1, and still within the halo limit.
+    call = _reference_call(8, False)
+    layers, lens = call.all_layers(), triton_stack._lens(call)
+    plan = conv1d_fused_stack.plan_fused(layers, lens, 8, call.dtype, call.device, False)
+    assert (plan.tile, plan.n_tiles, plan.programs) == (23, 2, 16)
+    assert 1.0 < conv1d_fused_stack.halo_overhead(layers, lens, plan) <= triton_stack.FUSED_MAX_HALO_OVERHEAD
+    assert triton_stack.choose_strategy(call) == "fused"
+    # Any length, batch 1 (the most tiles): tiles of at least 16 steps, the last at least half a tile.
+    for t_in in range(33, 700, 7):
+        call = dataclasses.replace(call, seq_len=t_in, batch=1)
+        layers, lens = call.all_layers(), triton_stack._lens(call)
+        plan = conv1d_fused_stack.plan_fused(layers, lens, 1, call.dtype, call.device, False)
+        tail = lens[-1] - (plan.n_tiles - 1) * plan.tile
+        assert plan.tile >= min(conv1d_fused_stack.MIN_TILE, lens[-1]) and 2 * tail >= plan.tile, (t_in, plan)
+        assert plan.n_tiles * plan.tile >= lens[-1] > (plan.n_tiles - 1) * plan.tile
 
 
 # --- embedding prologue, projection epilogue ----------------------------------------------------------
@@ -451,6 +515,7 @@ def test_gradients_are_bitwise_reproducible(strategy):
     stack = Stack(5, OP_SPECS)
     table = torch.randn(13, 5, dtype=torch.float32, device=DEVICE, requires_grad=True)
     tokens = torch.randint(0, 13, (3, 60), device=DEVICE)
+    tokens[torch.rand(3, 60, device=DEVICE) < 0.9] = 0  # id 0 runs over several chunks of the table gradient
     ps = _leaves(stack.params(), torch.float32)
     w, b, _, _ = stack.split(ps)
     runs = []
@@ -459,6 +524,29 @@ def test_gradients_are_bitwise_reproducible(strategy):
         runs.append(torch.autograd.grad(y, [table, *ps], torch.ones_like(y)))
     for g1, g2 in zip(*runs):
         assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("chunk, block_p", [(64, 32), (4, 2)], ids=["default-chunks", "tiny-chunks"])
+def test_embedding_grad_of_a_heavily_repeated_id(chunk, block_p, monkeypatch):
+    """Left padding makes one id most of the positions: its run crosses many chunks of the
+    two-pass table gradient. Against float64, at most 2x the error of PyTorch's own fp32 sum, and
+    bitwise the same twice. Tiny chunks make the second pass loop over many partials."""
+    monkeypatch.setattr(layer_kernels, "EMBEDDING_GRAD_CHUNK", chunk)
+    monkeypatch.setattr(layer_kernels, "EMBEDDING_GRAD_BLOCK_P", block_p)
+    V, T, E = (11, 70, 20) if chunk == 64 else (11, 30, 37)  # 37 channels: two column blocks
+    tokens = torch.randint(1, V - 1, (3, T), device=DEVICE)
+    tokens[torch.rand(3, T, device=DEVICE) < 0.9] = 0
+    tokens[2, 10:14] = 3  # a short run inside one chunk
+    assert (tokens == 0).sum() > 2 * chunk
+    dh = torch.randn(3, T, E, device=DEVICE)
+
+    def table_grad(d):
+        return torch.zeros(V, E, dtype=d.dtype, device=DEVICE).index_add_(0, tokens.reshape(-1), d.reshape(-1, E))
+
+    ours = layer_kernels.embedding_grad(dh, tokens, V)
+    _compare("table grad", ours, table_grad(dh), table_grad(dh.double()), torch.float32)
+    assert torch.equal(ours[V - 1], torch.zeros(E, device=DEVICE))  # an unused id's row
+    assert torch.equal(ours, layer_kernels.embedding_grad(dh, tokens, V))
 
 
 def test_weight_grad_split_reduction_matches_one_chunk():

@@ -4,19 +4,24 @@ The interpreter runs the kernels' math but never the compiler, so a kernel can p
 test and still fail to compile (or run out of shared memory) on a GPU. This script drives the
 ``triton`` backend of the conv1d ops at the reference model's size (bf16, batch 256) with the
 launches intercepted, then compiles every distinct specialization for sm_90 the way Triton's
-launcher would, and prints shared memory, registers and spills (``ptxas -v``).
+launcher would, and prints shared memory, registers and spills (``ptxas -v``) and the
+``cp.async`` copies of each (how many, of how many bytes: pipelined, vectorised loads).
 
-Run without ``TRITON_INTERPRET``: ``python -m tests.triton_compile_check``. Exit status 1 when a
-kernel does not compile or needs more shared memory than an H100 has. It uses private Triton
-launcher APIs (checked against Triton 3.8).
+Run without ``TRITON_INTERPRET``: ``python -m tests.triton_compile_check`` (``DTYPE=float32``
+for fp32: TF32 convs and IEEE projection as PyTorch's defaults give, plus an all-IEEE case).
+Exit status 1 when a kernel does not compile, needs more shared memory than an H100 has, or the
+per-layer forward of a 100- or 200-channel layer loads without ``cp.async`` (unvectorised). It
+uses private Triton launcher APIs (checked against Triton 3.6 and 3.8).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -27,7 +32,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 H100_SHARED_BYTES = 227 * 1024
 TARGET = GPUTarget("cuda", 90, 32)
-SM_COUNT = 132
+# What the tiling heuristics read of an H100 (torch.cuda.get_device_properties).
+H100 = SimpleNamespace(multi_processor_count=132, L2_cache_size=50 * 2**20, regs_per_multiprocessor=65536, warp_size=32)
 
 
 def _compile(fn: JITFunction, args: tuple, kwargs: dict):
@@ -51,6 +57,15 @@ def _ptxas_info(ptx: str) -> str:
     return "; ".join(line for line in lines if "registers" in line or "spill" in line)
 
 
+def _cp_async(ptx: str) -> dict[int, int]:
+    """``cp.async`` copies in ``ptx`` by width in bytes: the loads Triton's pipeliner made
+    asynchronous (none: the loads are synchronous, typically because they are not vectorised)."""
+    counts: dict[int, int] = {}
+    for width in re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-fA-F]+|\d+)", ptx):
+        counts[int(width, 0)] = counts.get(int(width, 0), 0) + 1
+    return counts
+
+
 def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     """Drive the backend at the reference model's size, recording launches instead of running."""
     captured: list[tuple[str, JITFunction, tuple, dict]] = []
@@ -66,17 +81,15 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     from fusedconvlstm.triton import conv1d_fused_stack as fused
     from fusedconvlstm.triton import conv1d_stack as backend
 
-    # Tile and split heuristics as they are on an H100 (they look at the device).
+    # Tile, split, grid and slab heuristics as they are on an H100: they see the device only
+    # through gpu_properties. fp32 precision as PyTorch's defaults give on a GPU (TF32 convs,
+    # IEEE projection) unless a case forces one.
+    layer_kernels.gpu_properties = lambda device: H100
     cuda = torch.device("cuda")
-    gemm_config, block_config = layer_kernels.gemm_config, fused.fused_block_config
-    layer_kernels.gemm_config = lambda device, m, n, k: gemm_config(cuda, m, n, k)
-    fused.fused_block_config = lambda layers, device: block_config(layers, cuda)
-    fused.resident_programs = lambda device: 2 * SM_COUNT
-    layer_kernels.weight_grad_splits = lambda device, tiles, rows, block_r: max(
-        1, min(triton.cdiv(2 * SM_COUNT, max(tiles, 1)), triton.cdiv(rows, 8 * block_r), 64)
+    dot_precision, forced = layer_kernels.dot_precision, [None]
+    layer_kernels.dot_precision = fused.dot_precision = lambda dt, device, layer: (
+        forced[0] or dot_precision(dt, cuda, layer)
     )
-    precision = "tf32" if dtype == torch.float32 else "ieee"
-    layer_kernels.dot_precision = fused.dot_precision = lambda dt, device, layer: precision
 
     B, T, V = 256, 100, 20_000
     chans = [100, 200, 200, 256, 256, 512]
@@ -142,7 +155,29 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
         _, m_saved = backend._stack_forward(mx, None, m_packed, m_biases, m_call, True)
     case[0] = "activations backward"
     backend._stack_backward(torch.randn(16, 20, 8, dtype=h), mx, None, m_packed, m_biases, m_saved, m_call)
+    if dtype == torch.float32:
+        # TF32 turned off (torch.backends.cudnn.allow_tf32 = False): every dot in IEEE fp32.
+        forced[0] = "ieee"
+        for strategy in ("fused", "layers"):
+            os.environ[backend.STRATEGY_ENV_VAR] = strategy
+            case[0] = f"IEEE fp32 {strategy} projection forward"
+            backend._stack_forward(x, None, pw_packed, p_biases, p_call, False)
+        case[0] = "IEEE fp32 backward"
+        backend._stack_backward(torch.randn(B, 45, 512, dtype=dtype), x, None, w_packed, biases, saved, call)
+        forced[0] = None
     return captured
+
+
+def _spec(a) -> object:
+    """What of a launch argument selects a compiled specialization (dtype of a tensor, divisibility
+    by 16 of an integer)."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype
+    if isinstance(a, (tuple, list)):
+        return tuple(_spec(x) for x in a)
+    if isinstance(a, int) and not isinstance(a, bool):
+        return a % 16 == 0
+    return None
 
 
 def main() -> int:
@@ -154,7 +189,7 @@ def main() -> int:
     seen = set()
     for case, fn, args, kwargs in _launches(dtype):
         key = (fn.fn.__name__, repr(sorted((k, v) for k, v in kwargs.items() if k.isupper() or k.startswith("num"))))
-        key += tuple(a % 16 == 0 if isinstance(a, int) else None for a in args)
+        key += tuple(_spec(a) for a in args)
         if key in seen:
             continue
         seen.add(key)
@@ -165,10 +200,17 @@ def main() -> int:
             failures += 1
             continue
         shared = compiled.metadata.shared
+        ptx = compiled.asm["ptx"]
+        copies = _cp_async(ptx)
         ok = shared <= H100_SHARED_BYTES
+        note = ""
+        if fn.fn.__name__ == "_conv1d_forward_kernel" and kwargs.get("C_IN") in (100, 200) and not copies:
+            ok, note = False, " (the loads are not pipelined: channel counts not constexpr?)"
         failures += not ok
         status = "ok  " if ok else "FAIL"
-        print(f"{status} {case}: {fn.fn.__name__} shared={shared} B; {_ptxas_info(compiled.asm['ptx'])}")
+        channels = f" {kwargs['C_IN']}->{kwargs['C_OUT']}" if "C_IN" in kwargs else ""
+        cp = ", ".join(f"{n}x{w}B" for w, n in sorted(copies.items())) or "none"
+        print(f"{status} {case}: {fn.fn.__name__}{channels} shared={shared} B; cp.async {cp}; {_ptxas_info(ptx)}{note}")
         sys.stdout.flush()
     return 1 if failures else 0
 

@@ -17,6 +17,10 @@ masks what falls into the zero padding, so no im2col buffer is ever written.
 Weights are packed tap-major, ``(k, C_in, C_out)`` (``w.permute(2, 1, 0)``), so a K-tile of
 the GEMM is a contiguous slab and the C_out axis is the contiguous one.
 
+The channel counts are ``constexpr``: a runtime ``C_in`` of 100 or 200 is known to Triton only
+as "not a multiple of 16", and the masks ``ks < C_IN`` then split every load into 2-byte pieces
+that the compiler does not pipeline (no ``cp.async``). Constants cost one compile per layer shape.
+
 Activations between layers: a layer's kernel applies the *previous* layer's activation while it
 loads its input (``IN_ACT``). Only the pre-activation ``z`` of each intermediate layer is written,
 and that one tensor serves the next layer's forward, its weight gradient, and the activation
@@ -179,8 +183,6 @@ def _conv1d_forward_kernel(
     M,
     T_IN,
     T_OUT,
-    C_IN,
-    C_OUT,
     VOCAB,
     stride_sb,
     stride_st,
@@ -192,6 +194,8 @@ def _conv1d_forward_kernel(
     stride_zb,
     stride_zt,
     PAD_L,
+    C_IN: tl.constexpr,
+    C_OUT: tl.constexpr,
     KSIZE: tl.constexpr,
     STRIDE: tl.constexpr,
     DIL: tl.constexpr,
@@ -245,8 +249,6 @@ def _conv1d_input_grad_kernel(
     PHASE_ROWS,
     T_IN,
     T_OUT,
-    C_IN,
-    C_OUT,
     stride_dzb,
     stride_dzt,
     stride_zpb,
@@ -254,6 +256,8 @@ def _conv1d_input_grad_kernel(
     stride_dhb,
     stride_dht,
     PAD_L,
+    C_IN: tl.constexpr,
+    C_OUT: tl.constexpr,
     KSIZE: tl.constexpr,
     STRIDE: tl.constexpr,
     DIL: tl.constexpr,
@@ -319,8 +323,6 @@ def _conv1d_weight_grad_kernel(
     M,
     T_IN,
     T_OUT,
-    C_IN,
-    C_OUT,
     VOCAB,
     ROWS_PER_SPLIT,
     stride_sb,
@@ -331,6 +333,8 @@ def _conv1d_weight_grad_kernel(
     stride_dzb,
     stride_dzt,
     PAD_L,
+    C_IN: tl.constexpr,
+    C_OUT: tl.constexpr,
     KSIZE: tl.constexpr,
     STRIDE: tl.constexpr,
     DIL: tl.constexpr,
@@ -417,24 +421,77 @@ def _activation_grad_kernel(g_ptr, z_ptr, out_ptr, N, ACT: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _embedding_grad_kernel(dh_ptr, order_ptr, ids_ptr, out_ptr, N, E, VOCAB, BLOCK_E: tl.constexpr):
-    # ids are the token ids sorted stably, order[p] the position that held ids[p]. The program at
-    # the first position of each run of equal ids sums that run's rows in order: each table row
-    # is written by exactly one program, in a fixed order.
-    p = tl.program_id(0)
+def _segment_sum(start_a, v_a, start_b, v_b):
+    # Segmented scan: a run restarts where its start flag is set. A where, not a multiply by the
+    # flag, so an inf or NaN in one segment does not leak into the next.
+    return start_a | start_b, tl.where(start_b, v_b, v_a + v_b)
+
+
+@triton.jit
+def _embedding_grad_chunk_kernel(
+    dh_ptr, order_ptr, ids_ptr, out_ptr, head_ptr, tail_ptr, N, E, VOCAB, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    # Pass 1 of the embedding gradient. ids are the token ids sorted stably, order[p] the
+    # position that held ids[p]. Program c sums, per run of equal ids, the rows of sorted
+    # positions [c·CHUNK, (c+1)·CHUNK). A run that lies inside the chunk goes straight to its
+    # gradient row (no other program touches that row); a run crossing the chunk's edges leaves
+    # the partial of its piece: head[c] for a run that began in an earlier chunk, tail[c] for one
+    # that begins here and goes on. Pass 2 adds those up.
+    c = tl.program_id(0)
     es = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = es < E
-    cur = tl.load(ids_ptr + p)
-    prev = tl.load(ids_ptr + p - 1, mask=p > 0, other=-1)
-    if (cur != prev) & (cur >= 0) & (cur < VOCAB):
-        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-        q = p
-        nxt = cur
-        while nxt == cur:
-            row = tl.load(order_ptr + q).to(tl.int64)
-            acc += tl.load(dh_ptr + row * E + es, mask=e_ok, other=0.0)
-            q += 1
-            nxt = tl.load(ids_ptr + q, mask=q < N, other=-1)
+    i = tl.arange(0, CHUNK)
+    p = c * CHUNK + i
+    ok = p < N
+    cur = tl.load(ids_ptr + p, mask=ok, other=-1)
+    prv = tl.load(ids_ptr + p - 1, mask=ok & (p > 0), other=-1)
+    nxt = tl.load(ids_ptr + p + 1, mask=p + 1 < N, other=-1)
+    before = tl.load(ids_ptr + c * CHUNK - 1, mask=c > 0, other=-1)
+    row = tl.load(order_ptr + p, mask=ok, other=0).to(tl.int64)
+    v = tl.load(dh_ptr + row[:, None] * E + es[None, :], mask=ok[:, None] & e_ok[None, :], other=0.0)
+    start = tl.broadcast_to(((cur != prv) | (i == 0))[:, None], (CHUNK, BLOCK_E))
+    _, seg = tl.associative_scan((start, v), 0, _segment_sum)
+    # seg at the last position of a run's piece in this chunk is that piece's sum.
+    piece_end = ok & ((cur != nxt) | (i == CHUNK - 1))
+    began_here = cur != before
+    run_ends = cur != nxt
+    valid = (cur >= 0) & (cur < VOCAB)
+    whole = (piece_end & began_here & run_ends & valid)[:, None] & e_ok[None, :]
+    tl.store(out_ptr + cur.to(tl.int64)[:, None] * E + es[None, :], seg, mask=whole)
+    part = c.to(tl.int64) * E + es[None, :] + 0 * i[:, None]
+    tl.store(head_ptr + part, seg, mask=(piece_end & ~began_here)[:, None] & e_ok[None, :])
+    tl.store(tail_ptr + part, seg, mask=(piece_end & began_here & ~run_ends)[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _embedding_grad_runs_kernel(
+    ids_ptr, out_ptr, head_ptr, tail_ptr, N, E, VOCAB, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    # Pass 2: program c owns the run that begins in chunk c and goes on past it (if any) and
+    # writes its gradient row: tail[c], then the heads of the chunks the run covers, BLOCK_P
+    # chunks at a time (tl.sum reduces in a fixed order). A run's chunks are consecutive, and
+    # chunk k > c continues it iff ids[k·CHUNK] is its id (the ids are sorted).
+    c = tl.program_id(0)
+    es = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    last = tl.minimum(c * CHUNK + CHUNK, N) - 1
+    cur = tl.load(ids_ptr + last)
+    nxt = tl.load(ids_ptr + last + 1, mask=last + 1 < N, other=-1)
+    before = tl.load(ids_ptr + c * CHUNK - 1, mask=c > 0, other=-1)
+    if (nxt == cur) & (before != cur) & (cur >= 0) & (cur < VOCAB):
+        acc = tl.load(tail_ptr + c.to(tl.int64) * E + es, mask=e_ok, other=0.0)
+        k0 = c + 1
+        more = nxt == cur
+        while more:
+            ks = k0 + tl.arange(0, BLOCK_P)
+            first = ks.to(tl.int64) * CHUNK
+            in_run = tl.load(ids_ptr + first, mask=first < N, other=-1) == cur
+            heads = tl.load(
+                head_ptr + ks.to(tl.int64)[:, None] * E + es[None, :], mask=in_run[:, None] & e_ok[None, :], other=0.0
+            )
+            acc += tl.sum(heads, axis=0)
+            more = tl.sum(in_run.to(tl.int32), axis=0) == BLOCK_P
+            k0 += BLOCK_P
         tl.store(out_ptr + cur.to(tl.int64) * E + es, acc, mask=e_ok)
 
 
@@ -467,6 +524,16 @@ def align(*values: int) -> int:
     return a
 
 
+def gpu_properties(device: torch.device):
+    """CUDA device properties of ``device`` (``torch.cuda.get_device_properties``), or ``None`` off
+    a GPU (the CPU interpreter). Every tiling heuristic of the conv1d kernels sees the device
+    through this function only, so the tests and ``tests/triton_compile_check.py`` can plan for an
+    H100 without one."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device)
+
+
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
@@ -479,7 +546,7 @@ def gemm_config(device: torch.device, m: int, n: int, k: int) -> dict:
     """
     block_n = _pow2_clamp(n, 16, 128)
     block_k = _pow2_clamp(k, 16, 64)
-    block_m = 128 if (device.type == "cuda" and m >= 8192 and block_n >= 64) else 64
+    block_m = 128 if (gpu_properties(device) is not None and m >= 8192 and block_n >= 64) else 64
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     if block_m * block_n >= 128 * 128:
         block_k = min(block_k, 32)  # a 128x128x64 tile spills registers on sm_90 (ptxas -v)
@@ -488,6 +555,11 @@ def gemm_config(device: torch.device, m: int, n: int, k: int) -> dict:
 
 def pack_weight(w: Tensor) -> Tensor:
     """``(C_out, C_in, k)`` to the kernels' tap-major ``(k, C_in, C_out)``, contiguous."""
+    # A known fp32-only cost, layout kept on purpose: with C_out contiguous the forward GEMM's B
+    # operand is N-major. sm_90 wgmma reads MN-major operands for 16-bit types only; in TF32 both
+    # must be K-major, so Triton fills the weight tile with 4-byte copies instead of 16-byte ones
+    # (``cp.async`` widths in tests/triton_compile_check.py with DTYPE=float32; the weight-gradient
+    # kernel's M-major h and N-major dz likewise). bf16/fp16, the targets, are not affected.
     return w.permute(2, 1, 0).contiguous()
 
 
@@ -535,10 +607,10 @@ def conv1d_layer_forward(
     _conv1d_forward_kernel[grid](
         src, tokens if tokens is not None else src, w_packed, bias if bias is not None else w_packed, y,
         z if z is not None else y, drop if drop is not None else y,
-        M, t_in, t_out, layer.in_channels, layer.out_channels, vocab,
+        M, t_in, t_out, vocab,
         s_b, s_t, s_c, tok_b, tok_t, y.stride(0), y.stride(1),
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-        layer.padding[0],
+        layer.padding[0], C_IN=layer.in_channels, C_OUT=layer.out_channels,
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, IN_ACT=in_act, OUT_ACT=out_act,
         HAS_BIAS=bias is not None, STORE_Z=z is not None, GATHER=tokens is not None,
         DROP=drop is not None, DROP_SCALE=float(drop_scale),
@@ -577,8 +649,9 @@ def conv1d_layer_input_grad(
     )
     zp = z_prev if z_prev is not None else dh
     _conv1d_input_grad_kernel[grid](
-        dz, w_packed, zp, dh, drop if drop is not None else dh, rows, phase_rows, t_in, t_out, layer.in_channels, layer.out_channels,
+        dz, w_packed, zp, dh, drop if drop is not None else dh, rows, phase_rows, t_in, t_out,
         dz.stride(0), dz.stride(1), zp.stride(0), zp.stride(1), dh.stride(0), dh.stride(1), layer.padding[0],
+        C_IN=layer.in_channels, C_OUT=layer.out_channels,
         KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, PREV_ACT=prev_act,
         DROP=drop is not None, DROP_SCALE=float(drop_scale),
         PRECISION=dot_precision(w_packed.dtype, dh.device, layer), DZ_ALIGN=align(*dz.stride()[:2]),
@@ -590,9 +663,10 @@ def weight_grad_splits(device: torch.device, tiles: int, rows: int, block_r: int
     """How many fixed row chunks the weight-gradient reduction uses: enough programs to fill the
     GPU (two per SM), each chunk at least 8 row blocks long. A function of the shapes only, so a
     given problem always reduces in the same order."""
-    if device.type != "cuda":
+    props = gpu_properties(device)
+    if props is None:
         return 1 if rows <= 4 * block_r else 2  # the interpreter: exercise both paths, cheaply
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = props.multi_processor_count
     want = triton.cdiv(2 * sms, max(tiles, 1))
     return max(1, min(want, triton.cdiv(rows, 8 * block_r), 64))
 
@@ -617,7 +691,7 @@ def conv1d_layer_weight_grad(
     device = dz.device
     block_c = _pow2_clamp(layer.in_channels, 16, 64)
     block_n = _pow2_clamp(layer.out_channels, 16, 128)
-    block_r = 32 if device.type != "cuda" else 64
+    block_r = 32 if gpu_properties(device) is None else 64
     tiles = triton.cdiv(layer.in_channels, block_c) * triton.cdiv(layer.out_channels, block_n) * layer.kernel_size
     if splits is None:
         splits = weight_grad_splits(device, tiles, M, block_r)
@@ -637,10 +711,11 @@ def conv1d_layer_weight_grad(
     )
     _conv1d_weight_grad_kernel[grid](
         src, tokens if tokens is not None else src, dz, dw, db if db is not None else dw,
-        drop if drop is not None else dz, M, t_in, t_out, layer.in_channels, layer.out_channels, vocab, rows_per_split,
+        drop if drop is not None else dz, M, t_in, t_out, vocab, rows_per_split,
         s_b, s_t, s_c, tok_b, tok_t, dz.stride(0), dz.stride(1), layer.padding[0],
-        KSIZE=layer.kernel_size, STRIDE=layer.stride, DIL=layer.dilation, IN_ACT=in_act, GATHER=tokens is not None,
-        HAS_BIAS=db is not None, DROP=drop is not None, DROP_SCALE=float(drop_scale), BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_R=block_r,
+        C_IN=layer.in_channels, C_OUT=layer.out_channels, KSIZE=layer.kernel_size, STRIDE=layer.stride,
+        DIL=layer.dilation, IN_ACT=in_act, GATHER=tokens is not None, HAS_BIAS=db is not None,
+        DROP=drop is not None, DROP_SCALE=float(drop_scale), BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION=dot_precision(dz.dtype, device, layer), ROW_ALIGN=align(s_b, s_t), DZ_ALIGN=align(*dz.stride()[:2]),
         num_warps=4, num_stages=3,
     )  # fmt: skip
@@ -660,15 +735,36 @@ def activation_grad(g: Tensor, z: Tensor, act: str) -> Tensor:
     return out
 
 
+EMBEDDING_GRAD_CHUNK = 64
+"""Sorted positions per program in the embedding gradient's first pass (a power of two)."""
+
+EMBEDDING_GRAD_BLOCK_P = 32
+"""Chunk partials the second pass adds per step (a power of two)."""
+
+
 def embedding_grad(dh: Tensor, tokens: Tensor, vocab: int) -> Tensor:
     """fp32 ``(vocab, E)`` gradient of an embedding table from fp32 ``dh`` ``(B, T, E)`` at the
-    positions of ``tokens`` ``(B, T)``: each row sums its positions in position order, so the
-    result does not vary run to run. Rows no token uses are zero."""
+    positions of ``tokens`` ``(B, T)``. Rows no token uses are zero.
+
+    Deterministic without atomics, and parallel however often an id repeats (left padding makes
+    id 0 most of the positions): the positions, sorted by id on the device, are cut into chunks
+    of :data:`EMBEDDING_GRAD_CHUNK`; pass 1 sums each run of equal ids inside a chunk, pass 2 adds
+    the pieces of the runs that cross chunks, in chunk order. Every sum has a fixed order, so
+    the result is bitwise the same run to run."""
     E = dh.shape[-1]
     dh = dh.reshape(-1, E).contiguous()
     ids, order = torch.sort(tokens.reshape(-1), stable=True)
     out = torch.zeros((vocab, E), dtype=torch.float32, device=dh.device)
     n = ids.numel()
-    block_e = _pow2_clamp(E, 16, 256)
-    _embedding_grad_kernel[(n, triton.cdiv(E, block_e))](dh, order, ids, out, n, E, vocab, BLOCK_E=block_e)
+    if n == 0:
+        return out
+    chunk, block_p = EMBEDDING_GRAD_CHUNK, EMBEDDING_GRAD_BLOCK_P
+    chunks = triton.cdiv(n, chunk)
+    # One partial per chunk and side; only the slots pass 1 writes are read.
+    head = alloc((chunks, E), torch.float32, dh.device)
+    tail = alloc((chunks, E), torch.float32, dh.device)
+    block_e = _pow2_clamp(E, 16, 32)
+    grid = (chunks, triton.cdiv(E, block_e))
+    _embedding_grad_chunk_kernel[grid](dh, order, ids, out, head, tail, n, E, vocab, CHUNK=chunk, BLOCK_E=block_e)
+    _embedding_grad_runs_kernel[grid](ids, out, head, tail, n, E, vocab, CHUNK=chunk, BLOCK_P=block_p, BLOCK_E=block_e)
     return out

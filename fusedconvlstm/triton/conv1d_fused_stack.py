@@ -19,9 +19,11 @@ does not travel to HBM:
 
 - inference (``save_for_backward=False``): each program of a persistent grid owns a *slab*
   holding one work item's intermediate windows, reused for every work item it processes. For
-  the reference model a slab is 173 KB in bf16; the kernel compiles to 255 registers at 8 warps
+  the reference model a slab is 171 KB in bf16; the kernel compiles to 255 registers at 8 warps
   on sm_90 (``tests/triton_compile_check.py``), so one program is resident per SM and the live
-  slabs take 132 × 173 KB ≈ 23 MB of the H100's 50 MB L2.
+  slabs take 132 × 171 KB ≈ 23 MB of the H100's 50 MB L2. With the LSTM projection the slab
+  also holds the last conv's output, 217 KB: the budget per program is a share of the L2
+  (:func:`slab_budget_bytes`), not a constant.
 - training (``save_for_backward=True``): the backward needs each intermediate pre-activation
   anyway, so the layers write straight into those ``(B, T_l, C_l)`` tensors and read them
   back from there. Programs whose halos overlap write identical values to the shared rows.
@@ -181,7 +183,16 @@ def _conv1d_stack_fused_kernel(
 # ---------------------------------------------------------------------------------------------
 
 SLAB_BUDGET_BYTES = 192 * 1024
-"""Most bytes of intermediate windows per resident program in inference (slab) mode."""
+"""Most bytes of intermediate windows per program in inference (slab) mode on the interpreter;
+on a GPU the budget follows its L2 (:func:`slab_budget_bytes`)."""
+
+SLAB_L2_FRACTION = 0.6
+"""Share of the GPU's L2 the live slabs of all resident programs may take: the slabs are global
+scratch that stays fast only while it stays in L2, next to the weights (1.8 MB for the reference
+model in bf16), the input rows and the output being written."""
+
+MIN_TILE = 16
+"""Fewest output steps per tile when tiles are shrunk to give every resident program work."""
 
 SAMPLES_PER_WORK_ITEM = 1
 """Samples per work item. More than one fills the GEMM row tiles better when a sample's window
@@ -215,37 +226,104 @@ def window_rows(layers: tuple[ConvLayer, ...], tile: int) -> tuple[int, ...]:
     return tuple(reversed(rows))
 
 
+def needed_rows(layers: tuple[ConvLayer, ...], lens: list[int]) -> list[int]:
+    """Per level (input, each layer's output), how many leading rows the final output depends on."""
+    need = [lens[-1]]
+    for layer, t in zip(reversed(layers), reversed(lens[:-1])):
+        last = (need[0] - 1) * layer.stride - layer.padding[0] + layer.dilation * (layer.kernel_size - 1)
+        need.insert(0, max(0, min(t, last + 1)))
+    return need
+
+
 def _slab_bytes(layers, rows, samples, elt) -> int:
     return sum(samples * r * layer.out_channels * elt for layer, r in zip(layers[:-1], rows[1:-1]))
 
 
-def resident_programs(device: torch.device) -> int:
-    """Programs of a persistent grid: two per SM on a GPU; a few on the interpreter so that the
-    persistent loop and the slab reuse are exercised."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 3
+def resident_programs(device: torch.device, num_warps: int) -> int:
+    """Programs of a persistent grid of ``num_warps``-warp programs: as many as the GPU holds at once.
+
+    The fused kernel is register-bound: at the reference size it compiles to 255 registers per
+    thread (``tests/triton_compile_check.py``), so an SM's register file holds 8 of its warps, one
+    8-warp program or two 4-warp ones. Smaller stacks may need fewer registers and fit more; the
+    count errs low. The programs never wait for each other (a persistent loop over independent
+    work items), so the count only sizes the grid and the slabs: it cannot deadlock. On the
+    interpreter a few, so that the persistent loop and the slab reuse are exercised.
+    """
+    props = layer_kernels.gpu_properties(device)
+    if props is None:
+        return 3
+    warps_per_sm = props.regs_per_multiprocessor // (256 * props.warp_size)
+    return max(1, warps_per_sm // num_warps) * props.multi_processor_count
+
+
+def slab_budget_bytes(device: torch.device, programs: int) -> int:
+    """Most bytes of intermediate windows one of ``programs`` resident programs may hold in slab
+    mode: :data:`SLAB_L2_FRACTION` of the L2 shared out (H100/H200, 50 MB and 132 programs: about
+    233 KiB), :data:`SLAB_BUDGET_BYTES` on the interpreter."""
+    props = layer_kernels.gpu_properties(device)
+    if props is None:
+        return SLAB_BUDGET_BYTES
+    return int(SLAB_L2_FRACTION * props.L2_cache_size) // max(programs, 1)
+
+
+def _work_item_cost(layers: tuple[ConvLayer, ...], rows: tuple[int, ...], samples: int, block_m: int) -> int:
+    """Multiply-adds a program issues for one work item: each layer's window rounded up to whole
+    ``block_m``-row GEMM tiles (a 45-row window costs as much as a 64-row one)."""
+    return sum(
+        triton.cdiv(samples * r, block_m) * block_m * layer.kernel_size * layer.in_channels * layer.out_channels
+        for layer, r in zip(layers, rows[1:])
+    )
 
 
 def plan_fused(
     layers: tuple[ConvLayer, ...], lens: list[int], batch: int, dtype: torch.dtype, device: torch.device, save: bool
 ) -> FusedPlan:
-    """Choose the output tile: the whole output sequence when it fits (no halo at all), else the
-    largest of 256, 128, 64, 32, 16 steps whose slab fits :data:`SLAB_BUDGET_BYTES`; shrink it
-    further while there are fewer work items than resident programs and the tile is > 16."""
+    """Choose the output tile.
+
+    The largest tile allowed: the whole output sequence (no halo at all) or, in slab mode when
+    its slab exceeds :func:`slab_budget_bytes`, the largest of 256, 128, 64, 32, 16 steps whose
+    slab fits. Tiles are balanced: ``t_out`` is split into ``n`` equal tiles (not halved, which
+    leaves a short tail: 45 = 22 + 22 + 1), the last one at least half as long where possible.
+    When that gives fewer work items than resident programs, more tiles (each at least
+    :data:`MIN_TILE` steps) are tried until every program has work, and the count with the
+    shortest critical path wins: waves of work items times the cost of one. So a batch just
+    short of the programs (128 samples on 132 SMs) keeps whole sequences, while batch 8 splits.
+    """
     elt = torch.empty((), dtype=dtype).element_size()
     t_out = lens[-1]
-    programs = resident_programs(device)
+    cfg = fused_block_config(layers, device)
+    programs = resident_programs(device, cfg["num_warps"])
+    budget = slab_budget_bytes(device, programs)
     samples = max(1, min(SAMPLES_PER_WORK_ITEM, batch))
     groups = triton.cdiv(batch, samples)
     candidates = [t_out] + [c for c in (256, 128, 64, 32, 16) if c < t_out]
-    tile = candidates[-1]
+    cap = candidates[-1]
     for c in candidates:
-        if save or _slab_bytes(layers, window_rows(layers, c), samples, elt) <= SLAB_BUDGET_BYTES:
-            tile = c
+        if save or _slab_bytes(layers, window_rows(layers, c), samples, elt) <= budget:
+            cap = c
             break
-    while tile > 16 and groups * triton.cdiv(t_out, tile) < programs:
-        tile = max(16, tile // 2)
+    # The interpreter has no critical path to shorten: there the most tiles tried win, so the CPU
+    # tests run several tiles through the persistent loop.
+    interpreter = layer_kernels.gpu_properties(device) is None
+    n = triton.cdiv(t_out, cap)
+    best_n, best_key = n, None
+    while True:
+        tile = triton.cdiv(t_out, n)
+        n_tiles = triton.cdiv(t_out, tile)
+        n_work = groups * n_tiles
+        span = triton.cdiv(n_work, programs) * _work_item_cost(
+            layers, window_rows(layers, tile), samples, cfg["BLOCK_M"]
+        )
+        # Equal tiles cannot always split t_out evenly (273 = 16 x 17 + 1); a tail under half a
+        # tile would cost a whole work item's halo for a few steps, so such counts lose to any other.
+        short_tail = 2 * (t_out - (n_tiles - 1) * tile) < tile
+        key = (short_tail, span)
+        if best_key is None or key < best_key or (interpreter and not short_tail):
+            best_n, best_key = n, key
+        if n_work >= programs or triton.cdiv(t_out, n + 1) < MIN_TILE:
+            break
+        n += 1
+    tile = triton.cdiv(t_out, best_n)
     n_tiles = triton.cdiv(t_out, tile)
     n_work = groups * n_tiles
     return FusedPlan(
@@ -260,8 +338,10 @@ def plan_fused(
 
 
 def halo_overhead(layers: tuple[ConvLayer, ...], lens: list[int], plan: FusedPlan) -> float:
-    """Rows computed by the fused launch over rows the per-layer launches compute (≥ 1)."""
-    needed = sum(lens[1:])
+    """Rows computed by the fused launch over the rows the output depends on (≥ 1; exactly 1 for
+    whole-sequence tiles). Rows the output does not need (a strided last layer skips the trailing
+    row of its input) are counted in neither."""
+    needed = sum(needed_rows(layers, lens)[1:])
     return plan.n_tiles * sum(min(r, t) for r, t in zip(plan.rows[1:], lens[1:])) / needed
 
 
@@ -284,7 +364,8 @@ def levels_with_gaps(layers: tuple[ConvLayer, ...], plan: FusedPlan) -> list[boo
 def fused_block_config(layers: tuple[ConvLayer, ...], device: torch.device) -> dict:
     """One tile shape for all layers of the launch."""
     widest = max(layer.out_channels for layer in layers)
-    block_n = 16 if widest <= 16 else (32 if widest <= 32 else (64 if device.type != "cuda" else 128))
+    on_gpu = layer_kernels.gpu_properties(device) is not None
+    block_n = 16 if widest <= 16 else (32 if widest <= 32 else (128 if on_gpu else 64))
     block_k = 16 if max(layer.in_channels for layer in layers) <= 16 else 32
     block_m = 64
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n >= 128 else 4, num_stages=2)

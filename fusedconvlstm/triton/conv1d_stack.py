@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall, ConvLayer
+from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall
 from fusedconvlstm.reference.dropout import scale as dropout_scale
 from fusedconvlstm.triton import conv1d as layer_kernels
 from fusedconvlstm.triton import dropout as triton_dropout
@@ -37,6 +37,7 @@ from fusedconvlstm.triton.conv1d_fused_stack import (
     conv1d_stack_fused_forward,
     halo_overhead,
     levels_with_gaps,
+    needed_rows,
     plan_fused,
 )
 
@@ -101,15 +102,6 @@ def _prepare(weight: list[Tensor], bias: list[Tensor | None], proj_weight: Tenso
     biases = list(bias) + ([proj_bias] if proj_weight is not None else [])
     biases = [b.contiguous() if b is not None else None for b in biases]
     return [layer_kernels.pack_weight(w) for w in weights], biases
-
-
-def needed_rows(layers: tuple[ConvLayer, ...], lens: list[int]) -> list[int]:
-    """Per level (input, each layer's output), how many leading rows the final output depends on."""
-    need = [lens[-1]]
-    for layer, t in zip(reversed(layers), reversed(lens[:-1])):
-        last = (need[0] - 1) * layer.stride - layer.padding[0] + layer.dilation * (layer.kernel_size - 1)
-        need.insert(0, max(0, min(t, last + 1)))
-    return need
 
 
 def dropout_masks(seed: Tensor | None, call: Conv1dStackCall) -> list[tuple[Tensor, float] | None]:

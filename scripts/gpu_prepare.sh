@@ -15,6 +15,9 @@ make -s setup
 $PY setup.py -q build_ext --inplace
 rm -rf dist
 $PY -m pip wheel -q --no-build-isolation --no-deps . -w dist
+# The FlashRNN baseline (bench-flashrnn) as wheels: the GPU machine has no network.
+rm -rf .whl
+$PY -m pip download -q --no-deps --only-binary=:all: -d .whl flashrnn einops || echo "gpu_prepare: no FlashRNN wheels (bench-flashrnn will skip)" >&2
 $PY - <<'EOF'
 from fusedconvlstm import _extension
 why = _extension.stale_reason()
@@ -23,7 +26,7 @@ EOF
 commit=$(git rev-parse HEAD)
 cat <<EOF
 device call (the run tool):
-  carry:     ["fusedconvlstm/_C.abi3.so", "fusedconvlstm/_build_info.json", "dist"]
+  carry:     ["fusedconvlstm/_C.abi3.so", "fusedconvlstm/_build_info.json", "dist", ".whl"]
   command:   FUSEDCONVLSTM_COMMIT=$commit scripts/gpu_session.sh ${*:-quick}
   timeout_s: 570
 then: copy the results (*.jsonl) from the reply's files into benchmarks/results/ and commit them.

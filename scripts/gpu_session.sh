@@ -14,6 +14,8 @@
 #               bounded, so a hung or trapped kernel costs one process, not the lease
 #   bench-core  the issues' target cases (bf16, batch 64 and 256) within a time budget
 #   bench-more  fp32 and fp16, batch 1 / 8 / 1024, T = 100 / 1000, the conv-stack script
+#   bench-flashrnn  the lstm cases against FlashRNN's fused CUDA kernel, from the carried wheels
+#               (.whl); its first call compiles FlashRNN for minutes: a lease of its own
 #   sanitize    compute-sanitizer over small calls of every kernel (long: a lease of its own)
 #
 # At most 8 files come back from $OUT: summary.txt (what the reply's tail shows), logs.tar.gz
@@ -131,6 +133,20 @@ stage_bench_core() {
   sed -n '/^op  /,$p' "$LOGS/bench_core.log" | tee -a "$SUMMARY"
 }
 
+stage_bench_flashrnn() {
+  local name
+  name=$(results_name)
+  if ! ls .whl/flashrnn-*.whl >/dev/null 2>&1; then
+    note "== bench-flashrnn: no FlashRNN wheels carried (.whl), skipped"
+    return
+  fi
+  python -m pip install -q --no-index --no-deps --target /tmp/flashrnn-site .whl/*.whl
+  run bench_flashrnn 560 env PYTHONPATH=/tmp/flashrnn-site python -m fusedconvlstm bench --time-budget 480 \
+    --ops lstm --dtypes bf16 --batches 64 256 --passes fwd fwd+bwd --flashrnn cuda_fused \
+    --out "$OUT/${name}_flashrnn.jsonl"
+  sed -n '/^op  /,$p' "$LOGS/bench_flashrnn.log" | tee -a "$SUMMARY"
+}
+
 stage_bench_more() {
   local name
   name=$(results_name)
@@ -149,6 +165,7 @@ for stage in "${stages[@]}"; do
     tests) stage_tests ;;
     bench-core) stage_bench_core ;;
     bench-more) stage_bench_more ;;
+    bench-flashrnn) stage_bench_flashrnn ;;
     sanitize) run sanitize 560 scripts/sanitize.sh ;;
     *) note "unknown stage $stage"; status=2 ;;
   esac

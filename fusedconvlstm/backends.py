@@ -146,6 +146,20 @@ def resolve(op: str, backend: str, call: object, device: torch.device) -> Implem
     return impls["reference"]
 
 
+def backend_for_op(op: str, backend: str, call: object, device: torch.device) -> str:
+    """The backend name a public wrapper hands to its custom op.
+
+    Eagerly the request is resolved here, so that a backend named explicitly that cannot serve
+    raises before any work. While ``torch.compile`` traces, the request goes to the op as it is:
+    resolving reads the device's limits and the extension's state (files, a driver query), which
+    dynamo cannot trace, and the op resolves the same request when it runs (and its fake
+    implementation when it is traced), with the same answer.
+    """
+    if torch.compiler.is_compiling():
+        return backend
+    return resolve(op, backend, call, device).backend
+
+
 def explain(op: str, call: object, device: torch.device, detail: bool = False) -> dict[str, str | None]:
     """For each backend, ``None`` if it can serve ``call`` of ``op`` on ``device``, else why not.
 

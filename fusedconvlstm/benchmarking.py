@@ -241,6 +241,18 @@ class FlashRNNLSTM(nn.Module):
             self.b = nn.Parameter((lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().to(dtype).reshape(4, 1, H).clone())
         self.kernel_dtype = str(dtype).removeprefix("torch.")
 
+    def grads_like_nn_lstm(self) -> list[Tensor | None]:
+        """Gradients in ``nn.LSTM``'s parameter order (weight_ih, weight_hh, bias_ih, bias_hh; the
+        summed bias's gradient is both biases')."""
+        G = 4 * self.hidden
+        r, b = self.r.grad, self.b.grad
+        return [
+            self.w_ih.grad,
+            None if r is None else r.reshape(G, self.hidden),
+            None if b is None else b.reshape(G),
+            None if b is None else b.reshape(G),
+        ]
+
     def forward(self, x: Tensor):
         B, T, _ = x.shape
         wx = (x @ self.w_ih.t()).view(B, T, 4, 1, self.hidden)
@@ -280,7 +292,7 @@ def _lstm_pair_case(op, dtype, base_dtype, batch, seq, hidden, backend, train, d
     def run_ref(x, xb, x32):
         return [result(m(x32.double())) for m in ref64]
 
-    return _finish(run_ours, run_base, rot, train, ours, base, run_ref)
+    return _finish(run_ours, run_base, run_ref, rot, train, (ours, base, ref64), grad_input=True)
 
 
 def _conv_case(dtype, base_dtype, batch, backend, train, device, l2):
@@ -298,25 +310,32 @@ def _conv_case(dtype, base_dtype, batch, backend, train, device, l2):
         lambda x, xb, x32: [ours(x)],
         # A (B, T, C) model pays two transposes around nn.Conv1d: part of the baseline's time.
         lambda x, xb, x32: [base(xb.transpose(1, 2)).transpose(1, 2)],
+        lambda x, xb, x32: [ref64(x32.double().transpose(1, 2)).transpose(1, 2)],
         rot,
         train,
-        [ours],
-        [base],
-        lambda x, xb, x32: [ref64(x32.double().transpose(1, 2)).transpose(1, 2)],
+        ([ours], [base], [ref64]),
+        grad_input=True,
     )
 
 
+NO_DROPOUT = dict(embedding_dropout=0.0, lstm_dropout=0.0, dense_dropout=0.0)
+
+
 def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mode):
-    # Both models stay in eval mode, also for the training step: dropout would draw different
-    # masks on the two sides and make the error check meaningless.
-    ref = ReferenceConvLSTMClassifier(device=device, dropout_masks="torch")
-    ours = ConvLSTMClassifier.from_reference(ref, backend=backend).to(dtype).eval()
-    base = copy.deepcopy(ref).to(base_dtype).eval()
-    ref64 = copy.deepcopy(ref).double().eval()
+    # Dropout off on both sides (it would draw different masks and make the error check
+    # meaningless), but a training step runs in training mode: cuDNN's LSTM has a backward only
+    # there (with its reserve space), which is what a user's training step times.
+    ref = ReferenceConvLSTMClassifier(device=device, dropout_masks="torch", **NO_DROPOUT)
+    ours = ConvLSTMClassifier.from_reference(ref, backend=backend).to(dtype).train(train)
+    base = copy.deepcopy(ref).to(base_dtype).train(train)
+    ref64 = copy.deepcopy(ref).double().train(train)
     if compile_mode is None:
         base_fn = base.logits
     else:
-        base_fn = torch.compile(base.logits, mode=compile_mode)
+        # A fresh compile per case, static shapes: one cache shared by every case's dtype, batch
+        # and grad mode would recompile past dynamo's limit and then silently run eager.
+        torch._dynamo.reset()
+        base_fn = torch.compile(base.logits, mode=compile_mode, dynamic=False)
 
     def make():
         return (torch.randint(1, 20_000, (batch, 100), device=device), torch.randint(0, 2, (batch, 1), device=device))
@@ -347,11 +366,27 @@ def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mo
         def run_ref(tok, y):
             return [ref64.logits(tok)]
 
-    return _finish(run_ours, run_base, rot, train, [ours], [base], run_ref)
+    return _finish(run_ours, run_base, run_ref, rot, train, ([ours], [base], [ref64]), grad_input=False)
 
 
-def _finish(run_ours, run_base, rot, train, ours_mods, base_mods, run_ref) -> _Pair:
-    """Wrap the runners into timed closures (with backward when training) and an error check."""
+def _param_grads(mods) -> list[Tensor | None]:
+    """The parameter gradients of ``mods`` in ``nn.LSTM`` / ``nn.Conv1d`` order (a baseline in
+    another layout maps its own: ``grads_like_nn_lstm``)."""
+    out = []
+    for m in mods:
+        like = getattr(m, "grads_like_nn_lstm", None)
+        out += like() if like is not None else [p.grad for p in m.parameters()]
+    return out
+
+
+def _finish(run_ours, run_base, run_ref, rot, train, mods, grad_input) -> _Pair:
+    """Wrap the runners into timed closures (with backward when training) and an error check.
+
+    ``mods``: the (ours, baseline, float64 reference) modules, parameters in the same order.
+    ``grad_input``: whether the first, second and third inputs (ours, the baseline's, the
+    reference's) are differentiable, so a training check also compares the input gradient.
+    """
+    ours_mods, base_mods, ref_mods = mods
 
     def step(run, mods):
         def fn():
@@ -367,17 +402,52 @@ def _finish(run_ours, run_base, rot, train, ours_mods, base_mods, run_ref) -> _P
 
         return fn
 
-    def errors() -> tuple[float, float]:
+    def forward_errors() -> tuple[float, float]:
         args = rot.items[0]
-        results = []
         with torch.no_grad():
             want = run_ref(*args)
-            for run in (run_ours, run_base):
-                got = run(*args)
-                results.append(max(rel_err(g, w) for g, w in zip(got, want)))
-        return results[0], results[1]
+            return tuple(max(rel_err(g, w) for g, w in zip(run(*args), want)) for run in (run_ours, run_base))
 
-    return _Pair(step(run_ours, ours_mods), step(run_base, base_mods), errors)
+    def training_errors() -> tuple[float, float]:
+        # Outputs, the input gradient and every parameter gradient against float64, for one
+        # cotangent drawn once (DESIGN.md §3: every gradient is checked, not only the output).
+        x, xb, x32 = rot.items[0][:3] if grad_input else (None, None, None)
+        args = list(rot.items[0])
+        ref_args = list(args)
+        if grad_input:
+            ref_args[2] = x32.detach().double().requires_grad_()  # run_ref's .double() keeps this leaf
+        sides = []
+        cotangents = None
+        for run, side_mods, side_args, which in (
+            (run_ref, ref_mods, ref_args, 2),
+            (run_ours, ours_mods, args, 0),
+            (run_base, base_mods, args, 1),
+        ):
+            for m in side_mods:
+                m.zero_grad(set_to_none=True)
+            leaf = side_args[which] if grad_input else None
+            if leaf is not None:
+                leaf.grad = None
+            outs = run(*side_args)
+            if cotangents is None:
+                gen = torch.Generator(device=outs[0].device).manual_seed(0xC07)
+                cotangents = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float64) for o in outs]
+            sum((o.double() * c).sum() for o, c in zip(outs, cotangents)).backward()
+            grads = [leaf.grad] if leaf is not None else []
+            sides.append([o.detach() for o in outs] + grads + _param_grads(side_mods))
+        want = sides[0]
+
+        def err(got):
+            if len(got) != len(want):
+                raise RuntimeError(f"bench: {len(got)} results to compare with {len(want)} of the reference")
+            return max(
+                float("inf") if (g is None) != (w is None) else (0.0 if g is None else rel_err(g, w))
+                for g, w in zip(got, want)
+            )
+
+        return err(sides[1]), err(sides[2])
+
+    return _Pair(step(run_ours, ours_mods), step(run_base, base_mods), training_errors if train else forward_errors)
 
 
 def _baselines(dtype_name: str, device: torch.device) -> list[tuple[str, torch.dtype]]:
@@ -467,13 +537,30 @@ def _passes_of(op: str, passes: Iterable[str]) -> list[str]:
     return list(passes)
 
 
+# The custom ops a bench case runs: a backend is timed on a case only if it implements them all.
+_CASE_OPS = {
+    "lstm": ("lstm_recurrence",),
+    "lstm_pair": ("lstm_recurrence",),
+    "conv1d_stack": ("conv1d_stack",),
+    "model_inference": ("conv1d_stack", "lstm_recurrence"),
+    "model_train_step": ("conv1d_stack", "lstm_recurrence"),
+}
+
+
 def _serving_backends(op: str, device: torch.device, dtype: torch.dtype, include_reference: bool) -> list[str]:
+    """The backends a case is timed on: each that runs here and implements every op of the case;
+    for the whole model on a GPU also ``auto``, what a user gets (each op on its fastest backend:
+    the Triton conv stack and the CUDA LSTM where both are built)."""
     names = []
     for name in backends.BACKENDS:
         if name == "reference" and not include_reference and device.type == "cuda":
             continue
-        if backends.backend_why_not(name, device) is None and (name != "triton" or device.type == "cuda"):
+        if backends.backend_why_not(name, device) is not None or (name == "triton" and device.type != "cuda"):
+            continue
+        if all(name in backends._REGISTRY[case_op] for case_op in _CASE_OPS[op]):
             names.append(name)
+    if op.startswith("model") and device.type == "cuda":
+        names.insert(0, backends.AUTO)
     return names
 
 

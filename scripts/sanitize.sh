@@ -9,7 +9,7 @@ status=0
 export FUSEDCONVLSTM_BARRIER_TIMEOUT_S=${FUSEDCONVLSTM_BARRIER_TIMEOUT_S:-300}
 for tool in memcheck racecheck synccheck; do
   echo "== $tool"
-  timeout 900 compute-sanitizer --tool "$tool" --error-exitcode 9 python scripts/sanitize_cases.py \
+  timeout "${SANITIZE_SECONDS:-170}" compute-sanitizer --tool "$tool" --error-exitcode 9 "${PY:-python3}" scripts/sanitize_cases.py \
     >"$OUT/sanitize_$tool.log" 2>&1
   rc=$?
   tail -n 5 "$OUT/sanitize_$tool.log"

@@ -63,3 +63,22 @@ def test_explain_lists_every_backend():
 def test_tf32_rule_rejects_an_unknown_op():
     with pytest.raises(ValueError, match="unknown op 'gemm'"):
         backends.fp32_allows_tf32("gemm")
+
+
+def test_wrappers_leave_resolution_to_the_op_while_compiling():
+    """Resolving a CUDA call reads the device and the extension's state, which dynamo cannot trace:
+    under torch.compile the wrappers hand the request to the op unresolved (the op resolves it
+    when it runs); eagerly they resolve it, so a named backend that cannot serve raises at once."""
+    call, _, _ = _call()
+    cuda_call = type(call)(**{**call.__dict__, "device": torch.device("cuda")})
+    cuda = torch.device("cuda")
+
+    def f(x):
+        return x + len(backends.backend_for_op("lstm_recurrence", "auto", cuda_call, cuda))
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
+    assert torch.equal(out, torch.full((2,), float(len("auto"))))
+    assert backends.backend_for_op("lstm_recurrence", "auto", call, torch.device("cpu")) == "reference"
+    with pytest.raises(BackendUnavailableError):
+        backends.backend_for_op("lstm_recurrence", "cuda", call, torch.device("cpu"))

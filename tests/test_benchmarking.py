@@ -113,3 +113,44 @@ def test_flashrnn_baseline_refuses_what_it_does_not_map():
     pytest.importorskip("flashrnn")
     with pytest.raises(benchmarking.BaselineUnavailable, match="one batch_first unidirectional layer"):
         benchmarking.FlashRNNLSTM(nn.LSTM(4, 4, bidirectional=True, batch_first=True), "vanilla", F64)
+
+
+class _DoubleGrad(torch.autograd.Function):
+    """Identity forward, twice the gradient backward: a kernel right in the forward only."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def test_training_check_compares_every_gradient_not_only_outputs():
+    torch.manual_seed(7)
+    ref64 = nn.Linear(6, 4, dtype=F64)
+    ours, base = nn.Linear(6, 4), nn.Linear(6, 4)
+    for m in (ours, base):
+        m.load_state_dict(ref64.state_dict())
+    x = torch.randn(5, 6)
+    rot = benchmarking._Rotating(lambda: (x.clone().requires_grad_(), x.clone().requires_grad_(), x), 0)
+
+    def check(run_ours):
+        pair = benchmarking._finish(
+            run_ours,
+            lambda a, b, c: [base(b)],
+            lambda a, b, c: [ref64(c.double())],
+            rot,
+            True,
+            ([ours], [base], [ref64]),
+            grad_input=True,
+        )
+        return pair.errors()
+
+    right, base_err = check(lambda a, b, c: [ours(a)])
+    assert right < 1e-6 and base_err < 1e-6
+    wrong_input_grad, _ = check(lambda a, b, c: [ours(_DoubleGrad.apply(a))])
+    assert wrong_input_grad > 0.5  # the output is right; only the input gradient is not
+    wrong_weight_grad, _ = check(lambda a, b, c: [_DoubleGrad.apply(ours(a))])
+    assert wrong_weight_grad > 0.5

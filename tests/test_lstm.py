@@ -431,3 +431,22 @@ def test_wrapper_saves_workspace_only_when_a_gradient_is_needed(monkeypatch):
         lstm_recurrence(xg.requires_grad_(), w_hh, h0, c0, reverse=[False, True], backend="reference")
     lstm_recurrence(xg, w_hh, h0, c0, reverse=[False, True], backend="reference")
     assert seen == [False, False, True]
+
+
+def test_autocast_dtype_follows_nn_lstm_per_device(monkeypatch):
+    """nn.LSTM under CUDA autocast runs cuDNN in float16 whatever the autocast dtype; on the CPU it
+    takes the autocast dtype; float64 is never cast."""
+    from types import SimpleNamespace
+
+    from fusedconvlstm.nn import lstm as lstm_module
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type: True)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+
+    def tensor_on(device_type, dtype=torch.float32):
+        return SimpleNamespace(device=torch.device(device_type), dtype=dtype, is_floating_point=lambda: True)
+
+    assert lstm_module.lstm_autocast_dtype(tensor_on("cuda")) == torch.float16
+    assert lstm_module.lstm_autocast_dtype(tensor_on("cpu")) == torch.bfloat16
+    assert lstm_module.autocast_dtype(tensor_on("cuda")) == torch.bfloat16  # the convs: the autocast dtype
+    assert lstm_module.lstm_autocast_dtype(tensor_on("cuda", torch.float64)) is None

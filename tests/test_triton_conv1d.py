@@ -50,6 +50,7 @@ pytestmark = pytest.mark.triton
 F64 = torch.float64
 ON_GPU = HAS_GPU and not TRITON_INTERPRET
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+TRITON_TESTS_FOLLOW_THE_GPU = True  # every test here runs on DEVICE (tests/conftest.py)
 # The interpreter's bf16 tl.dot is wrong: bf16 only on a GPU.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 # In fp32 both errors sit at a few ulps on these tiny problems, where a factor 2 is noise: allow
@@ -700,8 +701,20 @@ def test_triton_refuses_float64_by_name_and_auto_serves_it():
 def test_embedding_rejects_out_of_range_ids():
     table = torch.randn(5, 3, device=DEVICE)
     w = [torch.randn(4, 3, 3, device=DEVICE)]
-    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 5\)"):
-        conv1d_stack_embedding(torch.tensor([[0, 1, 5, 2]], device=DEVICE), table, w, backend="triton")
+    if DEVICE.type == "cuda":
+        # A device-side assertion (as nn.Embedding's), which ends the CUDA context: in a child process.
+        code = (
+            "import torch; from fusedconvlstm import conv1d_stack_embedding as f; "
+            "t = torch.randn(5, 3, device='cuda'); w = [torch.randn(4, 3, 3, device='cuda')]; "
+            "f(torch.tensor([[0, 1, 5, 2]], device='cuda'), t, w, backend='triton'); torch.cuda.synchronize()"
+        )
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and "assert" in run.stderr.lower(), run.stderr[-2000:]
+        # In range, the same call runs.
+        conv1d_stack_embedding(torch.tensor([[0, 1, 4, 2]], device=DEVICE), table, w, backend="triton")
+    else:
+        with pytest.raises(ValueError, match=r"tokens must lie in \[0, 5\)"):
+            conv1d_stack_embedding(torch.tensor([[0, 1, 5, 2]], device=DEVICE), table, w, backend="triton")
     with pytest.raises(TypeError, match="tokens must be one of"):
         conv1d_stack_embedding(torch.zeros(1, 4, device=DEVICE), table, w, backend="triton")
 

@@ -499,7 +499,8 @@ def _cudnn_run(xg, w_hh, h0, c0, cot, dtype):
         ys, hs, cs = [], [], []
         for d in range(len(w)):
             hx = (h[d : d + 1].contiguous(), c[d : d + 1].contiguous())
-            y, hn, cn = torch._VF.lstm(x[:, :, d].contiguous(), hx, [eye, w[d]], False, 1, 0.0, False, False, False)
+            # train=True (dropout is 0): cuDNN has a backward only in training mode.
+            y, hn, cn = torch._VF.lstm(x[:, :, d].contiguous(), hx, [eye, w[d]], False, 1, 0.0, True, False, False)
             ys.append(y)
             hs.append(hn[0])
             cs.append(cn[0])
@@ -524,7 +525,9 @@ def test_gpu_persistent_matches_reference_and_cudnn(T, B, dtype, fp32_ieee):
     ref = _forward_backward(_op("reference"), xg, w_hh, h0, c0, cot, F64)
     try:
         cudnn = _cudnn_run(xg, w_hh, h0, c0, cot, dtype)
-    except RuntimeError as e:  # a cuDNN without a bfloat16 LSTM
+    except RuntimeError as e:  # a cuDNN without a bfloat16 LSTM; anything else is a failure
+        if dtype != torch.bfloat16:
+            raise
         pytest.skip(f"cuDNN cannot run this LSTM in {dtype}: {e}")
     _check_against_reference(ours, cudnn, ref, f"T={T} B={B} {dtype}")
 
@@ -585,7 +588,9 @@ def test_gpu_grid_is_co_resident():
     info = triton_lstm.last_persistent_launch()
     limits = persistent.device_limits(torch.cuda.current_device())
     per_sm = persistent.programs_per_sm(info["n_regs"], info["num_warps"], info["shared"], limits)
-    assert per_sm >= 1 and info["capacity"] == per_sm * limits.multiprocessor_count
+    # The calculator's count, or the driver's where that is smaller (co_resident_programs).
+    sms = limits.multiprocessor_count
+    assert per_sm >= 1 and sms <= info["capacity"] <= per_sm * sms and info["capacity"] % sms == 0
     plan = info["plan"]
     assert D * plan.n_slices(H) <= info["grid"] <= info["capacity"]
     assert plan.n_bgroups * plan.rows_per_group >= B

@@ -122,7 +122,10 @@ class ConvLSTMClassifier(nn.Module):
         cfg = self.config
         lstms = list(self.lstms)
         table = self.embedding.weight
-        cast = autocast_dtype(table)  # under autocast, as the plain modules would compute
+        # Under autocast the whole fused path, tokens to gates to states, in the autocast dtype
+        # (nn.Conv1d would use it too; the plain twin's cuDNN LSTMs run float16 under any CUDA
+        # autocast, see nn.lstm.lstm_autocast_dtype).
+        cast = autocast_dtype(table)
         if cast is not None:
             table = table.to(cast)
         weight, bias, options = self.conv.op_arguments(cast=cast)

@@ -22,10 +22,22 @@ from fusedconvlstm.ops.lstm import lstm_recurrence
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast runs ``x``'s device in, or ``None`` when autocast is off there."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+    """The dtype autocast runs ``x``'s device in, or ``None`` when autocast is off there or does
+    not cast ``x`` (autocast leaves float64 and non-float tensors alone)."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return None
+
+
+def lstm_autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``nn.LSTM`` runs in under autocast: on CUDA float16 whatever the autocast dtype
+    (PyTorch's autocast wrapper of cuDNN's RNN casts to half, aten/src/ATen/cudnn/AutocastRNN.cpp),
+    elsewhere the autocast dtype. A drop-in module follows it; to run bfloat16, convert the module
+    (``lstm.to(torch.bfloat16)``) instead."""
+    cast = autocast_dtype(x)
+    if cast is not None and x.device.type == "cuda":
+        return torch.float16
+    return cast
 
 
 def check_backend_name(backend: str) -> str:
@@ -226,8 +238,8 @@ class LSTM(nn.Module):
             raise ValueError(
                 f"LSTM: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
-        cast = autocast_dtype(x)
-        if cast is not None:  # as nn.LSTM under autocast: input, states and weights in the autocast dtype
+        cast = lstm_autocast_dtype(x)
+        if cast is not None:  # as nn.LSTM under autocast: input, states and weights in its dtype
             x = x.to(cast)
             hx = None if hx is None else tuple(h.to(cast) if isinstance(h, Tensor) else h for h in hx)
         elif x.dtype != w0.dtype:
@@ -354,7 +366,7 @@ def parallel_lstm(
     first = lstms[0]
     if not isinstance(input, Tensor) or input.dim() != 3:
         raise ValueError(f"parallel_lstm: input must be a 3-D tensor, got {getattr(input, 'shape', type(input))}")
-    cast = autocast_dtype(input)
+    cast = lstm_autocast_dtype(input)
     x = input.transpose(0, 1) if first.batch_first else input
     if cast is not None:
         x = x.to(cast)

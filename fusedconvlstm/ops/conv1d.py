@@ -301,12 +301,20 @@ def check_conv1d_stack_args(
 
 
 def check_token_values(tokens: Tensor, vocab_size: int) -> None:
-    """Raise if a token id lies outside ``[0, vocab_size)`` (reads the ids: a device sync on CUDA).
+    """Refuse token ids outside ``[0, vocab_size)``.
 
-    Skipped while a CUDA graph is being captured; the Triton kernels then read out-of-range ids as
-    zero rows instead of reading out of bounds.
+    On the CPU a ``ValueError`` naming the range. On CUDA, as ``nn.Embedding`` does there, a
+    device-side assertion: reading the ids on the host would be a device sync in every forward
+    (the host could no longer queue work ahead of the GPU), and a failed assertion stops the
+    process's CUDA context at its next sync. Not asserted while a CUDA graph is being captured;
+    the Triton kernels read out-of-range ids as zero rows, never out of bounds.
     """
-    if tokens.numel() == 0 or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if tokens.numel() == 0:
+        return
+    if tokens.is_cuda:
+        if not torch.cuda.is_current_stream_capturing():
+            lo, hi = torch.aminmax(tokens)
+            torch._assert_async((lo >= 0) & (hi < vocab_size), f"{OP}: tokens must lie in [0, {vocab_size})")
         return
     lo, hi = (int(v) for v in torch.aminmax(tokens))
     if lo < 0 or hi >= vocab_size:
@@ -487,10 +495,10 @@ def _stack(
     if dropout is not None and seed is None:
         seed = draw_seed(x.device)
     call = check_conv1d_stack_args(x, tokens, weight, bias, *args, proj_weight, proj_bias, save, dropout, seed)
-    impl = _resolve(backend, call)
+    name = backends.backend_for_op(OP, backend, call, x.device)
     present, has_bias = [b for b in bias if b is not None], [b is not None for b in bias]
     y, _ = _conv1d_stack_op(
-        x, tokens, list(weight), present, has_bias, *args, proj_weight, proj_bias, impl.backend, save,
+        x, tokens, list(weight), present, has_bias, *args, proj_weight, proj_bias, name, save,
         dropout, seed if dropout is not None else None,
     )  # fmt: skip
     return y

@@ -306,9 +306,9 @@ def lstm_recurrence(
         reverse = [False] * D
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (xg, h0, c0, *w_hh, *w_hr))
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save)
-    impl = _resolve(backend, call)
+    name = backends.backend_for_op(OP, backend, call, call.device)
     y, h_n, c_n, _ = _lstm_recurrence_op(
-        xg, list(w_hh), list(w_hr), h0, c0, lengths, [bool(r) for r in reverse], impl.backend, save
+        xg, list(w_hh), list(w_hr), h0, c0, lengths, [bool(r) for r in reverse], name, save
     )
     return y, h_n, c_n
 

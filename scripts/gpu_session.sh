@@ -65,7 +65,8 @@ report() {
   [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict="TIMED OUT"
   [ "$rc" -eq 0 ] || status=1
   note "== $name: $verdict (${secs} s)"
-  grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed|skipped|errors?)|STALE|Error|error:" "$LOGS/$name.log" | tail -n 12 |
+  grep -E "(^|\] | )(FAILED|ERROR)( |$)|[0-9]+ (passed|failed|skipped|errors?)|STALE|Error|error:" "$LOGS/$name.log" |
+    sort -u | tail -n 14 |
     sed 's/^/   /' | tee -a "$SUMMARY"
   archive
 }
@@ -119,7 +120,8 @@ stage_wheel() {
 }
 
 stage_tests() {
-  local py="OMP_NUM_THREADS=3 $PY -m pytest -q -p no:cacheprovider"
+  # -v: every outcome is in the log as it happens, also from a process the deadline kills.
+  local py="OMP_NUM_THREADS=3 $PY -m pytest -v -p no:cacheprovider"
   # A hung test fails alone where pytest-timeout is installed (it is on the GPU machine).
   $PY -c "import pytest_timeout" 2>/dev/null && py="$py --timeout=150"
   # The conv tests all follow the GPU (not only the gpu-marked ones): every layer option on the

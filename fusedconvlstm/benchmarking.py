@@ -411,11 +411,10 @@ def _finish(run_ours, run_base, run_ref, rot, train, mods, grad_input) -> _Pair:
     def training_errors() -> tuple[float, float]:
         # Outputs, the input gradient and every parameter gradient against float64, for one
         # cotangent drawn once (DESIGN.md §3: every gradient is checked, not only the output).
-        x, xb, x32 = rot.items[0][:3] if grad_input else (None, None, None)
         args = list(rot.items[0])
         ref_args = list(args)
         if grad_input:
-            ref_args[2] = x32.detach().double().requires_grad_()  # run_ref's .double() keeps this leaf
+            ref_args[2] = args[2].detach().double().requires_grad_()  # run_ref's .double() keeps this leaf
         sides = []
         cotangents = None
         for run, side_mods, side_args, which in (

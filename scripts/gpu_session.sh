@@ -160,9 +160,11 @@ stage_bench_core() {
 }
 
 stage_bench_more() {
+  local name
+  name=$(results_name)  # one name for both files (each call starts Python and CUDA)
   bench bench_more 330 --ops lstm model_inference lstm_pair --dtypes fp32 fp16 bf16 --batches 1 8 1024 \
-    --seqs 45 100 1000 --out "$OUT/$(results_name)_more.jsonl"
-  run bench_conv 200 $PY benchmarks/bench_conv1d_stack.py --dtypes bf16 fp32 --out "$OUT/$(results_name)_conv.jsonl"
+    --seqs 45 100 1000 --out "$OUT/${name}_more.jsonl"
+  run bench_conv 200 $PY benchmarks/bench_conv1d_stack.py --dtypes bf16 fp32 --out "$OUT/${name}_conv.jsonl"
 }
 
 stage_bench_flashrnn() {

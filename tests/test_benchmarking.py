@@ -4,7 +4,6 @@ baseline computes ``nn.LSTM`` (checked on FlashRNN's own pure-PyTorch kernel on 
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 
 import pytest
@@ -13,6 +12,7 @@ from torch import nn
 
 from fusedconvlstm import benchmarking
 from fusedconvlstm.benchmarking import BenchRecord, compile_mode_of, compiled_baseline_name, plan
+from fusedconvlstm.cli import build_parser
 from tests.helpers import rel_err
 
 F64 = torch.float64
@@ -74,20 +74,8 @@ def test_plan_adds_compile_and_flashrnn_baselines_only_on_a_gpu(monkeypatch):
 
 
 def test_time_budget_stops_before_the_next_case(tmp_path, capsys):
-    args = argparse.Namespace(
-        ops=["conv1d_stack"],
-        dtypes=None,
-        batches=[1, 2],
-        seqs=None,
-        passes=None,
-        hidden=None,
-        out=str(tmp_path / "r.jsonl"),
-        include_reference=False,
-        no_compile=True,
-        compile_modes=None,
-        flashrnn=None,
-        time_budget=0.0,
-    )
+    argv = ["bench", "--ops", "conv1d_stack", "--batches", "1", "2", "--no-compile", "--time-budget", "0"]
+    args = build_parser().parse_args([*argv, "--out", str(tmp_path / "r.jsonl")])
     assert benchmarking.main_bench(args) == 1  # nothing was timed
     assert "time budget of 0 s spent: 2 case(s) not run" in capsys.readouterr().out
     assert not (tmp_path / "r.jsonl").exists()

@@ -18,10 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("gpu_prepare.sh", "gpu_session.sh", "sanitize.sh")
 
 
-def _env(out: Path) -> dict:
-    # `python` in the scripts is the one running these tests, as it is the only one on the GPU machine.
+def _session(out: Path, *stages: str, timeout: int) -> subprocess.CompletedProcess:
+    """``scripts/gpu_session.sh STAGES`` with results to ``out``; its ``python3`` is the one
+    running these tests, as on the GPU machine it is the only one."""
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    return dict(os.environ, PATH=path, OUT=str(out), FUSEDCONVLSTM_COMMIT="0123abc")
+    env = dict(os.environ, PATH=path, OUT=str(out), FUSEDCONVLSTM_COMMIT="0123abc")
+    script = str(ROOT / "scripts" / "gpu_session.sh")
+    return subprocess.run(["bash", script, *stages], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -34,13 +37,7 @@ def test_session_prep_uses_the_carried_build_and_returns_a_summary_and_logs(tmp_
     if _extension.unavailable_reason() is not None or _extension.stale_reason() is not None:
         pytest.skip("no current build of the extension here to carry")
     out = tmp_path / "out"
-    run = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_session.sh"), "prep"],
-        env=_env(out),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = _session(out, "prep", timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     summary = (out / "summary.txt").read_text()
     assert "prep: carried extension loads and matches the sources" in summary
@@ -53,12 +50,6 @@ def test_session_prep_uses_the_carried_build_and_returns_a_summary_and_logs(tmp_
 
 def test_session_refuses_an_unknown_stage(tmp_path):
     out = tmp_path / "out"
-    run = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_session.sh"), "benchmark-everything"],
-        env=_env(out),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _session(out, "benchmark-everything", timeout=60)
     assert run.returncode == 2
     assert "unknown stage benchmark-everything" in (out / "summary.txt").read_text()

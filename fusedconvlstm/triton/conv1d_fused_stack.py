@@ -191,6 +191,10 @@ SLAB_L2_FRACTION = 0.6
 scratch that stays fast only while it stays in L2, next to the weights (1.8 MB for the reference
 model in bf16), the input rows and the output being written."""
 
+FUSED_KERNEL_REGISTERS = 256
+"""Registers per thread the fused kernel is counted at (255 at the reference size on sm_90,
+rounded to the allocation unit): what bounds the programs an SM holds."""
+
 MIN_TILE = 16
 """Fewest output steps per tile when tiles are shrunk to give every resident program work."""
 
@@ -252,7 +256,7 @@ def resident_programs(device: torch.device, num_warps: int) -> int:
     props = layer_kernels.gpu_properties(device)
     if props is None:
         return 3
-    warps_per_sm = props.regs_per_multiprocessor // (256 * props.warp_size)
+    warps_per_sm = props.regs_per_multiprocessor // (FUSED_KERNEL_REGISTERS * props.warp_size)
     return max(1, warps_per_sm // num_warps) * props.multi_processor_count
 
 

@@ -35,6 +35,8 @@ constexpr int kSyncStride = 32;  // barrier counters 128 bytes apart: one L2 lin
 // compute-sanitizer run, where a correct kernel can wait longer).
 constexpr unsigned long long kWatchdogNs = 10ull * 1000 * 1000 * 1000;
 constexpr const char* kWatchdogEnv = "FUSEDCONVLSTM_BARRIER_TIMEOUT_S";
+// The largest thread-block cluster of sm_90 (16 needs the non-portable opt-in; 8 is portable).
+constexpr int kMaxClusterBlocks = 16;
 
 // Launch configuration: per-warp tile MT x NT mma tiles (MT fixed per kernel, NT a template
 // parameter), warps split as wm (rows) x wn (batch columns) x wk (reduction), the batch split
@@ -54,8 +56,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // m_rows_per_warp: 32 for the forward (two m16 tiles: 8 units x 4 gates), 16 for the backward
 // (one m16 tile of units). rows_per_unit: 4 for the forward (gates), 1 for the backward.
+// h_tiles: batch tiles of the exchanged state held in shared memory: 1, or 2 for the cluster
+// kernel's double buffer.
 inline Layout make_layout(const Config& c, int64_t B, int64_t D, int64_t H, int64_t K, int elem_bytes,
-                          int m_rows_per_warp, int rows_per_unit) {
+                          int m_rows_per_warp, int rows_per_unit, int h_tiles = 1) {
   Layout l;
   l.rows_a = m_rows_per_warp * c.wm;
   l.hs = l.rows_a / rows_per_unit;
@@ -65,7 +69,7 @@ inline Layout make_layout(const Config& c, int64_t B, int64_t D, int64_t H, int6
   l.kp = static_cast<int>(round_up(K, kKStepBytes / elem_bytes));
   l.lda = l.kp * elem_bytes + kRowPadBytes;
   l.ldr = l.rows_a + 4;  // 4 floats of padding: see store_accumulators
-  l.smem = l.rows_a * l.lda + l.bt * l.lda + c.wk * l.bt * l.ldr * 4;
+  l.smem = l.rows_a * l.lda + h_tiles * l.bt * l.lda + c.wk * l.bt * l.ldr * 4;
   l.grid = static_cast<int>(D * c.nbg * l.nu);
   return l;
 }
@@ -259,6 +263,25 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   return t;
 }
 
+// Thread-block cluster primitives (sm_90): the address of the same shared-memory byte in block
+// `rank` of the cluster, a 16-byte store there, and the cluster barrier split into its arrive
+// (release: this thread's shared-memory writes, local and remote, become visible to the cluster)
+// and its wait (acquire). Every thread of every block of the cluster takes part in the barrier, so
+// it also orders the threads of one block. Only the cluster kernel calls them, and its body is
+// compiled for sm_90 and newer only.
+__device__ __forceinline__ uint32_t map_shared_to_rank(uint32_t addr, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void st_cluster_16(uint32_t addr, const uint4& v) {
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+
 // Barrier of the blocks that exchange state (one recurrence, one batch group), split in two so
 // that a block can load the next step's inputs between announcing its arrival and waiting for
 // the others. The counter is monotonic, so it never needs resetting inside the launch; after
@@ -297,6 +320,75 @@ __device__ __forceinline__ void barrier_wait(unsigned* counter, unsigned target,
 template <typename T>
 __device__ __forceinline__ T zero_value() {
   return FromFloat<T>::cvt(0.0f);
+}
+
+// The forward kernels' W_hh slice: rows gate * H + j0 + unit of recurrence d's weights (w_d,
+// 4H x H) -> shared row gate * hs + unit (rows of lda bytes); zero rows past H and zero columns
+// past H, so padded units produce finite junk that is never stored and padded k contributes
+// nothing.
+template <typename T>
+__device__ __forceinline__ void load_gate_rows(unsigned char* w_s, int lda, const T* w_d, int rows_a, int kp, int hs,
+                                               int j0, int H) {
+  for (int idx = threadIdx.x; idx < rows_a * kp; idx += kThreads) {
+    const int m = idx / kp, k = idx - m * kp;
+    const int gate = m / hs, j = j0 + (m - gate * hs);
+    T v = zero_value<T>();
+    if (j < H && k < H) v = w_d[(static_cast<int64_t>(gate) * H + j) * H + k];
+    reinterpret_cast<T*>(w_s + m * lda)[k] = v;
+  }
+}
+
+// The forward cell update of one (unit, batch row) from its four gate pre-activations: the
+// gates and the new c (fp32), as the step-wise cell kernel computes them.
+struct CellState {
+  float i, f, g, o, c;
+};
+
+__device__ __forceinline__ CellState lstm_cell_update(const float (&pre)[4], float c_prev) {
+  CellState s;
+  s.i = sigmoid(pre[0]);
+  s.f = sigmoid(pre[1]);
+  s.g = tanhf(pre[2]);
+  s.o = sigmoid(pre[3]);
+  s.c = s.f * c_prev + s.i * s.g;
+  return s;
+}
+
+// The four gate values of xg for (row = (t, b, d), unit j): xg is (T, B, D, 4H).
+template <typename T>
+__device__ __forceinline__ void load_gate_x(float (&x)[4], const T* xg, int64_t row, int j, int H) {
+  const T* x_row = xg + row * 4 * static_cast<int64_t>(H) + j;
+#pragma unroll
+  for (int gate = 0; gate < 4; ++gate) x[gate] = to_float(x_row[gate * H]);
+}
+
+// One step's workspace entry [i, f, g, o, c] (stride H); null when the forward saves nothing.
+__device__ __forceinline__ void store_cell_workspace(float* ws_row, int H, const CellState& s) {
+  if (ws_row == nullptr) return;
+  ws_row[0] = s.i;
+  ws_row[H] = s.f;
+  ws_row[2 * H] = s.g;
+  ws_row[3 * H] = s.o;
+  ws_row[4 * H] = s.c;
+}
+
+__device__ __forceinline__ void zero_cell_workspace(float* ws_row, int H) {
+  if (ws_row == nullptr) return;
+#pragma unroll
+  for (int k = 0; k < 5; ++k) ws_row[k * H] = 0.0f;
+}
+
+// The four gate pre-activations of (unit jj, batch column n): the wk partial sums of red added
+// in a fixed order (bitwise reproducible), plus x (the gate's xg value).
+__device__ __forceinline__ void gate_preactivations(float (&pre)[4], const float* red, int n, int jj, int ldr, int hs,
+                                                    int bt, int wk, const float (&x)[4]) {
+  const float* r = red + n * ldr + jj;
+#pragma unroll
+  for (int gate = 0; gate < 4; ++gate) {
+    float a = r[gate * hs];
+    for (int kw = 1; kw < wk; ++kw) a += r[kw * bt * ldr + gate * hs];
+    pre[gate] = a + x[gate];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -353,7 +445,8 @@ struct Problem {
 };
 
 inline Problem check_problem(const Tensor& seq, const char* seq_name, int64_t nt, int64_t wm, int64_t wn, int64_t wk,
-                             int64_t nbg, bool precise, bool k_is_4h, int m_rows, int k_split, const char* op) {
+                             int64_t nbg, bool precise, bool k_is_4h, int m_rows, int k_split, const char* op,
+                             bool cluster = false) {
   STD_TORCH_CHECK(seq.dim() == 4, op, ": ", seq_name, " must be 4-D (T, B, D, 4H), got ", seq.dim(), "-D");
   Problem p;
   p.T = seq.size(0), p.B = seq.size(1), p.D = seq.size(2), p.H = seq.size(3) / 4;
@@ -371,26 +464,35 @@ inline Problem check_problem(const Tensor& seq, const char* seq_name, int64_t nt
                  static_cast<int>(nbg)};
   check_config(p.cfg, op);
   const int elem = p.dt == ScalarType::Float ? 4 : 2;
-  p.l = make_layout(p.cfg, p.B, p.D, p.H, k_is_4h ? 4 * p.H : p.H, elem, m_rows, k_split);
+  p.l = make_layout(p.cfg, p.B, p.D, p.H, k_is_4h ? 4 * p.H : p.H, elem, m_rows, k_split, cluster ? 2 : 1);
   STD_TORCH_CHECK(p.cfg.nbg <= p.l.nbt, op, ": nbg (", p.cfg.nbg, ") must not exceed the number of batch tiles (",
                   p.l.nbt, ")");
+  STD_TORCH_CHECK(!cluster || p.cfg.nbg == p.l.nbt, op, ": the cluster kernel runs one batch tile per cluster: nbg (",
+                  p.cfg.nbg, ") must equal the number of batch tiles (", p.l.nbt, ")");
+  STD_TORCH_CHECK(!cluster || p.l.nu <= kMaxClusterBlocks, op, ": the cluster kernel needs ", p.l.nu,
+                  " blocks per cluster (hidden size ", p.H, " in slices of ", p.l.hs, " units); at most ",
+                  kMaxClusterBlocks, " form a cluster: use more units per block (wm) or the cooperative kernel");
   STD_TORCH_CHECK(p.T * p.l.nu < (int64_t(1) << 32), op, ": T * blocks per group must stay below 2^32");
   STD_TORCH_CHECK(!precise || p.dt == ScalarType::Float, op, ": precise (3xTF32) applies to float32 only");
   return p;
 }
 
 // Checks `lengths` and `sync`, zeroes the barrier counters on `stream` and fills the shared params.
-inline RecurrenceParams recurrence_params(const Problem& pb, const std::optional<Tensor>& lengths, const Tensor& sync,
+// `sync` is null for the cluster kernel, whose barrier is the hardware's.
+inline RecurrenceParams recurrence_params(const Problem& pb, const std::optional<Tensor>& lengths, const Tensor* sync,
                                           const Tensor& like, int64_t reverse_mask, bool precise, cudaStream_t stream,
                                           const char* op) {
-  check_dtype(sync, ScalarType::Int, op, "sync");
-  check_cuda_contiguous(sync, like, op, "sync");
-  const int64_t counters = pb.D * pb.cfg.nbg * kSyncStride;
-  STD_TORCH_CHECK(sync.numel() >= counters, op, ": sync must hold at least ", counters, " int32 counters, got ",
-                  sync.numel());
   RecurrenceParams r;
+  r.sync = nullptr;
+  if (sync != nullptr) {
+    check_dtype(*sync, ScalarType::Int, op, "sync");
+    check_cuda_contiguous(*sync, like, op, "sync");
+    const int64_t counters = pb.D * pb.cfg.nbg * kSyncStride;
+    STD_TORCH_CHECK(sync->numel() >= counters, op, ": sync must hold at least ", counters, " int32 counters, got ",
+                    sync->numel());
+    r.sync = static_cast<unsigned*>(sync->data_ptr());
+  }
   r.lengths = optional_lengths(lengths, like, pb.B, op);
-  r.sync = static_cast<unsigned*>(sync.data_ptr());
   r.seq_len = static_cast<int>(pb.T);
   r.B = static_cast<int>(pb.B);
   r.D = static_cast<int>(pb.D);
@@ -400,7 +502,7 @@ inline RecurrenceParams recurrence_params(const Problem& pb, const std::optional
   r.cfg = pb.cfg;
   r.precise = precise;
   r.watchdog_ns = watchdog_ns_from_env(op);
-  STD_CUDA_CHECK(cudaMemsetAsync(sync.data_ptr(), 0, sync.numel() * sizeof(int32_t), stream));
+  if (sync != nullptr) STD_CUDA_CHECK(cudaMemsetAsync(sync->data_ptr(), 0, sync->numel() * sizeof(int32_t), stream));
   return r;
 }
 
@@ -448,6 +550,43 @@ void launch_cooperative(void (*kernel)(Params), const Params& params, const Layo
   void* args[] = {const_cast<Params*>(&params)};
   STD_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(l.grid), dim3(kThreads), args,
                                              static_cast<size_t>(l.smem), stream));
+}
+
+// Launches `kernel` in clusters of `l.nu` blocks (sm_90): the blocks of a cluster are co-scheduled
+// by the hardware, and clusters never wait on each other, so the grid needs no co-residency.
+// Refuses with a sentence what the device cannot schedule.
+template <typename Params>
+void launch_clusters(void (*kernel)(Params), const Params& params, const Layout& l, int device, cudaStream_t stream,
+                     const char* op) {
+  int major = 0, smem_optin = 0;
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  STD_TORCH_CHECK(major >= 9, op, ": thread-block clusters need compute capability 9.0 or newer; device cuda:", device,
+                  " has ", major, ".x (use the cooperative kernel)");
+  STD_TORCH_CHECK(l.smem <= smem_optin, op, ": the configuration needs ", l.smem,
+                  " bytes of shared memory per block, the device allows ", smem_optin,
+                  "; use a smaller tile (or the cooperative kernel)");
+  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin));
+  STD_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+  if (l.nu > 8) STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(l.nu);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(l.grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(l.smem);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  STD_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  STD_TORCH_CHECK(clusters > 0, op, ": device cuda:", device, " cannot schedule a cluster of ", l.nu, " blocks with ",
+                  l.smem, " bytes of shared memory each (use the cooperative kernel)");
+  STD_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, params));
 }
 
 }  // namespace persistent

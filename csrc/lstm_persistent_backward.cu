@@ -212,7 +212,7 @@ void lstm_persistent_backward_(Tensor grad_y, Tensor workspace, Tensor c0, Tenso
   const int device = dgates.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   cudaStream_t stream = current_stream(dgates);
-  const RecurrenceParams common = recurrence_params(pb, lengths, sync, dgates, reverse_mask, precise, stream, op);
+  const RecurrenceParams common = recurrence_params(pb, lengths, &sync, dgates, reverse_mask, precise, stream, op);
   dispatch_tile(pb.dt, pb.cfg.nt, [&](auto t_tag, auto nt_tag) {
     using Ts = decltype(t_tag);
     BackwardParams<Ts> p;

@@ -50,17 +50,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   unsigned char* h_s = w_s + l.rows_a * lda;
   float* red = reinterpret_cast<float*>(h_s + bt * lda);
 
-  // W_hh rows gate * H + j0 + unit -> shared row gate * hs + unit; zero rows past H and zero
-  // columns past H, so padded units produce finite junk that is never stored and padded k
-  // contributes nothing.
-  const T* w_d = p.w + static_cast<int64_t>(d) * G * H;
-  for (int idx = tid; idx < l.rows_a * kp; idx += kThreads) {
-    const int m = idx / kp, k = idx - m * kp;
-    const int gate = m / hs, j = j0 + (m - gate * hs);
-    T v = zero_value<T>();
-    if (j < H && k < H) v = w_d[(static_cast<int64_t>(gate) * H + j) * H + k];
-    reinterpret_cast<T*>(w_s + m * lda)[k] = v;
-  }
+  load_gate_rows(w_s, lda, p.w + static_cast<int64_t>(d) * G * H, l.rows_a, kp, hs, j0, H);
 
   const int wm = warp % p.cfg.wm, wn = (warp / p.cfg.wm) % p.cfg.wn, wk = warp / (p.cfg.wm * p.cfg.wn);
   const int nks = kp * static_cast<int>(sizeof(T)) / kKStepBytes;
@@ -83,10 +73,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   auto load_first_x = [&](int step) {
     if (!has_first) return;
     const int tt = rev ? p.seq_len - 1 - step : step;
-    const int64_t row = (static_cast<int64_t>(tt) * B + bg * bt + first_n) * p.D + d;
-    const T* x_row = p.xg + row * G + j0 + first_jj;
-#pragma unroll
-    for (int gate = 0; gate < 4; ++gate) x_first[gate] = to_float(x_row[gate * H]);
+    load_gate_x(x_first, p.xg, (static_cast<int64_t>(tt) * B + bg * bt + first_n) * p.D + d, j0 + first_jj, H);
   };
   load_first_x(0);
 
@@ -126,35 +113,21 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
           // Masked step: the state is carried (into the other buffer), the output is zero.
           *h_out = __ldcg(h_prev + static_cast<int64_t>(b) * kp + j);
           *y_out = zero_value<T>();
-          if (ws_row != nullptr) {
-#pragma unroll
-            for (int k = 0; k < 5; ++k) ws_row[k * H] = 0.0f;
-          }
+          zero_cell_workspace(ws_row, H);
           continue;
         }
-        const T* x_row = p.xg + row * G + j;
-        const bool first = tile == bg && idx == tid;
-        const float* r = red + n * ldr + jj;
-        float pre[4];
-#pragma unroll
-        for (int gate = 0; gate < 4; ++gate) {
-          float a = r[gate * hs];
-          for (int kw = 1; kw < p.cfg.wk; ++kw) a += r[kw * bt * ldr + gate * hs];
-          pre[gate] = a + (first ? x_first[gate] : to_float(x_row[gate * H]));
-        }
-        const float i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanhf(pre[2]), o = sigmoid(pre[3]);
-        const float c_new = f * p.c_state[state] + i * g;
-        const T h_new = from_acc<T, float>(o * tanhf(c_new));
-        p.c_state[state] = c_new;
+        float x[4], pre[4];
+        if (tile == bg && idx == tid)
+          for (int gate = 0; gate < 4; ++gate) x[gate] = x_first[gate];
+        else
+          load_gate_x(x, p.xg, row, j, H);
+        gate_preactivations(pre, red, n, jj, ldr, hs, bt, p.cfg.wk, x);
+        const CellState cell = lstm_cell_update(pre, p.c_state[state]);
+        const T h_new = from_acc<T, float>(cell.o * tanhf(cell.c));
+        p.c_state[state] = cell.c;
         *h_out = h_new;
         *y_out = h_new;
-        if (ws_row != nullptr) {  // null when the forward saves nothing for a backward
-          ws_row[0] = i;
-          ws_row[H] = f;
-          ws_row[2 * H] = g;
-          ws_row[3 * H] = o;
-          ws_row[4 * H] = c_new;
-        }
+        store_cell_workspace(ws_row, H, cell);
       }
     }
     // No block reads h after the last step: no barrier there.
@@ -166,11 +139,141 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   }
 }
 
-void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths, int64_t reverse_mask, int64_t nt,
-                              int64_t wm, int64_t wn, int64_t wk, int64_t nbg, bool precise, Tensor h_buf,
-                              Tensor c_state, Tensor y, Tensor workspace, Tensor sync) {
-  const char* op = "lstm_persistent_forward_";
-  const Problem pb = check_problem(xg, "xg", nt, wm, wn, wk, nbg, precise, /*k_is_4h=*/false, 16 * kMt, 4, op);
+// The cluster variant (sm_90): the blocks of one (recurrence, batch tile) form a thread-block
+// cluster of nu blocks, and h never leaves the chip. Each block keeps the whole h tile of its
+// batch rows in shared memory, double-buffered (h_s[s % 2] is read at step s, h_s[(s + 1) % 2]
+// written); after its cell update a block writes its own units' columns of the new h into its
+// own next buffer, then copies those columns, 16 bytes at a time, into the next buffer of every
+// other block of the cluster (distributed shared memory). One cluster barrier per step (arrive
+// with release after the copies, wait with acquire before the next step's reads) ends both the
+// exchange and the reads of the buffer that the next step overwrites, as the global barrier does
+// in the cooperative kernel. h0 comes from h_buf[0] and h_n goes to h_buf[T % 2], as there; the
+// last step exchanges nothing, so no block can still be writing into a block that has exited.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const ForwardParams<T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // launch_clusters refuses devices older than sm_90
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Layout& l = p.l;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int u = blockIdx.x % l.nu;  // == cluster_rank(): the cluster is nu consecutive blocks
+  const int tile = (blockIdx.x / l.nu) % p.cfg.nbg;
+  const int d = blockIdx.x / (l.nu * p.cfg.nbg);
+  const int H = p.H, B = p.B, hs = l.hs, bt = l.bt, kp = l.kp, lda = l.lda, ldr = l.ldr;
+  const int j0 = u * hs, b0 = tile * bt;
+  const int64_t G = 4 * static_cast<int64_t>(H);
+
+  unsigned char* w_s = smem;
+  unsigned char* h_s = w_s + l.rows_a * lda;  // two buffers of bt rows
+  float* red = reinterpret_cast<float*>(h_s + 2 * bt * lda);
+
+  load_gate_rows(w_s, lda, p.w + static_cast<int64_t>(d) * G * H, l.rows_a, kp, hs, j0, H);
+  // Buffer 1 starts zero (its padding columns and rows past the batch are never written); buffer
+  // 0 takes the h0 tile, zeros past the batch.
+  for (int idx = tid; idx < bt * lda / 16; idx += kThreads)
+    reinterpret_cast<uint4*>(h_s + bt * lda)[idx] = make_uint4(0u, 0u, 0u, 0u);
+  const int64_t buf_stride = static_cast<int64_t>(p.D) * B * kp;
+  load_rows_async(h_s, lda, p.h_buf + static_cast<int64_t>(d) * B * kp, kp, b0, bt, B);
+
+  const int wm = warp % p.cfg.wm, wn = (warp / p.cfg.wm) % p.cfg.wn, wk = warp / (p.cfg.wm * p.cfg.wn);
+  const int nks = kp * static_cast<int>(sizeof(T)) / kKStepBytes;
+  const int ks0 = wk * nks / p.cfg.wk, ks1 = (wk + 1) * nks / p.cfg.wk;
+  const int m0 = wm * 16 * kMt, n0 = wn * 8 * NT;
+  const uint32_t a_base = smem_addr(w_s) + m0 * lda;
+  float* red_warp = red + wk * bt * ldr;
+  const bool rev = (p.reverse_mask >> d) & 1;
+  const int64_t H5 = 5 * static_cast<int64_t>(H);
+  // The columns a block sends: its units, up to the padded width (zeros past H).
+  const int send_chunks = (min(j0 + hs, kp) - j0) * static_cast<int>(sizeof(T)) / 16;
+  const int send_rows = min(bt, B - b0);
+
+  // As in the cooperative kernel: each thread's first element's xg is loaded a step ahead.
+  const int first_n = tid / hs, first_jj = tid - first_n * hs;
+  const bool has_first = tid < hs * bt && j0 + first_jj < H && b0 + first_n < B;
+  float x_first[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  auto load_first_x = [&](int step) {
+    if (!has_first) return;
+    const int tt = rev ? p.seq_len - 1 - step : step;
+    load_gate_x(x_first, p.xg, (static_cast<int64_t>(tt) * B + b0 + first_n) * p.D + d, j0 + first_jj, H);
+  };
+  load_first_x(0);
+  cp_async_wait_all();
+  // Every block's buffers are initialised before any block of the cluster writes into them.
+  cluster_arrive();
+  cluster_wait();
+
+  for (int s = 0; s < p.seq_len; ++s) {
+    const int t = rev ? p.seq_len - 1 - s : s;
+    const bool last = s + 1 == p.seq_len;
+    unsigned char* h_cur = h_s + (s & 1) * bt * lda;
+    unsigned char* h_nxt = h_s + ((s + 1) & 1) * bt * lda;
+    float acc[kMt][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+    warp_mma<T, kMt, NT>(acc, a_base, lda, smem_addr(h_cur) + n0 * lda, lda, ks0, ks1, lane, p.precise);
+    store_accumulators<kMt, NT>(red_warp, ldr, acc, m0, n0, lane);
+    __syncthreads();  // partial sums complete
+
+    T* h_last = p.h_buf + (p.seq_len & 1) * buf_stride + static_cast<int64_t>(d) * B * kp;
+    for (int idx = tid; idx < hs * bt; idx += kThreads) {
+      const int n = idx / hs, jj = idx - n * hs;
+      const int j = j0 + jj, b = b0 + n;
+      if (j >= H || b >= B) continue;
+      const int64_t state = (static_cast<int64_t>(d) * B + b) * H + j;
+      const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;  // (t, b, d)
+      T* y_out = p.y + row * H + j;
+      float* ws_row = p.ws == nullptr ? nullptr : p.ws + row * H5 + j;
+      T h_new;
+      if (p.lengths != nullptr && t >= p.lengths[b]) {
+        // Masked step: the state is carried (into the other buffer), the output is zero.
+        h_new = reinterpret_cast<const T*>(h_cur + n * lda)[j];
+        *y_out = zero_value<T>();
+        zero_cell_workspace(ws_row, H);
+      } else {
+        float x[4], pre[4];
+        if (idx == tid)
+          for (int gate = 0; gate < 4; ++gate) x[gate] = x_first[gate];
+        else
+          load_gate_x(x, p.xg, row, j, H);
+        gate_preactivations(pre, red, n, jj, ldr, hs, bt, p.cfg.wk, x);
+        const CellState cell = lstm_cell_update(pre, p.c_state[state]);
+        h_new = from_acc<T, float>(cell.o * tanhf(cell.c));
+        p.c_state[state] = cell.c;
+        *y_out = h_new;
+        store_cell_workspace(ws_row, H, cell);
+      }
+      if (last)
+        h_last[static_cast<int64_t>(b) * kp + j] = h_new;
+      else
+        reinterpret_cast<T*>(h_nxt + n * lda)[j] = h_new;
+    }
+    if (last) break;
+    __syncthreads();  // this block's columns of the next buffer are complete
+    const uint32_t src = smem_addr(h_nxt) + j0 * static_cast<int>(sizeof(T));
+    const int per_peer = send_rows * send_chunks;
+    for (int idx = tid; idx < (l.nu - 1) * per_peer; idx += kThreads) {
+      const int k = idx / per_peer, rest = idx - k * per_peer;
+      const int n = rest / send_chunks, c = rest - n * send_chunks;
+      const uint32_t peer = static_cast<uint32_t>(k < u ? k : k + 1);
+      const uint32_t off = n * lda + c * 16;
+      const uint4 v = *reinterpret_cast<const uint4*>(h_nxt + j0 * static_cast<int>(sizeof(T)) + off);
+      st_cluster_16(map_shared_to_rank(src + off, peer), v);
+    }
+    cluster_arrive();
+    load_first_x(s + 1);
+    cluster_wait();
+  }
+#endif
+}
+
+// The tensors both forward ops take, checked against the problem.
+void check_forward_tensors(const Problem& pb, const Tensor& xg, const Tensor& w_hh, const Tensor& h_buf,
+                           const Tensor& c_state, const Tensor& y, const Tensor& workspace, const char* op) {
   const int64_t T = pb.T, B = pb.B, D = pb.D, H = pb.H;
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&w_hh, "w_hh"}, {&h_buf, "h_buf"}, {&y, "y"}})
     check_dtype(*t, pb.dt, op, name);
@@ -186,11 +289,11 @@ void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> leng
   check_shape(y, {T, B, D, H}, op, "y");
   // An empty workspace: the forward saves nothing for a backward.
   if (workspace.numel() != 0) check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
+}
 
-  const int device = xg.get_device_index();
-  torch::stable::accelerator::DeviceGuard guard(device);
-  cudaStream_t stream = current_stream(xg);
-  const RecurrenceParams common = recurrence_params(pb, lengths, sync, xg, reverse_mask, precise, stream, op);
+template <typename Launch>
+void launch_forward(const Problem& pb, const RecurrenceParams& common, const Tensor& xg, const Tensor& w_hh,
+                    Tensor& h_buf, Tensor& c_state, Tensor& y, Tensor& workspace, Launch&& launch) {
   dispatch_tile(pb.dt, pb.cfg.nt, [&](auto t_tag, auto nt_tag) {
     using Ts = decltype(t_tag);
     ForwardParams<Ts> p;
@@ -201,7 +304,44 @@ void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> leng
     p.c_state = static_cast<float*>(c_state.data_ptr());
     p.y = static_cast<Ts*>(y.data_ptr());
     p.ws = workspace.numel() ? static_cast<float*>(workspace.data_ptr()) : nullptr;
+    launch(p, nt_tag);
+  });
+}
+
+void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths, int64_t reverse_mask, int64_t nt,
+                              int64_t wm, int64_t wn, int64_t wk, int64_t nbg, bool precise, Tensor h_buf,
+                              Tensor c_state, Tensor y, Tensor workspace, Tensor sync) {
+  const char* op = "lstm_persistent_forward_";
+  const Problem pb = check_problem(xg, "xg", nt, wm, wn, wk, nbg, precise, /*k_is_4h=*/false, 16 * kMt, 4, op);
+  check_forward_tensors(pb, xg, w_hh, h_buf, c_state, y, workspace, op);
+  const int device = xg.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  cudaStream_t stream = current_stream(xg);
+  const RecurrenceParams common = recurrence_params(pb, lengths, &sync, xg, reverse_mask, precise, stream, op);
+  launch_forward(pb, common, xg, w_hh, h_buf, c_state, y, workspace, [&](const auto& p, auto nt_tag) {
+    using Ts = std::remove_cv_t<std::remove_reference_t<decltype(*p.xg)>>;
     launch_cooperative(lstm_persistent_forward_kernel<Ts, decltype(nt_tag)::value>, p, pb.l, device, stream, op);
+  });
+}
+
+void lstm_cluster_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths, int64_t reverse_mask, int64_t nt,
+                           int64_t wm, int64_t wn, int64_t wk, bool precise, Tensor h_buf, Tensor c_state, Tensor y,
+                           Tensor workspace) {
+  const char* op = "lstm_cluster_forward_";
+  STD_TORCH_CHECK(xg.dim() == 4 && xg.size(1) > 0, op, ": xg must be 4-D (T, B, D, 4H) with B > 0");
+  // One batch tile per cluster: nbg is the number of tiles.
+  const int64_t bt = 8 * nt * wn;
+  const int64_t nbg = bt > 0 ? (xg.size(1) + bt - 1) / bt : 1;
+  const Problem pb =
+      check_problem(xg, "xg", nt, wm, wn, wk, nbg, precise, /*k_is_4h=*/false, 16 * kMt, 4, op, /*cluster=*/true);
+  check_forward_tensors(pb, xg, w_hh, h_buf, c_state, y, workspace, op);
+  const int device = xg.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  cudaStream_t stream = current_stream(xg);
+  const RecurrenceParams common = recurrence_params(pb, lengths, nullptr, xg, reverse_mask, precise, stream, op);
+  launch_forward(pb, common, xg, w_hh, h_buf, c_state, y, workspace, [&](const auto& p, auto nt_tag) {
+    using Ts = std::remove_cv_t<std::remove_reference_t<decltype(*p.xg)>>;
+    launch_clusters(lstm_cluster_forward_kernel<Ts, decltype(nt_tag)::value>, p, pb.l, device, stream, op);
   });
 }
 
@@ -211,4 +351,5 @@ void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> leng
 
 STABLE_TORCH_LIBRARY_IMPL(fusedconvlstm, CUDA, m) {
   m.impl("lstm_persistent_forward_", TORCH_BOX(&fusedconvlstm::persistent::lstm_persistent_forward_));
+  m.impl("lstm_cluster_forward_", TORCH_BOX(&fusedconvlstm::persistent::lstm_cluster_forward_));
 }

@@ -23,6 +23,8 @@ lines as DESIGN.md §4 describes. Without a GPU the same cases run on the CPU at
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -76,6 +78,9 @@ class BenchRecord:
     baseline_max_rel_err: float | None = None
     # DESIGN.md §3's pass mark: our error at most twice the baseline's (plus 4 ulp of our dtype).
     err_within_2x_baseline: bool | None = None
+    # The cuda backend's forward kernel(s) that served the case ("cluster", "cooperative",
+    # "stepwise", joined by "+"), None where it did not run.
+    lstm_forward_kernel: str | None = None
 
     @classmethod
     def measured(
@@ -470,11 +475,16 @@ def plan(
     include_reference: bool,
     compile_modes: Iterable[str] = ("default",),
     flashrnn_backends: Iterable[str] = (),
+    lstm_forward_kernels: Iterable[str] = (),
 ) -> list[dict]:
     """The list of cases to run (each a dict of parameters). ``compile_modes``: the
     ``torch.compile`` modes the reference model is also timed under; ``flashrnn_backends``: the
-    FlashRNN kernels the LSTM cases are also timed against, in our dtype (both GPU only)."""
+    FlashRNN kernels the LSTM cases are also timed against, in our dtype (both GPU only);
+    ``lstm_forward_kernels``: the cuda backend's persistent forward kernels the lstm cases are
+    timed with, each preferred in turn (``FUSEDCONVLSTM_LSTM_FWD_KERNEL``) against the dtype's
+    first baseline; empty: the default preference only."""
     compile_modes, flashrnn_backends = tuple(compile_modes), tuple(flashrnn_backends)
+    lstm_forward_kernels = tuple(lstm_forward_kernels)
     cases = []
     for op in ops:
         for dtype_name in dtypes:
@@ -491,20 +501,26 @@ def plan(
                                 and base_dtype == DTYPES[dtype_name]
                             ):
                                 names += [f"flashrnn_{b}" for b in flashrnn_backends]
+                            first_baseline = baseline == _baselines(dtype_name, device)[0][0]
                             for bname in names:
                                 for backend in _serving_backends(op, device, DTYPES[dtype_name], include_reference):
-                                    cases.append(
-                                        dict(
-                                            op=op,
-                                            dtype=dtype_name,
-                                            base_dtype=base_dtype,
-                                            batch=batch,
-                                            seq=seq,
-                                            pass_=pass_,
-                                            baseline=bname,
-                                            backend=backend,
+                                    kernels = [None]
+                                    if op in ("lstm", "lstm_pair") and backend == "cuda" and lstm_forward_kernels:
+                                        kernels = list(lstm_forward_kernels) if first_baseline else kernels
+                                    for kernel in kernels:
+                                        cases.append(
+                                            dict(
+                                                op=op,
+                                                dtype=dtype_name,
+                                                base_dtype=base_dtype,
+                                                batch=batch,
+                                                seq=seq,
+                                                pass_=pass_,
+                                                baseline=bname,
+                                                backend=backend,
+                                                forward_kernel=kernel,
+                                            )
                                         )
-                                    )
     return cases
 
 
@@ -577,13 +593,44 @@ def build_pair(case: dict, device: torch.device, hidden: int) -> _Pair:
     return _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mode_of(case["baseline"]))
 
 
+@contextlib.contextmanager
+def _preferred_forward_kernel(name: str | None):
+    """``FUSEDCONVLSTM_LSTM_FWD_KERNEL=name`` inside the block (unchanged for ``None``)."""
+    from fusedconvlstm.cuda.persistent_config import FORWARD_KERNEL_ENV
+
+    saved = os.environ.get(FORWARD_KERNEL_ENV)
+    if name is not None:
+        os.environ[FORWARD_KERNEL_ENV] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(FORWARD_KERNEL_ENV, None)
+        else:
+            os.environ[FORWARD_KERNEL_ENV] = saved
+
+
+def _forward_kernels_served() -> collections.Counter | None:
+    """The cuda backend's count of forward kernels served (None where it cannot load)."""
+    try:
+        from fusedconvlstm.cuda.lstm import FORWARD_KERNELS_SERVED
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return FORWARD_KERNELS_SERVED
+
+
 def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchRecord:
     """Build, check and time one case."""
     op, batch, backend = case["op"], case["batch"], case["backend"]
-    pair = build_pair(case, device, hidden)
-    err, base_err = pair.errors()
-    ours_ms = time_ms(pair.ours, device)
-    base_ms = time_ms(pair.baseline, device)
+    served = _forward_kernels_served()
+    with _preferred_forward_kernel(case.get("forward_kernel")):
+        pair = build_pair(case, device, hidden)
+        if served is not None:
+            served.clear()
+        err, base_err = pair.errors()
+        kernels = "+".join(sorted(served)) if served else None
+        ours_ms = time_ms(pair.ours, device)
+        base_ms = time_ms(pair.baseline, device)
     return BenchRecord.measured(
         env,
         (ours_ms, base_ms),
@@ -596,6 +643,7 @@ def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchR
         seq=case["seq"],
         hidden=hidden,
         pass_=case["pass_"],
+        lstm_forward_kernel=kernels,
     )
 
 
@@ -618,7 +666,7 @@ def format_records(records: list[BenchRecord]) -> str:
             r.dtype,
             r.batch,
             r.seq,
-            r.backend,
+            r.backend if r.lstm_forward_kernel is None else f"{r.backend} ({r.lstm_forward_kernel})",
             f"{r.median_ms:.3f}",
             r.baseline,
             f"{r.baseline_median_ms:.3f}",
@@ -651,7 +699,8 @@ def main_bench(args) -> int:
     hidden = args.hidden or 512
     compile_modes = () if args.no_compile else tuple(args.compile_modes or ("default",))
     flashrnn = tuple(getattr(args, "flashrnn", None) or ())
-    cases = plan(ops, dtypes, batches, seqs, passes, device, args.include_reference, compile_modes, flashrnn)
+    kernels = tuple(getattr(args, "lstm_forward_kernels", None) or ())
+    cases = plan(ops, dtypes, batches, seqs, passes, device, args.include_reference, compile_modes, flashrnn, kernels)
     if not cases:
         print("nothing to run: no backend can serve these cases on this machine", flush=True)
         return 1
@@ -660,7 +709,8 @@ def main_bench(args) -> int:
     t_start = time.perf_counter()
     budget = getattr(args, "time_budget", None)
     for k, case in enumerate(cases, 1):
-        label = f"{case['op']} {case['pass_']} {case['dtype']} b={case['batch']} T={case['seq']} {case['backend']} vs {case['baseline']}"
+        kernel = f" ({case['forward_kernel']} preferred)" if case.get("forward_kernel") else ""
+        label = f"{case['op']} {case['pass_']} {case['dtype']} b={case['batch']} T={case['seq']} {case['backend']}{kernel} vs {case['baseline']}"
         if budget is not None and time.perf_counter() - t_start > budget:
             print(
                 f"time budget of {budget:.0f} s spent: {len(cases) - k + 1} case(s) not run, from [{k}/{len(cases)}] {label}"

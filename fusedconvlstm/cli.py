@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line."""
     from fusedconvlstm import BACKENDS
     from fusedconvlstm.benchmarking import COMPILE_MODES, DTYPES, FLASHRNN_BACKENDS, OPS
+    from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS
 
     parser = argparse.ArgumentParser(prog="fusedconvlstm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(FLASHRNN_BACKENDS),
         help="also time the lstm cases against these FlashRNN kernels (needs `pip install flashrnn`; cuda_fused "
         "compiles for minutes at its first call)",
+    )
+    p.add_argument(
+        "--lstm-forward-kernels",
+        nargs="+",
+        choices=list(FORWARD_KERNELS),
+        help="time the lstm cases on the cuda backend with each of these persistent forward kernels preferred "
+        "(records name the kernel that served)",
     )
     p.add_argument(
         "--time-budget", type=float, metavar="SECONDS", help="start no new case after this many seconds (GPU leases)"

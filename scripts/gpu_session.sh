@@ -156,7 +156,7 @@ stage_bench_core() {
   # The issues' targets, the LSTMs and the conv stack before the whole model (its torch.compile
   # baselines compile for tens of seconds each).
   bench bench_core 240 --ops lstm lstm_pair conv1d_stack model_inference model_train_step \
-    --dtypes bf16 --batches 64 256 --out "$OUT/$(results_name)_core.jsonl"
+    --dtypes bf16 --batches 64 256 --lstm-forward-kernels cooperative cluster --out "$OUT/$(results_name)_core.jsonl"
 }
 
 stage_bench_more() {

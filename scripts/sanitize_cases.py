@@ -1,19 +1,25 @@
 """Small forward + backward calls of every GPU kernel, for ``compute-sanitizer`` (scripts/sanitize.sh).
 
-Sizes are odd on purpose (tile edges, masked rows): T=7, B=5, H=40, two recurrences with lengths;
+Sizes are odd on purpose (tile edges, masked rows): T=7, B=5, H=40, two recurrences with lengths,
+on the cuda backend's cooperative and cluster forward kernels and on Triton;
 a three-layer conv stack with a strided last layer, tokens and projection.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import fusedconvlstm
 from fusedconvlstm import backends
+from fusedconvlstm.cuda.persistent_config import FORWARD_KERNEL_ENV
 
 
 def lstm_cases() -> None:
-    for backend in ("cuda", "triton"):
+    for backend, kernel in (("cuda", "cooperative"), ("cuda", "cluster"), ("triton", None)):
+        if kernel is not None:
+            os.environ[FORWARD_KERNEL_ENV] = kernel  # read per call by the cuda backend
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             xg = torch.randn(7, 5, 2, 160, device="cuda", dtype=dtype, requires_grad=True)
             w = [torch.randn(160, 40, device="cuda", dtype=dtype, requires_grad=True) * 0.1 for _ in range(2)]
@@ -24,7 +30,7 @@ def lstm_cases() -> None:
                 print(f"skip lstm {backend} {dtype}: {exc}")
                 continue
             (y.float().sum() + h.float().sum() + c.float().sum()).backward()
-            print(f"lstm {backend} {dtype}: ok")
+            print(f"lstm {backend}{'' if kernel is None else ' ' + kernel} {dtype}: ok")
 
 
 def conv_cases() -> None:

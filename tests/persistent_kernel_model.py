@@ -86,10 +86,10 @@ class SharedMemory:
     """One block's dynamic shared memory: the operand region (W slice, then the h / dG tile) in
     elements of ``eb`` bytes, then the fp32 partial sums; byte offsets as in the kernels."""
 
-    def __init__(self, layout: Layout, eb: int, rows_a: int, lda: int, ldr: int):
+    def __init__(self, layout: Layout, eb: int, rows_a: int, lda: int, ldr: int, tiles: int = 1):
         self.eb, self.lda = eb, lda
-        self.tile_offset = rows_a * lda  # h_s / g_s
-        self.red_offset = self.tile_offset + layout.bt * lda
+        self.tile_offset = rows_a * lda  # h_s / g_s (``tiles`` of them: 2 for the cluster kernel)
+        self.red_offset = self.tile_offset + tiles * layout.bt * lda
         assert self.red_offset % 16 == 0, "the partial sums must start 16-byte aligned"
         self.nbytes = layout.smem
         red_bytes = layout.wk * layout.bt * ldr * 4
@@ -199,6 +199,7 @@ class AsyncCopy:
         rows: int,
         rows_total: int,
         rng: np.random.Generator,
+        dst_offset: int | None = None,
     ):
         eb = smem.eb
         chunks = kp * eb // 16
@@ -208,7 +209,7 @@ class AsyncCopy:
         inside = row < rows_total
         g = src_off + np.where(inside, row, 0) * kp + c * (16 // eb)
         assert np.all((g * eb) % 16 == 0), "cp.async source not 16-byte aligned"
-        dst = smem.tile_offset + r * smem.lda + c * 16
+        dst = (smem.tile_offset if dst_offset is None else dst_offset) + r * smem.lda + c * 16
         assert np.all(dst % 16 == 0), "cp.async destination not 16-byte aligned"
         self.dst = smem.ops_index(dst[:, None] + eb * np.arange(16 // eb), smem.tile_offset, smem.red_offset)
         self.src = g[:, None] + np.arange(16 // eb)
@@ -278,6 +279,18 @@ def _block_shape(p: Problem, rows_per_warp: int):
     return rows_a, lda, ldr
 
 
+def load_gate_rows(smem: SharedMemory, p: Problem, mem: dict[str, Global], rows_a: int, lda: int, j0: int, d: int):
+    """Port of ``load_gate_rows``: the forward kernels' W_hh slice into shared memory."""
+    H, hs, kp = p.H, p.layout.hs, p.layout.kp
+    idx = np.arange(rows_a * kp)
+    m, k = idx // kp, idx % kp
+    gate = m // hs
+    j = j0 + (m - gate * hs)
+    inside = (j < H) & (k < H)
+    src = d * 4 * H * H + (gate * H + np.where(inside, j, 0)) * H + np.where(inside, k, 0)
+    smem.ops[smem.ops_index(m * lda + k * p.eb, 0, smem.tile_offset)] = np.where(inside, mem["w"][src], 0.0)
+
+
 def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.ndarray, rng: np.random.Generator):
     """``lstm_persistent_forward_kernel`` for block ``bid`` (a generator, see :func:`run_blocks`)."""
     lay = p.layout
@@ -289,14 +302,7 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
     j0 = u * hs
     G = 4 * H
     smem = SharedMemory(lay, p.eb, rows_a, lda, ldr)
-
-    idx = np.arange(rows_a * kp)
-    m, k = idx // kp, idx % kp
-    gate = m // hs
-    j = j0 + (m - gate * hs)
-    inside = (j < H) & (k < H)
-    src = d * G * H + (gate * H + np.where(inside, j, 0)) * H + np.where(inside, k, 0)
-    smem.ops[smem.ops_index(m * lda + k * p.eb, 0, smem.tile_offset)] = np.where(inside, mem["w"][src], 0.0)
+    load_gate_rows(smem, p, mem, rows_a, lda, j0, d)
 
     nks = kp * p.eb // K_STEP_BYTES
     warps = [p.warp_split(w, nks, 16 * MT, NT) for w in range(WARPS)]
@@ -385,6 +391,133 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             yield None
             load_first_x(s + 1)
             yield (counter, (s + 1) * lay.nu)  # barrier_wait
+
+
+def cluster_forward_block(
+    bid: int,
+    p: Problem,
+    mem: dict[str, Global],
+    smems: list[SharedMemory],
+    counters: np.ndarray,
+    rng: np.random.Generator,
+):
+    """``lstm_cluster_forward_kernel`` for block ``bid``; ``smems`` holds every block's shared
+    memory (the cluster's distributed shared memory) and ``counters[c]`` models cluster ``c``'s
+    barrier. A store to another block lands at its issue or at the arrive (release) that publishes
+    it, chosen at random; a missing or misplaced barrier then shows up as a wrong result."""
+    lay = p.layout
+    MT, NT = 2, lay.nt
+    u, tile, d = p.block_coords(bid)
+    H, B, hs, bt, kp = p.H, p.B, lay.hs, lay.bt, lay.kp
+    rows_a, lda, ldr = _block_shape(p, 16 * MT)
+    j0, b0, G = u * hs, tile * bt, 4 * H
+    smem = smems[bid]
+    cluster = bid // lay.nu
+    load_gate_rows(smem, p, mem, rows_a, lda, j0, d)
+    buf = [smem.tile_offset, smem.tile_offset + bt * lda]
+    smem.ops[buf[1] // p.eb : (buf[1] + bt * lda) // p.eb] = 0.0
+    buf_stride = p.D * B * kp
+    copy = AsyncCopy(smem, mem["h_buf"], d * B * kp, kp, b0, bt, B, rng, dst_offset=buf[0])
+
+    nks = kp * p.eb // K_STEP_BYTES
+    warps = [p.warp_split(w, nks, 16 * MT, NT) for w in range(WARPS)]
+    rev = bool((p.reverse_mask >> d) & 1)
+    send_chunks = (min(j0 + hs, kp) - j0) * p.eb // 16
+    send_rows = min(bt, B - b0)
+
+    tid = np.arange(THREADS)
+    first_n, first_jj = tid // hs, tid % hs
+    has_first = (tid < hs * bt) & (j0 + first_jj < H) & (b0 + first_n < B)
+    x_first = np.zeros((THREADS, 4))
+
+    def load_first_x(step):
+        tt = p.T - 1 - step if rev else step
+        row = (tt * B + b0 + first_n[has_first]) * p.D + d
+        for gt in range(4):
+            x_first[has_first, gt] = mem["xg"][row * G + j0 + first_jj[has_first] + gt * H]
+
+    load_first_x(0)
+    copy.land()
+    counters[cluster] += 1  # cluster_arrive
+    yield (cluster, lay.nu)  # cluster_wait: every block initialised
+    for s in range(p.T):
+        t = p.T - 1 - s if rev else s
+        last = s + 1 == p.T
+        cur, nxt = buf[s & 1], buf[(s + 1) & 1]
+        written = np.zeros(smem.red.size, dtype=bool)
+        for m0, n0, wk, ks0, ks1 in warps:
+            acc = np.zeros((MT, NT, 32, 4))
+            warp_mma(smem, acc, m0 * lda, cur + n0 * lda, ks0, ks1)
+            store_accumulators(smem, wk * bt * ldr, ldr, acc, m0, n0, written)
+        yield None
+
+        idx = np.arange(hs * bt)
+        n, jj = idx // hs, idx % hs
+        j, b = j0 + jj, b0 + n
+        keep = (j < H) & (b < B)
+        idx, n, jj, j, b = idx[keep], n[keep], jj[keep], j[keep], b[keep]
+        state = (d * B + b) * H + j
+        row = (t * B + b) * p.D + d
+        ws_row = row * 5 * H + j
+        valid = np.ones(b.shape, dtype=bool) if p.lengths is None else t < p.lengths[b]
+        h_new = np.empty(b.shape)
+        inv = ~valid
+        h_new[inv] = smem.ops[smem.ops_index(cur + n[inv] * lda + j[inv] * p.eb, cur, cur + bt * lda)]
+        mem["y"][row[inv] * H + j[inv]] = 0.0
+        if "ws" in mem:
+            for kk in range(5):
+                mem["ws"][ws_row[inv] + kk * H] = 0.0
+        v = valid
+        first = idx[v] < THREADS
+        assert np.all(has_first[idx[v][first]]), "a first element whose xg was not prefetched"
+        r = n[v] * ldr + jj[v]
+        pre = np.empty((4, int(v.sum())))
+        for gt in range(4):
+            a = smem.red[r + gt * hs].copy()
+            for kw in range(1, lay.wk):
+                a += smem.red[r + kw * bt * ldr + gt * hs]
+            x = mem["xg"][row[v] * G + j[v] + gt * H]
+            x[first] = x_first[idx[v][first], gt]
+            pre[gt] = a + x
+        i_g, f_g, g_g = 1 / (1 + np.exp(-pre[0])), 1 / (1 + np.exp(-pre[1])), np.tanh(pre[2])
+        o_g = 1 / (1 + np.exp(-pre[3]))
+        c_new = f_g * mem["c_state"][state[v]] + i_g * g_g
+        h_new[v] = o_g * np.tanh(c_new)
+        mem["c_state"][state[v]] = c_new
+        mem["y"][row[v] * H + j[v]] = h_new[v]
+        if "ws" in mem:
+            for kk, val in enumerate((i_g, f_g, g_g, o_g, c_new)):
+                mem["ws"][ws_row[v] + kk * H] = val
+        if last:
+            mem["h_buf"][(p.T & 1) * buf_stride + d * B * kp + b * kp + j] = h_new
+            break
+        smem.ops[smem.ops_index(nxt + n * lda + j * p.eb, nxt, nxt + bt * lda)] = h_new
+        yield None  # __syncthreads: this block's columns of the next buffer complete
+
+        deferred = []
+        per_row = 16 // p.eb
+        for peer in range(lay.nu):
+            if peer == u:
+                continue
+            target = smems[cluster * lay.nu + peer]
+            for nn in range(send_rows):
+                for c in range(send_chunks):
+                    off = nxt + nn * lda + j0 * p.eb + c * 16
+                    assert off % 16 == 0, "a 16-byte cluster store off its alignment"
+                    src = smem.ops_index(off + p.eb * np.arange(per_row), nxt, nxt + bt * lda)
+                    dst = target.ops_index(off + p.eb * np.arange(per_row), nxt, nxt + bt * lda)
+                    values = smem.ops[src].copy()
+                    if rng.random() < 0.5:
+                        target.ops[dst] = values
+                    else:
+                        deferred.append((target, dst, values))
+        yield None
+        for target, dst, values in deferred:  # cluster_arrive (release) publishes the stores
+            target.ops[dst] = values
+        counters[cluster] += 1
+        yield None
+        load_first_x(s + 1)
+        yield (cluster, (s + 2) * lay.nu)  # cluster_wait
 
 
 def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.ndarray, rng: np.random.Generator):
@@ -545,6 +678,34 @@ def run_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = 
     assert np.all(h_buf[..., H:] == 0), "the padding of h_buf must stay zero"
     ws = mem["ws"].a.reshape(T, B, D, 5 * H) if save_workspace else None
     return mem["y"].a.reshape(T, B, D, H), h_buf[T % 2, :, :, :H], mem["c_state"].a.reshape(D, B, H), ws
+
+
+def run_cluster_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = True):
+    """The cluster forward op on the model, as :func:`run_forward`."""
+    T, B, D, H, kp = p.T, p.B, p.D, p.H, p.layout.kp
+    lay = p.layout
+    h_buf = np.zeros((2, D, B, kp))
+    h_buf[0, :, :, :H] = h0
+    mem = {
+        "xg": Global(xg),
+        "w": Global(w_hh),
+        "h_buf": Global(h_buf),
+        "c_state": Global(c0),
+        "y": Global(np.full((T, B, D, H), np.nan)),
+    }
+    if save_workspace:
+        mem["ws"] = Global(np.full((T, B, D, 5 * H), np.nan))
+    rows_a, lda, ldr = _block_shape(p, 32)
+    smems = [SharedMemory(lay, p.eb, rows_a, lda, ldr, tiles=2) for _ in range(lay.grid)]
+    rng = np.random.default_rng(seed)
+    assert lay.grid % lay.nu == 0, "the grid must be whole clusters"
+    counters = np.zeros(lay.grid // lay.nu, dtype=np.int64)
+    blocks = [cluster_forward_block(b, p, mem, smems, counters, rng) for b in range(lay.grid)]
+    run_blocks(blocks, counters, rng)
+    out = mem["h_buf"].a.reshape(2, D, B, kp)
+    assert np.all(out[..., H:] == 0), "the padding of h_buf must stay zero"
+    ws = mem["ws"].a.reshape(T, B, D, 5 * H) if save_workspace else None
+    return mem["y"].a.reshape(T, B, D, H), out[T % 2, :, :, :H], mem["c_state"].a.reshape(D, B, H), ws
 
 
 def run_backward(p: Problem, grad_y, workspace, c0, w_hh, grad_h_n, grad_c_n, seed: int):

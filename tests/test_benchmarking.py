@@ -4,6 +4,7 @@ baseline computes ``nn.LSTM`` (checked on FlashRNN's own pure-PyTorch kernel on 
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -142,3 +143,41 @@ def test_training_check_compares_every_gradient_not_only_outputs():
     assert wrong_input_grad > 0.5  # the output is right; only the input gradient is not
     wrong_weight_grad, _ = check(lambda a, b, c: [_DoubleGrad.apply(ours(a))])
     assert wrong_weight_grad > 0.5
+
+
+def test_plan_times_each_preferred_lstm_forward_kernel_against_the_first_baseline(monkeypatch):
+    monkeypatch.setattr(benchmarking, "_serving_backends", lambda *a: ["cuda", "triton"])
+    kernels = ("cooperative", "cluster")
+    cases = plan(
+        ["lstm", "model_inference"], ["bf16"], [64], [45], ["fwd"], torch.device("cuda"), False, (), (), kernels
+    )
+    lstm_cuda = [(c["baseline"], c["forward_kernel"]) for c in cases if c["op"] == "lstm" and c["backend"] == "cuda"]
+    assert lstm_cuda == [("cudnn_fp16", "cooperative"), ("cudnn_fp16", "cluster"), ("cudnn_bf16", None)]
+    others = [c for c in cases if c["op"] != "lstm" or c["backend"] != "cuda"]
+    assert others and all(c["forward_kernel"] is None for c in others)
+    args = build_parser().parse_args(["bench", "--lstm-forward-kernels", "cooperative", "cluster"])
+    assert args.lstm_forward_kernels == ["cooperative", "cluster"]
+
+
+def test_preferred_forward_kernel_is_set_for_a_case_and_restored(monkeypatch):
+    from fusedconvlstm.cuda import lstm as cuda_lstm
+    from fusedconvlstm.cuda import persistent_config as pc
+    from tests.helpers import lstm_weights
+
+    monkeypatch.delenv(pc.FORWARD_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
+    xg = torch.randn(3, 2, 1, 4 * 16)
+    w = [w.float() for w in lstm_weights(1, 16)]
+    h0 = c0 = torch.zeros(1, 2, 16)
+    served = benchmarking._forward_kernels_served()
+    for name in ("cluster", "cooperative"):
+        served.clear()
+        with benchmarking._preferred_forward_kernel(name):
+            cuda_lstm.lstm_recurrence_cuda_forward(xg, w, [], h0, c0, None, [False])
+        assert dict(served) == {name: 1}
+        assert pc.FORWARD_KERNEL_ENV not in os.environ
+    served.clear()
+    cuda_lstm.lstm_recurrence_cuda_forward(
+        xg.double(), [t.double() for t in w], [], h0.double(), c0.double(), None, [False]
+    )
+    assert dict(served) == {"stepwise": 1}

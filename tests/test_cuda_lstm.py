@@ -89,6 +89,7 @@ def test_persistent_op_schemas_mutate_their_outputs(op):
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     expected = {
         "lstm_persistent_forward_": {"h_buf", "c_state", "y", "workspace", "sync"},
+        "lstm_cluster_forward_": {"h_buf", "c_state", "y", "workspace"},
         "lstm_persistent_backward_": {"dh_carry", "dc", "dgates", "g_buf", "sync"},
     }[op]
     assert mutated == expected
@@ -100,8 +101,13 @@ def test_persistent_ops_run_on_fake_tensors():
 
     fwd = _persistent_forward_args(4, 3, 2, 5, dtype=torch.float32)
     bwd = _persistent_backward_args(fwd)
+    cluster = _cluster_forward_args(fwd)
     with FakeTensorMode() as mode:
-        for op, args in (("lstm_persistent_forward_", fwd), ("lstm_persistent_backward_", bwd)):
+        for op, args in (
+            ("lstm_persistent_forward_", fwd),
+            ("lstm_cluster_forward_", cluster),
+            ("lstm_persistent_backward_", bwd),
+        ):
             fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
             assert getattr(torch.ops.fusedconvlstm, op)(*fake) is None
 
@@ -124,6 +130,23 @@ def _persistent_forward_args(T, B, D, H, dtype=F64, lengths=None, reverse=(False
         torch.empty(T, B, D, H, dtype=dtype, device=device),
         torch.empty(T, B, D, 5 * H, dtype=acc, device=device),
         torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=device),
+    )
+
+
+def _cluster_forward_args(fwd_args, config=(1, 1, 1, 8)):
+    """Cluster-op arguments from persistent-forward-op arguments (fresh outputs, same inputs)."""
+    xg, w_hh, lengths, mask, *_, h_buf, c, y, ws, _sync = fwd_args
+    return (
+        xg,
+        w_hh,
+        lengths,
+        mask,
+        *config,
+        False,
+        h_buf.clone(),
+        c.clone(),
+        torch.empty_like(y),
+        torch.empty_like(ws),
     )
 
 
@@ -159,6 +182,7 @@ def test_persistent_ops_opcheck_on_cpu():
     torch.ops.fusedconvlstm.lstm_persistent_forward_(*fwd)
     bwd = _persistent_backward_args(fwd, lengths)
     torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_backward_.default, bwd)
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_cluster_forward_.default, _cluster_forward_args(fwd))
 
 
 def test_persistent_ops_cpu_contract_rejects_wrong_buffers():
@@ -238,8 +262,76 @@ def test_configuration_override_from_the_environment(monkeypatch):
         pc.choose_config("forward", 8, 1, 64, torch.float32, pc.H100_SXM)
 
 
+def test_cluster_configuration_at_the_reference_shape():
+    # bf16, H = 512: 32 units per block (128 W rows of 1040 bytes) in clusters of 16 blocks.
+    lay = pc.choose_config(pc.CLUSTER, 64, 2, 512, torch.bfloat16, pc.H100_SXM)
+    assert isinstance(lay, pc.Layout), lay
+    assert lay.kind == pc.CLUSTER and lay.fits(pc.H100_SXM)
+    assert lay.nu <= pc.MAX_CLUSTER_BLOCKS and lay.hs * lay.nu >= 512 and lay.hs * (lay.nu - 1) < 512
+    assert lay.nbg == lay.nbt and lay.bt * lay.nbt >= 64 and lay.grid == 2 * lay.nbt * lay.nu
+    assert len(lay.args) == 4 and "clusters of" in lay.describe()
+    for batch, hidden, dtype in ((1, 512, torch.float16), (8, 100, torch.float32), (1024, 256, torch.bfloat16)):
+        lay = pc.choose_config(pc.CLUSTER, batch, 1, hidden, dtype, pc.H100_SXM)
+        assert isinstance(lay, pc.Layout) and lay.fits(pc.H100_SXM), (batch, hidden, dtype, lay)
+
+
+def test_cluster_layout_matches_the_kernel_arithmetic():
+    # Two h tiles (the exchanged state is double-buffered in shared memory); one tile per cluster.
+    lay = pc.make_layout(pc.CLUSTER, 1, 4, 2, 1, None, 64, 2, 512, torch.bfloat16)
+    lda = 512 * 2 + 16
+    assert (lay.hs, lay.bt, lay.nu, lay.nbt, lay.nbg, lay.kp) == (32, 16, 16, 4, 4, 512)
+    assert lay.smem == 128 * lda + 2 * 16 * lda + 1 * 16 * (128 + 4) * 4
+    assert lay.grid == 2 * 4 * 16
+    with pytest.raises(ValueError, match="one batch tile per cluster"):
+        pc.make_layout(pc.CLUSTER, 1, 4, 2, 1, 1, 64, 2, 512, torch.bfloat16)
+
+
+def test_cluster_configurations_that_do_not_fit_are_refused_with_reasons():
+    reason = pc.choose_config(pc.CLUSTER, 64, 1, 512, torch.bfloat16, pc.A100)
+    assert isinstance(reason, str) and "compute capability 9.0" in reason
+    # fp32 at H = 512: the widest slice that fits (16 units) would need clusters of 32 blocks.
+    reason = pc.choose_config(pc.CLUSTER, 64, 1, 512, torch.float32, pc.H100_SXM)
+    assert isinstance(reason, str) and "clusters of 32 blocks" in reason and "at most 16" in reason
+    reason = pc.choose_config(pc.CLUSTER, 64, 1, 4096, torch.bfloat16, pc.H100_SXM)
+    assert isinstance(reason, str) and "4096" in reason
+
+
+def test_cluster_configuration_override_from_the_environment(monkeypatch):
+    monkeypatch.setenv(pc.ENV_OVERRIDE[pc.CLUSTER], "1,4,2,1")
+    lay = pc.choose_config(pc.CLUSTER, 64, 2, 512, torch.bfloat16, pc.H100_SXM)
+    assert lay.args == (1, 4, 2, 1) and lay.nbg == lay.nbt == 4
+    monkeypatch.setenv(pc.ENV_OVERRIDE[pc.CLUSTER], "1,1,1,8")  # 8-unit slices: clusters of 64
+    with pytest.raises(ValueError, match="clusters of 64 blocks"):
+        pc.choose_config(pc.CLUSTER, 64, 2, 512, torch.bfloat16, pc.H100_SXM)
+    monkeypatch.setenv(pc.ENV_OVERRIDE[pc.CLUSTER], "1,4,2,1,4")
+    with pytest.raises(ValueError, match="'nt,wm,wn,wk'"):
+        pc.choose_config(pc.CLUSTER, 64, 2, 512, torch.bfloat16, pc.H100_SXM)
+
+
 # =============================================================================================
 # CPU: which path serves a call
+
+
+def test_forward_kernel_preference_from_the_environment(monkeypatch):
+    h100 = pc.H100_SXM
+    ref_shape = _call(B=64, D=2, H=512, dtype=torch.bfloat16)
+    assert cuda_lstm.preferred_forward_kernel() == "cooperative"
+    assert cuda_lstm.forward_kernel_name(ref_shape, h100) == "cooperative"
+    monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "cluster")
+    assert cuda_lstm.persistent_plan(ref_shape, "forward", h100).kind == pc.CLUSTER
+    assert cuda_lstm.persistent_plan(ref_shape, "backward", h100).kind == "backward"  # no cluster backward
+    assert cuda_lstm.forward_kernel_name(ref_shape, h100) == "cluster"
+    text = cuda_lstm.describe(ref_shape, h100)
+    assert text.startswith("forward: cluster kernel") and "backward: persistent kernel" in text
+    # Where the cluster kernel does not fit, the cooperative one serves, and explain says why.
+    fp32 = _call(B=64, H=512, dtype=torch.float32)
+    assert cuda_lstm.forward_kernel_name(fp32, h100) == "cooperative"
+    assert "the preferred cluster kernel does not take it: hidden size 512" in cuda_lstm.describe(fp32, h100)
+    assert cuda_lstm.forward_kernel_name(ref_shape, pc.A100) == "cooperative"
+    assert cuda_lstm.forward_kernel_name(_call(dtype=F64), h100) == "stepwise"
+    monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="FUSEDCONVLSTM_LSTM_FWD_KERNEL must be one of"):
+        cuda_lstm.preferred_forward_kernel()
 
 
 def test_persistent_path_decisions_and_reasons():
@@ -349,6 +441,24 @@ def test_drivers_match_reference_on_cpu(path, T, B, D, H, lengths, reverse):
         assert rel_err(out, ref) < 1e-12, name
     for d in range(D):
         assert rel_err(gw[d], gw_r[d]) < 1e-12, f"grad_w_hh[{d}]"
+
+
+@pytest.mark.parametrize("T, B, D, H, lengths, reverse", CPU_CASES)
+def test_cluster_driver_matches_reference_on_cpu(monkeypatch, T, B, D, H, lengths, reverse):
+    """The driver with the cluster kernel preferred: it calls the cluster op (its CPU
+    implementation here) and its results are the reference's."""
+    monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "cluster")
+    calls = []
+    original = cuda_lstm._cluster_forward
+    monkeypatch.setattr(cuda_lstm, "_cluster_forward", lambda *a: calls.append(a[4:8]) or original(*a))
+    lengths = None if lengths is None else torch.tensor(lengths)
+    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, F64)
+    y, hn, cn, _ = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, reverse)
+    assert len(calls) == 1
+    gy, ghn, gcn = torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)
+    (y_r, hn_r, cn_r), _ = _reference_forward_backward(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn)
+    for name, out, ref in (("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r)):
+        assert rel_err(out, ref) < 1e-12, name
 
 
 def test_persistent_and_stepwise_share_their_workspace_on_cpu():
@@ -498,6 +608,11 @@ def test_gpu_packed_sequence_lengths(dtype, bidirectional, persistent_only):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_gpu_two_parallel_lstms_in_one_launch(dtype, persistent_only):
+    _check_parallel_pair(dtype)
+
+
+def _check_parallel_pair(dtype):
+    """Two LSTMs on one input through ``parallel_lstm`` (one launch) against cuDNN and float64."""
     torch.manual_seed(1)
     T, B, n_in, H = 45, 8, 64, 128
     bases = [nn.LSTM(n_in, H).to(dtype).to(F64) for _ in range(2)]
@@ -756,6 +871,134 @@ def test_gpu_kernel_refuses_a_grid_that_cannot_be_resident():
     args[0] = args[0].double()
     with pytest.raises(RuntimeError, match="float64 runs on the step-wise kernels"):
         torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the cluster forward kernel (sm_90)
+
+
+def _needs_clusters():
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need compute capability 9.0")
+
+
+@pytest.fixture
+def cluster_forward(monkeypatch, persistent_only):
+    """Prefer the cluster forward kernel and make the cooperative forward unusable, so a test
+    proves the cluster kernel served it."""
+    _needs_clusters()
+    monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "cluster")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cooperative forward ran where the cluster kernel was expected")
+
+    monkeypatch.setattr(cuda_lstm, "_persistent_forward", refuse)
+
+
+def _all_fitting_cluster_layouts(B, D, H, dtype):
+    limits = pc.DeviceLimits.of(torch.device("cuda"))
+    out = []
+    for nt, wm, wn in itertools.product((1, 4), (1, 2, 4, 8), (1, 2, 4, 8)):
+        if 8 % (wm * wn):
+            continue
+        lay = pc.make_layout(pc.CLUSTER, nt, wm, wn, 8 // (wm * wn), None, B, D, H, dtype)
+        if lay.fits(limits):
+            out.append(lay)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("T, B, D, H", [(6, 37, 2, 100), (5, 11, 2, 72), (3, 9, 1, 512)])
+def test_gpu_cluster_forward_every_configuration_matches_the_reference(dtype, T, B, D, H):
+    """Every cluster configuration that fits (clusters of 1 to 16 blocks), lengths with empty and
+    full rows, a reversed recurrence: the float64 reference's outputs, every output element
+    written (NaN-poisoned buffers), the padding of h_buf left zero."""
+    _needs_clusters()
+    lengths = torch.tensor(([T, 0, 2, T, 1] * B)[:B], device="cuda")
+    reverse = [False, True][:D]
+    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, "cuda")
+    gy = torch.randn(T, B, D, H, device="cuda", dtype=dtype)
+    ghn, gcn = torch.randn_like(h0), torch.randn_like(c0)
+    (y_r, hn_r, cn_r), _ = _reference_forward_backward(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn)
+    tol = {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+    layouts = _all_fitting_cluster_layouts(B, D, H, dtype)
+    assert layouts
+    assert H == 512 or len({lay.nu for lay in layouts}) > 1  # clusters of several sizes
+    kp, mask = padded_reduction(H, dtype), reverse_mask(reverse)
+    valid = (torch.arange(T, device="cuda").unsqueeze(1) < lengths).view(T, B, 1, 1)
+    for lay in layouts:
+        h_buf = torch.zeros(2, D, B, kp, dtype=dtype, device="cuda")
+        h_buf[0, ..., :H] = h0
+        if T % 2:  # h_n lands in h_buf[1]: every element of it must be written
+            poison_(h_buf[1, ..., :H])
+        c = c0.float().clone()
+        y = poison_(torch.empty(T, B, D, H, dtype=dtype, device="cuda"))
+        ws = poison_(torch.empty(T, B, D, 5 * H, device="cuda"))
+        torch.ops.fusedconvlstm.lstm_cluster_forward_(
+            xg, torch.stack(w), lengths, mask, *lay.args, False, h_buf, c, y, ws
+        )
+        for name, t in (("y", y), ("workspace", ws), ("h_n", h_buf[T % 2, ..., :H]), ("c", c)):
+            assert not torch.isnan(t).any(), f"{lay.args}: NaN left in {name}"
+        assert torch.count_nonzero(h_buf[..., H:]) == 0, f"{lay.args}: the padding of h_buf must stay zero"
+        assert torch.all(torch.where(valid, 0, y) == 0) and torch.all(torch.where(valid, 0, ws) == 0)
+        for name, a, b in (("y", y, y_r), ("h_n", h_buf[T % 2, ..., :H], hn_r), ("c_n", c, cn_r)):
+            assert rel_err(a, b) < tol, f"cluster {lay.args}: {name} {rel_err(a, b):.2e}"
+
+
+CLUSTER_MODULE_CASES = [
+    ("reference_model_shape", 512, 512, 45, 64, {}),
+    ("batch1", 512, 512, 20, 1, {}),
+    ("bidir_hx_batch_first_2layers", 20, 96, 9, 5, {"with_hx": True, "batch_first": True, "bidirectional": True}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CLUSTER_MODULE_CASES, ids=[c[0] for c in CLUSTER_MODULE_CASES])
+def test_gpu_cluster_module_within_twice_cudnn_error(dtype, case, cluster_forward):
+    _, input_size, hidden, T, B, opts = case
+    ours, cudnn, ref = _three_way(dtype, input_size, hidden, T, B, **opts)
+    _check_against_cudnn(ours, cudnn, ref, dtype, f"cluster {case[0]} {dtype}")
+
+
+@pytest.mark.gpu
+def test_gpu_cluster_packed_lengths_and_parallel_pair(cluster_forward):
+    lengths = torch.tensor([7, 1, 5, 7, 3])
+    ours, cudnn, ref = _three_way(torch.bfloat16, 10, 40, 7, 5, bidirectional=True, with_hx=True, lengths=lengths)
+    _check_against_cudnn(ours, cudnn, ref, torch.bfloat16, "cluster packed bidirectional")
+    _check_parallel_pair(torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_cluster_forward_bitwise_deterministic_and_graph_capture(cluster_forward):
+    torch.manual_seed(6)
+    m = fusedconvlstm.LSTM(64, 512, backend="cuda").to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(45, 64, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        runs = [m(x) for _ in range(3)]
+        for out, (hn, cn) in runs[1:]:
+            assert torch.equal(out, runs[0][0]) and torch.equal(hn, runs[0][1][0]) and torch.equal(cn, runs[0][1][1])
+        graph, (out_static, _) = capture_graph(lambda: m(x))
+    x_new = torch.randn_like(x)
+    x.copy_(x_new)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        assert torch.equal(out_static, m(x_new)[0])
+
+
+@pytest.mark.gpu
+def test_gpu_cluster_kernel_opcheck_and_refusals():
+    _needs_clusters()
+    fwd = _persistent_forward_args(4, 5, 2, 24, dtype=torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_cluster_forward_.default, _cluster_forward_args(fwd))
+    # H = 512 in 8-unit slices: clusters of 64 blocks.
+    args = list(
+        _cluster_forward_args(_persistent_forward_args(2, 8, 1, 512, torch.bfloat16, reverse=[False], device="cuda"))
+    )
+    with pytest.raises(RuntimeError, match="at most 16 form a cluster"):
+        torch.ops.fusedconvlstm.lstm_cluster_forward_(*args)
 
 
 @pytest.mark.gpu

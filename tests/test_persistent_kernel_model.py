@@ -24,6 +24,9 @@ DTYPE_OF_WIDTH = {2: torch.bfloat16, 4: torch.float32}
 
 # (nt, wm, wn, wk, nbg): chosen so that B = 27 gives 1-4 tiles per block and H = 20 leaves padded units.
 FORWARD_CONFIGS = [(1, 1, 1, 8, 1), (1, 1, 1, 8, 2), (4, 2, 1, 4, 1), (1, 2, 4, 1, 1), (4, 1, 2, 4, 1), (1, 8, 1, 1, 1)]
+# (nt, wm, wn, wk) of the cluster kernel: clusters of 3, 2 and 1 blocks (H = 20 in slices of 8, 16,
+# 32 and 64 units, the last two wider than the padded row), 1-4 batch tiles with a partial last one.
+CLUSTER_CONFIGS = [(1, 1, 1, 8), (1, 1, 2, 4), (4, 1, 2, 4), (1, 2, 4, 1), (4, 2, 1, 4), (1, 4, 2, 1), (1, 8, 1, 1)]
 BACKWARD_CONFIGS = [
     (1, 1, 1, 8, 1),
     (1, 1, 1, 8, 2),
@@ -87,6 +90,8 @@ def test_model_fragment_tables_match_cutlass(words):
 
 
 def _problem(kind, cfg, eb, lengths):
+    if kind == pc.CLUSTER:
+        cfg = (*cfg, None)
     layout = pc.make_layout(kind, *cfg, B, D, H, DTYPE_OF_WIDTH[eb])
     return km.Problem(T, B, D, H, eb, layout, lengths, reverse_mask(REVERSE))
 
@@ -164,6 +169,32 @@ def test_forward_kernel_model_without_workspace():
     want = _reference_forward(xg, w, h0, c0, lengths)
     p = _problem("forward", (1, 1, 1, 8, 2), 2, lengths.numpy())
     got = km.run_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), 0, save_workspace=False)
+    assert got[3] is None
+    for name, a, b in zip(("y", "h_n", "c_n"), got[:3], want[:3]):
+        _close(a, b, name)
+
+
+@pytest.mark.parametrize("eb", [2, 4], ids=["16bit", "tf32"])
+@pytest.mark.parametrize("cfg", CLUSTER_CONFIGS, ids=str)
+@pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "full"])
+def test_cluster_forward_kernel_model_matches_reference(cfg, eb, with_lengths):
+    lengths = torch.tensor(LENGTHS) if with_lengths else None
+    xg, w, h0, c0 = _inputs(5)
+    want = _reference_forward(xg, w, h0, c0, lengths)
+    p = _problem(pc.CLUSTER, cfg, eb, None if lengths is None else lengths.numpy())
+    assert p.layout.nbg == p.layout.nbt  # one batch tile per cluster
+    for seed in range(3):  # interleavings of the blocks and of the remote stores
+        got = km.run_cluster_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed)
+        for name, a, b in zip(("y", "h_n", "c_n", "workspace"), got, want):
+            _close(a, b, name)
+
+
+def test_cluster_forward_kernel_model_without_workspace():
+    lengths = torch.tensor(LENGTHS)
+    xg, w, h0, c0 = _inputs(6)
+    want = _reference_forward(xg, w, h0, c0, lengths)
+    p = _problem(pc.CLUSTER, (1, 1, 1, 8), 2, lengths.numpy())
+    got = km.run_cluster_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), 0, save_workspace=False)
     assert got[3] is None
     for name, a, b in zip(("y", "h_n", "c_n"), got[:3], want[:3]):
         _close(a, b, name)

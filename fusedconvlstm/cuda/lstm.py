@@ -14,6 +14,14 @@ other combine freely:
   batched GEMM and one fused pointwise kernel (``csrc/lstm_cell.cu``). The baseline the
   persistent kernels are measured against, and the path for what they do not take.
 
+The persistent forward has two kernels: the cooperative one (a global-memory h exchange and a
+spin barrier per batch group) and a cluster one for sm_90 (the blocks of one recurrence and batch
+tile form a thread-block cluster and exchange h in distributed shared memory, with the hardware
+cluster barrier; at most 16 blocks, so hidden sizes whose W_hh slices need more stay
+cooperative). ``FUSEDCONVLSTM_LSTM_FWD_KERNEL=cluster`` makes the cluster kernel the first
+choice where it fits; the default is cooperative until a GPU measurement says which is faster
+where (``fusedconvlstm bench --lstm-forward-kernels cooperative cluster`` times both).
+
 The registered implementation takes the persistent kernel wherever it applies and the step-wise
 kernels otherwise — float64, and sizes whose weight slice or grid does not fit the device (see
 :func:`persistent_why_not`); forward and backward decide separately. Both are compiled CUDA with
@@ -34,6 +42,10 @@ CPU implementations, which is how CI tests it.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import os
+
 import torch
 from torch import Tensor
 
@@ -53,9 +65,13 @@ from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 _cell_forward = torch.ops.fusedconvlstm.lstm_cell_forward_
 _cell_backward = torch.ops.fusedconvlstm.lstm_cell_backward_
 _persistent_forward = torch.ops.fusedconvlstm.lstm_persistent_forward_
+_cluster_forward = torch.ops.fusedconvlstm.lstm_cluster_forward_
 _persistent_backward = torch.ops.fusedconvlstm.lstm_persistent_backward_
 
 PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# How many forward calls each kernel served in this process ("cluster", "cooperative",
+# "stepwise"): what a benchmark record says it timed. Clear it before the calls to count.
+FORWARD_KERNELS_SERVED: collections.Counter[str] = collections.Counter()
 
 
 def _why_not(call: LSTMRecurrenceCall) -> str | None:
@@ -89,24 +105,57 @@ def _limits_for(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> Device
     return DeviceLimits.of(call.device)
 
 
-def persistent_plan(call: LSTMRecurrenceCall, kind: str, limits: DeviceLimits | None = None) -> Layout | str:
-    """The persistent kernel's launch configuration for ``call`` (``kind`` ``"forward"`` or
-    ``"backward"``), or why the persistent kernel does not take it. ``limits`` defaults to those
-    of ``call.device``."""
+def preferred_forward_kernel() -> str:
+    """The persistent forward kernel tried first: ``$FUSEDCONVLSTM_LSTM_FWD_KERNEL``, ``cooperative`` by default."""
+    name = os.environ.get(persistent_config.FORWARD_KERNEL_ENV, "").strip() or "cooperative"
+    if name not in persistent_config.FORWARD_KERNELS:
+        raise ValueError(
+            f"{persistent_config.FORWARD_KERNEL_ENV} must be one of {persistent_config.FORWARD_KERNELS}, got {name!r}"
+        )
+    return name
+
+
+def _refusal(call: LSTMRecurrenceCall) -> str | None:
     if call.proj_size:
         return "the persistent kernels do not support proj_size"
     if call.dtype not in PERSISTENT_DTYPES:
         return f"the persistent kernels take float16, bfloat16 or float32, got {call.dtype}"
     if call.num_recurrences > 62:
         return f"the persistent kernels take at most 62 recurrences per call, got {call.num_recurrences}"
+    return None
+
+
+def _choose(call: LSTMRecurrenceCall, kind: str, lim: DeviceLimits) -> Layout | str:
+    return persistent_config.choose_config(
+        kind, call.batch, call.num_recurrences, call.hidden_size, call.dtype, lim, _precise(call.dtype)
+    )
+
+
+def cluster_plan(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> Layout | str:
+    """The cluster forward kernel's configuration for ``call``, or why it does not take it."""
+    lim = _limits_for(call, limits)
+    reason = _refusal(call) or (lim if isinstance(lim, str) else None)
+    return reason if reason is not None else _choose(call, persistent_config.CLUSTER, lim)
+
+
+def persistent_plan(call: LSTMRecurrenceCall, kind: str, limits: DeviceLimits | None = None) -> Layout | str:
+    """The persistent kernel's launch configuration for ``call`` (``kind`` ``"forward"`` or
+    ``"backward"``), or why the persistent kernel does not take it. ``limits`` defaults to those
+    of ``call.device``. For the forward, the cluster kernel's configuration where it is the
+    preferred kernel (:func:`preferred_forward_kernel`) and fits, else the cooperative kernel's."""
+    reason = _refusal(call)
+    if reason is not None:
+        return reason
     lim = _limits_for(call, limits)
     if isinstance(lim, str):
         return lim
     if lim.capability < (8, 0):
         return f"the persistent kernels need compute capability 8.0 or newer, got {lim.capability}"
-    return persistent_config.choose_config(
-        kind, call.batch, call.num_recurrences, call.hidden_size, call.dtype, lim, _precise(call.dtype)
-    )
+    if kind == "forward" and preferred_forward_kernel() == "cluster":
+        plan = _choose(call, persistent_config.CLUSTER, lim)
+        if isinstance(plan, Layout):
+            return plan
+    return _choose(call, kind, lim)
 
 
 def persistent_why_not(
@@ -117,6 +166,14 @@ def persistent_why_not(
     return plan if isinstance(plan, str) else None
 
 
+def forward_kernel_name(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> str:
+    """Which forward kernel serves ``call``: ``"cluster"``, ``"cooperative"`` or ``"stepwise"``."""
+    plan = persistent_plan(call, "forward", limits)
+    if isinstance(plan, str):
+        return "stepwise"
+    return "cluster" if plan.kind == persistent_config.CLUSTER else "cooperative"
+
+
 def describe(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> str:
     """Which kernels the cuda backend runs for ``call``, forward and backward (for ``explain``)."""
     parts = []
@@ -124,11 +181,15 @@ def describe(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> st
         plan = persistent_plan(call, kind, limits)
         if isinstance(plan, str):
             parts.append(f"{kind}: step-wise kernels (cuBLAS GEMM + fused cell kernel per step), because {plan}")
-        else:
-            precision = ""
-            if call.dtype == torch.float32:
-                precision = ", 3xTF32" if _precise(call.dtype) else ", TF32"
-            parts.append(f"{kind}: persistent kernel{precision}, {plan.describe()}")
+            continue
+        precision = ""
+        if call.dtype == torch.float32:
+            precision = ", 3xTF32" if _precise(call.dtype) else ", TF32"
+        name = "cluster kernel" if plan.kind == persistent_config.CLUSTER else "persistent kernel"
+        text = f"{kind}: {name}{precision}, {plan.describe()}"
+        if kind == "forward" and plan.kind != persistent_config.CLUSTER and preferred_forward_kernel() == "cluster":
+            text += f" (the preferred cluster kernel does not take it: {cluster_plan(call, limits)})"
+        parts.append(text)
     return "; ".join(parts)
 
 
@@ -157,10 +218,9 @@ def _plan_or_raise(call: LSTMRecurrenceCall, kind: str, config: Layout | None) -
     else:
         # CPU tensors run the ops' CPU implementations (tests of this driver), float64 included:
         # any valid configuration does; take the one an H100 would get.
-        dtype = call.dtype if call.dtype in PERSISTENT_DTYPES else torch.float32
-        plan = persistent_config.choose_config(
-            kind, call.batch, call.num_recurrences, call.hidden_size, dtype, persistent_config.H100_SXM
-        )
+        if call.dtype not in PERSISTENT_DTYPES:
+            call = dataclasses.replace(call, dtype=torch.float32)
+        plan = persistent_plan(call, kind, persistent_config.H100_SXM)
     if isinstance(plan, str):
         raise ValueError(f"lstm_recurrence: the persistent {kind} kernel cannot serve this call: {plan}")
     return plan
@@ -187,21 +247,12 @@ def lstm_recurrence_persistent_forward(
     c = c0.to(acc, copy=True).contiguous()
     y = xg.new_empty(T, B, D, H)
     workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=acc)
-    sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=xg.device)
-    w = torch.stack(w_hh).contiguous()
-    _persistent_forward(
-        xg.contiguous(),
-        w,
-        _lengths_on(lengths, xg.device),
-        reverse_mask(reverse),
-        *layout.args,
-        _precise(xg.dtype),
-        h_buf,
-        c,
-        y,
-        workspace,
-        sync,
-    )
+    inputs = (xg.contiguous(), torch.stack(w_hh).contiguous(), _lengths_on(lengths, xg.device), reverse_mask(reverse))
+    if layout.kind == persistent_config.CLUSTER:
+        _cluster_forward(*inputs, *layout.args, _precise(xg.dtype), h_buf, c, y, workspace)
+    else:
+        sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=xg.device)
+        _persistent_forward(*inputs, *layout.args, _precise(xg.dtype), h_buf, c, y, workspace, sync)
     return y, h_buf[T % 2, :, :, :H].contiguous(), c.to(xg.dtype), workspace
 
 
@@ -296,7 +347,9 @@ def lstm_recurrence_cuda_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_
     call = _call_of(xg, w_hr, lengths, reverse)
     plan = persistent_plan(call, "forward")
     if isinstance(plan, str):
+        FORWARD_KERNELS_SERVED["stepwise"] += 1
         return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
+    FORWARD_KERNELS_SERVED["cluster" if plan.kind == persistent_config.CLUSTER else "cooperative"] += 1
     return lstm_recurrence_persistent_forward(
         xg, w_hh, w_hr, h0, c0, lengths, reverse, config=plan, save_for_backward=save_for_backward
     )

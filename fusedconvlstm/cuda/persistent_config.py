@@ -8,6 +8,15 @@ shared memory, the whole grid co-resident — and ranks them with :func:`estimat
 a rough model of one time step (an estimate, not a measurement: it is to be calibrated on a
 GPU). ``FUSEDCONVLSTM_LSTM_FWD_CONFIG`` / ``FUSEDCONVLSTM_LSTM_BWD_CONFIG`` (``"nt,wm,wn,wk,nbg"``)
 force a configuration, for tuning sweeps.
+
+The forward also has a cluster variant (kind :data:`CLUSTER`, sm_90): the blocks of one
+(recurrence, batch tile) form a thread-block cluster and exchange ``h`` in distributed shared
+memory with the hardware's cluster barrier, so the grid needs no co-residency (clusters never
+wait on each other) but a cluster holds at most 16 blocks and each block two ``h`` tiles.
+``FUSEDCONVLSTM_LSTM_FWD_KERNEL`` (``cooperative``, the default, or ``cluster``) selects which
+forward kernel the cuda backend prefers; the default stays cooperative until a GPU measurement
+says which is faster where. ``FUSEDCONVLSTM_LSTM_CLUSTER_CONFIG`` (``"nt,wm,wn,wk"``) forces the
+cluster kernel's configuration.
 """
 
 from __future__ import annotations
@@ -27,10 +36,21 @@ MAX_BLOCKS_PER_SM = 2
 K_STEP_BYTES = 32
 ROW_PAD_BYTES = 16
 KINDS = ("forward", "backward")
-ENV_OVERRIDE = {"forward": "FUSEDCONVLSTM_LSTM_FWD_CONFIG", "backward": "FUSEDCONVLSTM_LSTM_BWD_CONFIG"}
+CLUSTER = "forward_cluster"  # the forward on thread-block clusters
+ENV_OVERRIDE = {
+    "forward": "FUSEDCONVLSTM_LSTM_FWD_CONFIG",
+    "backward": "FUSEDCONVLSTM_LSTM_BWD_CONFIG",
+    CLUSTER: "FUSEDCONVLSTM_LSTM_CLUSTER_CONFIG",
+}
+FORWARD_KERNEL_ENV = "FUSEDCONVLSTM_LSTM_FWD_KERNEL"
+FORWARD_KERNELS = ("cooperative", "cluster")
+# The largest thread-block cluster of sm_90 (kMaxClusterBlocks in csrc; 16 is non-portable).
+MAX_CLUSTER_BLOCKS = 16
 # Forward: a warp row of two m16 tiles = 8 units x 4 gates; backward: one m16 tile of units.
-_ROWS_PER_WARP = {"forward": 32, "backward": 16}
-_ROWS_PER_UNIT = {"forward": 4, "backward": 1}
+_ROWS_PER_WARP = {"forward": 32, "backward": 16, CLUSTER: 32}
+_ROWS_PER_UNIT = {"forward": 4, "backward": 1, CLUSTER: 4}
+# h (or dG) tiles held in shared memory: the cluster kernel double-buffers its exchanged h.
+_STATE_TILES = {"forward": 1, "backward": 1, CLUSTER: 2}
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,11 @@ class DeviceLimits:
     smem_per_sm: int
     capability: tuple[int, int]
     reserved_smem_per_block: int = 1024  # the runtime's share per resident block (sm_80+)
+
+    @property
+    def max_cluster_blocks(self) -> int:
+        """The largest thread-block cluster the device launches (0: no clusters before sm_90)."""
+        return MAX_CLUSTER_BLOCKS if self.capability >= (9, 0) else 0
 
     @classmethod
     def of(cls, device: torch.device) -> DeviceLimits:
@@ -80,24 +105,46 @@ class Layout:
     grid: int
 
     @property
-    def args(self) -> tuple[int, int, int, int, int]:
-        """``(nt, wm, wn, wk, nbg)`` as the ops take them."""
+    def args(self) -> tuple[int, ...]:
+        """The configuration as the kind's op takes it: ``(nt, wm, wn, wk, nbg)``, or
+        ``(nt, wm, wn, wk)`` for the cluster kernel (one batch tile per cluster)."""
+        if self.kind == CLUSTER:
+            return self.nt, self.wm, self.wn, self.wk
         return self.nt, self.wm, self.wn, self.wk, self.nbg
 
     def blocks_per_sm(self, limits: DeviceLimits) -> int:
         """How many such blocks one SM holds (shared memory and the launch bounds)."""
-        return min(MAX_BLOCKS_PER_SM, limits.smem_per_sm // (self.smem + limits.reserved_smem_per_block))
+        most = 1 if self.kind == CLUSTER else MAX_BLOCKS_PER_SM
+        return min(most, limits.smem_per_sm // (self.smem + limits.reserved_smem_per_block))
+
+    def why_not_fits(self, limits: DeviceLimits) -> str | None:
+        """``None`` if the kernel can launch it (shared memory per block, and a co-resident grid
+        for the cooperative kernels or a cluster the device forms for the cluster kernel), else why."""
+        if self.smem > limits.smem_per_block:
+            return f"{self.smem} bytes of shared memory per block, the device allows {limits.smem_per_block}"
+        if self.nbg > self.nbt:
+            return f"nbg {self.nbg} exceeds the {self.nbt} batch tiles"
+        if self.kind == CLUSTER:
+            if self.nu > limits.max_cluster_blocks:
+                return f"clusters of {self.nu} blocks, the device forms clusters of at most {limits.max_cluster_blocks}"
+            return None
+        capacity = limits.sm_count * self.blocks_per_sm(limits)
+        if self.grid > capacity:
+            return f"{self.grid} blocks, of which the device holds {capacity} at once"
+        return None
 
     def fits(self, limits: DeviceLimits) -> bool:
-        """Whether the kernel can launch it: shared memory per block and a co-resident grid."""
-        return (
-            self.smem <= limits.smem_per_block
-            and self.nbg <= self.nbt
-            and self.grid <= limits.sm_count * self.blocks_per_sm(limits)
-        )
+        """Whether the kernel can launch it (see :meth:`why_not_fits`)."""
+        return self.why_not_fits(limits) is None
 
     def describe(self) -> str:
         """A one-line summary for ``backends.explain``."""
+        if self.kind == CLUSTER:
+            return (
+                f"{self.grid} blocks in clusters of {self.nu} ({self.hs} units x a {self.bt}-row batch tile each, "
+                f"{self.nbt} cluster(s) per recurrence, h exchanged in distributed shared memory), "
+                f"{self.smem // 1024} KiB shared memory, config nt={self.nt} wm={self.wm} wn={self.wn} wk={self.wk}"
+            )
         return (
             f"{self.grid} blocks ({self.hs} units x {self.bt}-row batch tiles, {self.nbg} batch group(s), "
             f"{-(-self.nbt // self.nbg)} tile(s) per block per step), {self.smem // 1024} KiB shared memory, "
@@ -115,26 +162,33 @@ def element_bytes(dtype: torch.dtype) -> int:
 
 
 def make_layout(
-    kind: str, nt: int, wm: int, wn: int, wk: int, nbg: int, batch: int, recurrences: int, hidden: int, dtype
+    kind: str, nt: int, wm: int, wn: int, wk: int, nbg: int | None, batch: int, recurrences: int, hidden: int, dtype
 ) -> Layout:
-    """The sizes of configuration ``(nt, wm, wn, wk, nbg)`` for a call (``csrc``'s ``make_layout``)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    """The sizes of configuration ``(nt, wm, wn, wk, nbg)`` for a call (``csrc``'s ``make_layout``).
+    The cluster kind runs one batch tile per cluster: its ``nbg`` is the number of batch tiles
+    (pass ``None``)."""
+    if kind not in _ROWS_PER_WARP:
+        raise ValueError(f"kind must be one of {tuple(_ROWS_PER_WARP)}, got {kind!r}")
     if nt not in (1, 4):
         raise ValueError(f"nt must be 1 or 4 (the compiled batch tile widths), got {nt}")
     if wm * wn * wk != WARPS or any(v <= 0 or v & (v - 1) for v in (wm, wn, wk)):
         raise ValueError(f"wm * wn * wk must be {WARPS} with powers of two, got {wm} * {wn} * {wk}")
+    if kind == CLUSTER:
+        bt = 8 * nt * wn
+        if nbg not in (None, -(-batch // bt)):
+            raise ValueError(f"the cluster kernel runs one batch tile per cluster: nbg must be None, got {nbg}")
+        nbg = -(-batch // bt)
     if nbg < 1:
         raise ValueError(f"nbg must be >= 1, got {nbg}")
     eb = element_bytes(dtype)
     rows_a = _ROWS_PER_WARP[kind] * wm
     hs = rows_a // _ROWS_PER_UNIT[kind]
     bt = 8 * nt * wn
-    k = hidden if kind == "forward" else 4 * hidden
+    k = 4 * hidden if kind == "backward" else hidden
     kp = -(-k // (K_STEP_BYTES // eb)) * (K_STEP_BYTES // eb)
     lda = kp * eb + ROW_PAD_BYTES
     ldr = rows_a + 4
-    smem = rows_a * lda + bt * lda + wk * bt * ldr * 4
+    smem = rows_a * lda + _STATE_TILES[kind] * bt * lda + wk * bt * ldr * 4
     nu = -(-hidden // hs)
     nbt = -(-batch // bt)
     return Layout(kind, nt, wm, wn, wk, nbg, hs, bt, nu, nbt, kp, smem, recurrences * nbg * nu)
@@ -149,6 +203,22 @@ def estimated_step_cycles(layout: Layout, limits: DeviceLimits, dtype: torch.dty
     block in sequence, the first tile's L2 round trip and the barrier. The L2 traffic of all
     blocks reading their h (or dG) tiles is a second lower bound.
     """
+    if layout.kind == CLUSTER:
+        return _estimated_cluster_step_cycles(layout, limits, dtype, precise)
+    eb = element_bytes(dtype)
+    blocks_on_sm = -(-layout.grid // limits.sm_count)
+    pointwise = -(-(layout.hs * layout.bt) // THREADS) * 160.0
+    tile = _warp_tile_cycles(layout, dtype, precise, blocks_on_sm) + pointwise + 120.0
+    tiles_per_block = -(-layout.nbt // layout.nbg)
+    compute = tiles_per_block * tile + 800.0 + 1200.0
+    l2_bytes = layout.grid * tiles_per_block * layout.bt * layout.kp * eb
+    l2_cycles = l2_bytes / 3000.0  # ~5 TB/s at ~1.7 GHz
+    return max(compute, l2_cycles)
+
+
+def _warp_tile_cycles(layout: Layout, dtype: torch.dtype, precise: bool, blocks_on_sm: int) -> float:
+    """One batch tile's GEMM on one block (estimate): the longer of one warp's dependent mma chain
+    and the SM's tensor pipes shared by ``blocks_on_sm`` blocks."""
     eb = element_bytes(dtype)
     mt = _ROWS_PER_WARP[layout.kind] // 16
     k_steps = layout.kp * eb // K_STEP_BYTES
@@ -156,16 +226,22 @@ def estimated_step_cycles(layout: Layout, limits: DeviceLimits, dtype: torch.dty
     mma_per_kstep = mt * layout.nt * (3 if precise else 1)
     ld_per_kstep = mt + max(1, layout.nt // 2)
     warp_cycles = ks_warp * max(24.0, 2.0 * mma_per_kstep + 1.0 * ld_per_kstep)
-    blocks_on_sm = -(-layout.grid // limits.sm_count)
-    # ~4 cycles per m16n8k16 (or m16n8k8 tf32) per SM sub-partition; 4 sub-partitions per SM.
     pipe_cycles = blocks_on_sm * WARPS * ks_warp * mma_per_kstep * 4.0 / 4.0
+    return max(warp_cycles, pipe_cycles)
+
+
+def _estimated_cluster_step_cycles(layout: Layout, limits: DeviceLimits, dtype: torch.dtype, precise: bool) -> float:
+    """The cluster kernel's step (estimate): one block per SM, one batch tile, the exchange of
+    the block's h columns to the other ``nu - 1`` blocks (16-byte stores to distributed shared
+    memory, ~32 bytes per cycle per SM) and the cluster barrier; clusters beyond what the device
+    holds at once (at most ``sm_count // nu``) run in later waves, each a whole sequence."""
+    eb = element_bytes(dtype)
     pointwise = -(-(layout.hs * layout.bt) // THREADS) * 160.0
-    tile = max(warp_cycles, pipe_cycles) + pointwise + 120.0
-    tiles_per_block = -(-layout.nbt // layout.nbg)
-    compute = tiles_per_block * tile + 800.0 + 1200.0
-    l2_bytes = layout.grid * tiles_per_block * layout.bt * layout.kp * eb
-    l2_cycles = l2_bytes / 3000.0  # ~5 TB/s at ~1.7 GHz
-    return max(compute, l2_cycles)
+    exchange = (layout.nu - 1) * layout.bt * layout.hs * eb / 32.0
+    step = _warp_tile_cycles(layout, dtype, precise, 1) + pointwise + exchange + 120.0 + 500.0
+    clusters = layout.grid // layout.nu
+    waves = -(-clusters // max(1, limits.sm_count // layout.nu))
+    return waves * step
 
 
 def _parse_override(kind: str) -> tuple[int, ...] | None:
@@ -176,9 +252,10 @@ def _parse_override(kind: str) -> tuple[int, ...] | None:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 5:
-        raise ValueError(f"{ENV_OVERRIDE[kind]} must be 'nt,wm,wn,wk,nbg', got {text!r}")
-    return values
+    fields = "nt,wm,wn,wk" if kind == CLUSTER else "nt,wm,wn,wk,nbg"
+    if len(values) != fields.count(",") + 1:
+        raise ValueError(f"{ENV_OVERRIDE[kind]} must be '{fields}', got {text!r}")
+    return values + ((None,) if kind == CLUSTER else ())
 
 
 def choose_config(
@@ -194,15 +271,44 @@ def choose_config(
     override = _parse_override(kind)
     if override is not None:
         layout = make_layout(kind, *override, batch, recurrences, hidden, dtype)
-        if not layout.fits(limits):
-            raise ValueError(
-                f"{ENV_OVERRIDE[kind]}={','.join(map(str, override))} does not fit this call: {layout.smem} bytes "
-                f"of shared memory per block (at most {limits.smem_per_block}), {layout.grid} blocks (at most "
-                f"{limits.sm_count * max(layout.blocks_per_sm(limits), 0)} co-resident), nbg {layout.nbg} of "
-                f"{layout.nbt} batch tiles"
-            )
+        reason = layout.why_not_fits(limits)
+        if reason is not None:
+            given = ",".join(str(v) for v in override if v is not None)
+            raise ValueError(f"{ENV_OVERRIDE[kind]}={given} does not fit this call: {reason}")
         return layout
+    if kind == CLUSTER:
+        return _choose_cluster(batch, recurrences, hidden, dtype, limits, precise)
     return _choose(kind, batch, recurrences, hidden, dtype, limits, precise)
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose_cluster(
+    batch: int, recurrences: int, hidden: int, dtype: torch.dtype, limits: DeviceLimits, precise: bool
+) -> Layout | str:
+    if limits.max_cluster_blocks == 0:
+        return f"thread-block clusters need compute capability 9.0 or newer, got {limits.capability}"
+    best, best_key, fewest = None, None, None
+    for nt in (1, 4):
+        for wm in (1, 2, 4, 8):
+            for wn in (1, 2, 4, 8):
+                if WARPS % (wm * wn):
+                    continue
+                layout = make_layout(CLUSTER, nt, wm, wn, WARPS // (wm * wn), None, batch, recurrences, hidden, dtype)
+                if layout.smem <= limits.smem_per_block and (fewest is None or layout.nu < fewest.nu):
+                    fewest = layout
+                if not layout.fits(limits):
+                    continue
+                key = (estimated_step_cycles(layout, limits, dtype, precise), layout.grid, layout.smem)
+                if best_key is None or key < best_key:
+                    best, best_key = layout, key
+    if best is not None:
+        return best
+    if fewest is None:
+        return f"hidden size {hidden} does not fit the cluster kernel: no tile fits {limits.smem_per_block} bytes"
+    return (
+        f"hidden size {hidden} does not fit the cluster kernel: the widest W_hh slice that fits shared memory "
+        f"({fewest.hs} units) needs clusters of {fewest.nu} blocks, the device forms at most {limits.max_cluster_blocks}"
+    )
 
 
 @functools.lru_cache(maxsize=1024)

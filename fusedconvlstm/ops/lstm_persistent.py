@@ -28,6 +28,13 @@ c_state, y, workspace, sync)``:
     ``workspace (T, B, D, 5H)`` float32 (``[i, f, g, o, c]`` per step, zeros at masked steps);
     ``sync`` int32 (at least ``D * nbg * 32``) is scratch for the barrier counters.
 
+``lstm_cluster_forward_(xg, w_hh, lengths, reverse_mask, nt, wm, wn, wk, precise, h_buf, c_state, y,
+workspace)``:
+    the forward on thread-block clusters (sm_90, ``csrc/lstm_persistent_forward.cu``): the same
+    contract as ``lstm_persistent_forward_``, without ``nbg`` (one batch tile per cluster) and
+    without ``sync`` (the barrier is the cluster's). A cluster is the ``nu = ceil(H / hs)`` blocks
+    of one (recurrence, batch tile), at most 16; they exchange ``h`` in distributed shared memory.
+
 ``lstm_persistent_backward_(grad_y, workspace, c0, w_hh, lengths, reverse_mask, nt, wm, wn, wk,
 nbg, precise, dh_carry, dc, dgates, g_buf, sync)``:
     ``grad_y (T, B, D, H)``, ``workspace`` from the forward, ``c0 (D, B, H)`` float32. In/out:
@@ -50,16 +57,25 @@ _LIB.define(
     "Tensor(e!) sync) -> ()"
 )
 _LIB.define(
+    "lstm_cluster_forward_(Tensor xg, Tensor w_hh, Tensor? lengths, int reverse_mask, int nt, int wm, int wn, "
+    "int wk, bool precise, Tensor(a!) h_buf, Tensor(b!) c_state, Tensor(c!) y, Tensor(d!) workspace) -> ()"
+)
+_LIB.define(
     "lstm_persistent_backward_(Tensor grad_y, Tensor workspace, Tensor c0, Tensor w_hh, Tensor? lengths, "
     "int reverse_mask, int nt, int wm, int wn, int wk, int nbg, bool precise, Tensor(a!) dh_carry, Tensor(b!) dc, "
     "Tensor(c!) dgates, Tensor(d!) g_buf, Tensor(e!) sync) -> ()"
 )
 
-OPS = ("lstm_persistent_forward_", "lstm_persistent_backward_")
+OPS = ("lstm_persistent_forward_", "lstm_cluster_forward_", "lstm_persistent_backward_")
 
 
 @torch.library.register_fake("fusedconvlstm::lstm_persistent_forward_", lib=_LIB)
 def _(xg, w_hh, lengths, reverse_mask, nt, wm, wn, wk, nbg, precise, h_buf, c_state, y, workspace, sync):
+    return None
+
+
+@torch.library.register_fake("fusedconvlstm::lstm_cluster_forward_", lib=_LIB)
+def _(xg, w_hh, lengths, reverse_mask, nt, wm, wn, wk, precise, h_buf, c_state, y, workspace):
     return None
 
 
@@ -71,6 +87,7 @@ def _(
 
 
 torch.library.impl("fusedconvlstm::lstm_persistent_forward_", "cpu", _reference.lstm_persistent_forward_, lib=_LIB)
+torch.library.impl("fusedconvlstm::lstm_cluster_forward_", "cpu", _reference.lstm_cluster_forward_, lib=_LIB)
 torch.library.impl("fusedconvlstm::lstm_persistent_backward_", "cpu", _reference.lstm_persistent_backward_, lib=_LIB)
 
 

@@ -78,6 +78,31 @@ def lstm_persistent_forward_(
     h_buf[T % 2, :, :, :H] = h
 
 
+def lstm_cluster_forward_(
+    xg: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor | None,
+    reverse_mask: int,
+    nt: int,
+    wm: int,
+    wn: int,
+    wk: int,
+    precise: bool,
+    h_buf: Tensor,
+    c_state: Tensor,
+    y: Tensor,
+    workspace: Tensor,
+) -> None:
+    """The cluster kernel's forward: the persistent forward's contract without the barrier
+    counters (one batch tile per cluster; see the ops module)."""
+    B = xg.shape[1]
+    nbg = max(1, -(-B // (8 * nt * wn))) if nt > 0 and wn > 0 else 1
+    sync = torch.empty(0, dtype=torch.int32)
+    lstm_persistent_forward_(
+        xg, w_hh, lengths, reverse_mask, nt, wm, wn, wk, nbg, precise, h_buf, c_state, y, workspace, sync
+    )
+
+
 def lstm_persistent_backward_(
     grad_y: Tensor,
     workspace: Tensor,

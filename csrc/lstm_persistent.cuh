@@ -235,6 +235,23 @@ __device__ __forceinline__ void store_accumulators(float* red, int ldr, const fl
       }
 }
 
+// One batch tile's partial products of a warp: acc = A . B^T over k-steps [ks0, ks1) (see
+// warp_mma), stored to the warp's slice of the fp32 partial sums (see store_accumulators).
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void warp_tile_to_partial_sums(float* red_warp, int ldr, uint32_t a_base, uint32_t b_base,
+                                                          int lda, int ks0, int ks1, int m0, int n0, int lane,
+                                                          bool precise) {
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+  warp_mma<T, MT, NT>(acc, a_base, lda, b_base, lda, ks0, ks1, lane, precise);
+  store_accumulators<MT, NT>(red_warp, ldr, acc, m0, n0, lane);
+}
+
 // Rows [row0, row0 + rows) of a (rows_total x kp) global matrix into shared memory (row stride
 // lda bytes) with 16-byte async copies; rows past rows_total are zero-filled. One commit group.
 template <typename T>
@@ -522,25 +539,33 @@ void dispatch_tile(ScalarType dt, int nt, Launch&& launch) {
   }
 }
 
+// Refuses a configuration whose shared memory exceeds the device's opt-in maximum (naming
+// `instead`, what serves otherwise), then sets that maximum and the largest carveout on `kernel`.
+// The device's maximum, not this call's size: the attribute is per function and process wide, so
+// another thread's smaller call could otherwise lower it between this set and the launch. The
+// occupancy queries after it assume the largest carveout.
+template <typename Kernel>
+void set_shared_memory_attributes(Kernel kernel, const Layout& l, int device, const char* op, const char* instead) {
+  int smem_optin = 0;
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  STD_TORCH_CHECK(l.smem <= smem_optin, op, ": the configuration needs ", l.smem,
+                  " bytes of shared memory per block, the device allows ", smem_optin, "; use a smaller tile (or ",
+                  instead, ")");
+  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin));
+  STD_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+}
+
 // Launches `kernel` cooperatively (all blocks co-resident, which the spin barriers rely on),
 // after checking that the configuration fits the device; refuses with a sentence otherwise.
 template <typename Params>
 void launch_cooperative(void (*kernel)(Params), const Params& params, const Layout& l, int device, cudaStream_t stream,
                         const char* op) {
-  int coop = 0, sms = 0, smem_optin = 0;
+  int coop = 0, sms = 0;
   STD_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   STD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  STD_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   STD_TORCH_CHECK(coop, op, ": device cuda:", device, " does not support cooperative launches");
-  STD_TORCH_CHECK(l.smem <= smem_optin, op, ": the configuration needs ", l.smem,
-                  " bytes of shared memory per block, the device allows ", smem_optin,
-                  "; use a smaller tile (or the step-wise kernels)");
-  // The device's opt-in maximum, not this call's size: the attribute is per function and process
-  // wide, so another thread's smaller call could otherwise lower it between this set and launch.
-  // The largest carveout, which the occupancy query below assumes.
-  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin));
-  STD_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+  set_shared_memory_attributes(kernel, l, device, op, "the step-wise kernels");
   int per_sm = 0;
   STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, l.smem));
   STD_TORCH_CHECK(per_sm > 0 && l.grid <= per_sm * sms, op, ": the configuration needs ", l.grid,
@@ -558,17 +583,11 @@ void launch_cooperative(void (*kernel)(Params), const Params& params, const Layo
 template <typename Params>
 void launch_clusters(void (*kernel)(Params), const Params& params, const Layout& l, int device, cudaStream_t stream,
                      const char* op) {
-  int major = 0, smem_optin = 0;
+  int major = 0;
   STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  STD_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   STD_TORCH_CHECK(major >= 9, op, ": thread-block clusters need compute capability 9.0 or newer; device cuda:", device,
                   " has ", major, ".x (use the cooperative kernel)");
-  STD_TORCH_CHECK(l.smem <= smem_optin, op, ": the configuration needs ", l.smem,
-                  " bytes of shared memory per block, the device allows ", smem_optin,
-                  "; use a smaller tile (or the cooperative kernel)");
-  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin));
-  STD_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+  set_shared_memory_attributes(kernel, l, device, op, "the cooperative kernel");
   if (l.nu > 8) STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;

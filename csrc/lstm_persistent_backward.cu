@@ -122,13 +122,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
     for (int tile = bg; tile < l.nbt; tile += p.cfg.nbg) {
       cp_async_wait_all();
       __syncthreads();
-      float acc[kMt][NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[0][nt][e] = 0.0f;
-      warp_mma<T, kMt, NT>(acc, a_base, lda, b_base, lda, ks0, ks1, lane, p.precise);
-      store_accumulators<kMt, NT>(red_warp, ldr, acc, m0, n0, lane);
+      warp_tile_to_partial_sums<T, kMt, NT>(red_warp, ldr, a_base, b_base, lda, ks0, ks1, m0, n0, lane, p.precise);
       __syncthreads();
       if (tile + p.cfg.nbg < l.nbt) load_rows_async(g_s, lda, g_prev, kp, (tile + p.cfg.nbg) * bt, bt, B);
 

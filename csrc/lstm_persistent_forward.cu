@@ -85,15 +85,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
     for (int tile = bg; tile < l.nbt; tile += p.cfg.nbg) {
       cp_async_wait_all();
       __syncthreads();  // h tile (and, at the first step, the W slice) visible to all warps
-      float acc[kMt][NT][4];
-#pragma unroll
-      for (int mt = 0; mt < kMt; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
-      warp_mma<T, kMt, NT>(acc, a_base, lda, b_base, lda, ks0, ks1, lane, p.precise);
-      store_accumulators<kMt, NT>(red_warp, ldr, acc, m0, n0, lane);
+      warp_tile_to_partial_sums<T, kMt, NT>(red_warp, ldr, a_base, b_base, lda, ks0, ks1, m0, n0, lane, p.precise);
       __syncthreads();  // partial sums complete; the h tile is free again
       // Prefetch the next batch tile's h while this tile's cell update runs.
       if (tile + p.cfg.nbg < l.nbt) load_rows_async(h_s, lda, h_prev, kp, (tile + p.cfg.nbg) * bt, bt, B);
@@ -208,15 +200,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
     const bool last = s + 1 == p.seq_len;
     unsigned char* h_cur = h_s + (s & 1) * bt * lda;
     unsigned char* h_nxt = h_s + ((s + 1) & 1) * bt * lda;
-    float acc[kMt][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < kMt; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
-    warp_mma<T, kMt, NT>(acc, a_base, lda, smem_addr(h_cur) + n0 * lda, lda, ks0, ks1, lane, p.precise);
-    store_accumulators<kMt, NT>(red_warp, ldr, acc, m0, n0, lane);
+    warp_tile_to_partial_sums<T, kMt, NT>(red_warp, ldr, a_base, smem_addr(h_cur) + n0 * lda, lda, ks0, ks1, m0, n0,
+                                          lane, p.precise);
     __syncthreads();  // partial sums complete
 
     T* h_last = p.h_buf + (p.seq_len & 1) * buf_stride + static_cast<int64_t>(d) * B * kp;

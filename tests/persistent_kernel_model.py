@@ -654,13 +654,10 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
 # Drivers: the ops' buffer contracts
 
 
-def run_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = True):
-    """The forward op on the model: ``(y, h_n, c_n, workspace or None)`` as numpy arrays.
-
-    ``xg (T, B, D, 4H)``, ``w_hh (D, 4H, H)``, ``h0``, ``c0 (D, B, H)``.
-    """
-    T, B, D, H, kp = p.T, p.B, p.D, p.H, p.layout.kp
-    h_buf = np.zeros((2, D, B, kp))
+def _forward_memory(p: Problem, xg, w_hh, h0, c0, save_workspace: bool) -> dict[str, Global]:
+    """The forward ops' global buffers: inputs, ``h_buf`` holding ``h0``, NaN-poisoned outputs."""
+    T, B, D, H = p.T, p.B, p.D, p.H
+    h_buf = np.zeros((2, D, B, p.layout.kp))
     h_buf[0, :, :, :H] = h0
     mem = {
         "xg": Global(xg),
@@ -671,30 +668,33 @@ def run_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = 
     }
     if save_workspace:
         mem["ws"] = Global(np.full((T, B, D, 5 * H), np.nan))
-    rng = np.random.default_rng(seed)
-    counters = np.zeros(D * p.layout.nbg * SYNC_STRIDE, dtype=np.int64)
-    run_blocks([forward_block(b, p, mem, counters, rng) for b in range(p.layout.grid)], counters, rng)
-    h_buf = mem["h_buf"].a.reshape(2, D, B, kp)
+    return mem
+
+
+def _forward_results(p: Problem, mem: dict[str, Global], save_workspace: bool):
+    T, B, D, H = p.T, p.B, p.D, p.H
+    h_buf = mem["h_buf"].a.reshape(2, D, B, p.layout.kp)
     assert np.all(h_buf[..., H:] == 0), "the padding of h_buf must stay zero"
     ws = mem["ws"].a.reshape(T, B, D, 5 * H) if save_workspace else None
     return mem["y"].a.reshape(T, B, D, H), h_buf[T % 2, :, :, :H], mem["c_state"].a.reshape(D, B, H), ws
 
 
+def run_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = True):
+    """The forward op on the model: ``(y, h_n, c_n, workspace or None)`` as numpy arrays.
+
+    ``xg (T, B, D, 4H)``, ``w_hh (D, 4H, H)``, ``h0``, ``c0 (D, B, H)``.
+    """
+    mem = _forward_memory(p, xg, w_hh, h0, c0, save_workspace)
+    rng = np.random.default_rng(seed)
+    counters = np.zeros(p.D * p.layout.nbg * SYNC_STRIDE, dtype=np.int64)
+    run_blocks([forward_block(b, p, mem, counters, rng) for b in range(p.layout.grid)], counters, rng)
+    return _forward_results(p, mem, save_workspace)
+
+
 def run_cluster_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = True):
     """The cluster forward op on the model, as :func:`run_forward`."""
-    T, B, D, H, kp = p.T, p.B, p.D, p.H, p.layout.kp
     lay = p.layout
-    h_buf = np.zeros((2, D, B, kp))
-    h_buf[0, :, :, :H] = h0
-    mem = {
-        "xg": Global(xg),
-        "w": Global(w_hh),
-        "h_buf": Global(h_buf),
-        "c_state": Global(c0),
-        "y": Global(np.full((T, B, D, H), np.nan)),
-    }
-    if save_workspace:
-        mem["ws"] = Global(np.full((T, B, D, 5 * H), np.nan))
+    mem = _forward_memory(p, xg, w_hh, h0, c0, save_workspace)
     rows_a, lda, ldr = _block_shape(p, 32)
     smems = [SharedMemory(lay, p.eb, rows_a, lda, ldr, tiles=2) for _ in range(lay.grid)]
     rng = np.random.default_rng(seed)
@@ -702,10 +702,7 @@ def run_cluster_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace:
     counters = np.zeros(lay.grid // lay.nu, dtype=np.int64)
     blocks = [cluster_forward_block(b, p, mem, smems, counters, rng) for b in range(lay.grid)]
     run_blocks(blocks, counters, rng)
-    out = mem["h_buf"].a.reshape(2, D, B, kp)
-    assert np.all(out[..., H:] == 0), "the padding of h_buf must stay zero"
-    ws = mem["ws"].a.reshape(T, B, D, 5 * H) if save_workspace else None
-    return mem["y"].a.reshape(T, B, D, H), out[T % 2, :, :, :H], mem["c_state"].a.reshape(D, B, H), ws
+    return _forward_results(p, mem, save_workspace)
 
 
 def run_backward(p: Problem, grad_y, workspace, c0, w_hh, grad_h_n, grad_c_n, seed: int):

@@ -23,8 +23,6 @@ lines as DESIGN.md §4 describes. Without a GPU the same cases run on the CPU at
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import copy
 import datetime as _dt
 import json
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedconvlstm import backends
+from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS_SERVED, preferring_forward_kernel
 from fusedconvlstm.models.conv_lstm_classifier import ConvLSTMClassifier, ReferenceConvLSTMClassifier
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack
 from fusedconvlstm.nn.lstm import LSTM, parallel_lstm
@@ -593,42 +592,14 @@ def build_pair(case: dict, device: torch.device, hidden: int) -> _Pair:
     return _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mode_of(case["baseline"]))
 
 
-@contextlib.contextmanager
-def _preferred_forward_kernel(name: str | None):
-    """``FUSEDCONVLSTM_LSTM_FWD_KERNEL=name`` inside the block (unchanged for ``None``)."""
-    from fusedconvlstm.cuda.persistent_config import FORWARD_KERNEL_ENV
-
-    saved = os.environ.get(FORWARD_KERNEL_ENV)
-    if name is not None:
-        os.environ[FORWARD_KERNEL_ENV] = name
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(FORWARD_KERNEL_ENV, None)
-        else:
-            os.environ[FORWARD_KERNEL_ENV] = saved
-
-
-def _forward_kernels_served() -> collections.Counter | None:
-    """The cuda backend's count of forward kernels served (None where it cannot load)."""
-    try:
-        from fusedconvlstm.cuda.lstm import FORWARD_KERNELS_SERVED
-    except (ImportError, AttributeError, RuntimeError):
-        return None
-    return FORWARD_KERNELS_SERVED
-
-
 def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchRecord:
     """Build, check and time one case."""
     op, batch, backend = case["op"], case["batch"], case["backend"]
-    served = _forward_kernels_served()
-    with _preferred_forward_kernel(case.get("forward_kernel")):
+    with preferring_forward_kernel(case.get("forward_kernel")):
         pair = build_pair(case, device, hidden)
-        if served is not None:
-            served.clear()
+        FORWARD_KERNELS_SERVED.clear()
         err, base_err = pair.errors()
-        kernels = "+".join(sorted(served)) if served else None
+        kernels = "+".join(sorted(FORWARD_KERNELS_SERVED)) or None
         ours_ms = time_ms(pair.ours, device)
         base_ms = time_ms(pair.baseline, device)
     return BenchRecord.measured(

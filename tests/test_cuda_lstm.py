@@ -312,6 +312,19 @@ def test_cluster_configuration_override_from_the_environment(monkeypatch):
 # CPU: which path serves a call
 
 
+def test_check_adds_a_cluster_forward_row_only_for_the_cuda_lstm_on_sm90(monkeypatch):
+    from fusedconvlstm import validate
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert validate._forward_kernels("lstm", "cuda", cpu) == [None]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert validate._forward_kernels("lstm", "cuda", cuda) == [None, "cluster"]
+    assert validate._forward_kernels("lstm", "triton", cuda) == [None]
+    assert validate._forward_kernels("conv1d_stack", "cuda", cuda) == [None]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert validate._forward_kernels("lstm", "cuda", cuda) == [None]
+
+
 def test_forward_kernel_preference_from_the_environment(monkeypatch):
     h100 = pc.H100_SXM
     ref_shape = _call(B=64, D=2, H=512, dtype=torch.bfloat16)
@@ -986,6 +999,17 @@ def test_gpu_cluster_forward_bitwise_deterministic_and_graph_capture(cluster_for
     torch.cuda.synchronize()
     with torch.no_grad():
         assert torch.equal(out_static, m(x_new)[0])
+
+
+@pytest.mark.gpu
+def test_gpu_check_command_has_a_cluster_forward_row():
+    _needs_clusters()
+    from fusedconvlstm import validate
+
+    case = [c for c in validate.default_cases() if c.op == "lstm" and "reference model" in c.name]
+    rows = list(validate.check_cases(case, torch.device("cuda"), [torch.bfloat16], only=["cuda"]))
+    assert [r.backend for r in rows] == ["cuda", "cuda (cluster forward)"]
+    assert all(r.passed for r in rows), validate.format_table(rows)
 
 
 @pytest.mark.gpu

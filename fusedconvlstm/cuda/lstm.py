@@ -42,7 +42,6 @@ CPU implementations, which is how CI tests it.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 
@@ -69,9 +68,7 @@ _cluster_forward = torch.ops.fusedconvlstm.lstm_cluster_forward_
 _persistent_backward = torch.ops.fusedconvlstm.lstm_persistent_backward_
 
 PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# How many forward calls each kernel served in this process ("cluster", "cooperative",
-# "stepwise"): what a benchmark record says it timed. Clear it before the calls to count.
-FORWARD_KERNELS_SERVED: collections.Counter[str] = collections.Counter()
+FORWARD_KERNELS_SERVED = persistent_config.FORWARD_KERNELS_SERVED
 
 
 def _why_not(call: LSTMRecurrenceCall) -> str | None:

@@ -21,6 +21,8 @@ cluster kernel's configuration.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -51,6 +53,29 @@ _ROWS_PER_WARP = {"forward": 32, "backward": 16, CLUSTER: 32}
 _ROWS_PER_UNIT = {"forward": 4, "backward": 1, CLUSTER: 4}
 # h (or dG) tiles held in shared memory: the cluster kernel double-buffers its exchanged h.
 _STATE_TILES = {"forward": 1, "backward": 1, CLUSTER: 2}
+
+
+# How many forward calls each kernel of the cuda backend served in this process ("cluster",
+# "cooperative", "stepwise"; counted by fusedconvlstm.cuda.lstm): what a benchmark record or a
+# check row says it ran. Clear it before the calls to count.
+FORWARD_KERNELS_SERVED: collections.Counter[str] = collections.Counter()
+
+
+@contextlib.contextmanager
+def preferring_forward_kernel(name: str | None):
+    """``FUSEDCONVLSTM_LSTM_FWD_KERNEL=name`` inside the block, restored after (``None``: unchanged)."""
+    if name is not None and name not in FORWARD_KERNELS:
+        raise ValueError(f"the forward kernel must be one of {FORWARD_KERNELS}, got {name!r}")
+    saved = os.environ.get(FORWARD_KERNEL_ENV)
+    if name is not None:
+        os.environ[FORWARD_KERNEL_ENV] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(FORWARD_KERNEL_ENV, None)
+        else:
+            os.environ[FORWARD_KERNEL_ENV] = saved
 
 
 @dataclass(frozen=True)

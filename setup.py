@@ -2,8 +2,10 @@
 
 The extension is built when nvcc and a CUDA build of torch are both present, or when
 ``FORCE_CUDA=1`` (``FORCE_CUDA=0`` skips it). Whether a GPU is visible does not matter: machines
-without one still compile every CUDA source. Architectures default to sm_80 (with PTX for newer
-GPUs) and sm_90a; ``TORCH_CUDA_ARCH_LIST`` overrides them.
+without one still compile every CUDA source. Architectures default to sm_80 and sm_90a machine code
+plus compute_90 PTX, which the driver compiles for GPUs newer than Hopper (sm_90a code runs on
+compute capability 9.0 only, and PTX of compute_80 would lack the thread-block-cluster kernel);
+``TORCH_CUDA_ARCH_LIST`` replaces all of it.
 
 The kernels use only the LibTorch stable ABI, targeting torch >= 2.11 (``TORCH_TARGET_VERSION``),
 so one build loads into every later torch; they include no Python headers, so the library is
@@ -27,7 +29,14 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TARGET_TORCH = "2.11"  # oldest torch whose stable ABI the extension uses
-DEFAULT_ARCH_LIST = "8.0+PTX;9.0a"
+DEFAULT_ARCH_LIST = "8.0;9.0a;compute_90 PTX"
+# The default as nvcc flags (torch's TORCH_CUDA_ARCH_LIST cannot say "PTX of 9.0 without its
+# sm_90 code"; with -gencode in the flags torch adds none of its own).
+DEFAULT_GENCODE = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-gencode=arch=compute_90,code=compute_90",
+]
 
 
 def _cuda_home() -> str | None:
@@ -108,7 +117,8 @@ def _extensions():
     print(f"fusedconvlstm: building the CUDA extension ({why})", file=sys.stderr)
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+    gencode = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else DEFAULT_GENCODE
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     # ninja may be installed into this interpreter's environment without being on PATH.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -123,7 +133,7 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_includes(),
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17", *defines],
-            "nvcc": ["-O3", "-std=c++17", *defines, "-lineinfo"],
+            "nvcc": ["-O3", "-std=c++17", *defines, "-lineinfo", *gencode],
         },
         py_limited_api=True,
     )
@@ -140,7 +150,7 @@ def _extensions():
                     "torch_target_version": TARGET_TORCH,
                     "cuda_version": torch.version.cuda,
                     "cuda_home": os.environ.get("CUDA_HOME"),
-                    "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
+                    "arch_list": arch_list,
                     "sources_sha256": _sources_digest(),
                 }
                 with open(os.path.join(out_dir, "_build_info.json"), "w") as f:

@@ -587,6 +587,14 @@ void launch_clusters(void (*kernel)(Params), const Params& params, const Layout&
   STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   STD_TORCH_CHECK(major >= 9, op, ": thread-block clusters need compute capability 9.0 or newer; device cuda:", device,
                   " has ", major, ".x (use the cooperative kernel)");
+  // The code the driver picked for this device must come from sm_90 or newer: compiled for an
+  // older architecture (a build whose TORCH_CUDA_ARCH_LIST has neither sm_90 code nor PTX of it)
+  // the kernel's body is a trap.
+  cudaFuncAttributes fa;
+  STD_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  STD_TORCH_CHECK(fa.ptxVersion >= 90, op, ": this build has no sm_90 code for device cuda:", device,
+                  " (the kernel was compiled for compute_", fa.ptxVersion,
+                  "); rebuild with TORCH_CUDA_ARCH_LIST including 9.0a or 9.0+PTX, or use the cooperative kernel");
   set_shared_memory_attributes(kernel, l, device, op, "the cooperative kernel");
   if (l.nu > 8) STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchAttribute attr[1];

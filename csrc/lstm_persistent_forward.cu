@@ -33,6 +33,8 @@ struct ForwardParams : RecurrenceParams {
 };
 
 constexpr int kMt = 2;  // 32 rows per warp: 8 units x 4 gates
+// (unit, row) elements per thread in the cluster kernel: hs * bt = 64 * nt * wm * wn <= 2048.
+constexpr int kClusterElems = 8;
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(const ForwardParams<T> p) {
@@ -141,6 +143,9 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
 // exchange and the reads of the buffer that the next step overwrites, as the global barrier does
 // in the cooperative kernel. h0 comes from h_buf[0] and h_n goes to h_buf[T % 2], as there; the
 // last step exchanges nothing, so no block can still be writing into a block that has exited.
+// One batch tile per block means each thread owns the same (unit, row) elements at every step:
+// their c and lengths stay in registers (the cluster barrier's acquire invalidates L1, so a
+// reload would be an L2 round trip per step), and c_n is written once at the end.
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const ForwardParams<T> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -180,6 +185,18 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
   const int send_chunks = (min(j0 + hs, kp) - j0) * static_cast<int>(sizeof(T)) / 16;
   const int send_rows = min(bt, B - b0);
 
+  // This thread's elements idx = tid + e * kThreads (e < kClusterElems): c and the length.
+  float c_reg[kClusterElems];
+  int len_reg[kClusterElems];
+#pragma unroll
+  for (int e = 0; e < kClusterElems; ++e) {
+    const int idx = tid + e * kThreads;
+    const int n = idx / hs, j = j0 + (idx - n * hs), b = b0 + n;
+    const bool mine = idx < hs * bt && j < H && b < B;
+    c_reg[e] = mine ? p.c_state[(static_cast<int64_t>(d) * B + b) * H + j] : 0.0f;
+    len_reg[e] = mine && p.lengths != nullptr ? static_cast<int>(p.lengths[b]) : p.seq_len;
+  }
+
   // As in the cooperative kernel: each thread's first element's xg is loaded a step ahead.
   const int first_n = tid / hs, first_jj = tid - first_n * hs;
   const bool has_first = tid < hs * bt && j0 + first_jj < H && b0 + first_n < B;
@@ -205,37 +222,40 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
     __syncthreads();  // partial sums complete
 
     T* h_last = p.h_buf + (p.seq_len & 1) * buf_stride + static_cast<int64_t>(d) * B * kp;
-    for (int idx = tid; idx < hs * bt; idx += kThreads) {
+#pragma unroll
+    for (int e = 0; e < kClusterElems; ++e) {
+      const int idx = tid + e * kThreads;
       const int n = idx / hs, jj = idx - n * hs;
       const int j = j0 + jj, b = b0 + n;
-      if (j >= H || b >= B) continue;
-      const int64_t state = (static_cast<int64_t>(d) * B + b) * H + j;
+      if (idx >= hs * bt || j >= H || b >= B) continue;
       const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;  // (t, b, d)
       T* y_out = p.y + row * H + j;
       float* ws_row = p.ws == nullptr ? nullptr : p.ws + row * H5 + j;
       T h_new;
-      if (p.lengths != nullptr && t >= p.lengths[b]) {
+      if (t >= len_reg[e]) {
         // Masked step: the state is carried (into the other buffer), the output is zero.
         h_new = reinterpret_cast<const T*>(h_cur + n * lda)[j];
         *y_out = zero_value<T>();
         zero_cell_workspace(ws_row, H);
       } else {
         float x[4], pre[4];
-        if (idx == tid)
+        if (e == 0)
           for (int gate = 0; gate < 4; ++gate) x[gate] = x_first[gate];
         else
           load_gate_x(x, p.xg, row, j, H);
         gate_preactivations(pre, red, n, jj, ldr, hs, bt, p.cfg.wk, x);
-        const CellState cell = lstm_cell_update(pre, p.c_state[state]);
+        const CellState cell = lstm_cell_update(pre, c_reg[e]);
         h_new = from_acc<T, float>(cell.o * tanhf(cell.c));
-        p.c_state[state] = cell.c;
+        c_reg[e] = cell.c;
         *y_out = h_new;
         store_cell_workspace(ws_row, H, cell);
       }
-      if (last)
+      if (last) {
         h_last[static_cast<int64_t>(b) * kp + j] = h_new;
-      else
+        p.c_state[(static_cast<int64_t>(d) * B + b) * H + j] = c_reg[e];  // c_n
+      } else {
         reinterpret_cast<T*>(h_nxt + n * lda)[j] = h_new;
+      }
     }
     if (last) break;
     __syncthreads();  // this block's columns of the next buffer are complete
@@ -320,6 +340,8 @@ void lstm_cluster_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths
   const Problem pb =
       check_problem(xg, "xg", nt, wm, wn, wk, nbg, precise, /*k_is_4h=*/false, 16 * kMt, 4, op, /*cluster=*/true);
   check_forward_tensors(pb, xg, w_hh, h_buf, c_state, y, workspace, op);
+  STD_TORCH_CHECK(pb.l.hs * pb.l.bt <= kClusterElems * kThreads, op, ": a block's tile of ", pb.l.hs, " units x ",
+                  pb.l.bt, " rows exceeds the ", kClusterElems, " elements per thread the kernel keeps");
   const int device = xg.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   cudaStream_t stream = current_stream(xg);

@@ -436,6 +436,16 @@ def cluster_forward_block(
         for gt in range(4):
             x_first[has_first, gt] = mem["xg"][row * G + j0 + first_jj[has_first] + gt * H]
 
+    # Each thread's elements are the same at every step: their c and lengths stay in registers.
+    elems = np.arange(hs * bt)
+    e_n, e_j = elems // hs, j0 + elems % hs
+    mine = (e_j < H) & (b0 + e_n < B)
+    c_reg = np.zeros(hs * bt)
+    c_reg[mine] = mem["c_state"][(d * B + b0 + e_n[mine]) * H + e_j[mine]]
+    len_reg = np.full(hs * bt, p.T)
+    if p.lengths is not None:
+        len_reg[mine] = p.lengths[b0 + e_n[mine]]
+
     load_first_x(0)
     copy.land()
     counters[cluster] += 1  # cluster_arrive
@@ -459,7 +469,7 @@ def cluster_forward_block(
         state = (d * B + b) * H + j
         row = (t * B + b) * p.D + d
         ws_row = row * 5 * H + j
-        valid = np.ones(b.shape, dtype=bool) if p.lengths is None else t < p.lengths[b]
+        valid = t < len_reg[idx]
         h_new = np.empty(b.shape)
         inv = ~valid
         h_new[inv] = smem.ops[smem.ops_index(cur + n[inv] * lda + j[inv] * p.eb, cur, cur + bt * lda)]
@@ -481,15 +491,16 @@ def cluster_forward_block(
             pre[gt] = a + x
         i_g, f_g, g_g = 1 / (1 + np.exp(-pre[0])), 1 / (1 + np.exp(-pre[1])), np.tanh(pre[2])
         o_g = 1 / (1 + np.exp(-pre[3]))
-        c_new = f_g * mem["c_state"][state[v]] + i_g * g_g
+        c_new = f_g * c_reg[idx[v]] + i_g * g_g
         h_new[v] = o_g * np.tanh(c_new)
-        mem["c_state"][state[v]] = c_new
+        c_reg[idx[v]] = c_new
         mem["y"][row[v] * H + j[v]] = h_new[v]
         if "ws" in mem:
             for kk, val in enumerate((i_g, f_g, g_g, o_g, c_new)):
                 mem["ws"][ws_row[v] + kk * H] = val
         if last:
             mem["h_buf"][(p.T & 1) * buf_stride + d * B * kp + b * kp + j] = h_new
+            mem["c_state"][state] = c_reg[idx]  # c_n, once
             break
         smem.ops[smem.ops_index(nxt + n * lda + j * p.eb, nxt, nxt + bt * lda)] = h_new
         yield None  # __syncthreads: this block's columns of the next buffer complete

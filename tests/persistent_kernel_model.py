@@ -400,11 +400,13 @@ def cluster_forward_block(
     smems: list[SharedMemory],
     counters: np.ndarray,
     rng: np.random.Generator,
+    step_barrier: bool = True,
 ):
     """``lstm_cluster_forward_kernel`` for block ``bid``; ``smems`` holds every block's shared
     memory (the cluster's distributed shared memory) and ``counters[c]`` models cluster ``c``'s
     barrier. A store to another block lands at its issue or at the arrive (release) that publishes
-    it, chosen at random; a missing or misplaced barrier then shows up as a wrong result."""
+    it, chosen at random; a missing or misplaced barrier then shows up as a wrong result
+    (``step_barrier=False`` drops the per-step wait, for the test that the model notices)."""
     lay = p.layout
     MT, NT = 2, lay.nt
     u, tile, d = p.block_coords(bid)
@@ -528,7 +530,7 @@ def cluster_forward_block(
         counters[cluster] += 1
         yield None
         load_first_x(s + 1)
-        yield (cluster, (s + 2) * lay.nu)  # cluster_wait
+        yield (cluster, (s + 2) * lay.nu) if step_barrier else None  # cluster_wait
 
 
 def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.ndarray, rng: np.random.Generator):
@@ -702,7 +704,9 @@ def run_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = 
     return _forward_results(p, mem, save_workspace)
 
 
-def run_cluster_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = True):
+def run_cluster_forward(
+    p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = True, step_barrier: bool = True
+):
     """The cluster forward op on the model, as :func:`run_forward`."""
     lay = p.layout
     mem = _forward_memory(p, xg, w_hh, h0, c0, save_workspace)
@@ -711,7 +715,7 @@ def run_cluster_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace:
     rng = np.random.default_rng(seed)
     assert lay.grid % lay.nu == 0, "the grid must be whole clusters"
     counters = np.zeros(lay.grid // lay.nu, dtype=np.int64)
-    blocks = [cluster_forward_block(b, p, mem, smems, counters, rng) for b in range(lay.grid)]
+    blocks = [cluster_forward_block(b, p, mem, smems, counters, rng, step_barrier) for b in range(lay.grid)]
     run_blocks(blocks, counters, rng)
     return _forward_results(p, mem, save_workspace)
 

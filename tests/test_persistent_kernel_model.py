@@ -198,3 +198,18 @@ def test_cluster_forward_kernel_model_without_workspace():
     assert got[3] is None
     for name, a, b in zip(("y", "h_n", "c_n"), got[:3], want[:3]):
         _close(a, b, name)
+
+
+def test_cluster_kernel_model_notices_a_missing_step_barrier():
+    """Without the per-step cluster wait, some interleaving reads a peer's h before it lands (or
+    after the next step overwrote it): the model must see a wrong result, else its passes above
+    would prove nothing about the barrier."""
+    xg, w, h0, c0 = _inputs(7)
+    want = _reference_forward(xg, w, h0, c0, None)
+    p = _problem(pc.CLUSTER, (1, 1, 1, 8), 2, None)  # clusters of 3 blocks
+    assert p.layout.nu == 3
+    wrong = 0
+    for seed in range(4):
+        got = km.run_cluster_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed, step_barrier=False)
+        wrong += not np.allclose(got[0], want[0].numpy(), rtol=1e-9, atol=1e-12)
+    assert wrong > 0

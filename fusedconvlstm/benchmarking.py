@@ -475,15 +475,17 @@ def plan(
     compile_modes: Iterable[str] = ("default",),
     flashrnn_backends: Iterable[str] = (),
     lstm_forward_kernels: Iterable[str] = (),
+    only_backends: Iterable[str] = (),
 ) -> list[dict]:
     """The list of cases to run (each a dict of parameters). ``compile_modes``: the
     ``torch.compile`` modes the reference model is also timed under; ``flashrnn_backends``: the
     FlashRNN kernels the LSTM cases are also timed against, in our dtype (both GPU only);
     ``lstm_forward_kernels``: the cuda backend's persistent forward kernels the lstm cases are
     timed with, each preferred in turn (``FUSEDCONVLSTM_LSTM_FWD_KERNEL``) against the dtype's
-    first baseline; empty: the default preference only."""
+    first baseline; empty: the default preference only. ``only_backends``: time only these of
+    ours (empty: every one that serves the case)."""
     compile_modes, flashrnn_backends = tuple(compile_modes), tuple(flashrnn_backends)
-    lstm_forward_kernels = tuple(lstm_forward_kernels)
+    lstm_forward_kernels, only_backends = tuple(lstm_forward_kernels), tuple(only_backends)
     cases = []
     for op in ops:
         for dtype_name in dtypes:
@@ -503,6 +505,8 @@ def plan(
                             first_baseline = baseline == _baselines(dtype_name, device)[0][0]
                             for bname in names:
                                 for backend in _serving_backends(op, device, DTYPES[dtype_name], include_reference):
+                                    if only_backends and backend not in only_backends:
+                                        continue
                                     kernels = [None]
                                     if op in ("lstm", "lstm_pair") and backend == "cuda" and lstm_forward_kernels:
                                         kernels = list(lstm_forward_kernels) if first_baseline else kernels
@@ -671,7 +675,10 @@ def main_bench(args) -> int:
     compile_modes = () if args.no_compile else tuple(args.compile_modes or ("default",))
     flashrnn = tuple(getattr(args, "flashrnn", None) or ())
     kernels = tuple(getattr(args, "lstm_forward_kernels", None) or ())
-    cases = plan(ops, dtypes, batches, seqs, passes, device, args.include_reference, compile_modes, flashrnn, kernels)
+    only = tuple(getattr(args, "backends", None) or ())
+    cases = plan(
+        ops, dtypes, batches, seqs, passes, device, args.include_reference, compile_modes, flashrnn, kernels, only
+    )
     if not cases:
         print("nothing to run: no backend can serve these cases on this machine", flush=True)
         return 1

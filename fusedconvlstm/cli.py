@@ -110,7 +110,7 @@ def _package_version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line."""
-    from fusedconvlstm import BACKENDS
+    from fusedconvlstm import BACKENDS, backends
     from fusedconvlstm.benchmarking import COMPILE_MODES, DTYPES, FLASHRNN_BACKENDS, OPS
     from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS
 
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the backends against cuDNN and torch.compile; write JSON lines")
     p.add_argument("--ops", nargs="+", choices=list(OPS))
+    p.add_argument("--backends", nargs="+", choices=[backends.AUTO, *BACKENDS], help="only these of ours")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
     p.add_argument("--batches", nargs="+", type=int)
     p.add_argument("--seqs", nargs="+", type=int, help="sequence lengths of the lstm cases (default 45)")

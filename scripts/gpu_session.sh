@@ -13,7 +13,8 @@
 #               this torch: `env` and `check --quick` (the stable-ABI round trip of issue 7)
 #   tests       every GPU test, in pytest processes side by side (one GPU, 16 cores), each
 #               bounded, so a hung or trapped kernel costs one process, not the lease
-#   bench-core  the issues' target cases (bf16, batch 64 and 256) within a time budget
+#   bench-core  the issues' target cases (bf16, batch 64 and 256) within a time budget, then
+#               the LSTM cases on the cluster forward kernel (a process of its own)
 #   bench-more  fp32 and fp16, batch 1 / 8 / 1024, T = 100 / 1000, the conv-stack script
 #   bench-flashrnn  the lstm cases against FlashRNN's fused CUDA kernel, from the carried wheels
 #               (.whl); its first call compiles FlashRNN for minutes: a lease of its own
@@ -154,9 +155,14 @@ bench() {
 
 stage_bench_core() {
   # The issues' targets, the LSTMs and the conv stack before the whole model (its torch.compile
-  # baselines compile for tens of seconds each).
-  bench bench_core 240 --ops lstm lstm_pair conv1d_stack model_inference model_train_step \
-    --dtypes bf16 --batches 64 256 --lstm-forward-kernels cooperative cluster --out "$OUT/$(results_name)_core.jsonl"
+  # baselines compile for tens of seconds each). Then the cluster forward kernel on the LSTM
+  # cases, in a process of its own: a kernel that traps there loses no other result.
+  local name
+  name=$(results_name)
+  bench bench_core 170 --ops lstm lstm_pair conv1d_stack model_inference model_train_step \
+    --dtypes bf16 --batches 64 256 --out "$OUT/${name}_core.jsonl"
+  bench bench_cluster 70 --ops lstm lstm_pair --dtypes bf16 --batches 64 256 --passes fwd --backends cuda \
+    --lstm-forward-kernels cluster --out "$OUT/${name}_cluster.jsonl"
 }
 
 stage_bench_more() {

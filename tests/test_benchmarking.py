@@ -181,3 +181,12 @@ def test_preferred_forward_kernel_is_set_for_a_case_and_restored(monkeypatch):
         xg.double(), [t.double() for t in w], [], h0.double(), c0.double(), None, [False]
     )
     assert dict(served) == {"stepwise": 1}
+
+
+def test_plan_times_only_the_backends_asked_for(monkeypatch):
+    monkeypatch.setattr(benchmarking, "_serving_backends", lambda *a: ["cuda", "triton"])
+    args = (["lstm"], ["bf16"], [64], [45], ["fwd"], torch.device("cuda"), False, (), (), ("cluster",))
+    cases = plan(*args, ("cuda",))
+    assert {c["backend"] for c in cases} == {"cuda"}
+    assert [c["forward_kernel"] for c in cases] == ["cluster", None]  # cluster vs the first baseline
+    assert {c["backend"] for c in plan(*args)} == {"cuda", "triton"}

@@ -53,3 +53,19 @@ def test_session_refuses_an_unknown_stage(tmp_path):
     run = _session(out, "benchmark-everything", timeout=60)
     assert run.returncode == 2
     assert "unknown stage benchmark-everything" in (out / "summary.txt").read_text()
+
+
+def test_session_bench_calls_parse_as_bench_arguments():
+    """Every ``bench NAME SECONDS ARGS`` of gpu_session.sh is a valid ``fusedconvlstm bench`` call."""
+    import re
+    import shlex
+
+    from fusedconvlstm.cli import build_parser
+
+    text = (ROOT / "scripts" / "gpu_session.sh").read_text().replace("\\\n", " ")
+    calls = re.findall(r"^\s*bench (bench_\w+) \d+ (.+)$", text, flags=re.M)
+    assert {name for name, _ in calls} >= {"bench_core", "bench_cluster", "bench_more", "bench_flashrnn"}
+    for name, args in calls:
+        args = re.sub(r'"\$OUT/[^"]*"', "out.jsonl", args)
+        parsed = build_parser().parse_args(["bench", *shlex.split(args)])
+        assert parsed.out == "out.jsonl", name

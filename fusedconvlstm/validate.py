@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedconvlstm import backends
-from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS_SERVED, preferring_forward_kernel
+from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS_SERVED
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack
 from fusedconvlstm.nn.lstm import LSTM
 from fusedconvlstm.ops.conv1d import check_conv1d_stack_args
@@ -211,39 +211,25 @@ def check_cases(
                 reason = backends.explain(_op_name(case.op), case.backend_call(fused, x, device), device)[name]
                 if reason is not None:
                     continue
-                for kernel in _forward_kernels(case.op, name, device):
-                    with preferring_forward_kernel(kernel):
-                        FORWARD_KERNELS_SERVED.clear()
-                        errs = [rel_err(a, b) for a, b in zip(_run(fused, x, False, seed), expected)]
-                    label = name
-                    if kernel is not None:
-                        if "cluster" not in FORWARD_KERNELS_SERVED:
-                            continue  # the cluster kernel does not take this case: the row above covers it
-                        label = f"{name} (cluster forward)"
-                    worst = max(range(len(errs)), key=lambda i: errs[i] / (2 * torch_errs[i] + 4 * eps))
-                    yield CheckResult(
-                        op=case.op,
-                        case=case.name,
-                        backend=label,
-                        dtype=str(dtype).removeprefix("torch."),
-                        max_rel_err=errs[worst],
-                        torch_rel_err=torch_errs[worst],
-                        tolerance=2 * torch_errs[worst] + 4 * eps,
-                        worst=names[worst],
-                    )
+                FORWARD_KERNELS_SERVED.clear()
+                errs = [rel_err(a, b) for a, b in zip(_run(fused, x, False, seed), expected)]
+                worst = max(range(len(errs)), key=lambda i: errs[i] / (2 * torch_errs[i] + 4 * eps))
+                yield CheckResult(
+                    op=case.op,
+                    case=case.name,
+                    backend=_label(name),
+                    dtype=str(dtype).removeprefix("torch."),
+                    max_rel_err=errs[worst],
+                    torch_rel_err=torch_errs[worst],
+                    tolerance=2 * torch_errs[worst] + 4 * eps,
+                    worst=names[worst],
+                )
 
 
-def _forward_kernels(op: str, backend: str, device: torch.device) -> list[str | None]:
-    """The forward-kernel preferences a row runs under: the default, and on sm_90 devices for the
-    cuda LSTM also the cluster kernel (its own row, where it serves the case)."""
-    if (
-        op == "lstm"
-        and backend == "cuda"
-        and device.type == "cuda"
-        and torch.cuda.get_device_capability(device) >= (9, 0)
-    ):
-        return [None, "cluster"]
-    return [None]
+def _label(backend: str) -> str:
+    """The backend's name, with the cuda LSTM's cluster forward kernel named where it served the
+    row (``FUSEDCONVLSTM_LSTM_FWD_KERNEL=cluster`` prefers it)."""
+    return f"{backend} (cluster forward)" if "cluster" in FORWARD_KERNELS_SERVED else backend
 
 
 def _op_name(op: str) -> str:

@@ -129,8 +129,12 @@ stage_tests() {
   # real kernels, spread over processes where pytest-xdist is there (Triton compiles per process).
   local conv="$py tests/test_triton_conv1d.py"
   $PY -c "import xdist" 2>/dev/null && conv="$conv -n 4"
+  # The cluster forward kernel (never run before its first lease) in processes of its own: a
+  # kernel that traps kills its process's CUDA context, not the cooperative kernels' tests.
   par 240 \
-    "test_cuda_lstm=$py -m gpu tests/test_cuda_lstm.py" \
+    "test_cuda_lstm=$py -m gpu -k 'not cluster' tests/test_cuda_lstm.py" \
+    "test_cuda_cluster=$py -m gpu -k cluster tests/test_cuda_lstm.py" \
+    "check_cluster=FUSEDCONVLSTM_LSTM_FWD_KERNEL=cluster OMP_NUM_THREADS=3 $PY -m fusedconvlstm check --backends cuda" \
     "test_triton_lstm=$py -m gpu tests/test_triton_lstm.py" \
     "test_triton_conv1d=$conv" \
     "test_production=$py -m gpu tests/test_production_gpu.py" \

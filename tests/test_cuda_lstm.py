@@ -312,17 +312,14 @@ def test_cluster_configuration_override_from_the_environment(monkeypatch):
 # CPU: which path serves a call
 
 
-def test_check_adds_a_cluster_forward_row_only_for_the_cuda_lstm_on_sm90(monkeypatch):
+def test_check_names_the_cluster_forward_kernel_where_it_served():
     from fusedconvlstm import validate
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert validate._forward_kernels("lstm", "cuda", cpu) == [None]
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert validate._forward_kernels("lstm", "cuda", cuda) == [None, "cluster"]
-    assert validate._forward_kernels("lstm", "triton", cuda) == [None]
-    assert validate._forward_kernels("conv1d_stack", "cuda", cuda) == [None]
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert validate._forward_kernels("lstm", "cuda", cuda) == [None]
+    pc.FORWARD_KERNELS_SERVED.clear()
+    assert validate._label("cuda") == "cuda"
+    pc.FORWARD_KERNELS_SERVED["cluster"] += 1
+    assert validate._label("cuda") == "cuda (cluster forward)"
+    pc.FORWARD_KERNELS_SERVED.clear()
 
 
 def test_forward_kernel_preference_from_the_environment(monkeypatch):
@@ -1002,12 +999,15 @@ def test_gpu_cluster_forward_bitwise_deterministic_and_graph_capture(cluster_for
 
 
 @pytest.mark.gpu
-def test_gpu_check_command_has_a_cluster_forward_row():
+def test_gpu_check_command_names_the_cluster_forward_row(monkeypatch):
     _needs_clusters()
     from fusedconvlstm import validate
 
     case = [c for c in validate.default_cases() if c.op == "lstm" and "reference model" in c.name]
-    rows = list(validate.check_cases(case, torch.device("cuda"), [torch.bfloat16], only=["cuda"]))
+    rows = []
+    for kernel in ("cooperative", "cluster"):
+        monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, kernel)
+        rows += validate.check_cases(case, torch.device("cuda"), [torch.bfloat16], only=["cuda"])
     assert [r.backend for r in rows] == ["cuda", "cuda (cluster forward)"]
     assert all(r.passed for r in rows), validate.format_table(rows)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -36,6 +37,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     stale = _extension.stale_reason()
     if stale:
         print(f"extension      STALE: {stale}")
+    print(f"lstm forward   {_forward_kernel_line()}")
     print()
     devices = [torch.device("cuda")] if torch.cuda.is_available() else []
     devices.append(torch.device("cpu"))
@@ -48,6 +50,19 @@ def cmd_env(args: argparse.Namespace) -> int:
             if reason is None:
                 print(f"{'':15s}ops: {', '.join(ops) or 'none yet'}")
     return 0
+
+
+def _forward_kernel_line() -> str:
+    """Which persistent forward kernel the cuda LSTM prefers, and how to change it."""
+    from fusedconvlstm.cuda.persistent_config import FORWARD_KERNEL_ENV, FORWARD_KERNELS
+
+    name = os.environ.get(FORWARD_KERNEL_ENV, "").strip() or "cooperative"
+    if name not in FORWARD_KERNELS:
+        return (
+            f"INVALID {FORWARD_KERNEL_ENV}={name!r} (one of {', '.join(FORWARD_KERNELS)}): cuda LSTM calls will raise"
+        )
+    other = "cluster" if name == "cooperative" else "cooperative"
+    return f"{name} kernel preferred by the cuda backend ({FORWARD_KERNEL_ENV}={other} for the other)"
 
 
 def cmd_check(args: argparse.Namespace) -> int:

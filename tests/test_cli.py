@@ -36,6 +36,16 @@ def test_env_lists_backends(capsys):
     assert "torch" in out and "reference  available" in out
     for name in ("triton", "cuda"):
         assert name in out
+    assert "lstm forward   cooperative kernel preferred" in out
+
+
+def test_env_says_which_forward_kernel_is_preferred(capsys, monkeypatch):
+    monkeypatch.setenv("FUSEDCONVLSTM_LSTM_FWD_KERNEL", "cluster")
+    assert main(["env"]) == 0
+    assert "lstm forward   cluster kernel preferred" in capsys.readouterr().out
+    monkeypatch.setenv("FUSEDCONVLSTM_LSTM_FWD_KERNEL", "fast")
+    assert main(["env"]) == 0
+    assert "INVALID FUSEDCONVLSTM_LSTM_FWD_KERNEL='fast'" in capsys.readouterr().out
 
 
 def test_check_quick_passes_on_this_machine(capsys):

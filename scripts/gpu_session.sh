@@ -104,7 +104,7 @@ EOF
     run build 300 bash -c "MAX_JOBS=16 $PY setup.py build_ext --inplace"
   fi
   run env 60 $PY -m fusedconvlstm env
-  grep -E "^(gpu|torch|triton|extension|cuda )" "$LOGS/env.log" | sed 's/^/   /' | tee -a "$SUMMARY"
+  grep -E "^(gpu|torch|triton|extension|lstm forward|cuda )" "$LOGS/env.log" | sed 's/^/   /' | tee -a "$SUMMARY"
 }
 
 stage_wheel() {

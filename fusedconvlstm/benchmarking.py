@@ -481,8 +481,8 @@ def plan(
     ``torch.compile`` modes the reference model is also timed under; ``flashrnn_backends``: the
     FlashRNN kernels the LSTM cases are also timed against, in our dtype (both GPU only);
     ``lstm_forward_kernels``: the cuda backend's persistent forward kernels the lstm cases are
-    timed with, each preferred in turn (``FUSEDCONVLSTM_LSTM_FWD_KERNEL``) against the dtype's
-    first baseline; empty: the default preference only. ``only_backends``: time only these of
+    timed with, each preferred in turn (``FUSEDCONVLSTM_LSTM_FWD_KERNEL``), against the dtype's
+    first baseline only; empty: the default preference against every baseline. ``only_backends``: time only these of
     ours (empty: every one that serves the case)."""
     compile_modes, flashrnn_backends = tuple(compile_modes), tuple(flashrnn_backends)
     lstm_forward_kernels, only_backends = tuple(lstm_forward_kernels), tuple(only_backends)
@@ -509,7 +509,8 @@ def plan(
                                         continue
                                     kernels = [None]
                                     if op in ("lstm", "lstm_pair") and backend == "cuda" and lstm_forward_kernels:
-                                        kernels = list(lstm_forward_kernels) if first_baseline else kernels
+                                        # Each named kernel against the first baseline only.
+                                        kernels = list(lstm_forward_kernels) if first_baseline else []
                                     for kernel in kernels:
                                         cases.append(
                                             dict(
@@ -749,9 +750,14 @@ def plot_speedups(rows: list[dict], out_path: str) -> str:
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
     for ax, (op, pass_) in zip(axes.flat, panels):
         sel = [r for r in rows if r["op"] == op and r["pass"] == pass_]
-        for key in sorted({(r["dtype"], r["backend"], r["baseline"]) for r in sel}):
-            pts = sorted((r["batch"], r["speedup"]) for r in sel if (r["dtype"], r["backend"], r["baseline"]) == key)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]} vs {key[2]}")
+
+        def line_of(r):  # the cuda LSTM's forward kernel is a line of its own
+            return r["dtype"], r["backend"], r.get("lstm_forward_kernel") or "", r["baseline"]
+
+        for key in sorted({line_of(r) for r in sel}):
+            pts = sorted((r["batch"], r["speedup"]) for r in sel if line_of(r) == key)
+            backend = f"{key[1]} ({key[2]})" if key[2] else key[1]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {backend} vs {key[3]}")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{op} ({pass_})")

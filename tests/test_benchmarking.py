@@ -152,7 +152,7 @@ def test_plan_times_each_preferred_lstm_forward_kernel_against_the_first_baselin
         ["lstm", "model_inference"], ["bf16"], [64], [45], ["fwd"], torch.device("cuda"), False, (), (), kernels
     )
     lstm_cuda = [(c["baseline"], c["forward_kernel"]) for c in cases if c["op"] == "lstm" and c["backend"] == "cuda"]
-    assert lstm_cuda == [("cudnn_fp16", "cooperative"), ("cudnn_fp16", "cluster"), ("cudnn_bf16", None)]
+    assert lstm_cuda == [("cudnn_fp16", "cooperative"), ("cudnn_fp16", "cluster")]
     others = [c for c in cases if c["op"] != "lstm" or c["backend"] != "cuda"]
     assert others and all(c["forward_kernel"] is None for c in others)
     args = build_parser().parse_args(["bench", "--lstm-forward-kernels", "cooperative", "cluster"])
@@ -188,5 +188,26 @@ def test_plan_times_only_the_backends_asked_for(monkeypatch):
     args = (["lstm"], ["bf16"], [64], [45], ["fwd"], torch.device("cuda"), False, (), (), ("cluster",))
     cases = plan(*args, ("cuda",))
     assert {c["backend"] for c in cases} == {"cuda"}
-    assert [c["forward_kernel"] for c in cases] == ["cluster", None]  # cluster vs the first baseline
+    assert [(c["baseline"], c["forward_kernel"]) for c in cases] == [("cudnn_fp16", "cluster")]
     assert {c["backend"] for c in plan(*args)} == {"cuda", "triton"}
+
+
+def test_plot_draws_each_lstm_forward_kernel_as_its_own_line(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    labels = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "plot", lambda ax, *a, **k: labels.append(k.get("label")) or original(ax, *a, **k)
+    )
+    base = dict(ENV, op="lstm", dtype="bf16", backend="cuda", baseline="cudnn_fp16", seq=45, hidden=512)
+    base["pass"] = "fwd"
+    rows = [
+        dict(base, batch=b, speedup=s, lstm_forward_kernel=k)
+        for k, s in (("cooperative", 1.5), ("cluster", 2.0))
+        for b in (64, 256)
+    ]
+    benchmarking.plot_speedups(rows, str(tmp_path / "p.png"))
+    lines = [lab for lab in labels if lab]
+    assert sorted(lines) == ["bf16 cuda (cluster) vs cudnn_fp16", "bf16 cuda (cooperative) vs cudnn_fp16"]

@@ -917,9 +917,18 @@ def _all_fitting_cluster_layouts(B, D, H, dtype):
     return out
 
 
+# fp32 at H = 512 has no cluster layout (16-unit slices would need clusters of 32): the CPU tests
+# check that refusal.
+CLUSTER_SHAPES = [
+    pytest.param(dtype, *shape, id=f"{str(dtype).removeprefix('torch.')}-{'x'.join(map(str, shape))}")
+    for shape in ((6, 37, 2, 100), (5, 11, 2, 72), (3, 9, 1, 512))
+    for dtype in GPU_DTYPES
+    if not (dtype == torch.float32 and shape[3] == 512)
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("T, B, D, H", [(6, 37, 2, 100), (5, 11, 2, 72), (3, 9, 1, 512)])
+@pytest.mark.parametrize("dtype, T, B, D, H", CLUSTER_SHAPES)
 def test_gpu_cluster_forward_every_configuration_matches_the_reference(dtype, T, B, D, H):
     """Every cluster configuration that fits (clusters of 1 to 16 blocks), lengths with empty and
     full rows, a reversed recurrence: the float64 reference's outputs, every output element
@@ -959,7 +968,14 @@ def test_gpu_cluster_forward_every_configuration_matches_the_reference(dtype, T,
 CLUSTER_MODULE_CASES = [
     ("reference_model_shape", 512, 512, 45, 64, {}),
     ("batch1", 512, 512, 20, 1, {}),
-    ("bidir_hx_batch_first_2layers", 20, 96, 9, 5, {"with_hx": True, "batch_first": True, "bidirectional": True}),
+    (
+        "bidir_hx_batch_first_2layers",
+        20,
+        96,
+        9,
+        5,
+        {"with_hx": True, "batch_first": True, "bidirectional": True, "num_layers": 2},
+    ),
 ]
 
 
@@ -1062,3 +1078,10 @@ def test_gpu_stepwise_cell_kernels_match_their_cpu_implementations(dtype):
         outs[device] = [t.cpu() for t in tensors[4:]]
     for a, b in zip(outs["cpu"], outs["cuda"]):
         assert rel_err(b, a) < tol
+
+
+def test_cluster_op_cpu_contract_refuses_clusters_the_gpu_refuses():
+    fwd = _persistent_forward_args(2, 3, 1, 512, reverse=(False,))
+    with pytest.raises(ValueError, match="at most 16 form a cluster"):
+        torch.ops.fusedconvlstm.lstm_cluster_forward_(*_cluster_forward_args(fwd, config=(1, 1, 1, 8)))
+    torch.ops.fusedconvlstm.lstm_cluster_forward_(*_cluster_forward_args(fwd, config=(1, 4, 1, 2)))  # 16 blocks

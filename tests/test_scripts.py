@@ -63,7 +63,7 @@ def test_session_bench_calls_parse_as_bench_arguments():
     from fusedconvlstm.cli import build_parser
 
     text = (ROOT / "scripts" / "gpu_session.sh").read_text().replace("\\\n", " ")
-    calls = re.findall(r"^\s*bench (bench_\w+) \d+ (.+)$", text, flags=re.M)
+    calls = re.findall(r'^\s*bench (bench_\w+) (?:\d+|"\$\w+") (.+)$', text, flags=re.M)
     assert {name for name, _ in calls} >= {"bench_core", "bench_cluster", "bench_more", "bench_flashrnn"}
     for name, args in calls:
         args = re.sub(r'"\$OUT/[^"]*"', "out.jsonl", args)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm.backends import accumulation_dtype
+from fusedconvlstm.cuda.persistent_config import MAX_CLUSTER_BLOCKS
 from fusedconvlstm.reference import lstm_cell as _cell
 
 
@@ -95,7 +96,12 @@ def lstm_cluster_forward_(
 ) -> None:
     """The cluster kernel's forward: the persistent forward's contract without the barrier
     counters (one batch tile per cluster; see the ops module)."""
-    B = xg.shape[1]
+    B, H = xg.shape[1], xg.shape[3] // 4
+    if wm > 0 and -(-H // (8 * wm)) > MAX_CLUSTER_BLOCKS:  # as the CUDA op refuses it
+        raise ValueError(
+            f"lstm_cluster_forward_: the cluster kernel needs {-(-H // (8 * wm))} blocks per cluster (hidden size "
+            f"{H} in slices of {8 * wm} units); at most {MAX_CLUSTER_BLOCKS} form a cluster"
+        )
     nbg = max(1, -(-B // (8 * nt * wn))) if nt > 0 and wn > 0 else 1
     sync = torch.empty(0, dtype=torch.int32)
     lstm_persistent_forward_(

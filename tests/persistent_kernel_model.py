@@ -279,6 +279,17 @@ def _block_shape(p: Problem, rows_per_warp: int):
     return rows_a, lda, ldr
 
 
+def tile_elements(hs: int, bt: int, j0: int, b0: int, H: int, B: int):
+    """The kernels' cell-update loop over a tile: element ``idx = n * hs + jj`` is unit
+    ``j = j0 + jj`` of batch row ``b = b0 + n``; those past ``H`` or ``B`` are skipped.
+    Returns ``(idx, n, jj, j, b)`` of the rest."""
+    idx = np.arange(hs * bt)
+    n, jj = idx // hs, idx % hs
+    j, b = j0 + jj, b0 + n
+    keep = (j < H) & (b < B)
+    return idx[keep], n[keep], jj[keep], j[keep], b[keep]
+
+
 def load_gate_rows(smem: SharedMemory, p: Problem, mem: dict[str, Global], rows_a: int, lda: int, j0: int, d: int):
     """Port of ``load_gate_rows``: the forward kernels' W_hh slice into shared memory."""
     H, hs, kp = p.H, p.layout.hs, p.layout.kp
@@ -341,11 +352,7 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
                 copy = AsyncCopy(smem, mem["h_buf"], h_prev, kp, (tile + lay.nbg) * bt, bt, B, rng)
 
             b0 = tile * bt
-            idx = np.arange(hs * bt)
-            n, jj = idx // hs, idx % hs
-            j, b = j0 + jj, b0 + n
-            keep = (j < H) & (b < B)
-            idx, n, jj, j, b = idx[keep], n[keep], jj[keep], j[keep], b[keep]
+            idx, n, jj, j, b = tile_elements(hs, bt, j0, b0, H, B)
             state = (d * B + b) * H + j
             row = (t * B + b) * p.D + d
             y_out = row * H + j
@@ -463,11 +470,7 @@ def cluster_forward_block(
             store_accumulators(smem, wk * bt * ldr, ldr, acc, m0, n0, written)
         yield None
 
-        idx = np.arange(hs * bt)
-        n, jj = idx // hs, idx % hs
-        j, b = j0 + jj, b0 + n
-        keep = (j < H) & (b < B)
-        idx, n, jj, j, b = idx[keep], n[keep], jj[keep], j[keep], b[keep]
+        idx, n, jj, j, b = tile_elements(hs, bt, j0, b0, H, B)
         state = (d * B + b) * H + j
         row = (t * B + b) * p.D + d
         ws_row = row * 5 * H + j
@@ -607,11 +610,7 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
                 copy = AsyncCopy(smem, mem["g_buf"], g_prev, kp, (tile + lay.nbg) * bt, bt, B, rng)
 
             b0 = tile * bt
-            idx = np.arange(hs * bt)
-            n, jj = idx // hs, idx % hs
-            j, b = j0 + jj, b0 + n
-            keep = (j < H) & (b < B)
-            idx, n, jj, j, b = idx[keep], n[keep], jj[keep], j[keep], b[keep]
+            idx, n, jj, j, b = tile_elements(hs, bt, j0, b0, H, B)
             r = n * ldr + jj
             dh_rec = smem.red[r].copy()
             for kw in range(1, lay.wk):

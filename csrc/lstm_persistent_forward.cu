@@ -145,7 +145,10 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
 // last step exchanges nothing, so no block can still be writing into a block that has exited.
 // One batch tile per block means each thread owns the same (unit, row) elements at every step:
 // their c and lengths stay in registers (the cluster barrier's acquire invalidates L1, so a
-// reload would be an L2 round trip per step), and c_n is written once at the end.
+// reload would be an L2 round trip per step), and c_n is written once at the end. The step's y
+// and workspace go to shared memory first and to global memory between the arrive and the wait:
+// the arrive's release (a GPU-scope fence in every thread) then waits only for the exchange, not
+// for those stores, which have a whole step to complete before the next arrive.
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const ForwardParams<T> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -164,6 +167,9 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
   unsigned char* w_s = smem;
   unsigned char* h_s = w_s + l.rows_a * lda;  // two buffers of bt rows
   float* red = reinterpret_cast<float*>(h_s + 2 * bt * lda);
+  T* y_s = reinterpret_cast<T*>(red + p.cfg.wk * bt * ldr);  // [n * hs + jj]
+  float* ws_s = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(y_s) +
+                                         (hs * bt * static_cast<int>(sizeof(T)) + 15) / 16 * 16);  // [k][n][jj]
 
   load_gate_rows(w_s, lda, p.w + static_cast<int64_t>(d) * G * H, l.rows_a, kp, hs, j0, H);
   // Buffer 1 starts zero (its padding columns and rows past the batch are never written); buffer
@@ -206,6 +212,20 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
     const int tt = rev ? p.seq_len - 1 - step : step;
     load_gate_x(x_first, p.xg, (static_cast<int64_t>(tt) * B + b0 + first_n) * p.D + d, j0 + first_jj, H);
   };
+  // The staged y and workspace of step time t to global memory: consecutive threads take
+  // consecutive units of a row (coalesced).
+  auto store_staged = [&](int t) {
+    for (int idx = tid; idx < hs * bt; idx += kThreads) {
+      const int n = idx / hs, j = j0 + (idx - n * hs), b = b0 + n;
+      if (j >= H || b >= B) continue;
+      const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;
+      p.y[row * H + j] = y_s[idx];
+      if (p.ws != nullptr) {
+#pragma unroll
+        for (int k = 0; k < 5; ++k) p.ws[row * H5 + k * H + j] = ws_s[k * hs * bt + idx];
+      }
+    }
+  };
   load_first_x(0);
   cp_async_wait_all();
   // Every block's buffers are initialised before any block of the cluster writes into them.
@@ -229,14 +249,15 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
       const int j = j0 + jj, b = b0 + n;
       if (idx >= hs * bt || j >= H || b >= B) continue;
       const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;  // (t, b, d)
-      T* y_out = p.y + row * H + j;
-      float* ws_row = p.ws == nullptr ? nullptr : p.ws + row * H5 + j;
+      // Staged: y_s[idx], the workspace at ws_s[k * hs * bt + idx] (stride hs * bt).
+      T* y_out = y_s + idx;
+      float* ws_row = p.ws == nullptr ? nullptr : ws_s + idx;
       T h_new;
       if (t >= len_reg[e]) {
         // Masked step: the state is carried (into the other buffer), the output is zero.
         h_new = reinterpret_cast<const T*>(h_cur + n * lda)[j];
         *y_out = zero_value<T>();
-        zero_cell_workspace(ws_row, H);
+        zero_cell_workspace(ws_row, hs * bt);
       } else {
         float x[4], pre[4];
         if (e == 0)
@@ -248,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
         h_new = from_acc<T, float>(cell.o * tanhf(cell.c));
         c_reg[e] = cell.c;
         *y_out = h_new;
-        store_cell_workspace(ws_row, H, cell);
+        store_cell_workspace(ws_row, hs * bt, cell);
       }
       if (last) {
         h_last[static_cast<int64_t>(b) * kp + j] = h_new;
@@ -257,8 +278,11 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
         reinterpret_cast<T*>(h_nxt + n * lda)[j] = h_new;
       }
     }
-    if (last) break;
-    __syncthreads();  // this block's columns of the next buffer are complete
+    __syncthreads();  // this block's columns of the next buffer and the staged outputs are complete
+    if (last) {
+      store_staged(t);
+      break;
+    }
     const uint32_t src = smem_addr(h_nxt) + j0 * static_cast<int>(sizeof(T));
     const int per_peer = send_rows * send_chunks;
     for (int idx = tid; idx < (l.nu - 1) * per_peer; idx += kThreads) {
@@ -270,6 +294,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
       st_cluster_16(map_shared_to_rank(src + off, peer), v);
     }
     cluster_arrive();
+    store_staged(t);
     load_first_x(s + 1);
     cluster_wait();
   }

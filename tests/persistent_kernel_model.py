@@ -400,6 +400,15 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             yield (counter, (s + 1) * lay.nu)  # barrier_wait
 
 
+def store_staged(mem: dict[str, Global], H: int, row, j, idx, y_s, ws_s) -> None:
+    """Port of the cluster kernel's ``store_staged``: a step's staged y and workspace (``y_s[idx]``,
+    ``ws_s[k, idx]``) to global memory at rows ``row = (t, b, d)``, units ``j``."""
+    mem["y"][row * H + j] = y_s[idx]
+    if "ws" in mem:
+        for kk in range(5):
+            mem["ws"][row * 5 * H + kk * H + j] = ws_s[kk, idx]
+
+
 def cluster_forward_block(
     bid: int,
     p: Problem,
@@ -473,15 +482,16 @@ def cluster_forward_block(
         idx, n, jj, j, b = tile_elements(hs, bt, j0, b0, H, B)
         state = (d * B + b) * H + j
         row = (t * B + b) * p.D + d
-        ws_row = row * 5 * H + j
+        # The step's outputs are staged in shared memory (NaN: an element the loop misses shows)
+        # and stored to global memory after the arrive: y_s[idx], ws_s[k, idx].
+        y_s = np.full(hs * bt, np.nan)
+        ws_s = np.full((5, hs * bt), np.nan)
         valid = t < len_reg[idx]
         h_new = np.empty(b.shape)
         inv = ~valid
         h_new[inv] = smem.ops[smem.ops_index(cur + n[inv] * lda + j[inv] * p.eb, cur, cur + bt * lda)]
-        mem["y"][row[inv] * H + j[inv]] = 0.0
-        if "ws" in mem:
-            for kk in range(5):
-                mem["ws"][ws_row[inv] + kk * H] = 0.0
+        y_s[idx[inv]] = 0.0
+        ws_s[:, idx[inv]] = 0.0
         v = valid
         first = idx[v] < THREADS
         assert np.all(has_first[idx[v][first]]), "a first element whose xg was not prefetched"
@@ -499,16 +509,18 @@ def cluster_forward_block(
         c_new = f_g * c_reg[idx[v]] + i_g * g_g
         h_new[v] = o_g * np.tanh(c_new)
         c_reg[idx[v]] = c_new
-        mem["y"][row[v] * H + j[v]] = h_new[v]
-        if "ws" in mem:
-            for kk, val in enumerate((i_g, f_g, g_g, o_g, c_new)):
-                mem["ws"][ws_row[v] + kk * H] = val
+        y_s[idx[v]] = h_new[v]
+        for kk, val in enumerate((i_g, f_g, g_g, o_g, c_new)):
+            ws_s[kk, idx[v]] = val
+        staged = (row, j, idx, y_s, ws_s)
         if last:
             mem["h_buf"][(p.T & 1) * buf_stride + d * B * kp + b * kp + j] = h_new
             mem["c_state"][state] = c_reg[idx]  # c_n, once
+            yield None  # __syncthreads
+            store_staged(mem, H, *staged)
             break
         smem.ops[smem.ops_index(nxt + n * lda + j * p.eb, nxt, nxt + bt * lda)] = h_new
-        yield None  # __syncthreads: this block's columns of the next buffer complete
+        yield None  # __syncthreads: this block's columns of the next buffer and the staging complete
 
         deferred = []
         per_row = 16 // p.eb
@@ -532,6 +544,7 @@ def cluster_forward_block(
             target.ops[dst] = values
         counters[cluster] += 1
         yield None
+        store_staged(mem, H, *staged)
         load_first_x(s + 1)
         yield (cluster, (s + 2) * lay.nu) if step_barrier else None  # cluster_wait
 

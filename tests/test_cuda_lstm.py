@@ -280,7 +280,8 @@ def test_cluster_layout_matches_the_kernel_arithmetic():
     lay = pc.make_layout(pc.CLUSTER, 1, 4, 2, 1, None, 64, 2, 512, torch.bfloat16)
     lda = 512 * 2 + 16
     assert (lay.hs, lay.bt, lay.nu, lay.nbt, lay.nbg, lay.kp) == (32, 16, 16, 4, 4, 512)
-    assert lay.smem == 128 * lda + 2 * 16 * lda + 1 * 16 * (128 + 4) * 4
+    staging = 32 * 16 * 2 + 5 * 32 * 16 * 4  # the step's y and workspace
+    assert lay.smem == 128 * lda + 2 * 16 * lda + 1 * 16 * (128 + 4) * 4 + staging
     assert lay.grid == 2 * 4 * 16
     with pytest.raises(ValueError, match="one batch tile per cluster"):
         pc.make_layout(pc.CLUSTER, 1, 4, 2, 1, 1, 64, 2, 512, torch.bfloat16)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fusedconvlstm.cuda import persistent_config as pc
 from fusedconvlstm.ops.lstm import reverse_mask
@@ -89,32 +91,48 @@ def test_model_fragment_tables_match_cutlass(words):
             assert (frag["c"][0][lane, i], frag["c"][1][lane, i]) == (idx % rows, idx // rows)
 
 
-def _problem(kind, cfg, eb, lengths):
+def _problem(kind, cfg, eb, lengths, shape=(T, B, D, H), reverse=REVERSE):
     if kind == pc.CLUSTER:
         cfg = (*cfg, None)
-    layout = pc.make_layout(kind, *cfg, B, D, H, DTYPE_OF_WIDTH[eb])
-    return km.Problem(T, B, D, H, eb, layout, lengths, reverse_mask(REVERSE))
+    t, b, d, h = shape
+    layout = pc.make_layout(kind, *cfg, b, d, h, DTYPE_OF_WIDTH[eb])
+    return km.Problem(t, b, d, h, eb, layout, lengths, reverse_mask(reverse))
 
 
-def _inputs(seed):
+def _inputs(seed, shape=(T, B, D, H)):
+    t, b, d, h = shape
     g = torch.Generator().manual_seed(seed)
-    xg = torch.randn(T, B, D, 4 * H, dtype=F64, generator=g)
+    xg = torch.randn(t, b, d, 4 * h, dtype=F64, generator=g)
     torch.manual_seed(seed)
-    w = torch.stack(lstm_weights(D, H, dtype=F64))
-    h0 = 0.5 * torch.randn(D, B, H, dtype=F64, generator=g)
-    c0 = 0.5 * torch.randn(D, B, H, dtype=F64, generator=g)
+    w = torch.stack(lstm_weights(d, h, dtype=F64))
+    h0 = 0.5 * torch.randn(d, b, h, dtype=F64, generator=g)
+    c0 = 0.5 * torch.randn(d, b, h, dtype=F64, generator=g)
     return xg, w, h0, c0
 
 
-def _reference_forward(xg, w, h0, c0, lengths):
-    h_buf = torch.zeros(2, D, B, ref.padded_reduction(H, F64), dtype=F64)
-    h_buf[0, :, :, :H] = h0
+def _reference_forward(xg, w, h0, c0, lengths, reverse=REVERSE):
+    t, b, d, h = xg.shape[0], xg.shape[1], xg.shape[2], xg.shape[3] // 4
+    h_buf = torch.zeros(2, d, b, ref.padded_reduction(h, F64), dtype=F64)
+    h_buf[0, :, :, :h] = h0
     c = c0.clone()
-    y = torch.empty(T, B, D, H, dtype=F64)
-    ws = torch.empty(T, B, D, 5 * H, dtype=F64)
-    sync = torch.empty(D * km.SYNC_STRIDE, dtype=torch.int32)
-    ref.lstm_persistent_forward_(xg, w, lengths, reverse_mask(REVERSE), 1, 1, 1, 8, 1, False, h_buf, c, y, ws, sync)
-    return y, h_buf[T % 2, :, :, :H], c, ws
+    y = torch.empty(t, b, d, h, dtype=F64)
+    ws = torch.empty(t, b, d, 5 * h, dtype=F64)
+    sync = torch.empty(d * km.SYNC_STRIDE, dtype=torch.int32)
+    ref.lstm_persistent_forward_(xg, w, lengths, reverse_mask(reverse), 1, 1, 1, 8, 1, False, h_buf, c, y, ws, sync)
+    return y, h_buf[t % 2, :, :, :h], c, ws
+
+
+def _reference_backward(grad_y, ws, c0, w, grad_h_n, grad_c_n, lengths, reverse=REVERSE):
+    """``(dgates, grad_h0, grad_c0)`` of the reference backward op."""
+    t, b, d, h = grad_y.shape
+    dh, dc = grad_h_n.clone(), grad_c_n.clone()
+    dgates = torch.empty(t, b, d, 4 * h, dtype=F64)
+    g_buf = torch.zeros(2, d, b, ref.padded_reduction(4 * h, F64), dtype=F64)
+    sync = torch.empty(d * km.SYNC_STRIDE, dtype=torch.int32)
+    ref.lstm_persistent_backward_(
+        grad_y, ws, c0, w, lengths, reverse_mask(reverse), 1, 1, 1, 8, 1, False, dh, dc, dgates, g_buf, sync
+    )
+    return dgates, dh, dc
 
 
 def _close(model: np.ndarray, reference: torch.Tensor, name: str) -> None:
@@ -146,19 +164,13 @@ def test_backward_kernel_model_matches_reference(cfg, eb, with_lengths):
     g = torch.Generator().manual_seed(3)
     grad_y = torch.randn(T, B, D, H, dtype=F64, generator=g)
     grad_h_n, grad_c_n = torch.randn(D, B, H, dtype=F64, generator=g), torch.randn(D, B, H, dtype=F64, generator=g)
-    dh, dc = grad_h_n.clone(), grad_c_n.clone()
-    dgates = torch.empty(T, B, D, 4 * H, dtype=F64)
-    g_buf = torch.zeros(2, D, B, ref.padded_reduction(4 * H, F64), dtype=F64)
-    sync = torch.empty(D * km.SYNC_STRIDE, dtype=torch.int32)
-    ref.lstm_persistent_backward_(
-        grad_y, ws, c0, w, lengths, reverse_mask(REVERSE), 1, 1, 1, 8, 1, False, dh, dc, dgates, g_buf, sync
-    )
+    want = _reference_backward(grad_y, ws, c0, w, grad_h_n, grad_c_n, lengths)
     p = _problem("backward", cfg, eb, None if lengths is None else lengths.numpy())
     for seed in range(2):
         got = km.run_backward(
             p, grad_y.numpy(), ws.numpy(), c0.numpy(), w.numpy(), grad_h_n.numpy(), grad_c_n.numpy(), seed
         )
-        for name, a, b in zip(("dgates", "grad_h0", "grad_c0"), got, (dgates, dh, dc)):
+        for name, a, b in zip(("dgates", "grad_h0", "grad_c0"), got, want):
             _close(a, b, name)
 
 
@@ -213,3 +225,67 @@ def test_cluster_kernel_model_notices_a_missing_step_barrier():
         got = km.run_cluster_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed, step_barrier=False)
         wrong += not np.allclose(got[0], want[0].numpy(), rtol=1e-9, atol=1e-12)
     assert wrong > 0
+
+
+@st.composite
+def _random_problems(draw, kind):
+    """A small problem and a launch configuration of ``kind``: sizes below, at and past the tile
+    edges, one or two recurrences in either direction, lengths with empty and full rows."""
+    shape = (draw(st.integers(1, 4)), draw(st.integers(1, 20)), draw(st.integers(1, 2)), draw(st.integers(1, 40)))
+    eb = draw(st.sampled_from([2, 4]))
+    nt, wm, wn = draw(st.sampled_from([1, 4])), draw(st.sampled_from([1, 2, 4, 8])), draw(st.sampled_from([1, 2, 4]))
+    if wm * wn > 8:
+        wn = 8 // wm
+    cfg = (nt, wm, wn, 8 // (wm * wn))
+    if kind != pc.CLUSTER:  # the cooperative kernels take any number of batch groups up to the tiles
+        cfg = (*cfg, draw(st.integers(1, -(-shape[1] // (8 * nt * wn)))))
+    lengths = None
+    if draw(st.booleans()):
+        lengths = draw(st.lists(st.integers(0, shape[0]), min_size=shape[1], max_size=shape[1]))
+    reverse = draw(st.lists(st.booleans(), min_size=shape[2], max_size=shape[2]))
+    return shape, eb, cfg, lengths, reverse, draw(st.integers(0, 2**16))
+
+
+_RANDOM = settings(max_examples=40, deadline=None, derandomize=True)
+
+
+@_RANDOM
+@given(_random_problems("forward"))
+def test_forward_kernel_model_on_random_problems(problem):
+    _check_forward_model(km.run_forward, "forward", *problem)
+
+
+@_RANDOM
+@given(_random_problems(pc.CLUSTER))
+def test_cluster_forward_kernel_model_on_random_problems(problem):
+    _check_forward_model(km.run_cluster_forward, pc.CLUSTER, *problem)
+
+
+def _check_forward_model(run, kind, shape, eb, cfg, lengths, reverse, seed):
+    lengths = None if lengths is None else torch.tensor(lengths)
+    xg, w, h0, c0 = _inputs(seed, shape)
+    want = _reference_forward(xg, w, h0, c0, lengths, reverse)
+    p = _problem(kind, cfg, eb, None if lengths is None else lengths.numpy(), shape, reverse)
+    got = run(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed)
+    for name, a, b in zip(("y", "h_n", "c_n", "workspace"), got, want):
+        _close(a, b, f"{kind} {shape} {cfg}: {name}")
+
+
+@_RANDOM
+@given(_random_problems("backward"))
+def test_backward_kernel_model_on_random_problems(problem):
+    shape, eb, cfg, lengths, reverse, seed = problem
+    lengths = None if lengths is None else torch.tensor(lengths)
+    xg, w, h0, c0 = _inputs(seed, shape)
+    _, _, _, ws = _reference_forward(xg, w, h0, c0, lengths, reverse)
+    t, b, d, h = shape
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_y = torch.randn(t, b, d, h, dtype=F64, generator=g)
+    grad_h_n, grad_c_n = torch.randn(d, b, h, dtype=F64, generator=g), torch.randn(d, b, h, dtype=F64, generator=g)
+    want = _reference_backward(grad_y, ws, c0, w, grad_h_n, grad_c_n, lengths, reverse)
+    p = _problem("backward", cfg, eb, None if lengths is None else lengths.numpy(), shape, reverse)
+    got = km.run_backward(
+        p, grad_y.numpy(), ws.numpy(), c0.numpy(), w.numpy(), grad_h_n.numpy(), grad_c_n.numpy(), seed
+    )
+    for name, a, b_ in zip(("dgates", "grad_h0", "grad_c0"), got, want):
+        _close(a, b_, f"backward {shape} {cfg}: {name}")

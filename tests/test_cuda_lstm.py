@@ -19,6 +19,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -470,6 +472,40 @@ def test_cluster_driver_matches_reference_on_cpu(monkeypatch, T, B, D, H, length
     (y_r, hn_r, cn_r), _ = _reference_forward_backward(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn)
     for name, out, ref in (("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r)):
         assert rel_err(out, ref) < 1e-12, name
+
+
+@st.composite
+def _driver_cases(draw):
+    T, B, D, H = draw(st.integers(1, 6)), draw(st.integers(1, 9)), draw(st.integers(1, 3)), draw(st.integers(1, 24))
+    lengths = draw(st.none() | st.lists(st.integers(0, T), min_size=B, max_size=B))
+    reverse = draw(st.lists(st.booleans(), min_size=D, max_size=D))
+    return T, B, D, H, lengths, reverse, draw(st.sampled_from(["stepwise", "cooperative", "cluster"]))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(_driver_cases())
+def test_drivers_match_reference_on_random_problems(case):
+    """Each path of the cuda backend's driver (on the ops' CPU implementations) over random
+    sizes, directions and lengths: outputs and every gradient against the float64 reference."""
+    T, B, D, H, lengths, reverse, path = case
+    lengths = None if lengths is None else torch.tensor(lengths)
+    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, F64, seed=T * 100 + B * 10 + H)
+    kind = "stepwise" if path == "stepwise" else "persistent"
+    with pc.preferring_forward_kernel(None if path == "stepwise" else path):
+        forward = getattr(cuda_lstm, f"lstm_recurrence_{kind}_forward")
+        backward = getattr(cuda_lstm, f"lstm_recurrence_{kind}_backward")
+        y, hn, cn, ws = forward(xg, w, [], h0, c0, lengths, reverse)
+        gy, ghn, gcn = torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)
+        gxg, gw, _, gh0, gc0 = backward(gy, ghn, gcn, xg, w, [], h0, c0, lengths, reverse, y, ws)
+    (y_r, hn_r, cn_r), (gxg_r, gw_r, gh0_r, gc0_r) = _reference_forward_backward(
+        xg, w, h0, c0, lengths, reverse, gy, ghn, gcn
+    )
+    pairs = [("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r), ("grad_xg", gxg, gxg_r)]
+    pairs += [("grad_h0", gh0, gh0_r), ("grad_c0", gc0, gc0_r)] + [
+        (f"grad_w_hh[{d}]", gw[d], gw_r[d]) for d in range(D)
+    ]
+    for name, out, ref in pairs:
+        assert rel_err(out, ref) < 1e-12, f"{path} {case[:4]}: {name}"
 
 
 def test_persistent_and_stepwise_share_their_workspace_on_cpu():

@@ -492,7 +492,7 @@ def plan(
             for batch in batches:
                 for seq in seqs if op in ("lstm", "lstm_pair") else [45 if op != "conv1d_stack" else 100]:
                     for pass_ in _passes_of(op, passes):
-                        for baseline, base_dtype in _baselines(dtype_name, device):
+                        for k, (baseline, base_dtype) in enumerate(_baselines(dtype_name, device)):
                             names = [baseline]
                             if op.startswith("model") and device.type == "cuda":
                                 names += [compiled_baseline_name(baseline, mode) for mode in compile_modes]
@@ -502,7 +502,6 @@ def plan(
                                 and base_dtype == DTYPES[dtype_name]
                             ):
                                 names += [f"flashrnn_{b}" for b in flashrnn_backends]
-                            first_baseline = baseline == _baselines(dtype_name, device)[0][0]
                             for bname in names:
                                 for backend in _serving_backends(op, device, DTYPES[dtype_name], include_reference):
                                     if only_backends and backend not in only_backends:
@@ -510,7 +509,7 @@ def plan(
                                     kernels = [None]
                                     if op in ("lstm", "lstm_pair") and backend == "cuda" and lstm_forward_kernels:
                                         # Each named kernel against the first baseline only.
-                                        kernels = list(lstm_forward_kernels) if first_baseline else []
+                                        kernels = list(lstm_forward_kernels) if k == 0 else []
                                     for kernel in kernels:
                                         cases.append(
                                             dict(

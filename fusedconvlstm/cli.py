@@ -54,12 +54,14 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def _forward_kernel_line() -> str:
     """Which persistent forward kernel the cuda LSTM prefers, and how to change it."""
-    from fusedconvlstm.cuda.persistent_config import FORWARD_KERNEL_ENV, FORWARD_KERNELS
+    from fusedconvlstm.cuda.persistent_config import FORWARD_KERNEL_ENV, FORWARD_KERNELS, preferred_forward_kernel
 
-    name = os.environ.get(FORWARD_KERNEL_ENV, "").strip() or "cooperative"
-    if name not in FORWARD_KERNELS:
+    try:
+        name = preferred_forward_kernel()
+    except ValueError:
+        given = os.environ[FORWARD_KERNEL_ENV].strip()
         return (
-            f"INVALID {FORWARD_KERNEL_ENV}={name!r} (one of {', '.join(FORWARD_KERNELS)}): cuda LSTM calls will raise"
+            f"INVALID {FORWARD_KERNEL_ENV}={given!r} (one of {', '.join(FORWARD_KERNELS)}): cuda LSTM calls will raise"
         )
     other = "cluster" if name == "cooperative" else "cooperative"
     return f"{name} kernel preferred by the cuda backend ({FORWARD_KERNEL_ENV}={other} for the other)"

@@ -14,7 +14,6 @@ CUDA-graph capture; the step-wise cell kernels against their CPU implementations
 
 from __future__ import annotations
 
-import itertools
 import shutil
 
 import pytest
@@ -638,9 +637,13 @@ MODULE_CASES = [
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
 def test_gpu_module_within_twice_cudnn_error(dtype, case, persistent_only):
-    _, input_size, hidden, T, B, opts = case
+    _check_module_case(dtype, case, "")
+
+
+def _check_module_case(dtype, case, context):
+    name, input_size, hidden, T, B, opts = case
     ours, cudnn, ref = _three_way(dtype, input_size, hidden, T, B, **opts)
-    _check_against_cudnn(ours, cudnn, ref, dtype, f"{case[0]} {dtype}")
+    _check_against_cudnn(ours, cudnn, ref, dtype, f"{context}{name} {dtype}")
 
 
 @pytest.mark.gpu
@@ -705,12 +708,10 @@ def test_gpu_fp32_without_tf32_runs_3xtf32_within_twice_cudnn_fp32(persistent_on
 
 def _all_fitting_layouts(kind, B, D, H, dtype):
     out = []
-    for nt, wm, wn in itertools.product((1, 4), (1, 2, 4, 8), (1, 2, 4, 8)):
-        if 8 % (wm * wn):
-            continue
-        base = pc.make_layout(kind, nt, wm, wn, 8 // (wm * wn), 1, B, D, H, dtype)
+    for nt, wm, wn, wk in pc.warp_splits():
+        base = pc.make_layout(kind, nt, wm, wn, wk, 1, B, D, H, dtype)
         for nbg in sorted({1, base.nbt}):
-            lay = pc.make_layout(kind, nt, wm, wn, 8 // (wm * wn), nbg, B, D, H, dtype)
+            lay = pc.make_layout(kind, nt, wm, wn, wk, nbg, B, D, H, dtype)
             if lay.fits(pc.DeviceLimits.of(torch.device("cuda"))):
                 out.append(lay)
     return out
@@ -945,10 +946,8 @@ def cluster_forward(monkeypatch, persistent_only):
 def _all_fitting_cluster_layouts(B, D, H, dtype):
     limits = pc.DeviceLimits.of(torch.device("cuda"))
     out = []
-    for nt, wm, wn in itertools.product((1, 4), (1, 2, 4, 8), (1, 2, 4, 8)):
-        if 8 % (wm * wn):
-            continue
-        lay = pc.make_layout(pc.CLUSTER, nt, wm, wn, 8 // (wm * wn), None, B, D, H, dtype)
+    for nt, wm, wn, wk in pc.warp_splits():
+        lay = pc.make_layout(pc.CLUSTER, nt, wm, wn, wk, None, B, D, H, dtype)
         if lay.fits(limits):
             out.append(lay)
     return out
@@ -1020,9 +1019,7 @@ CLUSTER_MODULE_CASES = [
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CLUSTER_MODULE_CASES, ids=[c[0] for c in CLUSTER_MODULE_CASES])
 def test_gpu_cluster_module_within_twice_cudnn_error(dtype, case, cluster_forward):
-    _, input_size, hidden, T, B, opts = case
-    ours, cudnn, ref = _three_way(dtype, input_size, hidden, T, B, **opts)
-    _check_against_cudnn(ours, cudnn, ref, dtype, f"cluster {case[0]} {dtype}")
+    _check_module_case(dtype, case, "cluster ")
 
 
 @pytest.mark.gpu

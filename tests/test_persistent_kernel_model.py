@@ -144,14 +144,8 @@ def _close(model: np.ndarray, reference: torch.Tensor, name: str) -> None:
 @pytest.mark.parametrize("cfg", FORWARD_CONFIGS, ids=str)
 @pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "full"])
 def test_forward_kernel_model_matches_reference(cfg, eb, with_lengths):
-    lengths = torch.tensor(LENGTHS) if with_lengths else None
-    xg, w, h0, c0 = _inputs(1)
-    want = _reference_forward(xg, w, h0, c0, lengths)
-    p = _problem("forward", cfg, eb, None if lengths is None else lengths.numpy())
-    for seed in range(2):  # two interleavings of the blocks
-        got = km.run_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed)
-        for name, a, b in zip(("y", "h_n", "c_n", "workspace"), got, want):
-            _close(a, b, name)
+    lengths = LENGTHS if with_lengths else None
+    _check_forward_model(km.run_forward, "forward", (T, B, D, H), eb, cfg, lengths, REVERSE, 1, range(2))
 
 
 @pytest.mark.parametrize("eb", [2, 4], ids=["16bit", "tf32"])
@@ -190,15 +184,9 @@ def test_forward_kernel_model_without_workspace():
 @pytest.mark.parametrize("cfg", CLUSTER_CONFIGS, ids=str)
 @pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "full"])
 def test_cluster_forward_kernel_model_matches_reference(cfg, eb, with_lengths):
-    lengths = torch.tensor(LENGTHS) if with_lengths else None
-    xg, w, h0, c0 = _inputs(5)
-    want = _reference_forward(xg, w, h0, c0, lengths)
-    p = _problem(pc.CLUSTER, cfg, eb, None if lengths is None else lengths.numpy())
-    assert p.layout.nbg == p.layout.nbt  # one batch tile per cluster
-    for seed in range(3):  # interleavings of the blocks and of the remote stores
-        got = km.run_cluster_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed)
-        for name, a, b in zip(("y", "h_n", "c_n", "workspace"), got, want):
-            _close(a, b, name)
+    lengths = LENGTHS if with_lengths else None
+    # Three interleavings of the blocks and of the remote stores.
+    _check_forward_model(km.run_cluster_forward, pc.CLUSTER, (T, B, D, H), eb, cfg, lengths, REVERSE, 5, range(3))
 
 
 def test_cluster_forward_kernel_model_without_workspace():
@@ -252,23 +240,30 @@ _RANDOM = settings(max_examples=40, deadline=None, derandomize=True)
 @_RANDOM
 @given(_random_problems("forward"))
 def test_forward_kernel_model_on_random_problems(problem):
-    _check_forward_model(km.run_forward, "forward", *problem)
+    *args, seed = problem
+    _check_forward_model(km.run_forward, "forward", *args, seed, [seed])
 
 
 @_RANDOM
 @given(_random_problems(pc.CLUSTER))
 def test_cluster_forward_kernel_model_on_random_problems(problem):
-    _check_forward_model(km.run_cluster_forward, pc.CLUSTER, *problem)
+    *args, seed = problem
+    _check_forward_model(km.run_cluster_forward, pc.CLUSTER, *args, seed, [seed])
 
 
-def _check_forward_model(run, kind, shape, eb, cfg, lengths, reverse, seed):
+def _check_forward_model(run, kind, shape, eb, cfg, lengths, reverse, input_seed, interleavings):
+    """A forward kernel's model on inputs drawn from ``input_seed``, once per interleaving seed,
+    against the reference op."""
     lengths = None if lengths is None else torch.tensor(lengths)
-    xg, w, h0, c0 = _inputs(seed, shape)
+    xg, w, h0, c0 = _inputs(input_seed, shape)
     want = _reference_forward(xg, w, h0, c0, lengths, reverse)
     p = _problem(kind, cfg, eb, None if lengths is None else lengths.numpy(), shape, reverse)
-    got = run(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed)
-    for name, a, b in zip(("y", "h_n", "c_n", "workspace"), got, want):
-        _close(a, b, f"{kind} {shape} {cfg}: {name}")
+    if kind == pc.CLUSTER:
+        assert p.layout.nbg == p.layout.nbt  # one batch tile per cluster
+    for seed in interleavings:
+        got = run(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed)
+        for name, a, b in zip(("y", "h_n", "c_n", "workspace"), got, want):
+            _close(a, b, f"{kind} {shape} {cfg}: {name}")
 
 
 @_RANDOM

@@ -43,7 +43,6 @@ CPU implementations, which is how CI tests it.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 from torch import Tensor
@@ -51,7 +50,7 @@ from torch import Tensor
 from fusedconvlstm import backends
 from fusedconvlstm.backends import accumulation_dtype
 from fusedconvlstm.cuda import persistent_config
-from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout
+from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout, preferred_forward_kernel
 from fusedconvlstm.ops.lstm import (
     OP,
     LSTMRecurrenceCall,
@@ -102,16 +101,6 @@ def _limits_for(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> Device
     return DeviceLimits.of(call.device)
 
 
-def preferred_forward_kernel() -> str:
-    """The persistent forward kernel tried first: ``$FUSEDCONVLSTM_LSTM_FWD_KERNEL``, ``cooperative`` by default."""
-    name = os.environ.get(persistent_config.FORWARD_KERNEL_ENV, "").strip() or "cooperative"
-    if name not in persistent_config.FORWARD_KERNELS:
-        raise ValueError(
-            f"{persistent_config.FORWARD_KERNEL_ENV} must be one of {persistent_config.FORWARD_KERNELS}, got {name!r}"
-        )
-    return name
-
-
 def _refusal(call: LSTMRecurrenceCall) -> str | None:
     if call.proj_size:
         return "the persistent kernels do not support proj_size"
@@ -149,7 +138,7 @@ def persistent_plan(call: LSTMRecurrenceCall, kind: str, limits: DeviceLimits | 
     if lim.capability < (8, 0):
         return f"the persistent kernels need compute capability 8.0 or newer, got {lim.capability}"
     if kind == "forward" and preferred_forward_kernel() == "cluster":
-        plan = _choose(call, persistent_config.CLUSTER, lim)
+        plan = cluster_plan(call, lim)
         if isinstance(plan, Layout):
             return plan
     return _choose(call, kind, lim)
@@ -163,12 +152,16 @@ def persistent_why_not(
     return plan if isinstance(plan, str) else None
 
 
-def forward_kernel_name(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> str:
-    """Which forward kernel serves ``call``: ``"cluster"``, ``"cooperative"`` or ``"stepwise"``."""
-    plan = persistent_plan(call, "forward", limits)
+def _kernel_name(plan: Layout | str) -> str:
+    """The forward kernel a plan runs: ``"cluster"``, ``"cooperative"`` or (a refusal) ``"stepwise"``."""
     if isinstance(plan, str):
         return "stepwise"
     return "cluster" if plan.kind == persistent_config.CLUSTER else "cooperative"
+
+
+def forward_kernel_name(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> str:
+    """Which forward kernel serves ``call``: ``"cluster"``, ``"cooperative"`` or ``"stepwise"``."""
+    return _kernel_name(persistent_plan(call, "forward", limits))
 
 
 def describe(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> str:
@@ -343,10 +336,9 @@ def lstm_recurrence_cuda_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_
     """The cuda backend's forward: persistent where it applies, else step-wise."""
     call = _call_of(xg, w_hr, lengths, reverse)
     plan = persistent_plan(call, "forward")
+    FORWARD_KERNELS_SERVED[_kernel_name(plan)] += 1
     if isinstance(plan, str):
-        FORWARD_KERNELS_SERVED["stepwise"] += 1
         return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
-    FORWARD_KERNELS_SERVED["cluster" if plan.kind == persistent_config.CLUSTER else "cooperative"] += 1
     return lstm_recurrence_persistent_forward(
         xg, w_hh, w_hr, h0, c0, lengths, reverse, config=plan, save_for_backward=save_for_backward
     )

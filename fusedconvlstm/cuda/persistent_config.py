@@ -61,6 +61,24 @@ _STATE_TILES = {"forward": 1, "backward": 1, CLUSTER: 2}
 FORWARD_KERNELS_SERVED: collections.Counter[str] = collections.Counter()
 
 
+def preferred_forward_kernel() -> str:
+    """The persistent forward kernel tried first: ``$FUSEDCONVLSTM_LSTM_FWD_KERNEL``, ``cooperative`` by default."""
+    name = os.environ.get(FORWARD_KERNEL_ENV, "").strip() or "cooperative"
+    if name not in FORWARD_KERNELS:
+        raise ValueError(f"{FORWARD_KERNEL_ENV} must be one of {FORWARD_KERNELS}, got {name!r}")
+    return name
+
+
+def warp_splits():
+    """Every ``(nt, wm, wn, wk)`` the kernels compile: batch tile widths 1 and 4, the 8 warps split
+    in powers of two."""
+    for nt in (1, 4):
+        for wm in (1, 2, 4, 8):
+            for wn in (1, 2, 4, 8):
+                if WARPS % (wm * wn) == 0:
+                    yield nt, wm, wn, WARPS // (wm * wn)
+
+
 @contextlib.contextmanager
 def preferring_forward_kernel(name: str | None):
     """``FUSEDCONVLSTM_LSTM_FWD_KERNEL=name`` inside the block, restored after (``None``: unchanged)."""
@@ -315,19 +333,15 @@ def _choose_cluster(
     if limits.max_cluster_blocks == 0:
         return f"thread-block clusters need compute capability 9.0 or newer, got {limits.capability}"
     best, best_key, fewest = None, None, None
-    for nt in (1, 4):
-        for wm in (1, 2, 4, 8):
-            for wn in (1, 2, 4, 8):
-                if WARPS % (wm * wn):
-                    continue
-                layout = make_layout(CLUSTER, nt, wm, wn, WARPS // (wm * wn), None, batch, recurrences, hidden, dtype)
-                if layout.smem <= limits.smem_per_block and (fewest is None or layout.nu < fewest.nu):
-                    fewest = layout
-                if not layout.fits(limits):
-                    continue
-                key = (estimated_step_cycles(layout, limits, dtype, precise), layout.grid, layout.smem)
-                if best_key is None or key < best_key:
-                    best, best_key = layout, key
+    for nt, wm, wn, wk in warp_splits():
+        layout = make_layout(CLUSTER, nt, wm, wn, wk, None, batch, recurrences, hidden, dtype)
+        if layout.smem <= limits.smem_per_block and (fewest is None or layout.nu < fewest.nu):
+            fewest = layout
+        if not layout.fits(limits):
+            continue
+        key = (estimated_step_cycles(layout, limits, dtype, precise), layout.grid, layout.smem)
+        if best_key is None or key < best_key:
+            best, best_key = layout, key
     if best is not None:
         return best
     if fewest is None:
@@ -344,29 +358,24 @@ def _choose(
 ) -> Layout | str:
     best, best_key = None, None
     smallest_smem, fewest_blocks = None, None  # for the message when nothing fits
-    for nt in (1, 4):
-        for wm in (1, 2, 4, 8):
-            for wn in (1, 2, 4, 8):
-                if WARPS % (wm * wn):
-                    continue
-                wk = WARPS // (wm * wn)
-                base = make_layout(kind, nt, wm, wn, wk, 1, batch, recurrences, hidden, dtype)
-                if smallest_smem is None or base.smem < smallest_smem:
-                    smallest_smem = base.smem
-                if base.smem > limits.smem_per_block:
-                    continue
-                if fewest_blocks is None or base.grid < fewest_blocks.grid:
-                    fewest_blocks = base
-                # Only the numbers of tiles per block that differ are worth trying.
-                for per_block in sorted({-(-base.nbt // g) for g in range(1, base.nbt + 1)}):
-                    nbg = -(-base.nbt // per_block)
-                    layout = make_layout(kind, nt, wm, wn, wk, nbg, batch, recurrences, hidden, dtype)
-                    if not layout.fits(limits):
-                        continue
-                    cost = estimated_step_cycles(layout, limits, dtype, precise)
-                    key = (cost, layout.grid, layout.smem)
-                    if best_key is None or key < best_key:
-                        best, best_key = layout, key
+    for nt, wm, wn, wk in warp_splits():
+        base = make_layout(kind, nt, wm, wn, wk, 1, batch, recurrences, hidden, dtype)
+        if smallest_smem is None or base.smem < smallest_smem:
+            smallest_smem = base.smem
+        if base.smem > limits.smem_per_block:
+            continue
+        if fewest_blocks is None or base.grid < fewest_blocks.grid:
+            fewest_blocks = base
+        # Only the numbers of tiles per block that differ are worth trying.
+        for per_block in sorted({-(-base.nbt // g) for g in range(1, base.nbt + 1)}):
+            nbg = -(-base.nbt // per_block)
+            layout = make_layout(kind, nt, wm, wn, wk, nbg, batch, recurrences, hidden, dtype)
+            if not layout.fits(limits):
+                continue
+            cost = estimated_step_cycles(layout, limits, dtype, precise)
+            key = (cost, layout.grid, layout.smem)
+            if best_key is None or key < best_key:
+                best, best_key = layout, key
     if best is not None:
         return best
     if smallest_smem is not None and smallest_smem > limits.smem_per_block:

@@ -321,9 +321,17 @@ void check_forward_tensors(const Problem& pb, const Tensor& xg, const Tensor& w_
   if (workspace.numel() != 0) check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
 }
 
+// Both forward ops after their checks: on xg's device and stream, the shared params (the
+// barrier counters `sync` zeroed, or none for the cluster kernel), then
+// launch(params, dtype tag, batch-tile tag, device, stream) for the compiled (dtype, nt) pair.
 template <typename Launch>
-void launch_forward(const Problem& pb, const RecurrenceParams& common, const Tensor& xg, const Tensor& w_hh,
-                    Tensor& h_buf, Tensor& c_state, Tensor& y, Tensor& workspace, Launch&& launch) {
+void launch_forward(const Problem& pb, const std::optional<Tensor>& lengths, const Tensor* sync, int64_t reverse_mask,
+                    bool precise, const Tensor& xg, const Tensor& w_hh, Tensor& h_buf, Tensor& c_state, Tensor& y,
+                    Tensor& workspace, const char* op, Launch&& launch) {
+  const int device = xg.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  cudaStream_t stream = current_stream(xg);
+  const RecurrenceParams common = recurrence_params(pb, lengths, sync, xg, reverse_mask, precise, stream, op);
   dispatch_tile(pb.dt, pb.cfg.nt, [&](auto t_tag, auto nt_tag) {
     using Ts = decltype(t_tag);
     ForwardParams<Ts> p;
@@ -334,7 +342,7 @@ void launch_forward(const Problem& pb, const RecurrenceParams& common, const Ten
     p.c_state = static_cast<float*>(c_state.data_ptr());
     p.y = static_cast<Ts*>(y.data_ptr());
     p.ws = workspace.numel() ? static_cast<float*>(workspace.data_ptr()) : nullptr;
-    launch(p, nt_tag);
+    launch(p, t_tag, nt_tag, device, stream);
   });
 }
 
@@ -344,14 +352,11 @@ void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> leng
   const char* op = "lstm_persistent_forward_";
   const Problem pb = check_problem(xg, "xg", nt, wm, wn, wk, nbg, precise, /*k_is_4h=*/false, 16 * kMt, 4, op);
   check_forward_tensors(pb, xg, w_hh, h_buf, c_state, y, workspace, op);
-  const int device = xg.get_device_index();
-  torch::stable::accelerator::DeviceGuard guard(device);
-  cudaStream_t stream = current_stream(xg);
-  const RecurrenceParams common = recurrence_params(pb, lengths, &sync, xg, reverse_mask, precise, stream, op);
-  launch_forward(pb, common, xg, w_hh, h_buf, c_state, y, workspace, [&](const auto& p, auto nt_tag) {
-    using Ts = std::remove_cv_t<std::remove_reference_t<decltype(*p.xg)>>;
-    launch_cooperative(lstm_persistent_forward_kernel<Ts, decltype(nt_tag)::value>, p, pb.l, device, stream, op);
-  });
+  launch_forward(pb, lengths, &sync, reverse_mask, precise, xg, w_hh, h_buf, c_state, y, workspace, op,
+                 [&](const auto& p, auto t_tag, auto nt_tag, int device, cudaStream_t stream) {
+                   auto kernel = lstm_persistent_forward_kernel<decltype(t_tag), decltype(nt_tag)::value>;
+                   launch_cooperative(kernel, p, pb.l, device, stream, op);
+                 });
 }
 
 void lstm_cluster_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths, int64_t reverse_mask, int64_t nt,
@@ -367,14 +372,11 @@ void lstm_cluster_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths
   check_forward_tensors(pb, xg, w_hh, h_buf, c_state, y, workspace, op);
   STD_TORCH_CHECK(pb.l.hs * pb.l.bt <= kClusterElems * kThreads, op, ": a block's tile of ", pb.l.hs, " units x ",
                   pb.l.bt, " rows exceeds the ", kClusterElems, " elements per thread the kernel keeps");
-  const int device = xg.get_device_index();
-  torch::stable::accelerator::DeviceGuard guard(device);
-  cudaStream_t stream = current_stream(xg);
-  const RecurrenceParams common = recurrence_params(pb, lengths, nullptr, xg, reverse_mask, precise, stream, op);
-  launch_forward(pb, common, xg, w_hh, h_buf, c_state, y, workspace, [&](const auto& p, auto nt_tag) {
-    using Ts = std::remove_cv_t<std::remove_reference_t<decltype(*p.xg)>>;
-    launch_clusters(lstm_cluster_forward_kernel<Ts, decltype(nt_tag)::value>, p, pb.l, device, stream, op);
-  });
+  launch_forward(pb, lengths, nullptr, reverse_mask, precise, xg, w_hh, h_buf, c_state, y, workspace, op,
+                 [&](const auto& p, auto t_tag, auto nt_tag, int device, cudaStream_t stream) {
+                   auto kernel = lstm_cluster_forward_kernel<decltype(t_tag), decltype(nt_tag)::value>;
+                   launch_clusters(kernel, p, pb.l, device, stream, op);
+                 });
 }
 
 }  // namespace

@@ -67,7 +67,6 @@ _cluster_forward = torch.ops.fusedconvlstm.lstm_cluster_forward_
 _persistent_backward = torch.ops.fusedconvlstm.lstm_persistent_backward_
 
 PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FORWARD_KERNELS_SERVED = persistent_config.FORWARD_KERNELS_SERVED
 
 
 def _why_not(call: LSTMRecurrenceCall) -> str | None:
@@ -336,7 +335,7 @@ def lstm_recurrence_cuda_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_
     """The cuda backend's forward: persistent where it applies, else step-wise."""
     call = _call_of(xg, w_hr, lengths, reverse)
     plan = persistent_plan(call, "forward")
-    FORWARD_KERNELS_SERVED[_kernel_name(plan)] += 1
+    persistent_config.FORWARD_KERNELS_SERVED[_kernel_name(plan)] += 1
     if isinstance(plan, str):
         return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
     return lstm_recurrence_persistent_forward(

@@ -351,16 +351,17 @@ def test_persistent_path_decisions_and_reasons():
     assert cuda_lstm.persistent_why_not(_call(B=64, D=2, H=512, dtype=torch.bfloat16), "forward", h100) is None
     assert cuda_lstm.persistent_why_not(_call(B=64, D=2, H=512, dtype=torch.bfloat16), "backward", h100) is None
     assert "float64" in cuda_lstm.persistent_why_not(_call(dtype=F64), "forward", h100)
-    assert "proj_size" in cuda_lstm.persistent_why_not(_call(P=4), "forward", h100)
+    # A projected call runs the kernels on its unprojected form (ops.lstm_projection): same plan.
+    assert cuda_lstm.persistent_plan(_call(P=4), "forward", h100) == cuda_lstm.persistent_plan(_call(), "forward", h100)
     old = pc.DeviceLimits(80, 65536, 65536, (7, 5))
     assert "compute capability 8.0" in cuda_lstm.persistent_why_not(_call(), "forward", old)
     assert "CUDA devices" in cuda_lstm.persistent_why_not(_call(), "forward")  # a CPU call, no limits given
     assert "shared memory" in cuda_lstm.persistent_why_not(_call(H=2048, dtype=torch.bfloat16), "backward", h100)
 
 
-def test_cuda_backend_refuses_projections_and_describes_its_schedule(monkeypatch):
+def test_cuda_backend_serves_projections_and_describes_its_schedule(monkeypatch):
     impl = backends._REGISTRY["lstm_recurrence"]["cuda"]
-    assert "proj_size" in impl.why_not(_call(P=4))
+    assert impl.why_not(_call(P=4)) is None
     assert impl.why_not(_call(dtype=F64)) is None  # float64 runs step-wise
     text = cuda_lstm.describe(_call(B=64, D=2, H=512, dtype=torch.bfloat16), pc.H100_SXM)
     assert text.startswith("forward: persistent kernel") and "backward: persistent kernel" in text
@@ -380,7 +381,8 @@ def test_explain_detail_names_the_kernels_for_a_cuda_call(monkeypatch):
     f64 = _call(dtype=F64, device="cuda")
     assert "step-wise kernels" in backends.explain("lstm_recurrence", f64, f64.device, detail=True)["cuda"]
     proj = _call(P=4, device="cuda")
-    assert backends.explain("lstm_recurrence", proj, proj.device, detail=True)["cuda"].startswith("cannot serve:")
+    text = backends.explain("lstm_recurrence", proj, proj.device, detail=True)["cuda"]
+    assert text.startswith("serves: forward: persistent kernel") and "proj_size 4" in text
     assert backends.explain("lstm_recurrence", proj, proj.device)["reference"] is None  # the default form is unchanged
 
 
@@ -521,12 +523,14 @@ def test_persistent_and_stepwise_share_their_workspace_on_cpu():
         assert rel_err(a, b) < 1e-5
 
 
-def test_persistent_driver_refuses_projections():
+@pytest.mark.parametrize("path", ["persistent", "stepwise"])
+def test_drivers_refuse_projections_they_would_ignore(path):
+    """The drivers run unprojected recurrences; only the registered implementation (which
+    reparametrizes first, ops.lstm_projection) takes w_hr."""
     xg, w, h0, c0, _ = _op_inputs(3, 2, 1, 4, torch.float32)
-    with pytest.raises(ValueError, match="proj_size"):
-        cuda_lstm.lstm_recurrence_persistent_forward(
-            xg, w, [torch.randn(2, 4)], h0[..., :2], c0, None, [False], config=None
-        )
+    forward = getattr(cuda_lstm, f"lstm_recurrence_{path}_forward")
+    with pytest.raises(ValueError, match="w_hr must be empty"):
+        forward(xg, w, [torch.randn(2, 4)], h0[..., :2], c0, None, [False])
 
 
 # =============================================================================================
@@ -580,27 +584,29 @@ def _three_way(
     batch_first=False,
     with_hx=False,
     lengths=None,
+    proj_size=0,
     seed=0,
 ):
     """Our cuda module, cuDNN's nn.LSTM in ``dtype`` and nn.LSTM in float64 on the CPU, on the
     same (rounded) weights and inputs; returns the three result dicts."""
     torch.manual_seed(seed)
-    base = nn.LSTM(input_size, hidden, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    opts = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, proj_size=proj_size)
+    base = nn.LSTM(input_size, hidden, **opts)
     base = base.to(dtype).to(F64)  # weights exactly representable in dtype
     ref = base
-    cudnn = nn.LSTM(input_size, hidden, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    cudnn = nn.LSTM(input_size, hidden, **opts)
     cudnn.load_state_dict(base.state_dict())
     cudnn = cudnn.to(device="cuda", dtype=dtype)
     ours = fusedconvlstm.LSTM.from_torch(cudnn, backend="cuda")
     D = 2 if bidirectional else 1
     shape = (B, T, input_size) if batch_first else (T, B, input_size)
     x = torch.randn(shape, dtype=F64).to(dtype).to(F64)
+    P = proj_size or hidden
     hx = None
     if with_hx:
-        hx = tuple((0.5 * torch.randn(num_layers * D, B, hidden, dtype=F64)).to(dtype).to(F64) for _ in range(2))
-    out_shape = (T, B, D * hidden)
-    gy = torch.randn(out_shape if not batch_first else (B, T, D * hidden), dtype=F64)
-    ghn, gcn = torch.randn(num_layers * D, B, hidden, dtype=F64), torch.randn(num_layers * D, B, hidden, dtype=F64)
+        hx = tuple((0.5 * torch.randn(num_layers * D, B, n, dtype=F64)).to(dtype).to(F64) for n in (P, hidden))
+    gy = torch.randn((T, B, D * P) if not batch_first else (B, T, D * P), dtype=F64)
+    ghn, gcn = torch.randn(num_layers * D, B, P, dtype=F64), torch.randn(num_layers * D, B, hidden, dtype=F64)
     to_dev = lambda t: None if t is None else t.to(device="cuda", dtype=dtype)  # noqa: E731
     hx_dev = None if hx is None else tuple(map(to_dev, hx))
     r_ref = _run_module(ref, x, hx, gy, ghn, gcn, lengths)
@@ -630,6 +636,15 @@ MODULE_CASES = [
     ("hx_batch_first_2layers", 20, 64, 9, 5, {"with_hx": True, "batch_first": True, "num_layers": 2}),
     ("bidir_hx", 12, 48, 6, 4, {"with_hx": True, "bidirectional": True}),
     ("reference_model_shape", 512, 512, 45, 64, {}),
+    (
+        "proj_bidir_hx_2layers",
+        24,
+        100,
+        7,
+        5,
+        {"proj_size": 40, "bidirectional": True, "with_hx": True, "num_layers": 2},
+    ),
+    ("proj_reference_shape", 512, 512, 45, 64, {"proj_size": 256}),
 ]
 
 
@@ -649,10 +664,13 @@ def _check_module_case(dtype, case, context):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_gpu_packed_sequence_lengths(dtype, bidirectional, persistent_only):
+@pytest.mark.parametrize("proj_size", [0, 16])
+def test_gpu_packed_sequence_lengths(dtype, bidirectional, proj_size, persistent_only):
     lengths = torch.tensor([7, 1, 5, 7, 3])
-    ours, cudnn, ref = _three_way(dtype, 10, 40, 7, 5, bidirectional=bidirectional, with_hx=True, lengths=lengths)
-    _check_against_cudnn(ours, cudnn, ref, dtype, f"packed bidirectional={bidirectional} {dtype}")
+    ours, cudnn, ref = _three_way(
+        dtype, 10, 40, 7, 5, bidirectional=bidirectional, with_hx=True, lengths=lengths, proj_size=proj_size
+    )
+    _check_against_cudnn(ours, cudnn, ref, dtype, f"packed bidirectional={bidirectional} proj={proj_size} {dtype}")
 
 
 @pytest.mark.gpu

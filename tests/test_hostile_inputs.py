@@ -211,7 +211,6 @@ def test_conv_stack_on_triton_matches_nn_conv1d(setup):
 @given(lstm_setups())
 def test_lstm_on_triton_matches_nn_lstm(setup):
     cfg, T, B, with_hx, _ = setup
-    cfg = dict(cfg, proj_size=0)  # the Triton kernels refuse projections (tested elsewhere)
     ref = nn.LSTM(**cfg, dtype=F64)
     shape = (B, T, cfg["input_size"]) if cfg["batch_first"] else (T, B, cfg["input_size"])
     x = torch.randn(shape, dtype=F64)

@@ -56,10 +56,10 @@ def poisoned(monkeypatch):
 def torch_in_dtype(monkeypatch):
     """The reference loop computing in the inputs' own dtype: PyTorch's error at that precision."""
 
-    def run(xg, w_hh, h0, c0, lengths, reverse):
+    def run(xg, w_hh, h0, c0, lengths, reverse, w_hr=()):
         with monkeypatch.context() as m:
             m.setattr(reference_lstm, "accumulation_dtype", lambda dtype: dtype)
-            return reference_lstm.lstm_recurrence_reference(xg, w_hh, [], h0, c0, lengths, reverse)
+            return reference_lstm.lstm_recurrence_reference(xg, w_hh, list(w_hr), h0, c0, lengths, reverse)
 
     return run
 
@@ -130,6 +130,45 @@ def test_op_matches_float64_reference(case, dtype, poisoned, torch_in_dtype):
         assert torch.all(ours["y"][past] == 0)
 
 
+PROJECTED_CASES = {
+    # T, B, D, H, P, reverse, lengths
+    "uni-h40-p16": (6, 3, 1, 40, 16, [False], None),
+    "bidir-lengths-h24-p5": (7, 5, 2, 24, 5, [False, True], [7, 1, 4, 0, 6]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(PROJECTED_CASES), ids=list(PROJECTED_CASES))
+def test_projected_op_matches_float64_reference(case, dtype, poisoned, torch_in_dtype):
+    """proj_size: the kernels run the recurrence on W_hh W_hr (ops.lstm_projection); outputs and
+    every gradient, w_hr's included, against float64."""
+    T, B, D, H, P, reverse, lengths = PROJECTED_CASES[case]
+    lengths = None if lengths is None else torch.tensor(lengths)
+    xg = torch.randn(T, B, D, 4 * H, dtype=F64)
+    w_hh, w_hr = lstm_weights(D, H, P=P), [torch.randn(P, H, dtype=F64) * H**-0.5 for _ in range(D)]
+    h0, c0 = torch.randn(D, B, P, dtype=F64), torch.randn(D, B, H, dtype=F64)
+    cot = [torch.randn(T, B, D, P, dtype=F64), torch.randn(D, B, P, dtype=F64), torch.randn(D, B, H, dtype=F64)]
+
+    def run(fn, dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (xg, h0, c0, *w_hh, *w_hr)]
+        out = fn(leaves[0], leaves[3 : 3 + D], leaves[3 + D :], leaves[1], leaves[2])
+        grads = torch.autograd.grad(sum((o.double() * g).sum() for o, g in zip(out, cot)), leaves)
+        named = {"y": out[0], "h_n": out[1], "c_n": out[2], "grad_xg": grads[0], "grad_h0": grads[1]}
+        named["grad_c0"] = grads[2]
+        named.update({f"grad_w[{k}]": g for k, g in enumerate(grads[3:])})
+        return named
+
+    def op(backend):
+        return lambda x, wh, wr, h, c: lstm_recurrence(
+            x, wh, h, c, w_hr=wr, lengths=lengths, reverse=reverse, backend=backend
+        )
+
+    ref = run(op("reference"), F64)
+    ours = run(op("triton"), dtype)
+    torch_lp = run(lambda x, wh, wr, h, c: torch_in_dtype(x, wh, h, c, lengths, reverse, w_hr=wr), dtype)
+    _check_against_reference(ours, torch_lp, ref, case)
+
+
 def test_multi_program_decomposition_matches_reference(poisoned):
     """The persistent mode's indexing (3 unit slices, 2 batch groups), one launch per step."""
     T, B, D, H = 4, 17, 2, 40
@@ -187,6 +226,7 @@ MODULE_CASES = {
     "batch_first-h0": dict(batch_first=True, with_hx=True),
     "bidirectional-2layers": dict(bidirectional=True, num_layers=2, with_hx=True),
     "packed-bidirectional": dict(bidirectional=True, packed=True),
+    "proj-bidirectional-2layers-h0": dict(bidirectional=True, num_layers=2, proj_size=7, with_hx=True),
 }
 
 
@@ -201,7 +241,8 @@ def test_module_matches_torch_lstm(case, dtype):
     x = torch.randn((B, T, 5) if ref.batch_first else (T, B, 5), dtype=F64)
     hx = None
     if with_hx:
-        hx = tuple(torch.randn(ref.num_layers * D, B, 24, dtype=F64) for _ in range(2))
+        sizes = (ref.proj_size or 24, 24)
+        hx = tuple(torch.randn(ref.num_layers * D, B, n, dtype=F64) for n in sizes)
     lengths = torch.tensor([5, 8, 2]) if packed else None
     expect = _module_run(ref, x, hx, F64, lengths)
     torch_lp = _module_run(low, x, hx, dtype, lengths)
@@ -289,15 +330,20 @@ def _call(**kw) -> LSTMRecurrenceCall:
 
 def test_refuses_what_it_does_not_fuse():
     xg = torch.randn(3, 2, 1, 16)
-    w_hh, w_hr = lstm_weights(1, 4, P=2, dtype=torch.float32), [torch.randn(2, 4)]
-    with pytest.raises(BackendUnavailableError, match="proj_size"):
-        lstm_recurrence(xg, w_hh, w_hr=w_hr, backend="triton")
     with pytest.raises(BackendUnavailableError, match="float64"):
         lstm_recurrence(xg.double(), lstm_weights(1, 4), backend="triton")
     with pytest.raises(BackendUnavailableError, match="interpreter computes bfloat16"):
         lstm_recurrence(xg.bfloat16(), lstm_weights(1, 4, dtype=torch.bfloat16), backend="triton")
-    call = check_lstm_recurrence_args(xg, w_hh, w_hr, torch.zeros(1, 2, 2), torch.zeros(1, 2, 4), None, [False])
-    assert "proj_size" in backends.explain("lstm_recurrence", call, xg.device)["triton"]
+    call = check_lstm_recurrence_args(
+        xg.double(),
+        lstm_weights(1, 4),
+        [],
+        torch.zeros(1, 2, 4, dtype=F64),
+        torch.zeros(1, 2, 4, dtype=F64),
+        None,
+        [False],
+    )
+    assert "float64" in backends.explain("lstm_recurrence", call, xg.device)["triton"]
 
 
 def test_workspace_shape_is_what_the_forward_returns():

@@ -26,8 +26,9 @@ The registered implementation takes the persistent kernel wherever it applies an
 kernels otherwise — float64, and sizes whose weight slice or grid does not fit the device (see
 :func:`persistent_why_not`); forward and backward decide separately. Both are compiled CUDA with
 the same cell math, so this is a choice of schedule, not a silent change of backend, and
-``backends.explain(..., detail=True)`` says which one serves a call. Calls neither can serve
-(``proj_size``) are refused by ``why_not``.
+``backends.explain(..., detail=True)`` says which one serves a call. ``proj_size`` runs as an
+unprojected recurrence on ``W_hh W_hr`` with the projection after the loop
+(:mod:`fusedconvlstm.ops.lstm_projection`), so every call the backend's device takes is served.
 
 The input projection ``x W_ihᵀ`` arrives precomputed in ``xg`` (one GEMM before the loop, done
 by the module). Computing it inside the persistent kernel while a step waits at its barrier is
@@ -59,6 +60,7 @@ from fusedconvlstm.ops.lstm import (
     reverse_mask,
 )
 from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
+from fusedconvlstm.ops.lstm_projection import with_projection
 
 _cell_forward = torch.ops.fusedconvlstm.lstm_cell_forward_
 _cell_backward = torch.ops.fusedconvlstm.lstm_cell_backward_
@@ -70,9 +72,7 @@ PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _why_not(call: LSTMRecurrenceCall) -> str | None:
-    if call.proj_size:
-        return "proj_size is not supported by the cuda kernels (use backend='reference')"
-    return None
+    return None  # the device and the extension are checked by the registry; both paths take any size
 
 
 def _workspace_shape(call: LSTMRecurrenceCall):
@@ -101,8 +101,7 @@ def _limits_for(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> Device
 
 
 def _refusal(call: LSTMRecurrenceCall) -> str | None:
-    if call.proj_size:
-        return "the persistent kernels do not support proj_size"
+    # A call with proj_size runs the kernels on its unprojected form (same H, ops.lstm_projection).
     if call.dtype not in PERSISTENT_DTYPES:
         return f"the persistent kernels take float16, bfloat16 or float32, got {call.dtype}"
     if call.num_recurrences > 62:
@@ -179,6 +178,8 @@ def describe(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> st
         if kind == "forward" and plan.kind != persistent_config.CLUSTER and preferred_forward_kernel() == "cluster":
             text += f" (the preferred cluster kernel does not take it: {cluster_plan(call, limits)})"
         parts.append(text)
+    if call.proj_size:
+        parts.append(f"proj_size {call.proj_size}: the recurrence on W_hh W_hr, the projection one GEMM after it")
     return "; ".join(parts)
 
 
@@ -197,9 +198,15 @@ def _call_of(xg: Tensor, w_hr: list[Tensor], lengths: Tensor | None, reverse: li
     )
 
 
+def _require_unprojected(proj_size: int) -> None:
+    """The drivers run unprojected recurrences; the registered implementation removes the
+    projection first (:mod:`fusedconvlstm.ops.lstm_projection`)."""
+    if proj_size:
+        raise ValueError("lstm_recurrence: the cuda drivers run unprojected recurrences (w_hr must be empty)")
+
+
 def _plan_or_raise(call: LSTMRecurrenceCall, kind: str, config: Layout | None) -> Layout:
-    if call.proj_size:
-        raise ValueError("lstm_recurrence: the persistent kernels do not support proj_size")
+    _require_unprojected(call.proj_size)
     if config is not None:
         return config
     if call.device.type == "cuda":
@@ -286,6 +293,7 @@ def lstm_recurrence_persistent_backward(
 
 def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True):
     """Forward of the step-wise recurrence: ``(y, h_n, c_n, workspace)``."""
+    _require_unprojected(len(w_hr))
     T, B, D, G = xg.shape
     H = G // 4
     xg = xg.contiguous()
@@ -307,6 +315,7 @@ def lstm_recurrence_stepwise_backward(
     grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace
 ):
     """Backward of the step-wise recurrence: ``(grad_xg, grad_w_hh, [], grad_h0, grad_c0)``."""
+    _require_unprojected(len(w_hr))
     T, B, D, G = xg.shape
     acc = accumulation_dtype(xg.dtype)
     w = torch.stack(w_hh)  # (D, 4H, H): dgates @ W_hh as a batched GEMM
@@ -352,12 +361,20 @@ def lstm_recurrence_cuda_backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0
     return lstm_recurrence_persistent_backward(*args, config=plan)
 
 
+def cell_outputs(workspace: Tensor) -> Tensor:
+    """``o tanh(c)`` of every step from the workspace ``[i, f, g, o, c]`` (for ``proj_size``)."""
+    H = workspace.shape[-1] // 5
+    return workspace[..., 3 * H : 4 * H] * torch.tanh(workspace[..., 4 * H :])
+
+
+_forward, _backward = with_projection(lstm_recurrence_cuda_forward, lstm_recurrence_cuda_backward, cell_outputs)
+
 backends.register_implementation(
     OP,
     "cuda",
     why_not=_why_not,
-    forward=lstm_recurrence_cuda_forward,
-    backward=lstm_recurrence_cuda_backward,
+    forward=_forward,
+    backward=_backward,
     workspace_shape=_workspace_shape,
     describe=describe,
 )

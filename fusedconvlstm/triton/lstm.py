@@ -23,6 +23,9 @@ gradients (which are ``grad_xg``); ``dW_hh`` is one GEMM after the loop
 (:func:`fusedconvlstm.ops.lstm.recurrent_weight_grads`). No atomics touch data, so results are
 bitwise reproducible.
 
+``proj_size`` runs as an unprojected recurrence on ``W_hh W_hr`` with the projection one GEMM
+after the loop (:mod:`fusedconvlstm.ops.lstm_projection`, shared with the cuda backend).
+
 Precision: ``h`` and the dot operands are in the input dtype, accumulation, ``c`` and the gate
 math in float32. Float32 dots use TF32 when cuDNN's RNNs do (``torch.backends.cudnn.rnn``), as
 ``nn.LSTM`` on cuDNN does, and IEEE float32 otherwise.
@@ -46,6 +49,7 @@ from fusedconvlstm.ops.lstm import (
     recurrent_weight_grads,
     reverse_mask,
 )
+from fusedconvlstm.ops.lstm_projection import with_projection
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest hidden size for which one program holds the whole W_hh (4H × H) on-chip.
@@ -207,8 +211,7 @@ def stepped_plan(batch: int, hidden: int, block_h: int = _MIN_DOT, block_b: int 
 
 
 def _why_not(call: LSTMRecurrenceCall) -> str | None:
-    if call.proj_size:
-        return "proj_size (w_hr) is not supported by the Triton recurrence kernels (use backend='reference')"
+    # proj_size: the kernels run the unprojected form of the call (same H, ops.lstm_projection).
     if call.dtype not in SUPPORTED_DTYPES:
         return f"dtype {call.dtype} is not supported (float16, bfloat16, float32); use backend='reference'"
     if call.dtype == torch.bfloat16 and _interpreting():
@@ -447,12 +450,21 @@ def _backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, rever
     return grad_xg, grad_w_hh, [], grad_h0, grad_c0
 
 
+def cell_outputs(workspace: Tensor) -> Tensor:
+    """``o tanh(c)`` of every step from the workspace ``[i, f, g, o, c_{t-1}]`` (for ``proj_size``)."""
+    H = workspace.shape[-1] // 5
+    i, f, g, o, c_prev = workspace.split(H, dim=-1)
+    return o * torch.tanh(f * c_prev + i * g)
+
+
+_projected_forward, _projected_backward = with_projection(_forward, _backward, cell_outputs)
+
 backends.register_implementation(
     OP,
     "triton",
     why_not=_why_not,
-    forward=_forward,
-    backward=_backward,
+    forward=_projected_forward,
+    backward=_projected_backward,
     workspace_shape=_workspace_shape,
 )
 

@@ -5,7 +5,9 @@
 //
 // One thread per (recurrence d, batch row b, hidden unit j): it reads the four gate
 // pre-activations of unit j (columns j, H+j, 2H+j, 3H+j of the row), so the cell update needs no
-// communication between threads. Gate math and c are in float (double for double tensors).
+// communication between threads. Gate math and c are in float (double for double tensors), and so
+// are the GEMM results hh and dh_rec: cuBLAS writes its fp32 accumulators without rounding them
+// to a 16-bit dtype, as the persistent kernels keep theirs.
 #include "common.cuh"
 
 namespace fusedconvlstm {
@@ -32,7 +34,7 @@ __device__ __forceinline__ StepIndex step_index(int64_t idx, int64_t T, int64_t 
 }
 
 template <typename T, typename Acc>
-__global__ void lstm_cell_forward_kernel(const T* __restrict__ hh, const T* __restrict__ xg, T* __restrict__ h,
+__global__ void lstm_cell_forward_kernel(const Acc* __restrict__ hh, const T* __restrict__ xg, T* __restrict__ h,
                                          Acc* __restrict__ c, T* __restrict__ y, Acc* __restrict__ ws,
                                          const int64_t* __restrict__ lengths, int64_t seq_len, int64_t B, int64_t D,
                                          int64_t H, int64_t step, int64_t reverse_mask) {
@@ -50,11 +52,11 @@ __global__ void lstm_cell_forward_kernel(const T* __restrict__ hh, const T* __re
       continue;
     }
     const T* x_row = xg + row * 4 * H + s.j;
-    const T* hh_row = hh + (s.d * B + s.b) * 4 * H + s.j;
-    const Acc i = sigmoid(to_acc<Acc>(x_row[0]) + to_acc<Acc>(hh_row[0]));
-    const Acc f = sigmoid(to_acc<Acc>(x_row[H]) + to_acc<Acc>(hh_row[H]));
-    const Acc g = tanh(to_acc<Acc>(x_row[2 * H]) + to_acc<Acc>(hh_row[2 * H]));
-    const Acc o = sigmoid(to_acc<Acc>(x_row[3 * H]) + to_acc<Acc>(hh_row[3 * H]));
+    const Acc* hh_row = hh + (s.d * B + s.b) * 4 * H + s.j;
+    const Acc i = sigmoid(to_acc<Acc>(x_row[0]) + hh_row[0]);
+    const Acc f = sigmoid(to_acc<Acc>(x_row[H]) + hh_row[H]);
+    const Acc g = tanh(to_acc<Acc>(x_row[2 * H]) + hh_row[2 * H]);
+    const Acc o = sigmoid(to_acc<Acc>(x_row[3 * H]) + hh_row[3 * H]);
     const int64_t state = (s.d * B + s.b) * H + s.j;
     const Acc c_new = f * c[state] + i * g;
     const T h_new = from_acc<T, Acc>(o * tanh(c_new));
@@ -72,7 +74,7 @@ __global__ void lstm_cell_forward_kernel(const T* __restrict__ hh, const T* __re
 }
 
 template <typename T, typename Acc>
-__global__ void lstm_cell_backward_kernel(const T* __restrict__ dh_rec, const T* __restrict__ grad_y,
+__global__ void lstm_cell_backward_kernel(const Acc* __restrict__ dh_rec, const T* __restrict__ grad_y,
                                           const Acc* __restrict__ ws, const T* __restrict__ c0,
                                           Acc* __restrict__ dh_carry, Acc* __restrict__ dc, T* __restrict__ dgates,
                                           T* __restrict__ dgates_step, const int64_t* __restrict__ lengths,
@@ -86,7 +88,7 @@ __global__ void lstm_cell_backward_kernel(const T* __restrict__ dh_rec, const T*
     const int64_t state = (s.d * B + s.b) * H + s.j;
     T* dg_row = dgates + row * 4 * H + s.j;
     T* dg_step = dgates_step + (s.d * B + s.b) * 4 * H + s.j;
-    const Acc incoming = to_acc<Acc>(dh_rec[state]) + dh_carry[state];
+    const Acc incoming = dh_rec[state] + dh_carry[state];
     if (!s.valid) {
       // A masked step passes dL/dh and dL/dc through unchanged (the state skipped it).
       dh_carry[state] = incoming;
@@ -134,8 +136,9 @@ void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tens
   STD_TORCH_CHECK(step >= 0 && step < T, op, ": step must lie in [0, ", T, "), got ", step);
   const ScalarType dt = xg.scalar_type();
   const ScalarType acc = acc_dtype(dt);
-  const std::pair<const Tensor*, const char*> same_dtype[] = {{&hh, "hh"}, {&h, "h"}, {&y, "y"}};
+  const std::pair<const Tensor*, const char*> same_dtype[] = {{&h, "h"}, {&y, "y"}};
   for (auto [t, name] : same_dtype) check_dtype(*t, dt, op, name);
+  check_dtype(hh, acc, op, "hh");
   check_dtype(c, acc, op, "c");
   check_dtype(workspace, acc, op, "workspace");
   const std::pair<const Tensor*, const char*> all[] = {{&hh, "hh"}, {&xg, "xg"}, {&h, "h"}, {&c, "c"},
@@ -156,7 +159,7 @@ void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tens
     using Ts = decltype(t_tag);
     using Acc = decltype(acc_tag);
     lstm_cell_forward_kernel<Ts, Acc><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-        static_cast<const Ts*>(hh.data_ptr()), static_cast<const Ts*>(xg.data_ptr()), static_cast<Ts*>(h.data_ptr()),
+        static_cast<const Acc*>(hh.data_ptr()), static_cast<const Ts*>(xg.data_ptr()), static_cast<Ts*>(h.data_ptr()),
         static_cast<Acc*>(c.data_ptr()), static_cast<Ts*>(y.data_ptr()), workspace.numel() ? static_cast<Acc*>(workspace.data_ptr()) : nullptr,
         len, T, B, D, H, step, reverse_mask);
   });
@@ -174,9 +177,10 @@ void lstm_cell_backward_(Tensor dh_rec, Tensor grad_y, Tensor workspace, Tensor 
   const ScalarType dt = dgates.scalar_type();
   const ScalarType acc = acc_dtype(dt);
   const std::pair<const Tensor*, const char*> same_dtype[] = {
-      {&dh_rec, "dh_rec"}, {&grad_y, "grad_y"}, {&c0, "c0"}, {&dgates_step, "dgates_step"}};
+      {&grad_y, "grad_y"}, {&c0, "c0"}, {&dgates_step, "dgates_step"}};
   for (auto [t, name] : same_dtype) check_dtype(*t, dt, op, name);
-  const std::pair<const Tensor*, const char*> acc_args[] = {{&workspace, "workspace"}, {&dh_carry, "dh_carry"}, {&dc, "dc"}};
+  const std::pair<const Tensor*, const char*> acc_args[] = {
+      {&dh_rec, "dh_rec"}, {&workspace, "workspace"}, {&dh_carry, "dh_carry"}, {&dc, "dc"}};
   for (auto [t, name] : acc_args) check_dtype(*t, acc, op, name);
   const std::pair<const Tensor*, const char*> all[] = {
       {&dh_rec, "dh_rec"}, {&grad_y, "grad_y"}, {&workspace, "workspace"}, {&c0, "c0"},
@@ -196,7 +200,7 @@ void lstm_cell_backward_(Tensor dh_rec, Tensor grad_y, Tensor workspace, Tensor 
     using Ts = decltype(t_tag);
     using Acc = decltype(acc_tag);
     lstm_cell_backward_kernel<Ts, Acc><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-        static_cast<const Ts*>(dh_rec.data_ptr()), static_cast<const Ts*>(grad_y.data_ptr()),
+        static_cast<const Acc*>(dh_rec.data_ptr()), static_cast<const Ts*>(grad_y.data_ptr()),
         static_cast<const Acc*>(workspace.data_ptr()), static_cast<const Ts*>(c0.data_ptr()),
         static_cast<Acc*>(dh_carry.data_ptr()), static_cast<Acc*>(dc.data_ptr()), static_cast<Ts*>(dgates.data_ptr()),
         static_cast<Ts*>(dgates_step.data_ptr()), len, T, B, D, H, step, reverse_mask);

@@ -509,6 +509,40 @@ def test_drivers_match_reference_on_random_problems(case):
         assert rel_err(out, ref) < 1e-12, f"{path} {case[:4]}: {name}"
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_stepwise_path_adds_the_unrounded_product_as_the_persistent_path_does(dtype):
+    """16-bit step-wise recurrence: h W_hhᵀ and dgates W_hh reach the cell kernels in float32, as
+    in the persistent kernels, so both paths compute the same values (on the ops' CPU
+    implementations; a product rounded to 16 bits first would differ by about its roundoff)."""
+    lengths = torch.tensor([6, 2, 5, 0])
+    xg, w, h0, c0, _ = _op_inputs(6, 4, 2, 24, dtype, seed=3)
+    rev = [False, True]
+    p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
+    s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
+    for a, b in zip(p, s):
+        assert torch.equal(a, b)
+    grads = [torch.randn(t.shape, dtype=F64).to(dtype) for t in p[:3]]
+    gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
+    gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
+    for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
+        assert torch.equal(a, b)
+
+
+def test_cell_ops_take_the_gemm_results_in_the_accumulation_dtype():
+    T, B, D, H = 2, 3, 1, 4
+    xg = torch.randn(T, B, D, 4 * H, dtype=torch.bfloat16)
+    h, c = torch.zeros(D, B, H, dtype=torch.bfloat16), torch.zeros(D, B, H)
+    y, ws = torch.empty(T, B, D, H, dtype=torch.bfloat16), torch.empty(T, B, D, 5 * H)
+    rounded = torch.zeros(D, B, 4 * H, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="hh must be torch.float32"):
+        torch.ops.fusedconvlstm.lstm_cell_forward_(rounded, xg, h, c, y, ws, None, 0, 0)
+    dgates, dstep = torch.empty_like(xg), torch.empty(D, B, 4 * H, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="dh_rec must be torch.float32"):
+        torch.ops.fusedconvlstm.lstm_cell_backward_(
+            h, y, ws, h, torch.zeros(D, B, H), torch.zeros(D, B, H), dgates, dstep, None, 0, 0
+        )
+
+
 def test_persistent_and_stepwise_share_their_workspace_on_cpu():
     lengths = torch.tensor([5, 2, 4])
     xg, w, h0, c0, _ = _op_inputs(5, 3, 2, 6, torch.float32)
@@ -1110,7 +1144,7 @@ def test_gpu_stepwise_cell_kernels_match_their_cpu_implementations(dtype):
         ws = torch.zeros(T, B, D, 5 * H, dtype=acc)
         tensors = [t.to(device) for t in (xg, h, c, y, ws)]
         for step in range(T):
-            hh = torch.randn(D, B, 4 * H, generator=torch.Generator().manual_seed(100 + step)).to(dtype).to(device)
+            hh = torch.randn(D, B, 4 * H, generator=torch.Generator().manual_seed(100 + step)).to(acc).to(device)
             torch.ops.fusedconvlstm.lstm_cell_forward_(hh, tensors[0], *tensors[1:], lengths.to(device), step, mask)
         ws_fwd[device] = [t.cpu() for t in tensors[1:]]
     tol = {F64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
@@ -1119,7 +1153,7 @@ def test_gpu_stepwise_cell_kernels_match_their_cpu_implementations(dtype):
     outs = {}
     for device in ("cpu", "cuda"):
         gen = torch.Generator().manual_seed(8)
-        dh_rec = torch.randn(D, B, H, generator=gen).to(dtype)
+        dh_rec = torch.randn(D, B, H, generator=gen).to(acc)
         grad_y = torch.randn(T, B, D, H, generator=gen).to(dtype)
         c0 = torch.randn(D, B, H, generator=gen).to(dtype)
         dh_carry, dc = torch.randn(D, B, H, generator=gen).to(acc), torch.randn(D, B, H, generator=gen).to(acc)

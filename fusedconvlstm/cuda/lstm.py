@@ -290,6 +290,21 @@ def lstm_recurrence_persistent_backward(
 # ---------------------------------------------------------------------------------------------
 # Step-wise path (the baseline)
 
+# torch.bmm(..., out_dtype=torch.float32) for 16-bit CUDA operands (cuBLAS writes its fp32
+# accumulators); where this torch lacks it, the operands are converted to float32 first.
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype_out")
+
+
+def _gemm_unrounded(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """``out = a @ b`` (batched) with ``out`` in the accumulation dtype: a 16-bit product is not
+    rounded to 16 bits before the cell kernel adds it (the persistent kernels do not round it)."""
+    if a.dtype == out.dtype:
+        torch.bmm(a, b, out=out)
+    elif a.is_cuda and _BMM_OUT_DTYPE:
+        torch.bmm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        torch.bmm(a.to(out.dtype), b.to(out.dtype), out=out)
+
 
 def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True):
     """Forward of the step-wise recurrence: ``(y, h_n, c_n, workspace)``."""
@@ -302,11 +317,11 @@ def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, s
     c = c0.to(accumulation_dtype(xg.dtype)).contiguous().clone()
     y = xg.new_empty(T, B, D, H)
     workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=accumulation_dtype(xg.dtype))
-    hh = xg.new_empty(D, B, G)
+    hh = xg.new_empty(D, B, G, dtype=accumulation_dtype(xg.dtype))
     lengths = _lengths_on(lengths, xg.device)
     mask = reverse_mask(reverse)
     for step in range(T):
-        torch.bmm(h, w_t, out=hh)
+        _gemm_unrounded(h, w_t, hh)
         _cell_forward(hh, xg, h, c, y, workspace, lengths, step, mask)
     return y, h, c.to(xg.dtype), workspace
 
@@ -319,7 +334,7 @@ def lstm_recurrence_stepwise_backward(
     T, B, D, G = xg.shape
     acc = accumulation_dtype(xg.dtype)
     w = torch.stack(w_hh)  # (D, 4H, H): dgates @ W_hh as a batched GEMM
-    dh_rec = h0.new_zeros(h0.shape)
+    dh_rec = h0.new_zeros(h0.shape, dtype=acc)
     dh_carry = grad_h_n.to(acc).contiguous().clone()
     dc = grad_c_n.to(acc).contiguous().clone()
     dgates = xg.new_empty(T, B, D, G)
@@ -330,8 +345,8 @@ def lstm_recurrence_stepwise_backward(
     c0 = c0.contiguous()
     for step in range(T):
         _cell_backward(dh_rec, grad_y, workspace, c0, dh_carry, dc, dgates, dgates_step, lengths_dev, step, mask)
-        torch.bmm(dgates_step, w, out=dh_rec)
-    grad_h0 = (dh_rec.to(acc) + dh_carry).to(xg.dtype)
+        _gemm_unrounded(dgates_step, w, dh_rec)
+    grad_h0 = (dh_rec + dh_carry).to(xg.dtype)
     grad_w_hh = recurrent_weight_grads(dgates, y, h0, lengths_dev, reverse)
     return dgates, grad_w_hh, [], grad_h0, dc.to(xg.dtype)
 

@@ -11,7 +11,8 @@ backward the opposite, since it walks time backwards). A batch row ``b`` is *val
 ``lengths`` is ``None`` or ``t < lengths[b]``.
 
 ``lstm_cell_forward_(hh, xg, h, c, y, workspace, lengths, step, reverse_mask)``:
-    ``hh (D, B, 4H)`` is ``h_{t-1} W_hhᵀ`` from the GEMM; ``xg (T, B, D, 4H)`` the pre-activations.
+    ``hh (D, B, 4H)`` is ``h_{t-1} W_hhᵀ`` from the GEMM, in the accumulation dtype (float32;
+    float64 for float64), not rounded to a 16-bit dtype; ``xg (T, B, D, 4H)`` the pre-activations.
     Valid rows: gates ``i, f, g, o`` from ``xg[t, :, d] + hh[d]``; ``c = f c + i g`` and
     ``h = o tanh(c)`` written to the state ``h (D, B, H)``, ``c (D, B, H)`` (float32), to
     ``y[t, :, d]`` and, with the activations, to ``workspace[t, :, d] = [i, f, g, o, c]``
@@ -20,7 +21,7 @@ backward the opposite, since it walks time backwards). A batch row ``b`` is *val
 
 ``lstm_cell_backward_(dh_rec, grad_y, workspace, c0, dh_carry, dc, dgates, dgates_step, lengths,
 step, reverse_mask)``:
-    ``dh_rec (D, B, H)`` is ``dgates_{t+1} W_hh`` from the GEMM and ``dh_carry`` (float32) the
+    ``dh_rec (D, B, H)`` is ``dgates_{t+1} W_hh`` from the GEMM (accumulation dtype, as ``hh``) and ``dh_carry`` (float32) the
     part of ``dL/dh_t`` that skipped masked steps. Valid rows: ``dh = dh_rec + dh_carry +
     grad_y[t, :, d]``; the pre-activation gradients go to ``dgates[t, :, d]`` and
     ``dgates_step[d]``, ``dc`` (float32) becomes ``dL/dc_{t-1}``, ``dh_carry`` becomes 0. Masked

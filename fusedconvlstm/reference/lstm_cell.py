@@ -18,6 +18,12 @@ def _time_index(step: int, T: int, reversed_: bool, backward: bool) -> int:
     return step if forward_order else T - 1 - step
 
 
+def _check_accumulation(op: str, name: str, t: Tensor, acc: torch.dtype) -> None:
+    """The GEMM results arrive unrounded, in the accumulation dtype (as the CUDA kernels check)."""
+    if t.dtype != acc:
+        raise TypeError(f"{op}: {name} must be {acc} (the GEMM's accumulation dtype), got {t.dtype}")
+
+
 def _valid_rows(lengths: Tensor | None, t: int, batch: int, device: torch.device) -> Tensor:
     if lengths is None:
         return torch.ones(batch, 1, dtype=torch.bool, device=device)
@@ -38,6 +44,7 @@ def lstm_cell_forward_(
     """One step of the pointwise forward for all recurrences, in place (see the ops module)."""
     T, B, D, G = xg.shape
     acc = accumulation_dtype(xg.dtype)
+    _check_accumulation("lstm_cell_forward_", "hh", hh, acc)
     for d in range(D):
         t = _time_index(step, T, bool(reverse_mask >> d & 1), backward=False)
         valid = _valid_rows(lengths, t, B, xg.device)
@@ -70,6 +77,7 @@ def lstm_cell_backward_(
     T, B, D, G = dgates.shape
     H = G // 4
     acc = accumulation_dtype(dgates.dtype)
+    _check_accumulation("lstm_cell_backward_", "dh_rec", dh_rec, acc)
     for d in range(D):
         rev = bool(reverse_mask >> d & 1)
         t = _time_index(step, T, rev, backward=True)

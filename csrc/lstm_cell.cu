@@ -43,10 +43,10 @@ __global__ void lstm_cell_forward_kernel(const Acc* __restrict__ hh, const T* __
        idx += int64_t(gridDim.x) * blockDim.x) {
     const StepIndex s = step_index(idx, seq_len, B, H, step, reverse_mask, false, lengths);
     const int64_t row = (s.t * B + s.b) * D + s.d;  // (t, b, d) row of xg, y and ws
-    T* y_out = y + row * H + s.j;
+    T* y_out = y == nullptr ? nullptr : y + row * H + s.j;
     Acc* ws_row = ws == nullptr ? nullptr : ws + row * 5 * H + s.j;
     if (!s.valid) {
-      *y_out = from_acc<T, Acc>(Acc(0));
+      if (y_out != nullptr) *y_out = from_acc<T, Acc>(Acc(0));
       if (ws != nullptr)
         for (int k = 0; k < 5; ++k) ws_row[k * H] = Acc(0);
       continue;
@@ -62,7 +62,7 @@ __global__ void lstm_cell_forward_kernel(const Acc* __restrict__ hh, const T* __
     const T h_new = from_acc<T, Acc>(o * tanh(c_new));
     c[state] = c_new;
     h[state] = h_new;
-    *y_out = h_new;
+    if (y_out != nullptr) *y_out = h_new;  // null when only the final state is wanted
     if (ws != nullptr) {  // null when the forward saves nothing for a backward
       ws_row[0] = i;
       ws_row[H] = f;
@@ -147,8 +147,8 @@ void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tens
   check_shape(hh, {D, B, 4 * H}, op, "hh");
   check_shape(h, {D, B, H}, op, "h");
   check_shape(c, {D, B, H}, op, "c");
-  check_shape(y, {T, B, D, H}, op, "y");
-  // An empty workspace: the forward saves nothing for a backward.
+  // An empty y: only the final state is wanted; an empty workspace: nothing saved for a backward.
+  if (y.numel() != 0) check_shape(y, {T, B, D, H}, op, "y");
   if (workspace.numel() != 0) check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
   const int64_t* len = optional_lengths(lengths, xg, B, op);
   const int64_t total = D * B * H;
@@ -160,7 +160,7 @@ void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tens
     using Acc = decltype(acc_tag);
     lstm_cell_forward_kernel<Ts, Acc><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
         static_cast<const Acc*>(hh.data_ptr()), static_cast<const Ts*>(xg.data_ptr()), static_cast<Ts*>(h.data_ptr()),
-        static_cast<Acc*>(c.data_ptr()), static_cast<Ts*>(y.data_ptr()), workspace.numel() ? static_cast<Acc*>(workspace.data_ptr()) : nullptr,
+        static_cast<Acc*>(c.data_ptr()), y.numel() ? static_cast<Ts*>(y.data_ptr()) : nullptr, workspace.numel() ? static_cast<Acc*>(workspace.data_ptr()) : nullptr,
         len, T, B, D, H, step, reverse_mask);
   });
   STD_CUDA_KERNEL_LAUNCH_CHECK();

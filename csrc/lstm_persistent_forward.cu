@@ -28,7 +28,7 @@ struct ForwardParams : RecurrenceParams {
   const T* w;      // (D, 4H, H)
   T* h_buf;        // (2, D, B, kp): h_buf[0] holds h0 on entry
   float* c_state;  // (D, B, H): c0 on entry, c_n on exit
-  T* y;            // (T, B, D, H)
+  T* y;            // (T, B, D, H); null when only the final state is wanted
   float* ws;       // (T, B, D, 5H): i, f, g, o, c per step (zeros at masked steps); null: not saved
 };
 
@@ -99,14 +99,14 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
         if (j >= H || b >= B) continue;
         const int64_t state = (static_cast<int64_t>(d) * B + b) * H + j;
         const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;  // (t, b, d)
-        T* y_out = p.y + row * H + j;
+        T* y_out = p.y == nullptr ? nullptr : p.y + row * H + j;
         float* ws_row = p.ws == nullptr ? nullptr : p.ws + row * H5 + j;
         T* h_out = h_next + static_cast<int64_t>(b) * kp + j;
         const bool valid = p.lengths == nullptr || t < p.lengths[b];
         if (!valid) {
           // Masked step: the state is carried (into the other buffer), the output is zero.
           *h_out = __ldcg(h_prev + static_cast<int64_t>(b) * kp + j);
-          *y_out = zero_value<T>();
+          if (y_out != nullptr) *y_out = zero_value<T>();
           zero_cell_workspace(ws_row, H);
           continue;
         }
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
         const T h_new = from_acc<T, float>(cell.o * tanhf(cell.c));
         p.c_state[state] = cell.c;
         *h_out = h_new;
-        *y_out = h_new;
+        if (y_out != nullptr) *y_out = h_new;
         store_cell_workspace(ws_row, H, cell);
       }
     }
@@ -215,11 +215,12 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
   // The staged y and workspace of step time t to global memory: consecutive threads take
   // consecutive units of a row (coalesced).
   auto store_staged = [&](int t) {
+    if (p.y == nullptr && p.ws == nullptr) return;  // inference of the final state only
     for (int idx = tid; idx < hs * bt; idx += kThreads) {
       const int n = idx / hs, j = j0 + (idx - n * hs), b = b0 + n;
       if (j >= H || b >= B) continue;
       const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;
-      p.y[row * H + j] = y_s[idx];
+      if (p.y != nullptr) p.y[row * H + j] = y_s[idx];
       if (p.ws != nullptr) {
 #pragma unroll
         for (int k = 0; k < 5; ++k) p.ws[row * H5 + k * H + j] = ws_s[k * hs * bt + idx];
@@ -316,8 +317,9 @@ void check_forward_tensors(const Problem& pb, const Tensor& xg, const Tensor& w_
   check_shape(h_buf, {2, D, B, pb.l.kp}, op, "h_buf");
   check_aligned_16(h_buf, op, "h_buf");
   check_shape(c_state, {D, B, H}, op, "c_state");
-  check_shape(y, {T, B, D, H}, op, "y");
-  // An empty workspace: the forward saves nothing for a backward.
+  // An empty y: only the final state is wanted (h_n and c_n); an empty workspace: the forward
+  // saves nothing for a backward.
+  if (y.numel() != 0) check_shape(y, {T, B, D, H}, op, "y");
   if (workspace.numel() != 0) check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
 }
 
@@ -340,7 +342,7 @@ void launch_forward(const Problem& pb, const std::optional<Tensor>& lengths, con
     p.w = static_cast<const Ts*>(w_hh.data_ptr());
     p.h_buf = static_cast<Ts*>(h_buf.data_ptr());
     p.c_state = static_cast<float*>(c_state.data_ptr());
-    p.y = static_cast<Ts*>(y.data_ptr());
+    p.y = y.numel() ? static_cast<Ts*>(y.data_ptr()) : nullptr;
     p.ws = workspace.numel() ? static_cast<float*>(workspace.data_ptr()) : nullptr;
     launch(p, t_tag, nt_tag, device, stream);
   });

@@ -362,7 +362,8 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
 
             inv = ~valid
             mem["h_buf"][h_out[inv]] = mem["h_buf"][h_prev + b[inv] * kp + j[inv]]
-            mem["y"][y_out[inv]] = 0.0
+            if "y" in mem:  # p.y null: only the final state is wanted
+                mem["y"][y_out[inv]] = 0.0
             if "ws" in mem:
                 for kk in range(5):
                     mem["ws"][ws_row[inv] + kk * H] = 0.0
@@ -388,7 +389,8 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             h_new = o_g * np.tanh(c_new)
             mem["c_state"][state] = c_new
             mem["h_buf"][h_out] = h_new
-            mem["y"][y_out] = h_new
+            if "y" in mem:
+                mem["y"][y_out] = h_new
             if "ws" in mem:
                 for kk, v in enumerate((i_g, f_g, g_g, o_g, c_new)):
                     mem["ws"][ws_row + kk * H] = v
@@ -403,7 +405,8 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
 def store_staged(mem: dict[str, Global], H: int, row, j, idx, y_s, ws_s) -> None:
     """Port of the cluster kernel's ``store_staged``: a step's staged y and workspace (``y_s[idx]``,
     ``ws_s[k, idx]``) to global memory at rows ``row = (t, b, d)``, units ``j``."""
-    mem["y"][row * H + j] = y_s[idx]
+    if "y" in mem:
+        mem["y"][row * H + j] = y_s[idx]
     if "ws" in mem:
         for kk in range(5):
             mem["ws"][row * 5 * H + kk * H + j] = ws_s[kk, idx]
@@ -679,8 +682,9 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
 # Drivers: the ops' buffer contracts
 
 
-def _forward_memory(p: Problem, xg, w_hh, h0, c0, save_workspace: bool) -> dict[str, Global]:
-    """The forward ops' global buffers: inputs, ``h_buf`` holding ``h0``, NaN-poisoned outputs."""
+def _forward_memory(p: Problem, xg, w_hh, h0, c0, save_workspace: bool, write_y: bool) -> dict[str, Global]:
+    """The forward ops' global buffers: inputs, ``h_buf`` holding ``h0``, NaN-poisoned outputs
+    (no ``y`` without ``write_y``, no ``ws`` without ``save_workspace``: the null pointers)."""
     T, B, D, H = p.T, p.B, p.D, p.H
     h_buf = np.zeros((2, D, B, p.layout.kp))
     h_buf[0, :, :, :H] = h0
@@ -689,39 +693,49 @@ def _forward_memory(p: Problem, xg, w_hh, h0, c0, save_workspace: bool) -> dict[
         "w": Global(w_hh),
         "h_buf": Global(h_buf),
         "c_state": Global(c0),
-        "y": Global(np.full((T, B, D, H), np.nan)),
     }
+    if write_y:
+        mem["y"] = Global(np.full((T, B, D, H), np.nan))
     if save_workspace:
         mem["ws"] = Global(np.full((T, B, D, 5 * H), np.nan))
     return mem
 
 
-def _forward_results(p: Problem, mem: dict[str, Global], save_workspace: bool):
+def _forward_results(p: Problem, mem: dict[str, Global]):
     T, B, D, H = p.T, p.B, p.D, p.H
     h_buf = mem["h_buf"].a.reshape(2, D, B, p.layout.kp)
     assert np.all(h_buf[..., H:] == 0), "the padding of h_buf must stay zero"
-    ws = mem["ws"].a.reshape(T, B, D, 5 * H) if save_workspace else None
-    return mem["y"].a.reshape(T, B, D, H), h_buf[T % 2, :, :, :H], mem["c_state"].a.reshape(D, B, H), ws
+    ws = mem["ws"].a.reshape(T, B, D, 5 * H) if "ws" in mem else None
+    y = mem["y"].a.reshape(T, B, D, H) if "y" in mem else None
+    return y, h_buf[T % 2, :, :, :H], mem["c_state"].a.reshape(D, B, H), ws
 
 
-def run_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = True):
-    """The forward op on the model: ``(y, h_n, c_n, workspace or None)`` as numpy arrays.
+def run_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = True, write_y: bool = True):
+    """The forward op on the model: ``(y or None, h_n, c_n, workspace or None)`` as numpy arrays.
 
     ``xg (T, B, D, 4H)``, ``w_hh (D, 4H, H)``, ``h0``, ``c0 (D, B, H)``.
     """
-    mem = _forward_memory(p, xg, w_hh, h0, c0, save_workspace)
+    mem = _forward_memory(p, xg, w_hh, h0, c0, save_workspace, write_y)
     rng = np.random.default_rng(seed)
     counters = np.zeros(p.D * p.layout.nbg * SYNC_STRIDE, dtype=np.int64)
     run_blocks([forward_block(b, p, mem, counters, rng) for b in range(p.layout.grid)], counters, rng)
-    return _forward_results(p, mem, save_workspace)
+    return _forward_results(p, mem)
 
 
 def run_cluster_forward(
-    p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = True, step_barrier: bool = True
+    p: Problem,
+    xg,
+    w_hh,
+    h0,
+    c0,
+    seed: int,
+    save_workspace: bool = True,
+    step_barrier: bool = True,
+    write_y: bool = True,
 ):
     """The cluster forward op on the model, as :func:`run_forward`."""
     lay = p.layout
-    mem = _forward_memory(p, xg, w_hh, h0, c0, save_workspace)
+    mem = _forward_memory(p, xg, w_hh, h0, c0, save_workspace, write_y)
     rows_a, lda, ldr = _block_shape(p, 32)
     smems = [SharedMemory(lay, p.eb, rows_a, lda, ldr, tiles=2) for _ in range(lay.grid)]
     rng = np.random.default_rng(seed)
@@ -729,7 +743,7 @@ def run_cluster_forward(
     counters = np.zeros(lay.grid // lay.nu, dtype=np.int64)
     blocks = [cluster_forward_block(b, p, mem, smems, counters, rng, step_barrier) for b in range(lay.grid)]
     run_blocks(blocks, counters, rng)
-    return _forward_results(p, mem, save_workspace)
+    return _forward_results(p, mem)
 
 
 def run_backward(p: Problem, grad_y, workspace, c0, w_hh, grad_h_n, grad_c_n, seed: int):

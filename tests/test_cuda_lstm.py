@@ -543,6 +543,28 @@ def test_cell_ops_take_the_gemm_results_in_the_accumulation_dtype():
         )
 
 
+@pytest.mark.parametrize("path", ["stepwise", "cooperative", "cluster"])
+def test_final_state_only_stores_no_output_and_keeps_the_state(path, monkeypatch):
+    """``write_y=False`` (``return_sequence=False`` at inference) on every path of the registered
+    implementation, with and without a projection: ``y`` is empty (the kernels get an empty
+    buffer) and h_n, c_n are the full call's bit for bit (on the ops' CPU implementations)."""
+    if path != "stepwise":
+        monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
+    impl = backends._REGISTRY["lstm_recurrence"]["cuda"]
+    lengths = torch.tensor([5, 0, 3])
+    with pc.preferring_forward_kernel(None if path == "stepwise" else path):
+        for P in (None, 3):
+            xg, w, h0, c0, _ = _op_inputs(5, 3, 2, 8, torch.float32)
+            w_hr = [] if P is None else [torch.randn(P, 8) * 0.3 for _ in range(2)]
+            w = w if P is None else [torch.randn(32, P) * 0.3 for _ in range(2)]
+            h0 = h0 if P is None else h0[..., :P].contiguous()
+            args = (xg, w, w_hr, h0, c0, lengths, [False, True])
+            full = impl.forward(*args, save_for_backward=False, write_y=True)
+            last = impl.forward(*args, save_for_backward=False, write_y=False)
+            assert last[0].numel() == 0 and full[0].numel() > 0
+            assert torch.equal(last[1], full[1]) and torch.equal(last[2], full[2])
+
+
 def test_persistent_and_stepwise_share_their_workspace_on_cpu():
     lengths = torch.tensor([5, 2, 4])
     xg, w, h0, c0, _ = _op_inputs(5, 3, 2, 6, torch.float32)
@@ -1098,6 +1120,29 @@ def test_gpu_cluster_forward_bitwise_deterministic_and_graph_capture(cluster_for
     torch.cuda.synchronize()
     with torch.no_grad():
         assert torch.equal(out_static, m(x_new)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["cooperative", "cluster"])
+def test_gpu_final_state_only_matches_the_full_forward(kernel, monkeypatch):
+    """The reference pair at inference with ``return_sequence=False``: the kernels store no y
+    and h_n, c_n equal the full forward's bit for bit (lengths, one reversed recurrence)."""
+    if kernel == "cluster":
+        _needs_clusters()
+    monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, kernel)
+    T, B, D, H = 45, 64, 2, 512
+    g = torch.Generator(device="cuda").manual_seed(9)
+    xg = torch.randn(T, B, D, 4 * H, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = [w.to(device="cuda", dtype=torch.bfloat16) for w in lstm_weights(D, H)]
+    lengths = torch.randint(1, T + 1, (B,), device="cuda", generator=g)
+    served = dict(pc.FORWARD_KERNELS_SERVED)
+    with torch.no_grad():
+        _, h_full, c_full = fusedconvlstm.lstm_recurrence(xg, w, lengths=lengths, reverse=[False, True], backend="cuda")
+        y, h_n, c_n = fusedconvlstm.lstm_recurrence(
+            xg, w, lengths=lengths, reverse=[False, True], backend="cuda", return_sequence=False
+        )
+    assert pc.FORWARD_KERNELS_SERVED[kernel] == served.get(kernel, 0) + 2
+    assert y is None and torch.equal(h_n, h_full) and torch.equal(c_n, c_full)
 
 
 @pytest.mark.gpu

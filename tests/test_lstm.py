@@ -425,7 +425,7 @@ def test_wrapper_saves_workspace_only_when_a_gradient_is_needed(monkeypatch):
     xg, w_hh, _, h0, c0, _ = _op_args()
     import fusedconvlstm.ops.lstm as ops_lstm
 
-    monkeypatch.setattr(ops_lstm, "_lstm_recurrence_op", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(ops_lstm, "_lstm_recurrence_op", lambda *a: seen.append(a[8]) or real(*a))  # save_for_backward
     lstm_recurrence(xg, w_hh, h0, c0, reverse=[False, True], backend="reference")
     with torch.no_grad():
         lstm_recurrence(xg.requires_grad_(), w_hh, h0, c0, reverse=[False, True], backend="reference")
@@ -450,3 +450,75 @@ def test_autocast_dtype_follows_nn_lstm_per_device(monkeypatch):
     assert lstm_module.lstm_autocast_dtype(tensor_on("cpu")) == torch.bfloat16
     assert lstm_module.autocast_dtype(tensor_on("cuda")) == torch.bfloat16  # the convs: the autocast dtype
     assert lstm_module.lstm_autocast_dtype(tensor_on("cuda", torch.float64)) is None
+
+
+# ---- only the final state --------------------------------------------------------------------
+
+FINAL_STATE_BACKENDS = [
+    "reference",
+    pytest.param("triton", marks=pytest.mark.triton),
+]
+
+
+@pytest.mark.parametrize("backend", FINAL_STATE_BACKENDS)
+@pytest.mark.parametrize("proj", [False, True], ids=["plain", "proj"])
+def test_return_sequence_false_gives_the_same_final_state_and_writes_no_output(backend, proj, monkeypatch):
+    """``return_sequence=False``: ``y`` is None, h_n and c_n are those of the full call bit for
+    bit; without a gradient in view the backend is asked not to store y (and stores none);
+    with one, the gradients through h_n and c_n are those of the full call."""
+    import fusedconvlstm.ops.lstm as ops_lstm
+
+    dtype = F64 if backend == "reference" else torch.float32
+    lengths = torch.tensor([5, 2, 0])
+    xg, w_hh, w_hr, h0, c0, _ = _op_args(P=2 if proj else None, dtype=dtype)
+    kw = dict(w_hr=w_hr, lengths=lengths, reverse=[False, True], backend=backend)
+    _, h_full, c_full = lstm_recurrence(xg, w_hh, h0, c0, **kw)
+    outputs = []
+    real = ops_lstm._lstm_recurrence_op
+    monkeypatch.setattr(ops_lstm, "_lstm_recurrence_op", lambda *a: outputs.append(real(*a)) or outputs[-1])
+    y, h_n, c_n = lstm_recurrence(xg, w_hh, h0, c0, return_sequence=False, **kw)
+    assert y is None and outputs[-1][0].numel() == 0
+    assert torch.equal(h_n, h_full) and torch.equal(c_n, c_full)
+
+    leaves = [t.detach().requires_grad_() for t in (xg, h0, c0, *w_hh, *w_hr)]
+    D = len(w_hh)
+
+    def grads(return_sequence):
+        _, h, c = lstm_recurrence(
+            leaves[0],
+            leaves[3 : 3 + D],
+            leaves[1],
+            leaves[2],
+            **dict(kw, w_hr=leaves[3 + D :]),
+            return_sequence=return_sequence,
+        )
+        return torch.autograd.grad((h * 1.5).sum() + c.sum(), leaves)
+
+    for a, b in zip(grads(False), grads(True)):
+        assert torch.equal(a, b)
+
+
+def test_a_backward_after_a_forward_that_stored_nothing_recomputes_it():
+    """The op called directly without saving (``save_for_backward=False``, ``write_y=False``) on
+    inputs that need gradients: its backward recomputes the forward and the gradients are right."""
+    xg, w_hh, _, h0, c0, _ = _op_args(requires_grad=True)
+    op = torch.ops.fusedconvlstm.lstm_recurrence
+    y, h_n, c_n, ws = op(xg, w_hh, [], h0, c0, None, [False, True], "reference", False, False)
+    assert y.numel() == 0 and ws.numel() == 0
+    got = torch.autograd.grad(h_n.sum() + c_n.sum(), (xg, h0, c0, *w_hh))
+    _, h_ref, c_ref = lstm_recurrence(xg, w_hh, h0, c0, reverse=[False, True], backend="reference")
+    want = torch.autograd.grad(h_ref.sum() + c_ref.sum(), (xg, h0, c0, *w_hh))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_final_state_only_on_fake_tensors_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    xg, w_hh, _, h0, c0, _ = _op_args()
+    op = torch.ops.fusedconvlstm.lstm_recurrence
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (xg, *w_hh, h0, c0)]
+        y, h_n, _, _ = op(fake[0], fake[1:3], [], fake[3], fake[4], None, [False, True], "reference", False, False)
+        assert tuple(y.shape) == (0,) and tuple(h_n.shape) == tuple(h0.shape)
+    torch.library.opcheck(op.default, (xg, w_hh, [], h0, c0, None, [False, True], "reference", False, False))

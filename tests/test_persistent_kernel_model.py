@@ -200,6 +200,21 @@ def test_cluster_forward_kernel_model_without_workspace():
         _close(a, b, name)
 
 
+@pytest.mark.parametrize("kind", ["forward", pc.CLUSTER])
+def test_forward_kernel_models_with_only_the_final_state(kind):
+    """A null ``y`` and workspace (inference of the last state only): h_n and c_n unchanged."""
+    lengths = torch.tensor(LENGTHS)
+    xg, w, h0, c0 = _inputs(7)
+    want = _reference_forward(xg, w, h0, c0, lengths)
+    cfg = (1, 1, 1, 8, 2) if kind == "forward" else (1, 1, 1, 8)
+    p = _problem(kind, cfg, 2, lengths.numpy())
+    run = km.run_forward if kind == "forward" else km.run_cluster_forward
+    got = run(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), 0, save_workspace=False, write_y=False)
+    assert got[0] is None and got[3] is None
+    for name, a, b in zip(("h_n", "c_n"), got[1:3], want[1:3]):
+        _close(a, b, name)
+
+
 def test_cluster_kernel_model_notices_a_missing_step_barrier():
     """Without the per-step cluster wait, some interleaving reads a peer's h before it lands (or
     after the next step overwrote it): the model must see a wrong result, else its passes above

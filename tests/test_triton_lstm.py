@@ -627,6 +627,20 @@ def test_gpu_deterministic():
 
 
 @pytest.mark.gpu
+def test_gpu_final_state_only_matches_the_full_forward():
+    """Without WRITE_Y (only the final state, no workspace) the persistent kernel's h_n, c_n
+    equal the full forward's bit for bit."""
+    T, B, D, H = 45, 64, 2, 512
+    xg, w_hh, h0, c0, lengths, _ = _gpu_case(T, B, D, H, torch.randint(1, 46, (64,)))
+    xg, h0, c0 = (t.bfloat16() for t in (xg, h0, c0))
+    w = [t.bfloat16() for t in w_hh]
+    full = triton_lstm.lstm_forward(xg, w, h0, c0, lengths, [False, True], save_for_backward=False)
+    last = triton_lstm.lstm_forward(xg, w, h0, c0, lengths, [False, True], save_for_backward=False, write_y=False)
+    assert triton_lstm.last_persistent_launch()["plan"].mode == "persistent"
+    assert last[0].numel() == 0 and torch.equal(last[1], full[1]) and torch.equal(last[2], full[2])
+
+
+@pytest.mark.gpu
 def test_gpu_grid_is_co_resident():
     T, B, D, H = 10, 256, 2, 512
     xg, w_hh, h0, c0, _, _ = _gpu_case(T, B, D, H)

@@ -227,12 +227,22 @@ def _plan_or_raise(call: LSTMRecurrenceCall, kind: str, config: Layout | None) -
 
 
 def lstm_recurrence_persistent_forward(
-    xg, w_hh, w_hr, h0, c0, lengths, reverse, config: Layout | None = None, save_for_backward: bool = True
+    xg,
+    w_hh,
+    w_hr,
+    h0,
+    c0,
+    lengths,
+    reverse,
+    config: Layout | None = None,
+    save_for_backward: bool = True,
+    write_y: bool = True,
 ):
     """Forward on the persistent kernel: ``(y, h_n, c_n, workspace)``.
 
     ``config`` (a :class:`~fusedconvlstm.cuda.persistent_config.Layout`) overrides the chosen
-    launch configuration; raises ``ValueError`` when the call does not fit the kernel.
+    launch configuration; raises ``ValueError`` when the call does not fit the kernel. Without
+    ``write_y`` (only the final state is wanted) ``y`` is empty and the kernel stores none.
     """
     T, B, D, G = xg.shape
     H = G // 4
@@ -241,7 +251,7 @@ def lstm_recurrence_persistent_forward(
     h_buf = xg.new_zeros(2, D, B, padded_reduction(H, xg.dtype))
     h_buf[0, :, :, :H] = h0
     c = c0.to(acc, copy=True).contiguous()
-    y = xg.new_empty(T, B, D, H)
+    y = xg.new_empty((T, B, D, H) if write_y else (0,))
     workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=acc)
     inputs = (xg.contiguous(), torch.stack(w_hh).contiguous(), _lengths_on(lengths, xg.device), reverse_mask(reverse))
     if layout.kind == persistent_config.CLUSTER:
@@ -306,8 +316,11 @@ def _gemm_unrounded(a: Tensor, b: Tensor, out: Tensor) -> None:
         torch.bmm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
-def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True):
-    """Forward of the step-wise recurrence: ``(y, h_n, c_n, workspace)``."""
+def lstm_recurrence_stepwise_forward(
+    xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True, write_y: bool = True
+):
+    """Forward of the step-wise recurrence: ``(y, h_n, c_n, workspace)`` (``y`` empty without
+    ``write_y``)."""
     _require_unprojected(len(w_hr))
     T, B, D, G = xg.shape
     H = G // 4
@@ -315,7 +328,7 @@ def lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, s
     w_t = torch.stack(w_hh).transpose(1, 2)  # (D, H, 4H): h @ W_hhᵀ as a batched GEMM
     h = h0.contiguous().clone()
     c = c0.to(accumulation_dtype(xg.dtype)).contiguous().clone()
-    y = xg.new_empty(T, B, D, H)
+    y = xg.new_empty((T, B, D, H) if write_y else (0,))
     workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=accumulation_dtype(xg.dtype))
     hh = xg.new_empty(D, B, G, dtype=accumulation_dtype(xg.dtype))
     lengths = _lengths_on(lengths, xg.device)
@@ -355,16 +368,17 @@ def lstm_recurrence_stepwise_backward(
 # The registered implementation
 
 
-def lstm_recurrence_cuda_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True):
+def lstm_recurrence_cuda_forward(
+    xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True, write_y: bool = True
+):
     """The cuda backend's forward: persistent where it applies, else step-wise."""
     call = _call_of(xg, w_hr, lengths, reverse)
     plan = persistent_plan(call, "forward")
     persistent_config.FORWARD_KERNELS_SERVED[_kernel_name(plan)] += 1
+    saves = dict(save_for_backward=save_for_backward, write_y=write_y)
     if isinstance(plan, str):
-        return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
-    return lstm_recurrence_persistent_forward(
-        xg, w_hh, w_hr, h0, c0, lengths, reverse, config=plan, save_for_backward=save_for_backward
-    )
+        return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, **saves)
+    return lstm_recurrence_persistent_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, config=plan, **saves)
 
 
 def lstm_recurrence_cuda_backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace):

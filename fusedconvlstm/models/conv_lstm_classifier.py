@@ -138,7 +138,10 @@ class ConvLSTMClassifier(nn.Module):
         )
         T, B = gates.shape[0], gates.shape[1]
         xg = gates.view(T, B, len(lstms), 4 * cfg.hidden_size)
-        _, h_n, _ = lstm_recurrence(xg, parallel_recurrent_weights(lstms, cast), backend=self.backend)
+        # The head reads only the last h: at inference the kernels store no per-step output.
+        _, h_n, _ = lstm_recurrence(
+            xg, parallel_recurrent_weights(lstms, cast), backend=self.backend, return_sequence=False
+        )
         return self.head(torch.cat(h_n.unbind(0), dim=1))
 
     def forward(self, tokens: Tensor) -> Tensor:

@@ -17,7 +17,10 @@ argument              shape                    notes
 ``h0``, ``c0``        ``(D, B, P)``, ``(D, B, H)``
 ``lengths``           ``(B,)`` integer          steps ``t >= lengths[b]`` leave the state
                                                unchanged and output zeros
-output ``y``          ``(T, B, D, P)``         ``y.view(T, B, D * P)`` is ``nn.LSTM``'s
+output ``y``          ``(T, B, D, P)``         ``y.view(T, B, D * P)`` is ``nn.LSTM``'s; empty
+                                               with ``write_y=False`` and nothing saved for a
+                                               backward (only the final state is wanted: the
+                                               kernels then store no per-step output)
 ``h_n``, ``c_n``      like ``h0``, ``c0``
 ``workspace``         backend-defined          saved for the backward; empty with
                                                ``save_for_backward=False`` (the wrapper
@@ -162,13 +165,27 @@ def _lstm_recurrence_op(
     reverse: Sequence[bool],
     backend: str,
     save_for_backward: bool = True,
+    write_y: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
     impl = _resolve(backend, call)
     with backends.no_autocast(xg):
         return impl.forward(
-            xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), save_for_backward=call.save_for_backward
+            xg,
+            list(w_hh),
+            list(w_hr),
+            h0,
+            c0,
+            lengths,
+            list(reverse),
+            save_for_backward=call.save_for_backward,
+            write_y=_writes_y(call, write_y),
         )
+
+
+def _writes_y(call: LSTMRecurrenceCall, write_y: bool) -> bool:
+    """Whether the forward stores ``y``: when asked for, and always when a backward will read it."""
+    return bool(write_y) or call.save_for_backward
 
 
 def _workspace_shape(impl: backends.Implementation, call: LSTMRecurrenceCall):
@@ -178,13 +195,13 @@ def _workspace_shape(impl: backends.Implementation, call: LSTMRecurrenceCall):
 
 
 @_lstm_recurrence_op.register_fake
-def _(xg, w_hh, w_hr, h0, c0, lengths, reverse, backend, save_for_backward=True):
+def _(xg, w_hh, w_hr, h0, c0, lengths, reverse, backend, save_for_backward=True, write_y=True):
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
     impl = _resolve(backend, call)
     T, B, D, P = call.seq_len, call.batch, call.num_recurrences, h0.shape[2]
     ws_shape, ws_dtype = _workspace_shape(impl, call)
     return (
-        xg.new_empty(T, B, D, P),
+        xg.new_empty((T, B, D, P) if _writes_y(call, write_y) else (0,)),
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape),
         xg.new_empty(ws_shape, dtype=ws_dtype),
@@ -210,10 +227,12 @@ def _lstm_recurrence_backward_op(
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
     impl = _resolve(backend, call)
     with backends.no_autocast(xg):
-        if workspace.numel() == 0 and math.prod(impl.workspace_shape(call)[0]) > 0:
-            # The forward saved nothing (it ran without a gradient in view): recompute it.
-            _, _, _, workspace = impl.forward(
-                xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), save_for_backward=True
+        no_workspace = workspace.numel() == 0 and math.prod(impl.workspace_shape(call)[0]) > 0
+        if no_workspace or y.numel() == 0:
+            # The forward saved nothing (it ran without a gradient in view): recompute it (the
+            # kernels are deterministic, so this is the forward that ran).
+            y, _, _, workspace = impl.forward(
+                xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), save_for_backward=True, write_y=True
             )
         return impl.backward(
             grad_y, grad_h_n, grad_c_n, xg, list(w_hh), list(w_hr), h0, c0, lengths, list(reverse), y, workspace
@@ -246,6 +265,9 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
     xg, h0, c0, y, workspace, *weights = ctx.saved_tensors
     D = ctx.num_recurrences
     w_hh, w_hr = weights[:D], weights[D:]
+    if y.numel() == 0:  # the forward stored no y (only the final state was wanted): nothing flows from it
+        T, B = xg.shape[0], xg.shape[1]
+        grad_y = xg.new_zeros(T, B, D, h0.shape[2])
     grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0 = _lstm_recurrence_backward_op(
         grad_y.contiguous(),
         grad_h_n.contiguous(),
@@ -261,7 +283,7 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
         workspace,
         ctx.backend,
     )
-    return grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0, None, None, None, None
+    return grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0, None, None, None, None, None
 
 
 _lstm_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
@@ -277,7 +299,8 @@ def lstm_recurrence(
     lengths: Tensor | None = None,
     reverse: Sequence[bool] | None = None,
     backend: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor]:
+    return_sequence: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor]:
     """Run ``D`` LSTM recurrences on precomputed gate pre-activations.
 
     Args:
@@ -288,9 +311,11 @@ def lstm_recurrence(
         lengths: ``(B,)`` valid lengths; later steps keep the state and output zeros.
         reverse: per recurrence, whether it runs from the last step to the first.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        return_sequence: ``False`` when only the final state is wanted: ``y`` is ``None`` and,
+            where no gradient is needed, the kernels store no per-step output.
 
     Returns:
-        ``(y, h_n, c_n)`` with ``y`` of shape ``(T, B, D, P)``.
+        ``(y, h_n, c_n)`` with ``y`` of shape ``(T, B, D, P)`` (``None`` without ``return_sequence``).
     """
     if not isinstance(xg, Tensor) or xg.dim() != 4:
         got = f"{xg.dim()}-D" if isinstance(xg, Tensor) else type(xg).__name__
@@ -308,9 +333,9 @@ def lstm_recurrence(
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save)
     name = backends.backend_for_op(OP, backend, call, call.device)
     y, h_n, c_n, _ = _lstm_recurrence_op(
-        xg, list(w_hh), list(w_hr), h0, c0, lengths, [bool(r) for r in reverse], name, save
+        xg, list(w_hh), list(w_hr), h0, c0, lengths, [bool(r) for r in reverse], name, save, bool(return_sequence)
     )
-    return y, h_n, c_n
+    return (y if return_sequence else None), h_n, c_n
 
 
 def resolve_lstm_backend(backend: str, call: LSTMRecurrenceCall) -> str:

@@ -15,7 +15,8 @@ backward the opposite, since it walks time backwards). A batch row ``b`` is *val
     float64 for float64), not rounded to a 16-bit dtype; ``xg (T, B, D, 4H)`` the pre-activations.
     Valid rows: gates ``i, f, g, o`` from ``xg[t, :, d] + hh[d]``; ``c = f c + i g`` and
     ``h = o tanh(c)`` written to the state ``h (D, B, H)``, ``c (D, B, H)`` (float32), to
-    ``y[t, :, d]`` and, with the activations, to ``workspace[t, :, d] = [i, f, g, o, c]``
+    ``y[t, :, d]`` (an empty ``y`` is not written: only the final state is wanted) and, with
+    the activations, to ``workspace[t, :, d] = [i, f, g, o, c]``
     (float32, ``(T, B, D, 5H)``; an empty workspace is not written, for forwards that save
     nothing). Masked rows keep the state and write zeros to ``y`` and ``workspace``.
 

@@ -24,8 +24,9 @@ c_state, y, workspace, sync)``:
     or ``None``, ``reverse_mask`` the bit mask of reversed recurrences. In/out:
     ``h_buf (2, D, B, kp)`` (dtype of ``xg``) holds ``h0`` in ``h_buf[0, ..., :H]`` and zeros in
     the padding on entry, ``h_n`` in ``h_buf[T % 2, ..., :H]`` on exit; ``c_state (D, B, H)``
-    float32 holds ``c0`` on entry, ``c_n`` on exit. Out: ``y (T, B, D, H)`` and
-    ``workspace (T, B, D, 5H)`` float32 (``[i, f, g, o, c]`` per step, zeros at masked steps);
+    float32 holds ``c0`` on entry, ``c_n`` on exit. Out: ``y (T, B, D, H)`` (empty: not written,
+    only the final state is wanted) and ``workspace (T, B, D, 5H)`` float32 (``[i, f, g, o, c]``
+    per step, zeros at masked steps; empty: not written);
     ``sync`` int32 (at least ``D * nbg * 32``) is scratch for the barrier counters.
 
 ``lstm_cluster_forward_(xg, w_hh, lengths, reverse_mask, nt, wm, wn, wk, precise, h_buf, c_state, y,

@@ -99,18 +99,20 @@ def with_projection(
     from the backend's workspace (any value past a row's length). Calls without a projection go
     straight to ``forward`` / ``backward``; the workspace is theirs in both cases."""
 
-    def projected_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True):
+    def projected_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward=True, write_y=True):
+        saves = dict(save_for_backward=save_for_backward, write_y=write_y)
         if not w_hr:
-            return forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward=save_for_backward)
+            return forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, **saves)
         T, B, D, G = xg.shape
         xg_eff, w_eff = _effective_inputs(xg, w_hh, w_hr, h0, lengths, reverse)
         r0 = xg.new_zeros(D, B, G // 4)
-        y_r, _, c_n, workspace = forward(
-            xg_eff, w_eff, [], r0, c0, lengths, reverse, save_for_backward=save_for_backward
-        )
-        y = torch.einsum("tbdh,dph->tbdp", y_r, torch.stack(w_hr)).contiguous()
-        # h_n from y, so that it equals the output of the row's last step bit for bit.
-        h_n = torch.stack([_rows(y[:, :, d], _last_steps(T, B, lengths, reverse[d], xg.device)) for d in range(D)])
+        y_r, r_n, c_n, workspace = forward(xg_eff, w_eff, [], r0, c0, lengths, reverse, **saves)
+        if write_y:
+            y = torch.einsum("tbdh,dph->tbdp", y_r, torch.stack(w_hr)).contiguous()
+            # h_n from y, so that it equals the output of the row's last step bit for bit.
+            h_n = torch.stack([_rows(y[:, :, d], _last_steps(T, B, lengths, reverse[d], xg.device)) for d in range(D)])
+        else:  # only the final state is wanted
+            y, h_n = y_r, torch.bmm(r_n, torch.stack(w_hr).transpose(1, 2))
         empty = _empty_rows(lengths, xg.device)
         if empty is not None:
             h_n = torch.where(empty, h0, h_n)

@@ -57,9 +57,9 @@ def lstm_recurrence_reference(
     return y, torch.stack(hs).to(xg.dtype), torch.stack(cs).to(xg.dtype)
 
 
-def _forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward=True):
+def _forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward=True, write_y=True):
     y, h_n, c_n = lstm_recurrence_reference(xg, w_hh, w_hr, h0, c0, lengths, reverse)
-    return y, h_n, c_n, xg.new_empty(0)
+    return (y if write_y else xg.new_empty(0)), h_n, c_n, xg.new_empty(0)
 
 
 def _workspace_shape(call: LSTMRecurrenceCall):

@@ -55,7 +55,8 @@ def lstm_cell_forward_(
         h_new = o * torch.tanh(c_new)
         c[d] = torch.where(valid, c_new.to(c.dtype), c[d])
         h[d] = torch.where(valid, h_new.to(h.dtype), h[d])
-        y[t, :, d] = torch.where(valid, h_new, 0).to(y.dtype)
+        if y.numel():  # empty when only the final state is wanted
+            y[t, :, d] = torch.where(valid, h_new, 0).to(y.dtype)
         if workspace.numel():  # empty when the forward saves nothing for a backward
             workspace[t, :, d] = torch.where(valid, torch.cat([i, f, g, o, c_new], dim=-1), 0).to(workspace.dtype)
 

@@ -350,17 +350,19 @@ def lstm_forward(
     reverse: list[bool],
     plan: LaunchPlan | None = None,
     save_for_backward: bool = True,
+    write_y: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of ``D`` recurrences in one launch: ``(y, h_n, c_n, workspace)`` (op layouts).
 
-    Without ``save_for_backward`` the workspace is empty and the kernel writes none.
+    Without ``save_for_backward`` the workspace is empty and the kernel writes none; without
+    ``write_y`` neither is ``y`` (only the final state is wanted).
     """
     from fusedconvlstm.triton.lstm_kernels import lstm_forward_kernel
 
     T, B, D, G = xg.shape
     H = G // 4
     dtype, device = xg.dtype, xg.device
-    y = _alloc((T, B, D, H), dtype, device)
+    y = _alloc((T, B, D, H) if write_y else (0,), dtype, device)
     h_state = _alloc((2, D, B, H), dtype, device)  # double-buffered by step parity
     h_state[0].copy_(h0)
     c_state = _alloc((D, B, H), torch.float32, device)
@@ -372,7 +374,7 @@ def lstm_forward(
             xg_ptr=xg.contiguous(),
             w_ptr=torch.stack(w_hh),
             len_ptr=_lengths_arg(lengths, device),
-            y_ptr=y,
+            y_ptr=y if write_y else h_state,  # never written without WRITE_Y
             h_ptr=h_state,
             c_ptr=c_state,
             # Never written without SAVE_WS; the kernel still needs a pointer.
@@ -385,6 +387,7 @@ def lstm_forward(
             HAS_LENGTHS=lengths is not None,
             DOT_PRECISION=_dot_precision(dtype),
             SAVE_WS=save_for_backward,
+            WRITE_Y=write_y,
         )
         _launch(lstm_forward_kernel, plan, call_args, D, H, T, B, device, with_finish=False)
     return y, h_state[T % 2].clone(), c_state.to(dtype), workspace
@@ -439,8 +442,8 @@ def lstm_backward(
     return dgates, grad_w_hh, dh.to(dtype), dc.to(dtype)
 
 
-def _forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward=True):
-    return lstm_forward(xg, w_hh, h0, c0, lengths, reverse, save_for_backward=save_for_backward)
+def _forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward=True, write_y=True):
+    return lstm_forward(xg, w_hh, h0, c0, lengths, reverse, save_for_backward=save_for_backward, write_y=write_y)
 
 
 def _backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace):
@@ -515,7 +518,7 @@ def persistent_kernel_resources(
             DOT_PRECISION="tf32",
         )
         if name == "forward":
-            constexprs["SAVE_WS"] = True
+            constexprs.update(SAVE_WS=True, WRITE_Y=True)
         signature = {arg: pointers[name].get(arg, "constexpr" if arg in constexprs else "i32") for arg in fn.arg_names}
         divisible = list(pointers[name]) + (["H"] if hidden % 16 == 0 else [])
         out[name] = ptxas_resources(fn, signature, constexprs, divisible, num_warps, cc)

@@ -190,8 +190,10 @@ def lstm_forward_kernel(
     H_CACHE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SAVE_WS: tl.constexpr,
+    WRITE_Y: tl.constexpr,
 ):
-    """Steps ``[step_begin, step_end)`` of the forward recurrence (see the module docstring)."""
+    """Steps ``[step_begin, step_end)`` of the forward recurrence (see the module docstring).
+    Without ``WRITE_Y`` (only the final state is wanted) ``y_ptr`` is never written."""
     d, bgroup, slice_id, group, n_slices = _program_coords(H, n_bgroups, BLOCK_H)
     rev = (reverse_mask >> d) & 1
 
@@ -239,17 +241,19 @@ def lstm_forward_kernel(
                 tl.store(ws_ptr + wrow + 3 * H, o, mask=m_own)
                 tl.store(ws_ptr + wrow + 4 * H, c_prev, mask=m_own)
 
-            h_out = h_new.to(y_ptr.dtype.element_ty)
+            h_out = h_new.to(h_ptr.dtype.element_ty)
             yrow = (((t * B + rows) * D + d).to(tl.int64) * H)[:, None] + u[None, :]
             if HAS_LENGTHS:
                 # Steps past a row's length keep its state and output zeros.
                 valid = (t < tl.load(len_ptr + rows, mask=r_mask, other=0))[:, None]
                 h_keep = tl.load(h_src + rows[:, None] * H + u[None, :], mask=m_own, other=0.0)
-                tl.store(y_ptr + yrow, tl.where(valid, h_out, 0.0), mask=m_own)
+                if WRITE_Y:
+                    tl.store(y_ptr + yrow, tl.where(valid, h_out, 0.0), mask=m_own)
                 tl.store(h_dst + rows[:, None] * H + u[None, :], tl.where(valid, h_out, h_keep), mask=m_own)
                 tl.store(c_ptr + own, tl.where(valid, c_new, c_prev), mask=m_own)
             else:
-                tl.store(y_ptr + yrow, h_out, mask=m_own)
+                if WRITE_Y:
+                    tl.store(y_ptr + yrow, h_out, mask=m_own)
                 tl.store(h_dst + rows[:, None] * H + u[None, :], h_out, mask=m_own)
                 tl.store(c_ptr + own, c_new, mask=m_own)
         _end_of_step(bar_ptr, group, n_slices, slice_id, USE_GRID_BARRIER)

@@ -190,6 +190,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def product_unrounded(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
+    """``a @ b`` (``mm`` for 2-D, ``bmm`` for 3-D operands) returned in ``dtype`` (an
+    accumulation dtype), the product not rounded to the operands' 16-bit dtype first: on CUDA
+    cuBLAS writes its float32 accumulators (``out_dtype``), elsewhere the operands are converted."""
+    mm = torch.mm if a.dim() == 2 else torch.bmm
+    if a.dtype == dtype:
+        return mm(a, b, out=out)
+    if a.is_cuda and hasattr(getattr(torch.ops.aten, mm.__name__), "dtype_out"):
+        return mm(a, b, out_dtype=dtype, out=out)
+    return mm(a.to(dtype), b.to(dtype), out=out)
+
+
 def fp32_allows_tf32(op: str) -> bool:
     """Whether PyTorch lets an fp32 ``op`` on CUDA use TF32: ``"rnn"`` (cuDNN's RNNs, TF32 by
     default), ``"conv"`` (cuDNN's convolutions, TF32 by default) or ``"matmul"`` (cuBLAS, IEEE by

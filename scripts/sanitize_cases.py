@@ -1,7 +1,8 @@
 """Small forward + backward calls of every GPU kernel, for ``compute-sanitizer`` (scripts/sanitize.sh).
 
 Sizes are odd on purpose (tile edges, masked rows): T=7, B=5, H=40, two recurrences with lengths,
-on the cuda backend's cooperative and cluster forward kernels and on Triton;
+on the cuda backend's cooperative and cluster forward kernels and on Triton (also the final
+state only, and with proj_size);
 a three-layer conv stack with a strided last layer, tokens and projection.
 """
 
@@ -29,6 +30,17 @@ def lstm_cases() -> None:
             except backends.BackendUnavailableError as exc:
                 print(f"skip lstm {backend} {dtype}: {exc}")
                 continue
+            (y.float().sum() + h.float().sum() + c.float().sum()).backward()
+            with torch.no_grad():  # the final state only: no y, no workspace stored
+                fusedconvlstm.lstm_recurrence(
+                    xg, w, lengths=lengths, reverse=[False, True], backend=backend, return_sequence=False
+                )
+            # proj_size: the recurrence on W_hh W_hr (160 x 40) with the projection after it.
+            w_p = [torch.randn(160, 24, device="cuda", dtype=dtype, requires_grad=True) * 0.1 for _ in range(2)]
+            w_hr = [torch.randn(24, 40, device="cuda", dtype=dtype, requires_grad=True) * 0.1 for _ in range(2)]
+            y, h, c = fusedconvlstm.lstm_recurrence(
+                xg, w_p, w_hr=w_hr, lengths=lengths, reverse=[False, True], backend=backend
+            )
             (y.float().sum() + h.float().sum() + c.float().sum()).backward()
             print(f"lstm {backend}{'' if kernel is None else ' ' + kernel} {dtype}: ok")
 

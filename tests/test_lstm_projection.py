@@ -140,6 +140,26 @@ def test_h_n_is_the_last_steps_output_bit_for_bit():
             assert torch.equal(h_n[0, b], y[n - 1, b, 0]) and torch.equal(h_n[1, b], y[0, b, 1])
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_final_state_does_not_depend_on_what_is_stored(path):
+    """h_n with y stored (training), with y and the workspace stored, and with neither (inference
+    of the final state only) are the same bits, and equal y at each row's last step."""
+    T, B, D, H, P = 8, 3, 2, 40, 16
+    lengths = torch.tensor([8, 0, 5])
+    xg, w_hh, w_hr, h0, c0, _ = _inputs(T, B, D, H, P, dtype=torch.float32, seed=11)
+    forward, _ = _driver(path)
+    with pc.preferring_forward_kernel(None if path == "stepwise" else path):
+        runs = [
+            forward(xg, w_hh, w_hr, h0, c0, lengths, [False, True], save_for_backward=s, write_y=y)
+            for s, y in ((True, True), (False, True), (False, False))
+        ]
+    for _, h_n, c_n, _ in runs[1:]:
+        assert torch.equal(h_n, runs[0][1]) and torch.equal(c_n, runs[0][2])
+    y, h_n = runs[0][0], runs[0][1]
+    assert torch.equal(h_n[0, 0], y[7, 0, 0]) and torch.equal(h_n[0, 2], y[4, 2, 0])
+    assert torch.equal(h_n[1, 0], y[0, 0, 1]) and torch.equal(h_n[:, 1], h0[:, 1])  # length 0 keeps h0
+
+
 def test_calls_without_projection_go_straight_to_the_kernels():
     seen = []
 

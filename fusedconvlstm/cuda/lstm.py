@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.backends import accumulation_dtype
+from fusedconvlstm.backends import accumulation_dtype, product_unrounded
 from fusedconvlstm.cuda import persistent_config
 from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout, preferred_forward_kernel
 from fusedconvlstm.ops.lstm import (
@@ -300,21 +300,6 @@ def lstm_recurrence_persistent_backward(
 # ---------------------------------------------------------------------------------------------
 # Step-wise path (the baseline)
 
-# torch.bmm(..., out_dtype=torch.float32) for 16-bit CUDA operands (cuBLAS writes its fp32
-# accumulators); where this torch lacks it, the operands are converted to float32 first.
-_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype_out")
-
-
-def _gemm_unrounded(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """``out = a @ b`` (batched) with ``out`` in the accumulation dtype: a 16-bit product is not
-    rounded to 16 bits before the cell kernel adds it (the persistent kernels do not round it)."""
-    if a.dtype == out.dtype:
-        torch.bmm(a, b, out=out)
-    elif a.is_cuda and _BMM_OUT_DTYPE:
-        torch.bmm(a, b, out_dtype=out.dtype, out=out)
-    else:
-        torch.bmm(a.to(out.dtype), b.to(out.dtype), out=out)
-
 
 def lstm_recurrence_stepwise_forward(
     xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True, write_y: bool = True
@@ -334,7 +319,7 @@ def lstm_recurrence_stepwise_forward(
     lengths = _lengths_on(lengths, xg.device)
     mask = reverse_mask(reverse)
     for step in range(T):
-        _gemm_unrounded(h, w_t, hh)
+        product_unrounded(h, w_t, hh.dtype, out=hh)  # h W_hhᵀ unrounded, as the persistent kernels
         _cell_forward(hh, xg, h, c, y, workspace, lengths, step, mask)
     return y, h, c.to(xg.dtype), workspace
 
@@ -358,7 +343,7 @@ def lstm_recurrence_stepwise_backward(
     c0 = c0.contiguous()
     for step in range(T):
         _cell_backward(dh_rec, grad_y, workspace, c0, dh_carry, dc, dgates, dgates_step, lengths_dev, step, mask)
-        _gemm_unrounded(dgates_step, w, dh_rec)
+        product_unrounded(dgates_step, w, dh_rec.dtype, out=dh_rec)
     grad_h0 = (dh_rec + dh_carry).to(xg.dtype)
     grad_w_hh = recurrent_weight_grads(dgates, y, h0, lengths_dev, reverse)
     return dgates, grad_w_hh, [], grad_h0, dc.to(xg.dtype)

@@ -228,7 +228,8 @@ def _lstm_recurrence_backward_op(
     impl = _resolve(backend, call)
     with backends.no_autocast(xg):
         no_workspace = workspace.numel() == 0 and math.prod(impl.workspace_shape(call)[0]) > 0
-        if no_workspace or y.numel() == 0:
+        no_y = y.numel() == 0 and call.seq_len * call.batch > 0
+        if no_workspace or no_y:
             # The forward saved nothing (it ran without a gradient in view): recompute it (the
             # kernels are deterministic, so this is the forward that ran).
             y, _, _, workspace = impl.forward(

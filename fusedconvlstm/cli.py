@@ -111,6 +111,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The issues' speed targets judged on results files (see :mod:`fusedconvlstm.targets`)."""
+    import json
+
+    from fusedconvlstm.targets import TARGETS, evaluate, markdown
+
+    rows = []
+    for path in args.results:
+        with open(path) as f:
+            rows += [(json.loads(line), path) for line in f if line.strip()]
+    targets = [t for t in TARGETS if not args.issues or t.issue in args.issues]
+    print(markdown(evaluate(rows, targets)))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the reference model on review text (see :mod:`fusedconvlstm.train`)."""
     from fusedconvlstm.train import run
@@ -183,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", help="JSON-lines files written by bench")
     p.add_argument("--out", help="PNG path (default: beside the first results file)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("report", help="the issues' speed targets judged on bench results (a Markdown table)")
+    p.add_argument("results", nargs="+", help="JSON-lines files written by bench or benchmarks/bench_conv1d_stack.py")
+    p.add_argument("--issues", type=int, nargs="+", metavar="N", help="only these issues' targets")
+    p.set_defaults(func=cmd_report)
 
     from fusedconvlstm.train import add_arguments
 

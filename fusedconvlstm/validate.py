@@ -66,13 +66,13 @@ class _Case:
 def _lstm_call(module: LSTM, x: Tensor, device: torch.device):
     T, B = (x.shape[1], x.shape[0]) if module.batch_first else (x.shape[0], x.shape[1])
     D = 2 if module.bidirectional else 1
-    H = module.hidden_size
+    H, P = module.hidden_size, module.proj_size or module.hidden_size
     meta = dict(device="meta", dtype=x.dtype)
     call = check_lstm_recurrence_args(
         torch.empty(T, B, D, 4 * H, **meta),
-        [torch.empty(4 * H, H, **meta)] * D,
-        [],
-        torch.empty(D, B, H, **meta),
+        [torch.empty(4 * H, P, **meta)] * D,
+        [torch.empty(P, H, **meta)] * D if module.proj_size else [],
+        torch.empty(D, B, P, **meta),
         torch.empty(D, B, H, **meta),
         None,
         [False, True][:D],
@@ -117,6 +117,11 @@ def default_cases(quick: bool = False) -> list[_Case]:
             "T5 B2 I8 H16 2-layer bidirectional batch_first",
             dict(input_size=8, hidden_size=16, num_layers=2, bidirectional=True, batch_first=True),
             (2, 5),
+        ),
+        (
+            "T6 B4 I12 H40 P16 bidirectional proj_size",
+            dict(input_size=12, hidden_size=40, bidirectional=True, proj_size=16),
+            (6, 4),
         ),
         # The reference model's shape: on a GPU the multi-program persistent kernels (H > 64).
         ("T45 B64 I512 H512 (reference model)", dict(input_size=512, hidden_size=512), (45, 64)),

@@ -56,10 +56,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // m_rows_per_warp: 32 for the forward (two m16 tiles: 8 units x 4 gates), 16 for the backward
 // (one m16 tile of units). rows_per_unit: 4 for the forward (gates), 1 for the backward.
-// The cluster kernel's staging of one step's outputs in shared memory (stored to global memory
+// The staging of one step's outputs in shared memory (stored to global memory
 // after the barrier's arrive): y (hs x bt elements, padded to 16 bytes), then the workspace
 // (5 x hs x bt floats).
-inline int cluster_staging_bytes(int hs, int bt, int elem_bytes) {
+__host__ __device__ inline int cluster_staging_bytes(int hs, int bt, int elem_bytes) {
   return static_cast<int>((hs * bt * elem_bytes + 15) / 16 * 16) + 5 * hs * bt * 4;
 }
 

@@ -79,12 +79,38 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   };
   load_first_x(0);
 
+  // The y and workspace of the block's last batch tile of a step are staged in the h tile (free
+  // once that tile's partial sums are done: no prefetch follows it) and stored after the
+  // barrier's arrive, so that the arrive's fence waits only for the h exchange and the earlier
+  // tiles' stores (which drain while later tiles compute), as in the cluster kernel. Where the
+  // staging does not fit the h tile (small H, large slices), everything is stored directly.
+  const int last_tile = bg + (l.nbt - 1 - bg) / p.cfg.nbg * p.cfg.nbg;
+  T* y_s = reinterpret_cast<T*>(h_s);  // [n * hs + jj]
+  float* ws_s = reinterpret_cast<float*>(h_s + (hs * bt * static_cast<int>(sizeof(T)) + 15) / 16 * 16);
+  const bool defer = (p.y != nullptr || p.ws != nullptr) &&
+                     cluster_staging_bytes(hs, bt, static_cast<int>(sizeof(T))) <= bt * lda;
+  auto store_deferred = [&](int t) {
+    if (!defer) return;
+    const int b0 = last_tile * bt;
+    for (int idx = tid; idx < hs * bt; idx += kThreads) {
+      const int n = idx / hs, j = j0 + (idx - n * hs), b = b0 + n;
+      if (j >= H || b >= B) continue;
+      const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;
+      if (p.y != nullptr) p.y[row * H + j] = y_s[idx];
+      if (p.ws != nullptr) {
+#pragma unroll
+        for (int k = 0; k < 5; ++k) p.ws[row * H5 + k * H + j] = ws_s[k * hs * bt + idx];
+      }
+    }
+  };
+
   for (int s = 0; s < p.seq_len; ++s) {
     const int t = rev ? p.seq_len - 1 - s : s;
     const T* h_prev = p.h_buf + (s & 1) * buf_stride + static_cast<int64_t>(d) * B * kp;
     T* h_next = p.h_buf + ((s + 1) & 1) * buf_stride + static_cast<int64_t>(d) * B * kp;
     load_rows_async(h_s, lda, h_prev, kp, bg * bt, bt, B);
     for (int tile = bg; tile < l.nbt; tile += p.cfg.nbg) {
+      const bool staged = defer && tile == last_tile;
       cp_async_wait_all();
       __syncthreads();  // h tile (and, at the first step, the W slice) visible to all warps
       warp_tile_to_partial_sums<T, kMt, NT>(red_warp, ldr, a_base, b_base, lda, ks0, ks1, m0, n0, lane, p.precise);
@@ -93,21 +119,29 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
       if (tile + p.cfg.nbg < l.nbt) load_rows_async(h_s, lda, h_prev, kp, (tile + p.cfg.nbg) * bt, bt, B);
 
       const int b0 = tile * bt;
+      // Where this tile's y and workspace go: element (n, jj) at base + n * row stride + jj, in
+      // global memory (row (t, b0 + n, d)) or staged (y_s[idx], ws_s[k * hs * bt + idx]).
+      const int64_t out_row = (static_cast<int64_t>(t) * B + b0) * p.D + d;
+      T* y_base = p.y == nullptr ? nullptr : staged ? y_s : p.y + out_row * H + j0;
+      float* ws_base = p.ws == nullptr ? nullptr : staged ? ws_s : p.ws + out_row * H5 + j0;
+      const int64_t y_rows = staged ? hs : static_cast<int64_t>(p.D) * H;
+      const int64_t ws_rows = staged ? hs : p.D * H5;
+      const int ws_stride = staged ? hs * bt : H;
       for (int idx = tid; idx < hs * bt; idx += kThreads) {
         const int n = idx / hs, jj = idx - n * hs;
         const int j = j0 + jj, b = b0 + n;
         if (j >= H || b >= B) continue;
         const int64_t state = (static_cast<int64_t>(d) * B + b) * H + j;
         const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;  // (t, b, d)
-        T* y_out = p.y == nullptr ? nullptr : p.y + row * H + j;
-        float* ws_row = p.ws == nullptr ? nullptr : p.ws + row * H5 + j;
+        T* y_out = y_base == nullptr ? nullptr : y_base + n * y_rows + jj;
+        float* ws_row = ws_base == nullptr ? nullptr : ws_base + n * ws_rows + jj;
         T* h_out = h_next + static_cast<int64_t>(b) * kp + j;
         const bool valid = p.lengths == nullptr || t < p.lengths[b];
         if (!valid) {
           // Masked step: the state is carried (into the other buffer), the output is zero.
           *h_out = __ldcg(h_prev + static_cast<int64_t>(b) * kp + j);
           if (y_out != nullptr) *y_out = zero_value<T>();
-          zero_cell_workspace(ws_row, H);
+          zero_cell_workspace(ws_row, ws_stride);
           continue;
         }
         float x[4], pre[4];
@@ -121,14 +155,17 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
         p.c_state[state] = cell.c;
         *h_out = h_new;
         if (y_out != nullptr) *y_out = h_new;
-        store_cell_workspace(ws_row, H, cell);
+        store_cell_workspace(ws_row, ws_stride, cell);
       }
     }
     // No block reads h after the last step: no barrier there.
     if (s + 1 < p.seq_len) {
       barrier_arrive(counter);
       load_first_x(s + 1);
+      store_deferred(t);  // the h tile is rewritten only after the wait's __syncthreads
       barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s, p.watchdog_ns);
+    } else {
+      store_deferred(t);  // each thread stores the elements it staged: no __syncthreads needed
     }
   }
 }

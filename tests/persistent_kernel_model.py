@@ -334,6 +334,12 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             x_first[has_first, gt] = mem["xg"][x_row + gt * H]
 
     load_first_x(0)
+    # The last batch tile's y and workspace are staged in the h tile and stored after the arrive
+    # (when the staging fits the tile region), as the kernel's store_deferred.
+    last_tile = bg + (lay.nbt - 1 - bg) // lay.nbg * lay.nbg
+    staging_bytes = -(-hs * bt * p.eb // 16) * 16 + 5 * hs * bt * 4
+    defer = ("y" in mem or "ws" in mem) and staging_bytes <= bt * lda
+    deferred = None
     for s in range(p.T):
         t = p.T - 1 - s if rev else s
         h_prev = (s & 1) * buf_stride + d * B * kp
@@ -341,6 +347,7 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
         copy = AsyncCopy(smem, mem["h_buf"], h_prev, kp, bg * bt, bt, B, rng)
         yield None
         for tile in range(bg, lay.nbt, lay.nbg):
+            staged = defer and tile == last_tile
             copy.land()  # cp_async_wait_all + __syncthreads
             yield None
             written = np.zeros(smem.red.size, dtype=bool)
@@ -362,9 +369,15 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
 
             inv = ~valid
             mem["h_buf"][h_out[inv]] = mem["h_buf"][h_prev + b[inv] * kp + j[inv]]
-            if "y" in mem:  # p.y null: only the final state is wanted
+            if staged:
+                # The staging overwrites the h tile: nothing may read it again this step.
+                smem.ops[smem.ops_index(smem.tile_offset + np.arange(0, bt * lda, p.eb), 0, smem.red_offset)] = np.nan
+                y_s, ws_s = np.full(hs * bt, np.nan), np.full((5, hs * bt), np.nan)
+                y_s[idx[inv]], ws_s[:, idx[inv]] = 0.0, 0.0
+                deferred = (row.copy(), j.copy(), idx.copy(), y_s, ws_s)
+            if "y" in mem and not staged:  # p.y null: only the final state is wanted
                 mem["y"][y_out[inv]] = 0.0
-            if "ws" in mem:
+            if "ws" in mem and not staged:
                 for kk in range(5):
                     mem["ws"][ws_row[inv] + kk * H] = 0.0
 
@@ -389,17 +402,27 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             h_new = o_g * np.tanh(c_new)
             mem["c_state"][state] = c_new
             mem["h_buf"][h_out] = h_new
-            if "y" in mem:
-                mem["y"][y_out] = h_new
-            if "ws" in mem:
+            if staged:
+                deferred[3][idx] = h_new
                 for kk, v in enumerate((i_g, f_g, g_g, o_g, c_new)):
-                    mem["ws"][ws_row + kk * H] = v
+                    deferred[4][kk, idx] = v
+            else:
+                if "y" in mem:
+                    mem["y"][y_out] = h_new
+                if "ws" in mem:
+                    for kk, v in enumerate((i_g, f_g, g_g, o_g, c_new)):
+                        mem["ws"][ws_row + kk * H] = v
             yield None
         if s + 1 < p.T:  # no barrier after the last step
             counters[counter] += 1  # barrier_arrive
             yield None
             load_first_x(s + 1)
+            if defer and deferred is not None:
+                store_staged(mem, H, *deferred)  # store_deferred
+                yield None
             yield (counter, (s + 1) * lay.nu)  # barrier_wait
+        elif defer and deferred is not None:
+            store_staged(mem, H, *deferred)
 
 
 def store_staged(mem: dict[str, Global], H: int, row, j, idx, y_s, ws_s) -> None:

@@ -200,6 +200,39 @@ def test_cluster_forward_kernel_model_without_workspace():
         _close(a, b, name)
 
 
+@pytest.mark.parametrize(
+    "cfg, eb, outputs",
+    [
+        ((1, 1, 1, 8, 2), 2, "y+ws"),
+        ((1, 2, 1, 4, 3), 2, "y+ws"),
+        ((1, 2, 1, 4, 3), 4, "y+ws"),
+        ((1, 1, 1, 8, 1), 4, "y"),
+        ((1, 2, 1, 4, 3), 2, "none"),
+    ],
+    ids=str,
+)
+def test_forward_kernel_model_defers_the_last_tiles_stores(cfg, eb, outputs, monkeypatch):
+    """Where the staging fits the h tile (H = 192 in slices of 8 or 16 units), the cooperative
+    kernel stages its last batch tile's y and workspace there and stores them after the arrive:
+    the model takes that path (counted) and stays equal to the reference, with 1-3 tiles per
+    block, lengths, both directions, and with y or the workspace absent."""
+    calls = []
+    original = km.store_staged
+    monkeypatch.setattr(km, "store_staged", lambda *a: calls.append(1) or original(*a))
+    shape, lengths = (3, 40, 2, 192), [3, 0, 2] + [3] * 30 + [1] * 7
+    save, write_y = outputs == "y+ws", outputs != "none"
+    xg, w, h0, c0 = _inputs(8, shape)
+    want = _reference_forward(xg, w, h0, c0, torch.tensor(lengths), REVERSE)
+    p = _problem("forward", cfg, eb, np.array(lengths), shape, REVERSE)
+    got = km.run_forward(p, xg.numpy(), w.numpy(), h0.numpy(), c0.numpy(), 3, save_workspace=save, write_y=write_y)
+    assert len(calls) == (p.layout.grid * shape[0] if write_y or save else 0)
+    for name, a, b, present in zip(("y", "h_n", "c_n", "workspace"), got, want, (write_y, True, True, save)):
+        if present:
+            _close(a, b, f"{cfg} {eb}: {name}")
+        else:
+            assert a is None
+
+
 @pytest.mark.parametrize("kind", ["forward", pc.CLUSTER])
 def test_forward_kernel_models_with_only_the_final_state(kind):
     """A null ``y`` and workspace (inference of the last state only): h_n and c_n unchanged."""

@@ -113,6 +113,25 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
   };
   load_first(0);
 
+  // dG of the block's last batch tile of a step goes to the exchange buffer at once and to
+  // dgates (grad_xg, read by no block) after the barrier's arrive: it is staged in the dG tile
+  // (free once that tile's products are done), so the arrive's fence waits only for the exchange
+  // (as in the forward kernels).
+  const int last_tile = bg + (l.nbt - 1 - bg) / p.cfg.nbg * p.cfg.nbg;
+  T* dg_s = reinterpret_cast<T*>(g_s);  // [gate * hs * bt + n * hs + jj]
+  const bool defer = 4 * hs * bt * static_cast<int>(sizeof(T)) <= bt * lda;
+  auto store_deferred = [&](int t) {
+    if (!defer) return;
+    const int b0 = last_tile * bt;
+    for (int idx = tid; idx < hs * bt; idx += kThreads) {
+      const int n = idx / hs, j = j0 + (idx - n * hs), b = b0 + n;
+      if (j >= H || b >= B) continue;
+      T* dg = p.dgates + ((static_cast<int64_t>(t) * B + b) * p.D + d) * G + j;
+#pragma unroll
+      for (int gate = 0; gate < 4; ++gate) dg[gate * H] = dg_s[gate * hs * bt + idx];
+    }
+  };
+
   for (int s = 0; s <= n_steps; ++s) {
     const bool last = s == n_steps;
     const int t = rev ? s : n_steps - 1 - s;  // the forward's order, walked back
@@ -127,6 +146,14 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
       if (tile + p.cfg.nbg < l.nbt) load_rows_async(g_s, lda, g_prev, kp, (tile + p.cfg.nbg) * bt, bt, B);
 
       const int b0 = tile * bt;
+      // Where this tile's dG goes besides the exchange: dgates row (t, b0 + n, d), or staged.
+      const bool staged = defer && tile == last_tile;
+      // (None at the final half step, which writes no dG: there t is past the sequence.)
+      T* dg_base = last     ? nullptr
+                   : staged ? dg_s
+                            : p.dgates + ((static_cast<int64_t>(t) * B + b0) * p.D + d) * G + j0;
+      const int64_t dg_rows = staged ? hs : static_cast<int64_t>(p.D) * G;
+      const int dg_gates = staged ? hs * bt : H;
       for (int idx = tid; idx < hs * bt; idx += kThreads) {
         const int n = idx / hs, jj = idx - n * hs;
         const int j = j0 + jj, b = b0 + n;
@@ -140,8 +167,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
           p.dh_carry[state] = incoming;  // grad_h0; dc already holds grad_c0
           continue;
         }
-        const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;
-        T* dg = p.dgates + row * G + j;
+        T* dg = dg_base + n * dg_rows + jj;
         T* g_out = g_next + static_cast<int64_t>(b) * kp + j;
         const bool valid = p.lengths == nullptr || t < p.lengths[b];
         if (!valid) {
@@ -150,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
           p.dh_carry[state] = incoming;
 #pragma unroll
           for (int gate = 0; gate < 4; ++gate) {
-            dg[gate * H] = zero_value<T>();
+            dg[gate * dg_gates] = zero_value<T>();
             g_out[gate * H] = zero_value<T>();
           }
           continue;
@@ -165,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
 #pragma unroll
         for (int gate = 0; gate < 4; ++gate) {
           const T v = from_acc<T, float>(grads[gate]);
-          dg[gate * H] = v;
+          dg[gate * dg_gates] = v;
           g_out[gate * H] = v;
         }
         p.dc[state] = dc_t * f;
@@ -175,6 +201,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(c
     if (!last) {
       barrier_arrive(counter);
       if (s + 1 < n_steps) load_first(s + 1);
+      store_deferred(t);  // the dG tile is rewritten only after the wait's __syncthreads
       barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s, p.watchdog_ns);
     }
   }

@@ -23,6 +23,7 @@ Products are exact (no TF32 or bf16 rounding): the model checks where data goes,
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -575,6 +576,10 @@ def cluster_forward_block(
         yield (cluster, (s + 2) * lay.nu) if step_barrier else None  # cluster_wait
 
 
+# How often the backward model took its deferred-store path (tests check that they exercise it).
+DEFERRED_STORES: Counter = Counter()
+
+
 def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.ndarray, rng: np.random.Generator):
     """``lstm_persistent_backward_kernel`` for block ``bid`` (a generator, see :func:`run_blocks`)."""
     lay = p.layout
@@ -630,6 +635,11 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
             first_in.setdefault(name, np.full(THREADS, np.nan))[has_first] = v
 
     load_first(0)
+    # The last batch tile's dG is staged in the dG tile and stored to dgates after the arrive
+    # (the kernel's store_deferred); the exchange buffer gets it at once.
+    last_tile = bg + (lay.nbt - 1 - bg) // lay.nbg * lay.nbg
+    defer = 4 * hs * bt * p.eb <= bt * lda
+    deferred = None
     for s in range(T + 1):
         last = s == T
         t = s if rev else T - 1 - s
@@ -638,6 +648,7 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
         copy = AsyncCopy(smem, mem["g_buf"], g_prev, kp, bg * bt, bt, B, rng)
         yield None
         for tile in range(bg, lay.nbt, lay.nbg):
+            staged = defer and tile == last_tile and not last
             copy.land()
             yield None
             written = np.zeros(smem.red.size, dtype=bool)
@@ -667,8 +678,15 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
 
             inv = ~valid
             mem["dh_carry"][state[inv]] = incoming[inv]
+            if staged:
+                # The staging overwrites the dG tile: nothing may read it again this step.
+                smem.ops[smem.ops_index(smem.tile_offset + np.arange(0, bt * lda, p.eb), 0, smem.red_offset)] = np.nan
+                dg_s = np.full((4, hs * bt), np.nan)
+                dg_s[:, idx[inv]] = 0.0
+                deferred = (row.copy(), j.copy(), idx.copy(), dg_s)
             for gt in range(4):
-                mem["dgates"][dg[inv] + gt * H] = 0.0
+                if not staged:
+                    mem["dgates"][dg[inv] + gt * H] = 0.0
                 mem["g_buf"][g_out[inv] + gt * H] = 0.0
 
             idx, b, j, state, dg, g_out, incoming = (a[valid] for a in (idx, b, j, state, dg, g_out, incoming))
@@ -688,7 +706,10 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
                 dh * tc * o_g * (1 - o_g),
             )
             for gt in range(4):
-                mem["dgates"][dg + gt * H] = grads[gt]
+                if staged:
+                    deferred[3][gt, idx] = grads[gt]
+                else:
+                    mem["dgates"][dg + gt * H] = grads[gt]
                 mem["g_buf"][g_out + gt * H] = grads[gt]
             mem["dc"][state] = dc_t * f_g
             mem["dh_carry"][state] = 0.0
@@ -698,6 +719,13 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
             yield None
             if s + 1 < T:
                 load_first(s + 1)
+            if defer and deferred is not None:  # store_deferred
+                DEFERRED_STORES["backward"] += 1
+                d_row, d_j, d_idx, dg_s = deferred
+                for gt in range(4):
+                    mem["dgates"][d_row * G + d_j + gt * H] = dg_s[gt, d_idx]
+                deferred = None
+                yield None
             yield (counter, (s + 1) * lay.nu)
 
 

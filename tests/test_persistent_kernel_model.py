@@ -200,6 +200,24 @@ def test_cluster_forward_kernel_model_without_workspace():
         _close(a, b, name)
 
 
+def test_backward_kernel_model_defers_the_last_tiles_dgates():
+    """The backward's last batch tile of a step stages its dG in the dG tile and stores dgates
+    after the arrive: the model takes that path (2 tiles per block, lengths) and matches."""
+    shape, cfg, lengths = (3, 40, 2, 20), (1, 1, 1, 8, 3), [3, 0, 2] + [3] * 30 + [1] * 7
+    xg, w, h0, c0 = _inputs(9, shape)
+    _, _, _, ws = _reference_forward(xg, w, h0, c0, torch.tensor(lengths), REVERSE)
+    g = torch.Generator().manual_seed(10)
+    grad_y = torch.randn(3, 40, 2, 20, dtype=F64, generator=g)
+    grad_h_n, grad_c_n = torch.randn(2, 40, 20, dtype=F64, generator=g), torch.randn(2, 40, 20, dtype=F64, generator=g)
+    want = _reference_backward(grad_y, ws, c0, w, grad_h_n, grad_c_n, torch.tensor(lengths), REVERSE)
+    p = _problem("backward", cfg, 2, np.array(lengths), shape, REVERSE)
+    before = km.DEFERRED_STORES["backward"]
+    got = km.run_backward(p, grad_y.numpy(), ws.numpy(), c0.numpy(), w.numpy(), grad_h_n.numpy(), grad_c_n.numpy(), 4)
+    assert km.DEFERRED_STORES["backward"] - before == p.layout.grid * shape[0]
+    for name, a, b in zip(("dgates", "grad_h0", "grad_c0"), got, want):
+        _close(a, b, name)
+
+
 @pytest.mark.parametrize(
     "cfg, eb, outputs",
     [

@@ -56,10 +56,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // m_rows_per_warp: 32 for the forward (two m16 tiles: 8 units x 4 gates), 16 for the backward
 // (one m16 tile of units). rows_per_unit: 4 for the forward (gates), 1 for the backward.
-// The staging of one step's outputs in shared memory (stored to global memory
-// after the barrier's arrive): y (hs x bt elements, padded to 16 bytes), then the workspace
-// (5 x hs x bt floats).
-__host__ __device__ inline int cluster_staging_bytes(int hs, int bt, int elem_bytes) {
+// The staging of one step's outputs in shared memory, stored to global memory after the
+// barrier's arrive (the cluster kernel's own area; the cooperative kernel's h tile, for its last
+// batch tile): y (hs x bt elements, padded to 16 bytes), then the workspace (5 x hs x bt floats).
+__host__ __device__ inline int output_staging_bytes(int hs, int bt, int elem_bytes) {
   return static_cast<int>((hs * bt * elem_bytes + 15) / 16 * 16) + 5 * hs * bt * 4;
 }
 
@@ -77,7 +77,7 @@ inline Layout make_layout(const Config& c, int64_t B, int64_t D, int64_t H, int6
   l.lda = l.kp * elem_bytes + kRowPadBytes;
   l.ldr = l.rows_a + 4;  // 4 floats of padding: see store_accumulators
   l.smem = l.rows_a * l.lda + h_tiles * l.bt * l.lda + c.wk * l.bt * l.ldr * 4;
-  if (h_tiles == 2) l.smem += cluster_staging_bytes(l.hs, l.bt, elem_bytes);
+  if (h_tiles == 2) l.smem += output_staging_bytes(l.hs, l.bt, elem_bytes);
   l.grid = static_cast<int>(D * c.nbg * l.nu);
   return l;
 }

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   T* y_s = reinterpret_cast<T*>(h_s);  // [n * hs + jj]
   float* ws_s = reinterpret_cast<float*>(h_s + (hs * bt * static_cast<int>(sizeof(T)) + 15) / 16 * 16);
   const bool defer = (p.y != nullptr || p.ws != nullptr) &&
-                     cluster_staging_bytes(hs, bt, static_cast<int>(sizeof(T))) <= bt * lda;
+                     output_staging_bytes(hs, bt, static_cast<int>(sizeof(T))) <= bt * lda;
   auto store_deferred = [&](int t) {
     if (!defer) return;
     const int b0 = last_tile * bt;

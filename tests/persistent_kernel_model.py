@@ -303,6 +303,17 @@ def load_gate_rows(smem: SharedMemory, p: Problem, mem: dict[str, Global], rows_
     smem.ops[smem.ops_index(m * lda + k * p.eb, 0, smem.tile_offset)] = np.where(inside, mem["w"][src], 0.0)
 
 
+def _staging(smem: SharedMemory, bt: int, lda: int, rows: int, per_row: int) -> np.ndarray:
+    """The staging of a step's outputs inside the h / dG tile region: a ``(rows, per_row)`` view
+    of ``smem.ops``, one slot per staged value. The whole tile is NaN-poisoned first (nothing
+    may read it as an operand again this step), and a copy that lands in the tile before the
+    staged values are read back overwrites them, as it would in the kernel."""
+    tile = smem.ops_index(smem.tile_offset + np.arange(0, bt * lda, smem.eb), 0, smem.red_offset)
+    assert rows * per_row <= tile.size, "the staging does not fit the tile region"
+    smem.ops[tile] = np.nan
+    return smem.ops[tile[0] : tile[0] + rows * per_row].reshape(rows, per_row)
+
+
 def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.ndarray, rng: np.random.Generator):
     """``lstm_persistent_forward_kernel`` for block ``bid`` (a generator, see :func:`run_blocks`)."""
     lay = p.layout
@@ -372,8 +383,8 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             mem["h_buf"][h_out[inv]] = mem["h_buf"][h_prev + b[inv] * kp + j[inv]]
             if staged:
                 # The staging overwrites the h tile: nothing may read it again this step.
-                smem.ops[smem.ops_index(smem.tile_offset + np.arange(0, bt * lda, p.eb), 0, smem.red_offset)] = np.nan
-                y_s, ws_s = np.full(hs * bt, np.nan), np.full((5, hs * bt), np.nan)
+                staging = _staging(smem, bt, lda, 6, hs * bt)
+                y_s, ws_s = staging[0], staging[1:]
                 y_s[idx[inv]], ws_s[:, idx[inv]] = 0.0, 0.0
                 deferred = (row.copy(), j.copy(), idx.copy(), y_s, ws_s)
             if "y" in mem and not staged:  # p.y null: only the final state is wanted
@@ -680,8 +691,7 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
             mem["dh_carry"][state[inv]] = incoming[inv]
             if staged:
                 # The staging overwrites the dG tile: nothing may read it again this step.
-                smem.ops[smem.ops_index(smem.tile_offset + np.arange(0, bt * lda, p.eb), 0, smem.red_offset)] = np.nan
-                dg_s = np.full((4, hs * bt), np.nan)
+                dg_s = _staging(smem, bt, lda, 4, hs * bt)
                 dg_s[:, idx[inv]] = 0.0
                 deferred = (row.copy(), j.copy(), idx.copy(), dg_s)
             for gt in range(4):

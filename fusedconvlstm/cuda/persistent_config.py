@@ -232,7 +232,7 @@ def make_layout(
     lda = kp * eb + ROW_PAD_BYTES
     ldr = rows_a + 4
     smem = rows_a * lda + _STATE_TILES[kind] * bt * lda + wk * bt * ldr * 4
-    if kind == CLUSTER:  # the step's y and workspace, staged (csrc's cluster_staging_bytes)
+    if kind == CLUSTER:  # the step's y and workspace, staged (csrc's output_staging_bytes)
         smem += -(-hs * bt * eb // 16) * 16 + 5 * hs * bt * 4
     nu = -(-hidden // hs)
     nbt = -(-batch // bt)

@@ -33,6 +33,28 @@ struct ForwardParams : RecurrenceParams {
 };
 
 constexpr int kMt = 2;  // 32 rows per warp: 8 units x 4 gates
+
+// A step's staged y and workspace (y_s[idx], ws_s[k * hs * bt + idx], idx = n * hs + jj) of
+// batch rows b0 + n and units j0 + jj to global memory at time t: consecutive threads take
+// consecutive units of a row (coalesced). Each thread stores the elements idx = tid + e * kThreads
+// it staged, so no __syncthreads is needed after its own staging writes.
+template <typename T>
+__device__ __forceinline__ void store_staged_outputs(const ForwardParams<T>& p, const T* y_s, const float* ws_s, int t,
+                                                     int b0, int j0, int hs, int bt, int d) {
+  if (p.y == nullptr && p.ws == nullptr) return;  // inference of the final state only
+  const int H = p.H, B = p.B;
+  const int64_t H5 = 5 * static_cast<int64_t>(H);
+  for (int idx = threadIdx.x; idx < hs * bt; idx += kThreads) {
+    const int n = idx / hs, j = j0 + (idx - n * hs), b = b0 + n;
+    if (j >= H || b >= B) continue;
+    const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;
+    if (p.y != nullptr) p.y[row * H + j] = y_s[idx];
+    if (p.ws != nullptr) {
+#pragma unroll
+      for (int k = 0; k < 5; ++k) p.ws[row * H5 + k * H + j] = ws_s[k * hs * bt + idx];
+    }
+  }
+}
 // (unit, row) elements per thread in the cluster kernel: hs * bt = 64 * nt * wm * wn <= 2048.
 constexpr int kClusterElems = 8;
 
@@ -90,18 +112,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   const bool defer = (p.y != nullptr || p.ws != nullptr) &&
                      output_staging_bytes(hs, bt, static_cast<int>(sizeof(T))) <= bt * lda;
   auto store_deferred = [&](int t) {
-    if (!defer) return;
-    const int b0 = last_tile * bt;
-    for (int idx = tid; idx < hs * bt; idx += kThreads) {
-      const int n = idx / hs, j = j0 + (idx - n * hs), b = b0 + n;
-      if (j >= H || b >= B) continue;
-      const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;
-      if (p.y != nullptr) p.y[row * H + j] = y_s[idx];
-      if (p.ws != nullptr) {
-#pragma unroll
-        for (int k = 0; k < 5; ++k) p.ws[row * H5 + k * H + j] = ws_s[k * hs * bt + idx];
-      }
-    }
+    if (defer) store_staged_outputs(p, y_s, ws_s, t, last_tile * bt, j0, hs, bt, d);
   };
 
   for (int s = 0; s < p.seq_len; ++s) {
@@ -223,7 +234,6 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
   const uint32_t a_base = smem_addr(w_s) + m0 * lda;
   float* red_warp = red + wk * bt * ldr;
   const bool rev = (p.reverse_mask >> d) & 1;
-  const int64_t H5 = 5 * static_cast<int64_t>(H);
   // The columns a block sends: its units, up to the padded width (zeros past H).
   const int send_chunks = (min(j0 + hs, kp) - j0) * static_cast<int>(sizeof(T)) / 16;
   const int send_rows = min(bt, B - b0);
@@ -249,21 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
     const int tt = rev ? p.seq_len - 1 - step : step;
     load_gate_x(x_first, p.xg, (static_cast<int64_t>(tt) * B + b0 + first_n) * p.D + d, j0 + first_jj, H);
   };
-  // The staged y and workspace of step time t to global memory: consecutive threads take
-  // consecutive units of a row (coalesced).
-  auto store_staged = [&](int t) {
-    if (p.y == nullptr && p.ws == nullptr) return;  // inference of the final state only
-    for (int idx = tid; idx < hs * bt; idx += kThreads) {
-      const int n = idx / hs, j = j0 + (idx - n * hs), b = b0 + n;
-      if (j >= H || b >= B) continue;
-      const int64_t row = (static_cast<int64_t>(t) * B + b) * p.D + d;
-      if (p.y != nullptr) p.y[row * H + j] = y_s[idx];
-      if (p.ws != nullptr) {
-#pragma unroll
-        for (int k = 0; k < 5; ++k) p.ws[row * H5 + k * H + j] = ws_s[k * hs * bt + idx];
-      }
-    }
-  };
+  auto store_staged = [&](int t) { store_staged_outputs(p, y_s, ws_s, t, b0, j0, hs, bt, d); };
   load_first_x(0);
   cp_async_wait_all();
   // Every block's buffers are initialised before any block of the cluster writes into them.

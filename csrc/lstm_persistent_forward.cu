@@ -57,6 +57,9 @@ __device__ __forceinline__ void store_staged_outputs(const ForwardParams<T>& p, 
 }
 // (unit, row) elements per thread in the cluster kernel: hs * bt = 64 * nt * wm * wn <= 2048.
 constexpr int kClusterElems = 8;
+// Of those, the first kClusterPrefetch have their xg loaded a step ahead (while the cluster
+// waits at its barrier): all of them at the reference shape (hs * bt = 512, two per thread).
+[[maybe_unused]] constexpr int kClusterPrefetch = 2;  // unused where the cluster kernel is compiled out (sm_80)
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(const ForwardParams<T> p) {
@@ -250,14 +253,19 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
     len_reg[e] = mine && p.lengths != nullptr ? static_cast<int>(p.lengths[b]) : p.seq_len;
   }
 
-  // As in the cooperative kernel: each thread's first element's xg is loaded a step ahead.
-  const int first_n = tid / hs, first_jj = tid - first_n * hs;
-  const bool has_first = tid < hs * bt && j0 + first_jj < H && b0 + first_n < B;
-  float x_first[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // As in the cooperative kernel, xg is loaded a step ahead, here for each thread's first
+  // kClusterPrefetch elements (idx = tid + e * kThreads), so that no global load waits behind
+  // the step's products in the common case; further elements load when they are reached.
+  float x_pre[kClusterPrefetch][4] = {};
   auto load_first_x = [&](int step) {
-    if (!has_first) return;
     const int tt = rev ? p.seq_len - 1 - step : step;
-    load_gate_x(x_first, p.xg, (static_cast<int64_t>(tt) * B + b0 + first_n) * p.D + d, j0 + first_jj, H);
+#pragma unroll
+    for (int e = 0; e < kClusterPrefetch; ++e) {
+      const int idx = tid + e * kThreads;
+      const int n = idx / hs, j = j0 + (idx - n * hs), b = b0 + n;
+      if (idx < hs * bt && j < H && b < B)
+        load_gate_x(x_pre[e], p.xg, (static_cast<int64_t>(tt) * B + b) * p.D + d, j, H);
+    }
   };
   auto store_staged = [&](int t) { store_staged_outputs(p, y_s, ws_s, t, b0, j0, hs, bt, d); };
   load_first_x(0);
@@ -294,8 +302,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
         zero_cell_workspace(ws_row, hs * bt);
       } else {
         float x[4], pre[4];
-        if (e == 0)
-          for (int gate = 0; gate < 4; ++gate) x[gate] = x_first[gate];
+        if (e < kClusterPrefetch)
+          for (int gate = 0; gate < 4; ++gate) x[gate] = x_pre[e][gate];
         else
           load_gate_x(x, p.xg, row, j, H);
         gate_preactivations(pre, red, n, jj, ldr, hs, bt, p.cfg.wk, x);

@@ -31,6 +31,7 @@ import numpy as np
 from fusedconvlstm.cuda.persistent_config import Layout
 
 THREADS = 256
+CLUSTER_PREFETCH = 2  # kClusterPrefetch: elements per thread whose xg the cluster kernel loads ahead
 WARPS = 8
 K_STEP_BYTES = 32
 SYNC_STRIDE = 32
@@ -481,10 +482,12 @@ def cluster_forward_block(
     send_chunks = (min(j0 + hs, kp) - j0) * p.eb // 16
     send_rows = min(bt, B - b0)
 
-    tid = np.arange(THREADS)
-    first_n, first_jj = tid // hs, tid % hs
-    has_first = (tid < hs * bt) & (j0 + first_jj < H) & (b0 + first_n < B)
-    x_first = np.zeros((THREADS, 4))
+    # Each thread's first CLUSTER_PREFETCH elements (idx < CLUSTER_PREFETCH * THREADS) have their
+    # xg loaded a step ahead.
+    pre_idx = np.arange(CLUSTER_PREFETCH * THREADS)
+    first_n, first_jj = pre_idx // hs, pre_idx % hs
+    has_first = (pre_idx < hs * bt) & (j0 + first_jj < H) & (b0 + first_n < B)
+    x_first = np.zeros((pre_idx.size, 4))
 
     def load_first_x(step):
         tt = p.T - 1 - step if rev else step
@@ -531,8 +534,8 @@ def cluster_forward_block(
         y_s[idx[inv]] = 0.0
         ws_s[:, idx[inv]] = 0.0
         v = valid
-        first = idx[v] < THREADS
-        assert np.all(has_first[idx[v][first]]), "a first element whose xg was not prefetched"
+        first = idx[v] < CLUSTER_PREFETCH * THREADS
+        assert np.all(has_first[idx[v][first]]), "a prefetched element whose xg was not loaded"
         r = n[v] * ldr + jj[v]
         pre = np.empty((4, int(v.sum())))
         for gt in range(4):

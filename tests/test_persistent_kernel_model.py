@@ -350,3 +350,19 @@ def test_backward_kernel_model_on_random_problems(problem):
     )
     for name, a, b_ in zip(("dgates", "grad_h0", "grad_c0"), got, want):
         _close(a, b_, f"backward {shape} {cfg}: {name}")
+
+
+def test_model_constants_are_the_kernels():
+    """The model's block size and cluster prefetch depth are read from the CUDA sources."""
+    import re
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    text = (csrc / "lstm_persistent.cuh").read_text() + (csrc / "lstm_persistent_forward.cu").read_text()
+
+    def constant(name: str) -> int:
+        (value,) = re.findall(rf"constexpr int {name} = (\d+);", text)
+        return int(value)
+
+    assert constant("kThreads") == km.THREADS
+    assert constant("kClusterPrefetch") == km.CLUSTER_PREFETCH

@@ -190,6 +190,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Whether this torch's mm / bmm take ``out_dtype`` (CUDA, 16-bit operands, float32 result); read
+# once, not per call (the step-wise recurrence calls product_unrounded every step).
+_OUT_DTYPE = {mm: hasattr(getattr(torch.ops.aten, mm.__name__), "dtype_out") for mm in (torch.mm, torch.bmm)}
+
+
 def product_unrounded(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
     """``a @ b`` (``mm`` for 2-D, ``bmm`` for 3-D operands) returned in ``dtype`` (an
     accumulation dtype), the product not rounded to the operands' 16-bit dtype first: on CUDA
@@ -197,7 +202,7 @@ def product_unrounded(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out:
     mm = torch.mm if a.dim() == 2 else torch.bmm
     if a.dtype == dtype:
         return mm(a, b, out=out)
-    if a.is_cuda and hasattr(getattr(torch.ops.aten, mm.__name__), "dtype_out"):
+    if a.is_cuda and _OUT_DTYPE[mm]:
         return mm(a, b, out_dtype=dtype, out=out)
     return mm(a.to(dtype), b.to(dtype), out=out)
 

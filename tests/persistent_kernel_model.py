@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusedconvlstm.cuda.persistent_config import Layout
+from fusedconvlstm.cuda.persistent_config import Layout, output_staging_bytes
 
 THREADS = 256
 CLUSTER_PREFETCH = 2  # kClusterPrefetch: elements per thread whose xg the cluster kernel loads ahead
@@ -350,8 +350,7 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
     # The last batch tile's y and workspace are staged in the h tile and stored after the arrive
     # (when the staging fits the tile region), as the kernel's store_deferred.
     last_tile = bg + (lay.nbt - 1 - bg) // lay.nbg * lay.nbg
-    staging_bytes = -(-hs * bt * p.eb // 16) * 16 + 5 * hs * bt * 4
-    defer = ("y" in mem or "ws" in mem) and staging_bytes <= bt * lda
+    defer = ("y" in mem or "ws" in mem) and output_staging_bytes(hs, bt, p.eb) <= bt * lda
     deferred = None
     for s in range(p.T):
         t = p.T - 1 - s if rev else s

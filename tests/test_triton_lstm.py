@@ -78,16 +78,19 @@ def _op_inputs(T, B, D, H, lengths=None, device="cpu"):
     return xg, w_hh, h0, c0, lengths, cot
 
 
-def _forward_backward(fn, xg, w_hh, h0, c0, cot, dtype):
-    """Outputs and gradients (xg, each w_hh, h0, c0) of ``fn`` run on ``dtype`` copies of the inputs."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (xg, h0, c0, *w_hh)]
+def _forward_backward(fn, xg, w_hh, h0, c0, cot, dtype, w_hr=()):
+    """Outputs and gradients (xg, each w_hh, h0, c0, and each w_hr where given) of ``fn`` run on
+    ``dtype`` copies of the inputs; ``fn(xg, w_hh, h0, c0)``, or ``fn(xg, w_hh, h0, c0, w_hr)``."""
+    D = len(w_hh)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (xg, h0, c0, *w_hh, *w_hr)]
     xg_, h0_, c0_, *w_ = leaves
-    y, h_n, c_n = fn(xg_, w_, h0_, c0_)
+    y, h_n, c_n = fn(xg_, w_[:D], h0_, c0_, *([w_[D:]] if w_hr else []))
     loss = sum((o.double() * g).sum() for o, g in zip((y, h_n, c_n), cot))
     grads = torch.autograd.grad(loss, leaves)
     g_xg, g_h0, g_c0, *g_w = grads
     named = {"y": y, "h_n": h_n, "c_n": c_n, "grad_xg": g_xg, "grad_h0": g_h0, "grad_c0": g_c0}
-    named.update({f"grad_w_hh[{d}]": g for d, g in enumerate(g_w)})
+    named.update({f"grad_w_hh[{d}]": g for d, g in enumerate(g_w[:D])})
+    named.update({f"grad_w_hr[{d}]": g for d, g in enumerate(g_w[D:])})
     return named
 
 
@@ -149,23 +152,17 @@ def test_projected_op_matches_float64_reference(case, dtype, poisoned, torch_in_
     h0, c0 = torch.randn(D, B, P, dtype=F64), torch.randn(D, B, H, dtype=F64)
     cot = [torch.randn(T, B, D, P, dtype=F64), torch.randn(D, B, P, dtype=F64), torch.randn(D, B, H, dtype=F64)]
 
-    def run(fn, dt):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (xg, h0, c0, *w_hh, *w_hr)]
-        out = fn(leaves[0], leaves[3 : 3 + D], leaves[3 + D :], leaves[1], leaves[2])
-        grads = torch.autograd.grad(sum((o.double() * g).sum() for o, g in zip(out, cot)), leaves)
-        named = {"y": out[0], "h_n": out[1], "c_n": out[2], "grad_xg": grads[0], "grad_h0": grads[1]}
-        named["grad_c0"] = grads[2]
-        named.update({f"grad_w[{k}]": g for k, g in enumerate(grads[3:])})
-        return named
-
     def op(backend):
-        return lambda x, wh, wr, h, c: lstm_recurrence(
+        return lambda x, wh, h, c, wr: lstm_recurrence(
             x, wh, h, c, w_hr=wr, lengths=lengths, reverse=reverse, backend=backend
         )
 
+    def run(fn, dt):
+        return _forward_backward(fn, xg, w_hh, h0, c0, cot, dt, w_hr=w_hr)
+
     ref = run(op("reference"), F64)
     ours = run(op("triton"), dtype)
-    torch_lp = run(lambda x, wh, wr, h, c: torch_in_dtype(x, wh, h, c, lengths, reverse, w_hr=wr), dtype)
+    torch_lp = run(lambda x, wh, h, c, wr: torch_in_dtype(x, wh, h, c, lengths, reverse, w_hr=wr), dtype)
     _check_against_reference(ours, torch_lp, ref, case)
 
 

@@ -204,6 +204,12 @@ def element_bytes(dtype: torch.dtype) -> int:
     raise ValueError(f"the persistent kernels take float16, bfloat16 or float32, got {dtype}")
 
 
+def output_staging_bytes(hs: int, bt: int, eb: int) -> int:
+    """Shared memory for one step's staged y (``hs x bt`` elements of ``eb`` bytes, padded to 16
+    bytes) and workspace (``5 x hs x bt`` floats): csrc's ``output_staging_bytes``."""
+    return -(-hs * bt * eb // 16) * 16 + 5 * hs * bt * 4
+
+
 def make_layout(
     kind: str, nt: int, wm: int, wn: int, wk: int, nbg: int | None, batch: int, recurrences: int, hidden: int, dtype
 ) -> Layout:
@@ -232,8 +238,8 @@ def make_layout(
     lda = kp * eb + ROW_PAD_BYTES
     ldr = rows_a + 4
     smem = rows_a * lda + _STATE_TILES[kind] * bt * lda + wk * bt * ldr * 4
-    if kind == CLUSTER:  # the step's y and workspace, staged (csrc's output_staging_bytes)
-        smem += -(-hs * bt * eb // 16) * 16 + 5 * hs * bt * 4
+    if kind == CLUSTER:  # the step's y and workspace, staged
+        smem += output_staging_bytes(hs, bt, eb)
     nu = -(-hidden // hs)
     nbt = -(-batch // bt)
     return Layout(kind, nt, wm, wn, wk, nbg, hs, bt, nu, nbt, kp, smem, recurrences * nbg * nu)

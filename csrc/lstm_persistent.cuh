@@ -47,9 +47,12 @@ struct Config {
 
 // Sizes derived from a configuration: units per block (hs), batch rows per tile (bt), blocks per
 // group (nu), batch tiles (nbt), padded reduction length (kp, elements), smem bytes.
+// kpx, ldx: the padded input length and row stride of the kernel that computes the input
+// projection itself (add_input_projection; zero otherwise).
 struct Layout {
   int hs, bt, nu, nbt, kp, lda, rows_a, ldr, smem;
   int grid;
+  int kpx, ldx;
 };
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -79,7 +82,22 @@ inline Layout make_layout(const Config& c, int64_t B, int64_t D, int64_t H, int6
   l.smem = l.rows_a * l.lda + h_tiles * l.bt * l.lda + c.wk * l.bt * l.ldr * 4;
   if (h_tiles == 2) l.smem += output_staging_bytes(l.hs, l.bt, elem_bytes);
   l.grid = static_cast<int>(D * c.nbg * l.nu);
+  l.kpx = l.ldx = 0;
   return l;
+}
+
+// The forward that computes the input projection x W_ihᵀ itself: after the layout above, the
+// W_ih slice (rows_a rows of ldx bytes, resident), one x tile (bt rows) and the projected gates
+// of each of the block's batch tiles (fp32, [tile][n][m], rows_a per batch row), which a step's
+// cell update reads and the wait at the previous step's barrier fills.
+__host__ __device__ inline int input_projection_tiles(const Layout& l, const Config& c) {
+  return (l.nbt + c.nbg - 1) / c.nbg;
+}
+
+inline void add_input_projection(Layout& l, const Config& c, int64_t I, int elem_bytes) {
+  l.kpx = static_cast<int>(round_up(I, kKStepBytes / elem_bytes));
+  l.ldx = l.kpx * elem_bytes + kRowPadBytes;
+  l.smem += (l.rows_a + l.bt) * l.ldx + input_projection_tiles(l, c) * l.bt * l.rows_a * 4;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,18 +365,18 @@ __device__ __forceinline__ T zero_value() {
   return FromFloat<T>::cvt(0.0f);
 }
 
-// The forward kernels' W_hh slice: rows gate * H + j0 + unit of recurrence d's weights (w_d,
-// 4H x H) -> shared row gate * hs + unit (rows of lda bytes); zero rows past H and zero columns
-// past H, so padded units produce finite junk that is never stored and padded k contributes
-// nothing.
+// The forward kernels' weight slices: rows gate * H + j0 + unit of recurrence d's weights (w_d,
+// 4H x K: W_hh with K = H, W_ih with K = the input size) -> shared row gate * hs + unit (rows of
+// lda bytes); zero rows past H and zero columns past K, so padded units produce finite junk that
+// is never stored and padded k contributes nothing.
 template <typename T>
 __device__ __forceinline__ void load_gate_rows(unsigned char* w_s, int lda, const T* w_d, int rows_a, int kp, int hs,
-                                               int j0, int H) {
+                                               int j0, int H, int K) {
   for (int idx = threadIdx.x; idx < rows_a * kp; idx += kThreads) {
     const int m = idx / kp, k = idx - m * kp;
     const int gate = m / hs, j = j0 + (m - gate * hs);
     T v = zero_value<T>();
-    if (j < H && k < H) v = w_d[(static_cast<int64_t>(gate) * H + j) * H + k];
+    if (j < H && k < K) v = w_d[(static_cast<int64_t>(gate) * H + j) * K + k];
     reinterpret_cast<T*>(w_s + m * lda)[k] = v;
   }
 }
@@ -469,19 +487,18 @@ struct Problem {
   Layout l;
 };
 
-inline Problem check_problem(const Tensor& seq, const char* seq_name, int64_t nt, int64_t wm, int64_t wn, int64_t wk,
-                             int64_t nbg, bool precise, bool k_is_4h, int m_rows, int k_split, const char* op,
-                             bool cluster = false) {
-  STD_TORCH_CHECK(seq.dim() == 4, op, ": ", seq_name, " must be 4-D (T, B, D, 4H), got ", seq.dim(), "-D");
+// check_problem of a call whose sizes come from elsewhere than one (T, B, D, 4H) tensor: `seq`
+// names the tensor whose dtype `dt` is and that T and B come from.
+inline Problem check_problem_sizes(int64_t T, int64_t B, int64_t D, int64_t H, ScalarType dt, const char* seq_name,
+                                   int64_t nt, int64_t wm, int64_t wn, int64_t wk, int64_t nbg, bool precise,
+                                   bool k_is_4h, int m_rows, int k_split, const char* op, bool cluster = false) {
   Problem p;
-  p.T = seq.size(0), p.B = seq.size(1), p.D = seq.size(2), p.H = seq.size(3) / 4;
-  STD_TORCH_CHECK(p.H > 0 && seq.size(3) == 4 * p.H, op, ": ", seq_name,
-                  ".shape[3] must be 4 * hidden_size > 0, got ", seq.size(3));
+  p.T = T, p.B = B, p.D = D, p.H = H;
   STD_TORCH_CHECK(p.T > 0 && p.B > 0, op, ": ", seq_name, " must have T > 0 and B > 0, got ", p.T, " and ", p.B);
   STD_TORCH_CHECK(p.D >= 1 && p.D <= 62, op, ": the number of recurrences must lie in [1, 62], got ", p.D);
   STD_TORCH_CHECK(p.T < (int64_t(1) << 31) && p.B < (int64_t(1) << 31) && p.H < (int64_t(1) << 20), op,
                   ": sizes out of range (T and B below 2^31, H below 2^20)");
-  p.dt = seq.scalar_type();
+  p.dt = dt;
   STD_TORCH_CHECK(p.dt == ScalarType::Half || p.dt == ScalarType::BFloat16 || p.dt == ScalarType::Float, op, ": ",
                   seq_name, " must be float16, bfloat16 or float32, got ", dtype_name(p.dt),
                   " (float64 runs on the step-wise kernels)");
@@ -500,6 +517,17 @@ inline Problem check_problem(const Tensor& seq, const char* seq_name, int64_t nt
   STD_TORCH_CHECK(p.T * p.l.nu < (int64_t(1) << 32), op, ": T * blocks per group must stay below 2^32");
   STD_TORCH_CHECK(!precise || p.dt == ScalarType::Float, op, ": precise (3xTF32) applies to float32 only");
   return p;
+}
+
+inline Problem check_problem(const Tensor& seq, const char* seq_name, int64_t nt, int64_t wm, int64_t wn, int64_t wk,
+                             int64_t nbg, bool precise, bool k_is_4h, int m_rows, int k_split, const char* op,
+                             bool cluster = false) {
+  STD_TORCH_CHECK(seq.dim() == 4, op, ": ", seq_name, " must be 4-D (T, B, D, 4H), got ", seq.dim(), "-D");
+  const int64_t H = seq.size(3) / 4;
+  STD_TORCH_CHECK(H > 0 && seq.size(3) == 4 * H, op, ": ", seq_name, ".shape[3] must be 4 * hidden_size > 0, got ",
+                  seq.size(3));
+  return check_problem_sizes(seq.size(0), seq.size(1), seq.size(2), H, seq.scalar_type(), seq_name, nt, wm, wn, wk,
+                             nbg, precise, k_is_4h, m_rows, k_split, op, cluster);
 }
 
 // Checks `lengths` and `sync`, zeroes the barrier counters on `stream` and fills the shared params.

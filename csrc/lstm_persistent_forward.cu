@@ -24,12 +24,18 @@ namespace {
 
 template <typename T>
 struct ForwardParams : RecurrenceParams {
-  const T* xg;     // (T, B, D, 4H)
+  const T* xg;     // (T, B, D, 4H); null where the kernel projects the input itself
   const T* w;      // (D, 4H, H)
   T* h_buf;        // (2, D, B, kp): h_buf[0] holds h0 on entry
   float* c_state;  // (D, B, H): c0 on entry, c_n on exit
   T* y;            // (T, B, D, H); null when only the final state is wanted
   float* ws;       // (T, B, D, 5H): i, f, g, o, c per step (zeros at masked steps); null: not saved
+  // The kernel that computes the input projection itself (lstm_persistent_forward_from_input_);
+  // null / 0 otherwise.
+  const T* x;          // (T, B, kpx): the layer's input, zeros in the padding
+  const T* w_ih;       // (D, 4H, I)
+  const float* bias;   // (D, 4H): b_ih + b_hh
+  int I;
 };
 
 constexpr int kMt = 2;  // 32 rows per warp: 8 units x 4 gates
@@ -61,7 +67,13 @@ constexpr int kClusterElems = 8;
 // waits at its barrier): all of them at the reference shape (hs * bt = 512, two per thread).
 [[maybe_unused]] constexpr int kClusterPrefetch = 2;  // unused where the cluster kernel is compiled out (sm_80)
 
-template <typename T, int NT>
+// kFromInput: the kernel computes the input projection itself (xg is null). Each block keeps the
+// W_ih slice of its units resident beside the W_hh slice, and projects step s + 1's x for its
+// batch tiles while it waits at step s's barrier (x is an input of the launch, not exchanged, so
+// it can be read before the other blocks arrive): the projection's products overlap the
+// barrier's wait instead of running as a GEMM before the loop. The projected gates stay in fp32
+// in shared memory (add_input_projection), so they are never rounded to the input's dtype.
+template <typename T, int NT, bool kFromInput>
 __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(const ForwardParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const Layout& l = p.l;
@@ -76,8 +88,14 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   unsigned char* w_s = smem;
   unsigned char* h_s = w_s + l.rows_a * lda;
   float* red = reinterpret_cast<float*>(h_s + bt * lda);
+  // kFromInput: the W_ih slice, one x tile, the projected gates of the block's batch tiles.
+  unsigned char* wx_s = reinterpret_cast<unsigned char*>(red + p.cfg.wk * bt * ldr);
+  unsigned char* x_s = wx_s + l.rows_a * l.ldx;
+  float* xproj = reinterpret_cast<float*>(x_s + bt * l.ldx);  // [slot][n][m], rows_a per row n
 
-  load_gate_rows(w_s, lda, p.w + static_cast<int64_t>(d) * G * H, l.rows_a, kp, hs, j0, H);
+  load_gate_rows(w_s, lda, p.w + static_cast<int64_t>(d) * G * H, l.rows_a, kp, hs, j0, H, H);
+  if constexpr (kFromInput)
+    load_gate_rows(wx_s, l.ldx, p.w_ih + static_cast<int64_t>(d) * G * p.I, l.rows_a, l.kpx, hs, j0, H, p.I);
 
   const int wm = warp % p.cfg.wm, wn = (warp / p.cfg.wm) % p.cfg.wn, wk = warp / (p.cfg.wm * p.cfg.wn);
   const int nks = kp * static_cast<int>(sizeof(T)) / kKStepBytes;
@@ -91,6 +109,37 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   const int64_t buf_stride = static_cast<int64_t>(p.D) * B * kp;
   const int64_t H5 = 5 * static_cast<int64_t>(H);
 
+  // kFromInput: x_t W_ihᵀ + b of step `step` for each of the block's batch tiles, into
+  // xproj[slot] (slot: the tile's place among the block's tiles). The wk warps' partial sums go
+  // through red (free between one step's cell updates and the next step's products) and are
+  // added in a fixed order, as the recurrent product's: bitwise reproducible.
+  auto project_inputs = [&](int step) {
+    if constexpr (kFromInput) {
+      const int nksx = l.kpx * static_cast<int>(sizeof(T)) / kKStepBytes;
+      const int ksx0 = wk * nksx / p.cfg.wk, ksx1 = (wk + 1) * nksx / p.cfg.wk;
+      const uint32_t ax_base = smem_addr(wx_s) + m0 * l.ldx;
+      const uint32_t bx_base = smem_addr(x_s) + n0 * l.ldx;
+      const T* x_t = p.x + static_cast<int64_t>(rev ? p.seq_len - 1 - step : step) * B * l.kpx;
+      load_rows_async(x_s, l.ldx, x_t, l.kpx, bg * bt, bt, B);
+      for (int tile = bg, slot = 0; tile < l.nbt; tile += p.cfg.nbg, ++slot) {
+        cp_async_wait_all();
+        __syncthreads();  // the x tile (and, before the first step, W_ih) visible; red free again
+        warp_tile_to_partial_sums<T, kMt, NT>(red_warp, ldr, ax_base, bx_base, l.ldx, ksx0, ksx1, m0, n0, lane,
+                                              p.precise);
+        __syncthreads();  // partial sums complete; the x tile is free again
+        if (tile + p.cfg.nbg < l.nbt) load_rows_async(x_s, l.ldx, x_t, l.kpx, (tile + p.cfg.nbg) * bt, bt, B);
+        float* xp = xproj + slot * bt * l.rows_a;
+        for (int idx = tid; idx < bt * l.rows_a; idx += kThreads) {
+          const int n = idx / l.rows_a, m = idx - n * l.rows_a;
+          const int gate = m / hs, j = j0 + (m - gate * hs);
+          float a = red[n * ldr + m];
+          for (int kw = 1; kw < p.cfg.wk; ++kw) a += red[kw * bt * ldr + n * ldr + m];
+          xp[idx] = a + (j < H ? p.bias[d * G + gate * H + j] : 0.0f);
+        }
+      }
+    }
+  };
+
   // The xg of this thread's first element (first tile, idx = tid) is loaded one step ahead,
   // while the block waits at the barrier, so that global-memory latency is off the critical path
   // of the common case (one element per thread). Other elements load when they are reached.
@@ -98,11 +147,12 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
   const bool has_first = tid < hs * bt && j0 + first_jj < H && bg * bt + first_n < B;
   float x_first[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   auto load_first_x = [&](int step) {
-    if (!has_first) return;
+    if (kFromInput || !has_first) return;
     const int tt = rev ? p.seq_len - 1 - step : step;
     load_gate_x(x_first, p.xg, (static_cast<int64_t>(tt) * B + bg * bt + first_n) * p.D + d, j0 + first_jj, H);
   };
   load_first_x(0);
+  project_inputs(0);
 
   // The y and workspace of the block's last batch tile of a step are staged in the h tile (free
   // once that tile's partial sums are done: no prefetch follows it) and stored after the
@@ -159,10 +209,15 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
           continue;
         }
         float x[4], pre[4];
-        if (tile == bg && idx == tid)
+        if constexpr (kFromInput) {
+          const float* xp = xproj + ((tile - bg) / p.cfg.nbg * bt + n) * l.rows_a + jj;
+#pragma unroll
+          for (int gate = 0; gate < 4; ++gate) x[gate] = xp[gate * hs];
+        } else if (tile == bg && idx == tid) {
           for (int gate = 0; gate < 4; ++gate) x[gate] = x_first[gate];
-        else
+        } else {
           load_gate_x(x, p.xg, row, j, H);
+        }
         gate_preactivations(pre, red, n, jj, ldr, hs, bt, p.cfg.wk, x);
         const CellState cell = lstm_cell_update(pre, p.c_state[state]);
         const T h_new = from_acc<T, float>(cell.o * tanhf(cell.c));
@@ -177,6 +232,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(co
       barrier_arrive(counter);
       load_first_x(s + 1);
       store_deferred(t);  // the h tile is rewritten only after the wait's __syncthreads
+      project_inputs(s + 1);
       barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s, p.watchdog_ns);
     } else {
       store_deferred(t);  // each thread stores the elements it staged: no __syncthreads needed
@@ -222,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
   float* ws_s = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(y_s) +
                                          (hs * bt * static_cast<int>(sizeof(T)) + 15) / 16 * 16);  // [k][n][jj]
 
-  load_gate_rows(w_s, lda, p.w + static_cast<int64_t>(d) * G * H, l.rows_a, kp, hs, j0, H);
+  load_gate_rows(w_s, lda, p.w + static_cast<int64_t>(d) * G * H, l.rows_a, kp, hs, j0, H, H);
   // Buffer 1 starts zero (its padding columns and rows past the batch are never written); buffer
   // 0 takes the h0 tile, zeros past the batch.
   for (int idx = tid; idx < bt * lda / 16; idx += kThreads)
@@ -343,17 +399,19 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_cluster_forward_kernel(const
 #endif
 }
 
-// The tensors both forward ops take, checked against the problem.
-void check_forward_tensors(const Problem& pb, const Tensor& xg, const Tensor& w_hh, const Tensor& h_buf,
-                           const Tensor& c_state, const Tensor& y, const Tensor& workspace, const char* op) {
+// The tensors every forward op takes, checked against the problem; `seq` (named seq_name) is the
+// op's sequence input (xg, or x for the kernel that projects the input itself).
+void check_forward_tensors(const Problem& pb, const Tensor& seq, const char* seq_name, const Tensor& w_hh,
+                           const Tensor& h_buf, const Tensor& c_state, const Tensor& y, const Tensor& workspace,
+                           const char* op) {
   const int64_t T = pb.T, B = pb.B, D = pb.D, H = pb.H;
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&w_hh, "w_hh"}, {&h_buf, "h_buf"}, {&y, "y"}})
     check_dtype(*t, pb.dt, op, name);
   check_dtype(c_state, ScalarType::Float, op, "c_state");
   check_dtype(workspace, ScalarType::Float, op, "workspace");
-  const std::pair<const Tensor*, const char*> all[] = {{&xg, "xg"}, {&w_hh, "w_hh"}, {&h_buf, "h_buf"},
+  const std::pair<const Tensor*, const char*> all[] = {{&seq, seq_name}, {&w_hh, "w_hh"}, {&h_buf, "h_buf"},
                                                        {&c_state, "c_state"}, {&y, "y"}, {&workspace, "workspace"}};
-  for (auto [t, name] : all) check_cuda_contiguous(*t, xg, op, name);
+  for (auto [t, name] : all) check_cuda_contiguous(*t, seq, op, name);
   check_shape(w_hh, {D, 4 * H, H}, op, "w_hh");
   check_shape(h_buf, {2, D, B, pb.l.kp}, op, "h_buf");
   check_aligned_16(h_buf, op, "h_buf");
@@ -364,22 +422,27 @@ void check_forward_tensors(const Problem& pb, const Tensor& xg, const Tensor& w_
   if (workspace.numel() != 0) check_shape(workspace, {T, B, D, 5 * H}, op, "workspace");
 }
 
-// Both forward ops after their checks: on xg's device and stream, the shared params (the
-// barrier counters `sync` zeroed, or none for the cluster kernel), then
-// launch(params, dtype tag, batch-tile tag, device, stream) for the compiled (dtype, nt) pair.
+// Every forward op after its checks: on seq's device and stream, the shared params (the barrier
+// counters `sync` zeroed, or none for the cluster kernel), then launch(params, dtype tag,
+// batch-tile tag, device, stream) for the compiled (dtype, nt) pair. `xg` is null for the kernel
+// that projects the input itself (its launch sets x, w_ih, bias and I).
 template <typename Launch>
 void launch_forward(const Problem& pb, const std::optional<Tensor>& lengths, const Tensor* sync, int64_t reverse_mask,
-                    bool precise, const Tensor& xg, const Tensor& w_hh, Tensor& h_buf, Tensor& c_state, Tensor& y,
-                    Tensor& workspace, const char* op, Launch&& launch) {
-  const int device = xg.get_device_index();
+                    bool precise, const Tensor& seq, const Tensor* xg, const Tensor& w_hh, Tensor& h_buf,
+                    Tensor& c_state, Tensor& y, Tensor& workspace, const char* op, Launch&& launch) {
+  const int device = seq.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  cudaStream_t stream = current_stream(xg);
-  const RecurrenceParams common = recurrence_params(pb, lengths, sync, xg, reverse_mask, precise, stream, op);
+  cudaStream_t stream = current_stream(seq);
+  const RecurrenceParams common = recurrence_params(pb, lengths, sync, seq, reverse_mask, precise, stream, op);
   dispatch_tile(pb.dt, pb.cfg.nt, [&](auto t_tag, auto nt_tag) {
     using Ts = decltype(t_tag);
     ForwardParams<Ts> p;
     static_cast<RecurrenceParams&>(p) = common;
-    p.xg = static_cast<const Ts*>(xg.data_ptr());
+    p.xg = xg == nullptr ? nullptr : static_cast<const Ts*>(xg->data_ptr());
+    p.x = nullptr;
+    p.w_ih = nullptr;
+    p.bias = nullptr;
+    p.I = 0;
     p.w = static_cast<const Ts*>(w_hh.data_ptr());
     p.h_buf = static_cast<Ts*>(h_buf.data_ptr());
     p.c_state = static_cast<float*>(c_state.data_ptr());
@@ -394,10 +457,43 @@ void lstm_persistent_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> leng
                               Tensor c_state, Tensor y, Tensor workspace, Tensor sync) {
   const char* op = "lstm_persistent_forward_";
   const Problem pb = check_problem(xg, "xg", nt, wm, wn, wk, nbg, precise, /*k_is_4h=*/false, 16 * kMt, 4, op);
-  check_forward_tensors(pb, xg, w_hh, h_buf, c_state, y, workspace, op);
-  launch_forward(pb, lengths, &sync, reverse_mask, precise, xg, w_hh, h_buf, c_state, y, workspace, op,
-                 [&](const auto& p, auto t_tag, auto nt_tag, int device, cudaStream_t stream) {
-                   auto kernel = lstm_persistent_forward_kernel<decltype(t_tag), decltype(nt_tag)::value>;
+  check_forward_tensors(pb, xg, "xg", w_hh, h_buf, c_state, y, workspace, op);
+  launch_forward(pb, lengths, &sync, reverse_mask, precise, xg, &xg, w_hh, h_buf, c_state, y, workspace, op,
+                 [&](auto& p, auto t_tag, auto nt_tag, int device, cudaStream_t stream) {
+                   auto kernel = lstm_persistent_forward_kernel<decltype(t_tag), decltype(nt_tag)::value, false>;
+                   launch_cooperative(kernel, p, pb.l, device, stream, op);
+                 });
+}
+
+void lstm_persistent_forward_from_input_(Tensor x, Tensor w_ih, Tensor bias, Tensor w_hh,
+                                         std::optional<Tensor> lengths, int64_t reverse_mask, int64_t nt, int64_t wm,
+                                         int64_t wn, int64_t wk, int64_t nbg, bool precise, Tensor h_buf,
+                                         Tensor c_state, Tensor y, Tensor workspace, Tensor sync) {
+  const char* op = "lstm_persistent_forward_from_input_";
+  STD_TORCH_CHECK(x.dim() == 3, op, ": x must be 3-D (T, B, padded input size), got ", x.dim(), "-D");
+  STD_TORCH_CHECK(w_ih.dim() == 3 && w_ih.size(1) > 0 && w_ih.size(1) % 4 == 0 && w_ih.size(2) > 0, op,
+                  ": w_ih must be 3-D (D, 4H, I) with H > 0 and I > 0");
+  const int64_t D = w_ih.size(0), H = w_ih.size(1) / 4, I = w_ih.size(2);
+  STD_TORCH_CHECK(I < (int64_t(1) << 20), op, ": the input size must stay below 2^20, got ", I);
+  Problem pb = check_problem_sizes(x.size(0), x.size(1), D, H, x.scalar_type(), "x", nt, wm, wn, wk, nbg, precise,
+                                   /*k_is_4h=*/false, 16 * kMt, 4, op);
+  add_input_projection(pb.l, pb.cfg, I, pb.dt == ScalarType::Float ? 4 : 2);
+  check_forward_tensors(pb, x, "x", w_hh, h_buf, c_state, y, workspace, op);
+  check_dtype(w_ih, pb.dt, op, "w_ih");
+  check_dtype(bias, ScalarType::Float, op, "bias");
+  check_cuda_contiguous(w_ih, x, op, "w_ih");
+  check_cuda_contiguous(bias, x, op, "bias");
+  check_shape(x, {pb.T, pb.B, pb.l.kpx}, op, "x");
+  check_aligned_16(x, op, "x");
+  check_shape(bias, {D, 4 * H}, op, "bias");
+  launch_forward(pb, lengths, &sync, reverse_mask, precise, x, nullptr, w_hh, h_buf, c_state, y, workspace, op,
+                 [&](auto& p, auto t_tag, auto nt_tag, int device, cudaStream_t stream) {
+                   using Ts = decltype(t_tag);
+                   p.x = static_cast<const Ts*>(x.data_ptr());
+                   p.w_ih = static_cast<const Ts*>(w_ih.data_ptr());
+                   p.bias = static_cast<const float*>(bias.data_ptr());
+                   p.I = static_cast<int>(I);
+                   auto kernel = lstm_persistent_forward_kernel<Ts, decltype(nt_tag)::value, true>;
                    launch_cooperative(kernel, p, pb.l, device, stream, op);
                  });
 }
@@ -412,11 +508,11 @@ void lstm_cluster_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths
   const int64_t nbg = bt > 0 ? (xg.size(1) + bt - 1) / bt : 1;
   const Problem pb =
       check_problem(xg, "xg", nt, wm, wn, wk, nbg, precise, /*k_is_4h=*/false, 16 * kMt, 4, op, /*cluster=*/true);
-  check_forward_tensors(pb, xg, w_hh, h_buf, c_state, y, workspace, op);
+  check_forward_tensors(pb, xg, "xg", w_hh, h_buf, c_state, y, workspace, op);
   STD_TORCH_CHECK(pb.l.hs * pb.l.bt <= kClusterElems * kThreads, op, ": a block's tile of ", pb.l.hs, " units x ",
                   pb.l.bt, " rows exceeds the ", kClusterElems, " elements per thread the kernel keeps");
-  launch_forward(pb, lengths, nullptr, reverse_mask, precise, xg, w_hh, h_buf, c_state, y, workspace, op,
-                 [&](const auto& p, auto t_tag, auto nt_tag, int device, cudaStream_t stream) {
+  launch_forward(pb, lengths, nullptr, reverse_mask, precise, xg, &xg, w_hh, h_buf, c_state, y, workspace, op,
+                 [&](auto& p, auto t_tag, auto nt_tag, int device, cudaStream_t stream) {
                    auto kernel = lstm_cluster_forward_kernel<decltype(t_tag), decltype(nt_tag)::value>;
                    launch_clusters(kernel, p, pb.l, device, stream, op);
                  });
@@ -429,4 +525,6 @@ void lstm_cluster_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths
 STABLE_TORCH_LIBRARY_IMPL(fusedconvlstm, CUDA, m) {
   m.impl("lstm_persistent_forward_", TORCH_BOX(&fusedconvlstm::persistent::lstm_persistent_forward_));
   m.impl("lstm_cluster_forward_", TORCH_BOX(&fusedconvlstm::persistent::lstm_cluster_forward_));
+  m.impl("lstm_persistent_forward_from_input_",
+         TORCH_BOX(&fusedconvlstm::persistent::lstm_persistent_forward_from_input_));
 }

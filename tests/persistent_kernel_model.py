@@ -262,6 +262,7 @@ class Problem:
     layout: Layout
     lengths: np.ndarray | None
     reverse_mask: int
+    I: int = 0  # noqa: E741 -- the input size of the kernel that projects the input itself
 
     def block_coords(self, bid: int) -> tuple[int, int, int]:
         lay = self.layout
@@ -292,16 +293,30 @@ def tile_elements(hs: int, bt: int, j0: int, b0: int, H: int, B: int):
     return idx[keep], n[keep], jj[keep], j[keep], b[keep]
 
 
-def load_gate_rows(smem: SharedMemory, p: Problem, mem: dict[str, Global], rows_a: int, lda: int, j0: int, d: int):
-    """Port of ``load_gate_rows``: the forward kernels' W_hh slice into shared memory."""
-    H, hs, kp = p.H, p.layout.hs, p.layout.kp
+def load_gate_rows(
+    smem: SharedMemory,
+    p: Problem,
+    mem: dict[str, Global],
+    rows_a: int,
+    lda: int,
+    j0: int,
+    d: int,
+    name: str = "w",
+    K: int | None = None,  # noqa: N803 -- the kernel's name
+    kp: int | None = None,
+):
+    """Port of ``load_gate_rows``: the forward kernels' weight slice (``mem[name]``, 4H x K per
+    recurrence: W_hh by default, W_ih with ``K = I``) into shared memory (padded to ``kp``)."""
+    H, hs = p.H, p.layout.hs
+    K = H if K is None else K
+    kp = p.layout.kp if kp is None else kp
     idx = np.arange(rows_a * kp)
     m, k = idx // kp, idx % kp
     gate = m // hs
     j = j0 + (m - gate * hs)
-    inside = (j < H) & (k < H)
-    src = d * 4 * H * H + (gate * H + np.where(inside, j, 0)) * H + np.where(inside, k, 0)
-    smem.ops[smem.ops_index(m * lda + k * p.eb, 0, smem.tile_offset)] = np.where(inside, mem["w"][src], 0.0)
+    inside = (j < H) & (k < K)
+    src = d * 4 * H * K + (gate * H + np.where(inside, j, 0)) * K + np.where(inside, k, 0)
+    smem.ops[smem.ops_index(m * lda + k * p.eb, 0, smem.tile_offset)] = np.where(inside, mem[name][src], 0.0)
 
 
 def _staging(smem: SharedMemory, bt: int, lda: int, rows: int, per_row: int) -> np.ndarray:
@@ -334,12 +349,55 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
     counter = (d * lay.nbg + bg) * SYNC_STRIDE
     buf_stride = p.D * B * kp
 
+    # The kernel that projects the input itself (x in mem, no xg): after red, the W_ih slice and
+    # one x tile (rows of ldx bytes: smem_x, its own operand region), then the projected gates
+    # of the block's tiles (xproj[slot][n][m], fp32).
+    from_input = "x" in mem
+    if from_input:
+        ldx = lay.kpx * p.eb + 16
+        smem_x = SharedMemory(lay, p.eb, rows_a, ldx, ldr)
+        xproj = np.full(lay.input_tiles * bt * rows_a, np.nan)
+        assert smem.red_offset + smem.red.size * 4 + smem_x.red_offset + xproj.size * 4 == lay.smem, (
+            "the kernel's shared memory is not the layout's"
+        )
+        load_gate_rows(smem_x, p, mem, rows_a, ldx, j0, d, "w_ih", p.I, lay.kpx)
+        nksx = lay.kpx * p.eb // K_STEP_BYTES
+        warps_x = [p.warp_split(w, nksx, 16 * MT, NT) for w in range(WARPS)]
+
+    def project_inputs(step):
+        """The kernel's ``project_inputs``: x_t W_ihᵀ + b of each of the block's tiles into xproj."""
+        tt = p.T - 1 - step if rev else step
+        x_t = tt * B * lay.kpx
+        copy = AsyncCopy(smem_x, mem["x"], x_t, lay.kpx, bg * bt, bt, B, rng)
+        for slot, tile in enumerate(range(bg, lay.nbt, lay.nbg)):
+            copy.land()
+            yield None
+            written = np.zeros(smem.red.size, dtype=bool)
+            for m0, n0, wk, ks0, ks1 in warps_x:
+                acc = np.zeros((MT, NT, 32, 4))
+                warp_mma(smem_x, acc, m0 * ldx, smem_x.tile_offset + n0 * ldx, ks0, ks1)
+                store_accumulators(smem, wk * bt * ldr, ldr, acc, m0, n0, written)
+            yield None
+            if tile + lay.nbg < lay.nbt:
+                copy = AsyncCopy(smem_x, mem["x"], x_t, lay.kpx, (tile + lay.nbg) * bt, bt, B, rng)
+            idx = np.arange(bt * rows_a)
+            n, m = idx // rows_a, idx % rows_a
+            gate = m // hs
+            j = j0 + (m - gate * hs)
+            a = smem.red[n * ldr + m].copy()
+            for kw in range(1, lay.wk):
+                a += smem.red[kw * bt * ldr + n * ldr + m]
+            bias = np.where(j < H, mem["bias"][d * G + gate * H + np.minimum(j, H - 1)], 0.0)
+            xproj[slot * bt * rows_a + idx] = a + bias
+
     tid = np.arange(THREADS)
     first_n, first_jj = tid // hs, tid % hs
     has_first = (tid < hs * bt) & (j0 + first_jj < H) & (bg * bt + first_n < B)
     x_first = np.zeros((THREADS, 4))
 
     def load_first_x(step):
+        if from_input:
+            return
         tt = p.T - 1 - step if rev else step
         row = (tt * B + bg * bt + first_n[has_first]) * p.D + d
         x_row = row * G + j0 + first_jj[has_first]
@@ -347,6 +405,8 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             x_first[has_first, gt] = mem["xg"][x_row + gt * H]
 
     load_first_x(0)
+    if from_input:
+        yield from project_inputs(0)
     # The last batch tile's y and workspace are staged in the h tile and stored after the arrive
     # (when the staging fits the tile region), as the kernel's store_deferred.
     last_tile = bg + (lay.nbt - 1 - bg) // lay.nbg * lay.nbg
@@ -398,15 +458,19 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             )
             x_row = row * G + j
             first = (tile == bg) & (idx < THREADS)  # idx == tid: each thread's first element
-            assert np.all(has_first[idx[first]]), "a first element whose xg was not prefetched"
+            assert from_input or np.all(has_first[idx[first]]), "a first element whose xg was not prefetched"
             r = n * ldr + jj
             pre = np.empty((4, idx.size))
             for gt in range(4):
                 a = smem.red[r + gt * hs].copy()
                 for kw in range(1, lay.wk):
                     a += smem.red[r + kw * bt * ldr + gt * hs]
-                x = mem["xg"][x_row + gt * H]
-                x[first] = x_first[idx[first], gt]
+                if from_input:
+                    slot = (tile - bg) // lay.nbg
+                    x = xproj[(slot * bt + n) * rows_a + gt * hs + jj]
+                else:
+                    x = mem["xg"][x_row + gt * H]
+                    x[first] = x_first[idx[first], gt]
                 pre[gt] = a + x
             i_g, f_g, g_g = 1 / (1 + np.exp(-pre[0])), 1 / (1 + np.exp(-pre[1])), np.tanh(pre[2])
             o_g = 1 / (1 + np.exp(-pre[3]))
@@ -432,6 +496,8 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             if defer and deferred is not None:
                 store_staged(mem, H, *deferred)  # store_deferred
                 yield None
+            if from_input:
+                yield from project_inputs(s + 1)
             yield (counter, (s + 1) * lay.nu)  # barrier_wait
         elif defer and deferred is not None:
             store_staged(mem, H, *deferred)
@@ -779,6 +845,18 @@ def run_forward(p: Problem, xg, w_hh, h0, c0, seed: int, save_workspace: bool = 
     ``xg (T, B, D, 4H)``, ``w_hh (D, 4H, H)``, ``h0``, ``c0 (D, B, H)``.
     """
     mem = _forward_memory(p, xg, w_hh, h0, c0, save_workspace, write_y)
+    rng = np.random.default_rng(seed)
+    counters = np.zeros(p.D * p.layout.nbg * SYNC_STRIDE, dtype=np.int64)
+    run_blocks([forward_block(b, p, mem, counters, rng) for b in range(p.layout.grid)], counters, rng)
+    return _forward_results(p, mem)
+
+
+def run_forward_from_input(p: Problem, x, w_ih, bias, w_hh, h0, c0, seed: int, save_workspace: bool = True):
+    """The forward op that projects the input itself, on the model, as :func:`run_forward`:
+    ``x (T, B, kpx)`` (zeros in the padding), ``w_ih (D, 4H, I)``, ``bias (D, 4H)``."""
+    mem = _forward_memory(p, np.zeros(1), w_hh, h0, c0, save_workspace, True)
+    del mem["xg"]
+    mem.update(x=Global(x), w_ih=Global(w_ih), bias=Global(bias))
     rng = np.random.default_rng(seed)
     counters = np.zeros(p.D * p.layout.nbg * SYNC_STRIDE, dtype=np.int64)
     run_blocks([forward_block(b, p, mem, counters, rng) for b in range(p.layout.grid)], counters, rng)

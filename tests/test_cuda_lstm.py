@@ -91,6 +91,7 @@ def test_persistent_op_schemas_mutate_their_outputs(op):
     expected = {
         "lstm_persistent_forward_": {"h_buf", "c_state", "y", "workspace", "sync"},
         "lstm_cluster_forward_": {"h_buf", "c_state", "y", "workspace"},
+        "lstm_persistent_forward_from_input_": {"h_buf", "c_state", "y", "workspace", "sync"},
         "lstm_persistent_backward_": {"dh_carry", "dc", "dgates", "g_buf", "sync"},
     }[op]
     assert mutated == expected
@@ -1216,3 +1217,101 @@ def test_cluster_op_cpu_contract_refuses_clusters_the_gpu_refuses():
     with pytest.raises(ValueError, match="at most 16 form a cluster"):
         torch.ops.fusedconvlstm.lstm_cluster_forward_(*_cluster_forward_args(fwd, config=(1, 1, 1, 8)))
     torch.ops.fusedconvlstm.lstm_cluster_forward_(*_cluster_forward_args(fwd, config=(1, 4, 1, 2)))  # 16 blocks
+
+
+# =============================================================================================
+# GPU: the forward that computes the input projection itself
+
+
+@pytest.fixture
+def input_forward(monkeypatch, persistent_only):
+    """Prefer the in-kernel input projection and make the other forward kernels unusable, so a
+    test proves that it served (the backward stays the persistent one)."""
+    monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "input")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a forward on precomputed gates ran where the in-kernel projection was expected")
+
+    monkeypatch.setattr(cuda_lstm, "_persistent_forward", refuse)
+    monkeypatch.setattr(cuda_lstm, "_cluster_forward", refuse)
+
+
+INPUT_MODULE_CASES = [c for c in MODULE_CASES if "proj_size" not in c[5]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", INPUT_MODULE_CASES, ids=[c[0] for c in INPUT_MODULE_CASES])
+def test_gpu_input_projection_in_kernel_within_twice_cudnn_error(dtype, case, input_forward):
+    _check_module_case(dtype, case, "in-kernel projection ")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_input_projection_in_kernel_packed_and_parallel(dtype, input_forward):
+    lengths = torch.tensor([7, 1, 5, 7, 3])
+    ours, cudnn, ref = _three_way(dtype, 10, 40, 7, 5, bidirectional=True, with_hx=True, lengths=lengths)
+    _check_against_cudnn(ours, cudnn, ref, dtype, f"in-kernel projection packed {dtype}")
+    _check_parallel_pair(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_input_projection_every_configuration_matches_the_reference(dtype):
+    # Every fitting launch configuration (1-9 tiles per block, padded units, I padded past a
+    # k-step) against float64, with the tolerances of the forward on precomputed gates.
+    T, B, D, H, n_in = 5, 70, 2, 40, 37
+    limits = pc.DeviceLimits.of(torch.device("cuda"))
+    torch.manual_seed(3)
+    x = torch.randn(T, B, n_in).to(dtype)
+    w_ih = (0.3 * torch.randn(D * 4 * H, n_in)).to(dtype)
+    bias = (0.1 * torch.randn(D * 4 * H)).to(dtype)
+    w_hh = [(0.3 * torch.randn(4 * H, H)).to(dtype) for _ in range(D)]
+    h0, c0 = torch.randn(D, B, H).to(dtype), torch.randn(D, B, H).to(dtype)
+    lengths = torch.randint(0, T + 1, (B,))
+    f64 = [t.double() for t in (x, w_ih, bias, h0, c0)]
+    want = cuda_lstm.lstm_recurrence_from_input_forward(
+        *f64[:3], [w.double() for w in w_hh], *f64[3:], lengths, [False, True]
+    )
+    tol = {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+    tried = 0
+    for nt, wm, wn, wk in pc.warp_splits():
+        base = pc.make_layout(pc.FROM_INPUT, nt, wm, wn, wk, 1, B, D, H, dtype, input_size=n_in)
+        for nbg in range(1, base.nbt + 1):
+            lay = pc.make_layout(pc.FROM_INPUT, nt, wm, wn, wk, nbg, B, D, H, dtype, input_size=n_in)
+            if not lay.fits(limits):
+                continue
+            tried += 1
+            dev = [t.cuda() for t in (x, w_ih, bias, h0, c0, lengths)]
+            got = cuda_lstm.lstm_recurrence_from_input_forward(
+                dev[0], dev[1], dev[2], [w.cuda() for w in w_hh], dev[3], dev[4], dev[5], [False, True], config=lay
+            )
+            for name, a, b in zip(("y", "h_n", "c_n", "workspace"), got, want):
+                assert rel_err(a.cpu(), b) < tol, f"{lay.args}: {name} {rel_err(a.cpu(), b):.2e}"
+    assert tried > 10
+
+
+@pytest.mark.gpu
+def test_gpu_input_projection_deterministic_opcheck_and_graph_capture(input_forward):
+    from fusedconvlstm.ops.lstm import _lstm_from_input_op
+
+    torch.manual_seed(4)
+    lstm = fusedconvlstm.LSTM(64, 96, bidirectional=True, backend="cuda").cuda().to(torch.bfloat16)
+    x = torch.randn(9, 5, 64, device="cuda", dtype=torch.bfloat16)
+    pc.FORWARD_KERNELS_SERVED.clear()
+    first = lstm(x)[0]
+    assert pc.FORWARD_KERNELS_SERVED["input"] >= 1
+    assert torch.equal(first, lstm(x)[0])
+    w, b, w_hh, _ = lstm._layer_weights(0)
+    h0 = torch.zeros(2, 5, 96, device="cuda", dtype=torch.bfloat16)
+    args = (x, w.detach(), b.detach(), [t.detach() for t in w_hh], h0, h0.clone(), None, [False, True], "cuda")
+    torch.library.opcheck(_lstm_from_input_op, args, {"save_for_backward": True, "write_y": True})
+    graph, static_x = torch.cuda.CUDAGraph(), x.clone()
+    with torch.no_grad():
+        lstm(static_x)  # warm-up outside the capture
+        with torch.cuda.graph(graph):
+            out = lstm(static_x)[0]
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    with torch.no_grad():
+        assert torch.equal(out, lstm(static_x)[0])

@@ -366,3 +366,58 @@ def test_model_constants_are_the_kernels():
 
     assert constant("kThreads") == km.THREADS
     assert constant("kClusterPrefetch") == km.CLUSTER_PREFETCH
+
+
+# =============================================================================================
+# The forward that computes the input projection itself
+
+
+def _check_from_input_model(shape, n_in, eb, cfg, lengths, reverse, input_seed, interleavings):
+    """The in-kernel projection's model (``x`` padded to the kernel's ``kpx``, NaN-free) against
+    the reference op that forms ``xg = x W_ihᵀ + b`` first."""
+    t, b, d, h = shape
+    lengths = None if lengths is None else torch.tensor(lengths)
+    g = torch.Generator().manual_seed(input_seed + 7)
+    x = torch.randn(t, b, n_in, dtype=F64, generator=g)
+    w_ih = 0.4 * torch.randn(d, 4 * h, n_in, dtype=F64, generator=g)
+    bias = 0.2 * torch.randn(d, 4 * h, dtype=F64, generator=g)
+    _, w, h0, c0 = _inputs(input_seed, shape)
+    xg = torch.einsum("tbi,dgi->tbdg", x, w_ih) + bias
+    want = _reference_forward(xg, w, h0, c0, lengths, reverse)
+    layout = pc.make_layout(pc.FROM_INPUT, *cfg, b, d, h, DTYPE_OF_WIDTH[eb], input_size=n_in)
+    p = km.Problem(t, b, d, h, eb, layout, None if lengths is None else lengths.numpy(), reverse_mask(reverse), n_in)
+    x_pad = np.zeros((t, b, layout.kpx))
+    x_pad[..., :n_in] = x.numpy()
+    for seed in interleavings:
+        got = km.run_forward_from_input(p, x_pad, w_ih.numpy(), bias.numpy(), w.numpy(), h0.numpy(), c0.numpy(), seed)
+        for name, a, want_a in zip(("y", "h_n", "c_n", "workspace"), got, want):
+            _close(a, want_a, f"from input {shape} I={n_in} {cfg}: {name}")
+
+
+@pytest.mark.parametrize("eb", [2, 4], ids=["16bit", "tf32"])
+@pytest.mark.parametrize("cfg", FORWARD_CONFIGS, ids=str)
+@pytest.mark.parametrize("n_in", [20, 37], ids=lambda i: f"I{i}")
+def test_forward_from_input_kernel_model_matches_reference(cfg, eb, n_in):
+    # I = 37 pads x and the W_ih rows past a whole k-step; I = 20 with H = 20 is the square case.
+    _check_from_input_model((T, B, D, H), n_in, eb, cfg, LENGTHS, REVERSE, 3, range(2))
+
+
+def test_forward_from_input_layout_holds_every_tile_of_a_block():
+    # Shared memory: the cooperative kernel's, then the W_ih slice and one x tile in rows of
+    # ldx bytes, then 4 hs x bt projected gates (fp32) per batch tile of a block.
+    base = pc.make_layout("forward", 1, 1, 1, 8, 2, 27, 2, 20, torch.bfloat16)
+    lay = pc.make_layout(pc.FROM_INPUT, 1, 1, 1, 8, 2, 27, 2, 20, torch.bfloat16, input_size=37)
+    ldx = 48 * 2 + 16
+    assert lay.kpx == 48 and lay.input_tiles == 2
+    assert lay.smem == base.smem + (32 + 8) * ldx + 2 * 8 * 32 * 4
+    assert (lay.hs, lay.bt, lay.nu, lay.nbt, lay.grid) == (base.hs, base.bt, base.nu, base.nbt, base.grid)
+    with pytest.raises(ValueError, match="input_size"):
+        pc.make_layout(pc.FROM_INPUT, 1, 1, 1, 8, 2, 27, 2, 20, torch.bfloat16)
+
+
+@_RANDOM
+@given(_random_problems("forward"), st.integers(1, 40))
+def test_forward_from_input_kernel_model_on_random_problems(problem, n_in):
+    *args, seed = problem
+    shape, eb, cfg, lengths, reverse = args
+    _check_from_input_model(shape, n_in, eb, cfg, lengths, reverse, seed, [seed])

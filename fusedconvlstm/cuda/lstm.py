@@ -30,15 +30,19 @@ the same cell math, so this is a choice of schedule, not a silent change of back
 unprojected recurrence on ``W_hh W_hr`` with the projection after the loop
 (:mod:`fusedconvlstm.ops.lstm_projection`), so every call the backend's device takes is served.
 
-The input projection ``x W_ihᵀ`` arrives precomputed in ``xg`` (one GEMM before the loop, done
-by the module). Computing it inside the persistent kernel while a step waits at its barrier is
-not done, for a reason of bytes *(estimate, to be measured)*: in this decomposition every block
-already reads the whole ``h`` tile of its batch rows from L2 each step (``grid x bt x H``
-elements: 4 MiB per step at the reference pair, B = 64, bf16), and the projection would make
-every block read the whole ``x`` tile too, doubling that traffic, while the precomputed ``xg``
-costs each block only its own units' columns (0.5 MiB per step in all) and the GEMM runs at
-tensor-core speed before the loop. The driver only calls ops, so on CPU tensors it runs the ops'
-CPU implementations, which is how CI tests it.
+The input projection ``x W_ihᵀ`` arrives precomputed in ``xg`` (one GEMM before the loop) for
+``lstm_recurrence``. Where a layer's input itself reaches the backend
+(:func:`fusedconvlstm.ops.lstm.lstm_layer`, which the modules call), a third forward kernel can
+compute it inside the persistent launch (:func:`lstm_recurrence_from_input_forward`, kind
+``FROM_INPUT``): each block keeps its units' ``W_ih`` rows resident beside ``W_hh`` and projects
+step ``t + 1``'s ``x`` while it waits at step ``t``'s barrier, with the projected gates in fp32
+(never rounded to the input's dtype). Which is faster is for a GPU to say *(estimate, to be
+measured)*: the projection's products may hide in the barrier's wait, but every block then reads
+the whole ``x`` tile of its batch rows from L2 each step (doubling the ``h`` tile's traffic at
+``I = H``), where the precomputed ``xg`` costs each block only its own units' columns and the GEMM
+runs at tensor-core speed before the loop. It is used only when
+``FUSEDCONVLSTM_LSTM_FWD_KERNEL=input`` asks for it, for unprojected LSTMs. The driver only calls
+ops, so on CPU tensors it runs the ops' CPU implementations, which is how CI tests it.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ _cell_backward = torch.ops.fusedconvlstm.lstm_cell_backward_
 _persistent_forward = torch.ops.fusedconvlstm.lstm_persistent_forward_
 _cluster_forward = torch.ops.fusedconvlstm.lstm_cluster_forward_
 _persistent_backward = torch.ops.fusedconvlstm.lstm_persistent_backward_
+_from_input_forward = torch.ops.fusedconvlstm.lstm_persistent_forward_from_input_
 
 PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -109,9 +114,9 @@ def _refusal(call: LSTMRecurrenceCall) -> str | None:
     return None
 
 
-def _choose(call: LSTMRecurrenceCall, kind: str, lim: DeviceLimits) -> Layout | str:
+def _choose(call: LSTMRecurrenceCall, kind: str, lim: DeviceLimits, input_size: int = 0) -> Layout | str:
     return persistent_config.choose_config(
-        kind, call.batch, call.num_recurrences, call.hidden_size, call.dtype, lim, _precise(call.dtype)
+        kind, call.batch, call.num_recurrences, call.hidden_size, call.dtype, lim, _precise(call.dtype), input_size
     )
 
 
@@ -127,6 +132,18 @@ def persistent_plan(call: LSTMRecurrenceCall, kind: str, limits: DeviceLimits | 
     ``"backward"``), or why the persistent kernel does not take it. ``limits`` defaults to those
     of ``call.device``. For the forward, the cluster kernel's configuration where it is the
     preferred kernel (:func:`preferred_forward_kernel`) and fits, else the cooperative kernel's."""
+    lim = _persistent_limits(call, limits)
+    if isinstance(lim, str):
+        return lim
+    if kind == "forward" and preferred_forward_kernel() == "cluster":
+        plan = cluster_plan(call, lim)
+        if isinstance(plan, Layout):
+            return plan
+    return _choose(call, kind, lim)
+
+
+def _persistent_limits(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> DeviceLimits | str:
+    """The device limits a persistent kernel plans with, or why no persistent kernel takes ``call``."""
     reason = _refusal(call)
     if reason is not None:
         return reason
@@ -135,11 +152,27 @@ def persistent_plan(call: LSTMRecurrenceCall, kind: str, limits: DeviceLimits | 
         return lim
     if lim.capability < (8, 0):
         return f"the persistent kernels need compute capability 8.0 or newer, got {lim.capability}"
-    if kind == "forward" and preferred_forward_kernel() == "cluster":
-        plan = cluster_plan(call, lim)
-        if isinstance(plan, Layout):
-            return plan
-    return _choose(call, kind, lim)
+    return lim
+
+
+def from_input_plan(call: LSTMRecurrenceCall, input_size: int, limits: DeviceLimits | None = None) -> Layout | str:
+    """The configuration of the forward kernel that computes the input projection itself
+    (kind ``FROM_INPUT``) for ``call`` with inputs of ``input_size`` features, or why it does not
+    take the call (whether it is preferred aside: see :func:`from_input_why_not`)."""
+    if call.proj_size:
+        return "proj_size runs on the precomputed gates (its first step adds W_hh h0 to them)"
+    lim = _persistent_limits(call, limits)
+    return lim if isinstance(lim, str) else _choose(call, persistent_config.FROM_INPUT, lim, input_size)
+
+
+def from_input_why_not(call: LSTMRecurrenceCall, input_size: int) -> str | None:
+    """``None`` where ``lstm_layer`` hands the cuda backend the layer's input (the in-kernel
+    projection is the preferred forward kernel, ``FUSEDCONVLSTM_LSTM_FWD_KERNEL=input``, and it
+    takes the call), else why the projection runs as a GEMM before the recurrence."""
+    if preferred_forward_kernel() != "input":
+        return f"the preferred forward kernel is {preferred_forward_kernel()!r}, not 'input'"
+    plan = from_input_plan(call, input_size)
+    return plan if isinstance(plan, str) else None
 
 
 def persistent_why_not(
@@ -205,18 +238,24 @@ def _require_unprojected(proj_size: int) -> None:
         raise ValueError("lstm_recurrence: the cuda drivers run unprojected recurrences (w_hr must be empty)")
 
 
-def _plan_or_raise(call: LSTMRecurrenceCall, kind: str, config: Layout | None) -> Layout:
+def _plan_or_raise(call: LSTMRecurrenceCall, kind: str, config: Layout | None, input_size: int = 0) -> Layout:
     _require_unprojected(call.proj_size)
     if config is not None:
         return config
+
+    def plan_of(call, limits=None):
+        if kind == persistent_config.FROM_INPUT:
+            return from_input_plan(call, input_size, limits)
+        return persistent_plan(call, kind, limits)
+
     if call.device.type == "cuda":
-        plan = persistent_plan(call, kind)
+        plan = plan_of(call)
     else:
         # CPU tensors run the ops' CPU implementations (tests of this driver), float64 included:
         # any valid configuration does; take the one an H100 would get.
         if call.dtype not in PERSISTENT_DTYPES:
             call = dataclasses.replace(call, dtype=torch.float32)
-        plan = persistent_plan(call, kind, persistent_config.H100_SXM)
+        plan = plan_of(call, persistent_config.H100_SXM)
     if isinstance(plan, str):
         raise ValueError(f"lstm_recurrence: the persistent {kind} kernel cannot serve this call: {plan}")
     return plan
@@ -244,22 +283,68 @@ def lstm_recurrence_persistent_forward(
     launch configuration; raises ``ValueError`` when the call does not fit the kernel. Without
     ``write_y`` (only the final state is wanted) ``y`` is empty and the kernel stores none.
     """
-    T, B, D, G = xg.shape
-    H = G // 4
     layout = _plan_or_raise(_call_of(xg, w_hr, lengths, reverse), "forward", config)
-    acc = accumulation_dtype(xg.dtype)
-    h_buf = xg.new_zeros(2, D, B, padded_reduction(H, xg.dtype))
+    inputs = (xg.contiguous(),)
+    return _run_forward(layout, xg, xg.shape[:2], inputs, w_hh, h0, c0, lengths, reverse, save_for_backward, write_y)
+
+
+def _run_forward(layout, like, tb, inputs, w_hh, h0, c0, lengths, reverse, save_for_backward, write_y):
+    """A persistent forward op of ``layout``'s kind on its sequence ``inputs`` (``(xg,)``, or
+    ``(x, w_ih, bias)`` for FROM_INPUT): the state buffers around it, ``(y, h_n, c_n, workspace)``."""
+    (T, B), D, H = tb, len(w_hh), w_hh[0].shape[1]
+    acc = accumulation_dtype(like.dtype)
+    h_buf = like.new_zeros(2, D, B, padded_reduction(H, like.dtype))
     h_buf[0, :, :, :H] = h0
     c = c0.to(acc, copy=True).contiguous()
-    y = xg.new_empty((T, B, D, H) if write_y else (0,))
-    workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=acc)
-    inputs = (xg.contiguous(), torch.stack(w_hh).contiguous(), _lengths_on(lengths, xg.device), reverse_mask(reverse))
+    y = like.new_empty((T, B, D, H) if write_y else (0,))
+    workspace = like.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=acc)
+    common = (torch.stack(w_hh).contiguous(), _lengths_on(lengths, like.device), reverse_mask(reverse))
     if layout.kind == persistent_config.CLUSTER:
-        _cluster_forward(*inputs, *layout.args, _precise(xg.dtype), h_buf, c, y, workspace)
+        _cluster_forward(*inputs, *common, *layout.args, _precise(like.dtype), h_buf, c, y, workspace)
     else:
-        sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=xg.device)
-        _persistent_forward(*inputs, *layout.args, _precise(xg.dtype), h_buf, c, y, workspace, sync)
-    return y, h_buf[T % 2, :, :, :H].contiguous(), c.to(xg.dtype), workspace
+        op = _from_input_forward if layout.kind == persistent_config.FROM_INPUT else _persistent_forward
+        sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=like.device)
+        op(*inputs, *common, *layout.args, _precise(like.dtype), h_buf, c, y, workspace, sync)
+    return y, h_buf[T % 2, :, :, :H].contiguous(), c.to(like.dtype), workspace
+
+
+def _aligned_16(t: Tensor) -> Tensor:
+    """``t`` contiguous at a 16-byte aligned address (the kernels read it in 16-byte copies)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def lstm_recurrence_from_input_forward(
+    x: Tensor,
+    w_ih: Tensor,
+    bias: Tensor | None,
+    w_hh,
+    h0,
+    c0,
+    lengths,
+    reverse,
+    config: Layout | None = None,
+    save_for_backward: bool = True,
+    write_y: bool = True,
+):
+    """Forward of an unprojected layer on the kernel that computes ``x W_ihᵀ + bias`` itself:
+    ``(y, h_n, c_n, workspace)``, the workspace that of :func:`lstm_recurrence_persistent_forward`.
+
+    ``x (T, B, I)``; ``w_ih (D * 4H, I)`` and ``bias (D * 4H,)`` (or ``None``) as ``F.linear``
+    takes them for the ``D`` recurrences' stacked gates. ``config`` overrides the chosen launch
+    configuration (kind ``FROM_INPUT``); raises ``ValueError`` when the call does not fit the kernel.
+    """
+    T, B, n_in = x.shape
+    D, G = len(w_hh), w_hh[0].shape[0]
+    call = LSTMRecurrenceCall(T, B, D, G // 4, 0, x.dtype, x.device, lengths is not None, tuple(map(bool, reverse)))
+    layout = _plan_or_raise(call, persistent_config.FROM_INPUT, config, n_in)
+    kpx = padded_reduction(n_in, x.dtype)
+    x_pad = _aligned_16(x if kpx == n_in else torch.nn.functional.pad(x, (0, kpx - n_in)))
+    b32 = torch.zeros(D, G, dtype=accumulation_dtype(x.dtype), device=x.device)
+    if bias is not None:
+        b32 += bias.view(D, G)
+    inputs = (x_pad, w_ih.reshape(D, G, n_in).contiguous(), b32)
+    return _run_forward(layout, x, (T, B), inputs, w_hh, h0, c0, lengths, reverse, save_for_backward, write_y)
 
 
 def lstm_recurrence_persistent_backward(
@@ -383,6 +468,17 @@ def cell_outputs(workspace: Tensor) -> Tensor:
 
 _forward, _backward = with_projection(lstm_recurrence_cuda_forward, lstm_recurrence_cuda_backward, cell_outputs)
 
+
+def lstm_recurrence_cuda_forward_from_input(
+    x, w_ih, bias, w_hh, h0, c0, lengths, reverse, save_for_backward: bool = True, write_y: bool = True
+):
+    """The cuda backend's forward of a layer from its input (where :func:`from_input_why_not` is
+    ``None``): the in-kernel projection; the backward is the recurrence's, then ``F.linear``'s."""
+    persistent_config.FORWARD_KERNELS_SERVED["input"] += 1
+    saves = dict(save_for_backward=save_for_backward, write_y=write_y)
+    return lstm_recurrence_from_input_forward(x, w_ih, bias, w_hh, h0, c0, lengths, reverse, **saves)
+
+
 backends.register_implementation(
     OP,
     "cuda",
@@ -391,4 +487,6 @@ backends.register_implementation(
     backward=_backward,
     workspace_shape=_workspace_shape,
     describe=describe,
+    forward_from_input=lstm_recurrence_cuda_forward_from_input,
+    from_input_why_not=from_input_why_not,
 )

@@ -39,20 +39,24 @@ K_STEP_BYTES = 32
 ROW_PAD_BYTES = 16
 KINDS = ("forward", "backward")
 CLUSTER = "forward_cluster"  # the forward on thread-block clusters
+FROM_INPUT = "forward_from_input"  # the cooperative forward computing x W_ihᵀ itself
 ENV_OVERRIDE = {
     "forward": "FUSEDCONVLSTM_LSTM_FWD_CONFIG",
     "backward": "FUSEDCONVLSTM_LSTM_BWD_CONFIG",
     CLUSTER: "FUSEDCONVLSTM_LSTM_CLUSTER_CONFIG",
+    FROM_INPUT: "FUSEDCONVLSTM_LSTM_INPUT_CONFIG",
 }
 FORWARD_KERNEL_ENV = "FUSEDCONVLSTM_LSTM_FWD_KERNEL"
-FORWARD_KERNELS = ("cooperative", "cluster")
+# "input": the cooperative kernel that also computes the input projection (where a layer's
+# input, not its precomputed gates, reaches the backend: fusedconvlstm.ops.lstm.lstm_layer).
+FORWARD_KERNELS = ("cooperative", "cluster", "input")
 # The largest thread-block cluster of sm_90 (kMaxClusterBlocks in csrc; 16 is non-portable).
 MAX_CLUSTER_BLOCKS = 16
 # Forward: a warp row of two m16 tiles = 8 units x 4 gates; backward: one m16 tile of units.
-_ROWS_PER_WARP = {"forward": 32, "backward": 16, CLUSTER: 32}
-_ROWS_PER_UNIT = {"forward": 4, "backward": 1, CLUSTER: 4}
+_ROWS_PER_WARP = {"forward": 32, "backward": 16, CLUSTER: 32, FROM_INPUT: 32}
+_ROWS_PER_UNIT = {"forward": 4, "backward": 1, CLUSTER: 4, FROM_INPUT: 4}
 # h (or dG) tiles held in shared memory: the cluster kernel double-buffers its exchanged h.
-_STATE_TILES = {"forward": 1, "backward": 1, CLUSTER: 2}
+_STATE_TILES = {"forward": 1, "backward": 1, CLUSTER: 2, FROM_INPUT: 1}
 
 
 # How many forward calls each kernel of the cuda backend served in this process ("cluster",
@@ -146,6 +150,12 @@ class Layout:
     kp: int  # padded reduction length (elements)
     smem: int  # dynamic shared memory per block (bytes)
     grid: int
+    kpx: int = 0  # FROM_INPUT: the padded input length (elements) of x and the W_ih slice
+
+    @property
+    def input_tiles(self) -> int:
+        """FROM_INPUT: the batch tiles a block projects per step (csrc's input_projection_tiles)."""
+        return -(-self.nbt // self.nbg)
 
     @property
     def args(self) -> tuple[int, ...]:
@@ -182,6 +192,13 @@ class Layout:
 
     def describe(self) -> str:
         """A one-line summary for ``backends.explain``."""
+        if self.kind == FROM_INPUT:
+            return (
+                f"{self.grid} blocks ({self.hs} units x {self.bt}-row batch tiles, {self.nbg} batch group(s), W_ih and "
+                f"W_hh slices resident, x W_ihᵀ of step t + 1 computed during step t's barrier), "
+                f"{self.smem // 1024} KiB shared memory, config nt={self.nt} wm={self.wm} wn={self.wn} wk={self.wk} "
+                f"nbg={self.nbg}"
+            )
         if self.kind == CLUSTER:
             return (
                 f"{self.grid} blocks in clusters of {self.nu} ({self.hs} units x a {self.bt}-row batch tile each, "
@@ -211,11 +228,21 @@ def output_staging_bytes(hs: int, bt: int, eb: int) -> int:
 
 
 def make_layout(
-    kind: str, nt: int, wm: int, wn: int, wk: int, nbg: int | None, batch: int, recurrences: int, hidden: int, dtype
+    kind: str,
+    nt: int,
+    wm: int,
+    wn: int,
+    wk: int,
+    nbg: int | None,
+    batch: int,
+    recurrences: int,
+    hidden: int,
+    dtype,
+    input_size: int = 0,
 ) -> Layout:
     """The sizes of configuration ``(nt, wm, wn, wk, nbg)`` for a call (``csrc``'s ``make_layout``).
     The cluster kind runs one batch tile per cluster: its ``nbg`` is the number of batch tiles
-    (pass ``None``)."""
+    (pass ``None``). The FROM_INPUT kind needs ``input_size`` (csrc's ``add_input_projection``)."""
     if kind not in _ROWS_PER_WARP:
         raise ValueError(f"kind must be one of {tuple(_ROWS_PER_WARP)}, got {kind!r}")
     if nt not in (1, 4):
@@ -242,7 +269,14 @@ def make_layout(
         smem += output_staging_bytes(hs, bt, eb)
     nu = -(-hidden // hs)
     nbt = -(-batch // bt)
-    return Layout(kind, nt, wm, wn, wk, nbg, hs, bt, nu, nbt, kp, smem, recurrences * nbg * nu)
+    kpx = 0
+    if kind == FROM_INPUT:  # the W_ih slice, one x tile, the projected gates of each tile
+        if input_size <= 0:
+            raise ValueError(f"the {FROM_INPUT} kind needs input_size > 0, got {input_size}")
+        kpx = -(-input_size // (K_STEP_BYTES // eb)) * (K_STEP_BYTES // eb)
+        ldx = kpx * eb + ROW_PAD_BYTES
+        smem += (rows_a + bt) * ldx + -(-nbt // nbg) * bt * rows_a * 4
+    return Layout(kind, nt, wm, wn, wk, nbg, hs, bt, nu, nbt, kp, smem, recurrences * nbg * nu, kpx)
 
 
 def estimated_step_cycles(layout: Layout, limits: DeviceLimits, dtype: torch.dtype, precise: bool = False) -> float:
@@ -261,18 +295,26 @@ def estimated_step_cycles(layout: Layout, limits: DeviceLimits, dtype: torch.dty
     pointwise = -(-(layout.hs * layout.bt) // THREADS) * 160.0
     tile = _warp_tile_cycles(layout, dtype, precise, blocks_on_sm) + pointwise + 120.0
     tiles_per_block = -(-layout.nbt // layout.nbg)
+    if layout.kind == FROM_INPUT:
+        # The input tile's product and its reduction, counted in full: how much of it the
+        # barrier's wait hides is what a measurement has to say.
+        x_tile = _warp_tile_cycles(layout, dtype, precise, blocks_on_sm, layout.kpx) + pointwise + 120.0
+        tile += x_tile
     compute = tiles_per_block * tile + 800.0 + 1200.0
-    l2_bytes = layout.grid * tiles_per_block * layout.bt * layout.kp * eb
+    l2_bytes = layout.grid * tiles_per_block * layout.bt * (layout.kp + layout.kpx) * eb
     l2_cycles = l2_bytes / 3000.0  # ~5 TB/s at ~1.7 GHz
     return max(compute, l2_cycles)
 
 
-def _warp_tile_cycles(layout: Layout, dtype: torch.dtype, precise: bool, blocks_on_sm: int) -> float:
+def _warp_tile_cycles(
+    layout: Layout, dtype: torch.dtype, precise: bool, blocks_on_sm: int, k: int | None = None
+) -> float:
     """One batch tile's GEMM on one block (estimate): the longer of one warp's dependent mma chain
-    and the SM's tensor pipes shared by ``blocks_on_sm`` blocks."""
+    and the SM's tensor pipes shared by ``blocks_on_sm`` blocks. ``k``: the padded reduction
+    length (the layout's ``kp`` by default)."""
     eb = element_bytes(dtype)
     mt = _ROWS_PER_WARP[layout.kind] // 16
-    k_steps = layout.kp * eb // K_STEP_BYTES
+    k_steps = (layout.kp if k is None else k) * eb // K_STEP_BYTES
     ks_warp = -(-k_steps // layout.wk)
     mma_per_kstep = mt * layout.nt * (3 if precise else 1)
     ld_per_kstep = mt + max(1, layout.nt // 2)
@@ -317,11 +359,13 @@ def choose_config(
     dtype: torch.dtype,
     limits: DeviceLimits,
     precise: bool = False,
+    input_size: int = 0,
 ) -> Layout | str:
-    """The configuration to launch for a call, or a sentence saying why none fits."""
+    """The configuration to launch for a call, or a sentence saying why none fits
+    (``input_size``: the FROM_INPUT kind's)."""
     override = _parse_override(kind)
     if override is not None:
-        layout = make_layout(kind, *override, batch, recurrences, hidden, dtype)
+        layout = make_layout(kind, *override, batch, recurrences, hidden, dtype, input_size)
         reason = layout.why_not_fits(limits)
         if reason is not None:
             given = ",".join(str(v) for v in override if v is not None)
@@ -329,7 +373,7 @@ def choose_config(
         return layout
     if kind == CLUSTER:
         return _choose_cluster(batch, recurrences, hidden, dtype, limits, precise)
-    return _choose(kind, batch, recurrences, hidden, dtype, limits, precise)
+    return _choose(kind, batch, recurrences, hidden, dtype, limits, precise, input_size)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -360,22 +404,36 @@ def _choose_cluster(
 
 @functools.lru_cache(maxsize=1024)
 def _choose(
-    kind: str, batch: int, recurrences: int, hidden: int, dtype: torch.dtype, limits: DeviceLimits, precise: bool
+    kind: str,
+    batch: int,
+    recurrences: int,
+    hidden: int,
+    dtype: torch.dtype,
+    limits: DeviceLimits,
+    precise: bool,
+    input_size: int = 0,
 ) -> Layout | str:
     best, best_key = None, None
     smallest_smem, fewest_blocks = None, None  # for the message when nothing fits
     for nt, wm, wn, wk in warp_splits():
-        base = make_layout(kind, nt, wm, wn, wk, 1, batch, recurrences, hidden, dtype)
-        if smallest_smem is None or base.smem < smallest_smem:
-            smallest_smem = base.smem
-        if base.smem > limits.smem_per_block:
+        base = make_layout(kind, nt, wm, wn, wk, 1, batch, recurrences, hidden, dtype, input_size)
+        # The FROM_INPUT kind's shared memory shrinks with more batch groups (fewer projected
+        # tiles per block): its smallest is at one tile per block.
+        least = (
+            base
+            if kind != FROM_INPUT
+            else make_layout(kind, nt, wm, wn, wk, base.nbt, batch, recurrences, hidden, dtype, input_size)
+        )
+        if smallest_smem is None or least.smem < smallest_smem:
+            smallest_smem = least.smem
+        if least.smem > limits.smem_per_block:
             continue
         if fewest_blocks is None or base.grid < fewest_blocks.grid:
             fewest_blocks = base
         # Only the numbers of tiles per block that differ are worth trying.
         for per_block in sorted({-(-base.nbt // g) for g in range(1, base.nbt + 1)}):
             nbg = -(-base.nbt // per_block)
-            layout = make_layout(kind, nt, wm, wn, wk, nbg, batch, recurrences, hidden, dtype)
+            layout = make_layout(kind, nt, wm, wn, wk, nbg, batch, recurrences, hidden, dtype, input_size)
             if not layout.fits(limits):
                 continue
             cost = estimated_step_cycles(layout, limits, dtype, precise)

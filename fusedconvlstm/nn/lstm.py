@@ -2,7 +2,8 @@
 
 Each layer is one input-projection GEMM for all time steps and all directions
 (``F.linear`` with the directions' ``W_ih`` stacked) followed by one ``lstm_recurrence`` call that
-runs both directions. Parameters, their names and their initialization are ``nn.LSTM``'s, so
+runs both directions (:func:`fusedconvlstm.ops.lstm.lstm_layer`; where the cuda backend's
+in-kernel projection is chosen, ``FUSEDCONVLSTM_LSTM_FWD_KERNEL=input``, one launch does both). Parameters, their names and their initialization are ``nn.LSTM``'s, so
 ``load_state_dict`` works both ways.
 """
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fusedconvlstm import backends
-from fusedconvlstm.ops.lstm import lstm_recurrence
+from fusedconvlstm.ops.lstm import lstm_layer
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -260,10 +261,11 @@ class LSTM(nn.Module):
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             w, b, w_hh, w_hr = self._layer_weights(layer, cast)
-            xg = F.linear(layer_input, w, b).view(T, B, D, 4 * self.hidden_size)
             sl = slice(layer * D, (layer + 1) * D)
-            y, hn, cn = lstm_recurrence(
-                xg,
+            y, hn, cn = lstm_layer(
+                layer_input,
+                w,
+                b,
                 w_hh,
                 h0[sl],
                 c0[sl],
@@ -370,11 +372,20 @@ def parallel_lstm(
     x = input.transpose(0, 1) if first.batch_first else input
     if cast is not None:
         x = x.to(cast)
-    T, B = x.shape[0], x.shape[1]
+    B = x.shape[1]
     H, N = first.hidden_size, len(lstms)
     w, b = parallel_input_projection(lstms, cast)
-    xg = F.linear(x, w, b).view(T, B, N, 4 * H)
-    y, h_n, c_n = lstm_recurrence(xg, parallel_recurrent_weights(lstms, cast), backend=backend or first.backend)
+    h0, c0 = x.new_zeros(N, B, H), x.new_zeros(N, B, H)
+    y, h_n, c_n = lstm_layer(
+        x,
+        w,
+        b,
+        parallel_recurrent_weights(lstms, cast),
+        h0,
+        c0,
+        reverse=[False] * N,
+        backend=backend or first.backend,
+    )
     results = []
     for k in range(N):
         out = y[:, :, k]

@@ -194,18 +194,23 @@ def _workspace_shape(impl: backends.Implementation, call: LSTMRecurrenceCall):
     return (shape if call.save_for_backward else (0,)), dtype
 
 
-@_lstm_recurrence_op.register_fake
-def _(xg, w_hh, w_hr, h0, c0, lengths, reverse, backend, save_for_backward=True, write_y=True):
-    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
+def _fake_outputs(backend: str, call: LSTMRecurrenceCall, like: Tensor, h0: Tensor, c0: Tensor, write_y: bool):
+    """``(y, h_n, c_n, workspace)`` of the recurrence ops' fake implementations."""
     impl = _resolve(backend, call)
     T, B, D, P = call.seq_len, call.batch, call.num_recurrences, h0.shape[2]
     ws_shape, ws_dtype = _workspace_shape(impl, call)
     return (
-        xg.new_empty((T, B, D, P) if _writes_y(call, write_y) else (0,)),
+        like.new_empty((T, B, D, P) if _writes_y(call, write_y) else (0,)),
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape),
-        xg.new_empty(ws_shape, dtype=ws_dtype),
+        like.new_empty(ws_shape, dtype=ws_dtype),
     )
+
+
+@_lstm_recurrence_op.register_fake
+def _(xg, w_hh, w_hr, h0, c0, lengths, reverse, backend, save_for_backward=True, write_y=True):
+    call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
+    return _fake_outputs(backend, call, xg, h0, c0, write_y)
 
 
 @torch.library.custom_op("fusedconvlstm::lstm_recurrence_backward", mutates_args=())
@@ -337,6 +342,154 @@ def lstm_recurrence(
         xg, list(w_hh), list(w_hr), h0, c0, lengths, [bool(r) for r in reverse], name, save, bool(return_sequence)
     )
     return (y if return_sequence else None), h_n, c_n
+
+
+# ---------------------------------------------------------------------------------------------
+# A layer from its input: the input projection and the recurrence
+
+
+def _gates_like(x: Tensor, D: int, G: int) -> Tensor:
+    """A ``(T, B, D, G)`` stand-in for ``xg`` where the kernel formed it itself: the recurrence's
+    checks and backward read only its shape, dtype and device (one element, expanded)."""
+    return x.new_zeros(()).expand(x.shape[0], x.shape[1], D, G)
+
+
+@torch.library.custom_op("fusedconvlstm::lstm_recurrence_from_input", mutates_args=())
+def _lstm_from_input_op(
+    x: Tensor,
+    w_ih: Tensor,
+    b: Tensor | None,
+    w_hh: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Tensor | None,
+    reverse: Sequence[bool],
+    backend: str,
+    save_for_backward: bool = True,
+    write_y: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    G = w_hh[0].shape[0]
+    call = check_lstm_recurrence_args(
+        _gates_like(x, len(w_hh), G), w_hh, [], h0, c0, lengths, reverse, save_for_backward
+    )
+    impl = _resolve(backend, call)
+    with backends.no_autocast(x):
+        return impl.forward_from_input(
+            x,
+            w_ih,
+            b,
+            list(w_hh),
+            h0,
+            c0,
+            lengths,
+            list(reverse),
+            save_for_backward=call.save_for_backward,
+            write_y=_writes_y(call, write_y),
+        )
+
+
+@_lstm_from_input_op.register_fake
+def _(x, w_ih, b, w_hh, h0, c0, lengths, reverse, backend, save_for_backward=True, write_y=True):
+    G = w_hh[0].shape[0]
+    call = check_lstm_recurrence_args(
+        _gates_like(x, len(w_hh), G), w_hh, [], h0, c0, lengths, reverse, save_for_backward
+    )
+    return _fake_outputs(backend, call, x, h0, c0, write_y)
+
+
+def _setup_from_input(ctx, inputs, output) -> None:
+    x, w_ih, b, w_hh, h0, c0, lengths, reverse, backend, *_ = inputs
+    y, _, _, workspace = output
+    ctx.save_for_backward(x, w_ih, h0, c0, y, workspace, *w_hh)
+    ctx.has_bias = b is not None
+    ctx.lengths = lengths
+    ctx.reverse = list(reverse)
+    ctx.backend = backend
+
+
+def _backward_from_input(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
+    x, w_ih, h0, c0, y, workspace, *w_hh = ctx.saved_tensors
+    T, B, n_in = x.shape
+    D, G = len(w_hh), w_hh[0].shape[0]
+    if y.numel() == 0:
+        grad_y = x.new_zeros(T, B, D, h0.shape[2])
+    grad_xg, grad_w_hh, _, grad_h0, grad_c0 = _lstm_recurrence_backward_op(
+        grad_y.contiguous(),
+        grad_h_n.contiguous(),
+        grad_c_n.contiguous(),
+        _gates_like(x, D, G),
+        w_hh,
+        [],
+        h0,
+        c0,
+        ctx.lengths,
+        ctx.reverse,
+        y,
+        workspace,
+        ctx.backend,
+    )
+    # The input projection's backward, as F.linear's: dx = dG W_ih, dW_ih = dGᵀ x, db = Σ dG.
+    dg = grad_xg.reshape(T * B, D * G)
+    grad_x = (dg @ w_ih).view(T, B, n_in)
+    grad_w_ih = dg.t() @ x.reshape(T * B, n_in)
+    grad_b = dg.sum(0) if ctx.has_bias else None
+    return grad_x, grad_w_ih, grad_b, grad_w_hh, grad_h0, grad_c0, None, None, None, None, None
+
+
+_lstm_from_input_op.register_autograd(_backward_from_input, setup_context=_setup_from_input)
+
+
+def _from_input_backend(backend: str, call: LSTMRecurrenceCall, input_size: int) -> str | None:
+    """The backend that takes this layer from its input (computing ``x W_ihᵀ`` inside its
+    recurrence kernel), or ``None``: the projection is then one GEMM before ``lstm_recurrence``.
+    Only a backend that offers it and says it takes the call (the cuda backend, where its
+    in-kernel projection is the preferred forward kernel) does; under ``torch.compile`` the GEMM
+    is always used (the choice reads the environment and the device)."""
+    if call.proj_size or torch.compiler.is_compiling():
+        return None
+    impl = _resolve(backend, call)
+    why_not = impl.functions.get("from_input_why_not")
+    if why_not is None or "forward_from_input" not in impl.functions or why_not(call, input_size) is not None:
+        return None
+    return impl.backend
+
+
+def lstm_layer(
+    x: Tensor,
+    w_ih: Tensor,
+    b: Tensor | None,
+    w_hh: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    *,
+    w_hr: Sequence[Tensor] = (),
+    lengths: Tensor | None = None,
+    reverse: Sequence[bool],
+    backend: str = "auto",
+    return_sequence: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """One LSTM layer of ``D`` recurrences from its input: ``F.linear(x, w_ih, b)`` and
+    :func:`lstm_recurrence`, or where the backend computes the projection inside its kernel
+    (see ``_from_input_backend``) one call that does both.
+
+    ``x (T, B, I)``; ``w_ih (D * 4H, I)`` and ``b (D * 4H,)`` (or ``None``) the recurrences'
+    stacked input weights and summed biases. The rest as :func:`lstm_recurrence`.
+    """
+    D, G = len(w_hh), w_hh[0].shape[0]
+    T, B = x.shape[0], x.shape[1]
+    if not w_hr and x.dim() == 3 and w_ih.dim() == 2 and w_ih.shape == (D * G, x.shape[2]):
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b, h0, c0, *w_hh))
+        call = check_lstm_recurrence_args(_gates_like(x, D, G), w_hh, [], h0, c0, lengths, reverse, save)
+        name = _from_input_backend(backend, call, x.shape[2])
+        if name is not None:
+            y, h_n, c_n, _ = _lstm_from_input_op(
+                x, w_ih, b, list(w_hh), h0, c0, lengths, [bool(r) for r in reverse], name, save, bool(return_sequence)
+            )
+            return (y if return_sequence else None), h_n, c_n
+    xg = torch.nn.functional.linear(x, w_ih, b).view(T, B, D, G)
+    return lstm_recurrence(
+        xg, w_hh, h0, c0, w_hr=w_hr, lengths=lengths, reverse=reverse, backend=backend, return_sequence=return_sequence
+    )
 
 
 def resolve_lstm_backend(backend: str, call: LSTMRecurrenceCall) -> str:

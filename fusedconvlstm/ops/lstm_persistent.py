@@ -36,6 +36,16 @@ workspace)``:
     without ``sync`` (the barrier is the cluster's). A cluster is the ``nu = ceil(H / hs)`` blocks
     of one (recurrence, batch tile), at most 16; they exchange ``h`` in distributed shared memory.
 
+``lstm_persistent_forward_from_input_(x, w_ih, bias, w_hh, lengths, reverse_mask, nt, wm, wn, wk, nbg,
+precise, h_buf, c_state, y, workspace, sync)``:
+    the cooperative forward computing the input projection itself: the contract of
+    ``lstm_persistent_forward_`` with ``xg = x W_ihᵀ + bias`` formed inside the kernel (in float32,
+    never rounded to the input's dtype) instead of passed in. ``x (T, B, kpx)`` (the layer's
+    input, ``kpx`` the input size ``I`` padded like ``kp``, zeros in the padding), ``w_ih
+    (D, 4H, I)`` in ``x``'s dtype, ``bias (D, 4H)`` float32 (``b_ih + b_hh``). Each block keeps its
+    units' ``W_ih`` rows resident beside ``W_hh`` and projects step ``t + 1``'s ``x`` while it waits
+    at step ``t``'s barrier.
+
 ``lstm_persistent_backward_(grad_y, workspace, c0, w_hh, lengths, reverse_mask, nt, wm, wn, wk,
 nbg, precise, dh_carry, dc, dgates, g_buf, sync)``:
     ``grad_y (T, B, D, H)``, ``workspace`` from the forward, ``c0 (D, B, H)`` float32. In/out:
@@ -62,12 +72,22 @@ _LIB.define(
     "int wk, bool precise, Tensor(a!) h_buf, Tensor(b!) c_state, Tensor(c!) y, Tensor(d!) workspace) -> ()"
 )
 _LIB.define(
+    "lstm_persistent_forward_from_input_(Tensor x, Tensor w_ih, Tensor bias, Tensor w_hh, Tensor? lengths, "
+    "int reverse_mask, int nt, int wm, int wn, int wk, int nbg, bool precise, Tensor(a!) h_buf, Tensor(b!) c_state, "
+    "Tensor(c!) y, Tensor(d!) workspace, Tensor(e!) sync) -> ()"
+)
+_LIB.define(
     "lstm_persistent_backward_(Tensor grad_y, Tensor workspace, Tensor c0, Tensor w_hh, Tensor? lengths, "
     "int reverse_mask, int nt, int wm, int wn, int wk, int nbg, bool precise, Tensor(a!) dh_carry, Tensor(b!) dc, "
     "Tensor(c!) dgates, Tensor(d!) g_buf, Tensor(e!) sync) -> ()"
 )
 
-OPS = ("lstm_persistent_forward_", "lstm_cluster_forward_", "lstm_persistent_backward_")
+OPS = (
+    "lstm_persistent_forward_",
+    "lstm_cluster_forward_",
+    "lstm_persistent_forward_from_input_",
+    "lstm_persistent_backward_",
+)
 
 
 @torch.library.register_fake("fusedconvlstm::lstm_persistent_forward_", lib=_LIB)
@@ -80,6 +100,11 @@ def _(xg, w_hh, lengths, reverse_mask, nt, wm, wn, wk, precise, h_buf, c_state, 
     return None
 
 
+@torch.library.register_fake("fusedconvlstm::lstm_persistent_forward_from_input_", lib=_LIB)
+def _(x, w_ih, bias, w_hh, lengths, reverse_mask, nt, wm, wn, wk, nbg, precise, h_buf, c_state, y, workspace, sync):
+    return None
+
+
 @torch.library.register_fake("fusedconvlstm::lstm_persistent_backward_", lib=_LIB)
 def _(
     grad_y, workspace, c0, w_hh, lengths, reverse_mask, nt, wm, wn, wk, nbg, precise, dh_carry, dc, dgates, g_buf, sync
@@ -89,6 +114,12 @@ def _(
 
 torch.library.impl("fusedconvlstm::lstm_persistent_forward_", "cpu", _reference.lstm_persistent_forward_, lib=_LIB)
 torch.library.impl("fusedconvlstm::lstm_cluster_forward_", "cpu", _reference.lstm_cluster_forward_, lib=_LIB)
+torch.library.impl(
+    "fusedconvlstm::lstm_persistent_forward_from_input_",
+    "cpu",
+    _reference.lstm_persistent_forward_from_input_,
+    lib=_LIB,
+)
 torch.library.impl("fusedconvlstm::lstm_persistent_backward_", "cpu", _reference.lstm_persistent_backward_, lib=_LIB)
 
 

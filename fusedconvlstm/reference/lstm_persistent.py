@@ -72,12 +72,63 @@ def lstm_persistent_forward_(
         _check(op, y, "y", (T, B, D, H), xg.dtype)
     if workspace.numel():  # empty: the forward saves nothing for a backward
         _check(op, workspace, "workspace", (T, B, D, 5 * H), acc)
+    _forward_loop(xg, w_hh, lengths, reverse_mask, h_buf, c_state, y, workspace)
+
+
+def _forward_loop(xg, w_hh, lengths, reverse_mask, h_buf, c_state, y, workspace) -> None:
+    """The time loop of both forward ops; ``xg`` is in the weights' dtype or (projected in the
+    kernel) in the accumulation dtype."""
+    T, H = xg.shape[0], w_hh.shape[2]
+    acc = accumulation_dtype(w_hh.dtype)
     h = h_buf[0, :, :, :H].clone()
     w_t = w_hh.to(acc).transpose(1, 2)
     for step in range(T):
         hh = torch.bmm(h.to(acc), w_t)
         _cell.lstm_cell_forward_(hh, xg, h, c_state, y, workspace, lengths, step, reverse_mask)
     h_buf[T % 2, :, :, :H] = h
+
+
+def lstm_persistent_forward_from_input_(
+    x: Tensor,
+    w_ih: Tensor,
+    bias: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor | None,
+    reverse_mask: int,
+    nt: int,
+    wm: int,
+    wn: int,
+    wk: int,
+    nbg: int,
+    precise: bool,
+    h_buf: Tensor,
+    c_state: Tensor,
+    y: Tensor,
+    workspace: Tensor,
+    sync: Tensor,
+) -> None:
+    """The forward that computes ``xg = x W_ihᵀ + bias`` itself, kept in the accumulation dtype
+    (the kernel's fp32 shared memory), then the same loop (see the ops module)."""
+    op = "lstm_persistent_forward_from_input_"
+    if x.dim() != 3 or w_ih.dim() != 3:
+        raise ValueError(f"{op}: x must be 3-D (T, B, kpx) and w_ih 3-D (D, 4H, I)")
+    T, B, kpx = x.shape
+    D, G, n_in = w_ih.shape
+    H = G // 4
+    acc = accumulation_dtype(x.dtype)
+    _check_config(op, nt, wm, wn, wk, nbg)
+    _check(op, x, "x", (T, B, padded_reduction(n_in, x.dtype)), x.dtype)
+    _check(op, w_ih, "w_ih", (D, G, n_in), x.dtype)
+    _check(op, bias, "bias", (D, G), acc)
+    _check(op, w_hh, "w_hh", (D, G, H), x.dtype)
+    _check(op, h_buf, "h_buf", (2, D, B, padded_reduction(H, x.dtype)), x.dtype)
+    _check(op, c_state, "c_state", (D, B, H), acc)
+    if y.numel():
+        _check(op, y, "y", (T, B, D, H), x.dtype)
+    if workspace.numel():
+        _check(op, workspace, "workspace", (T, B, D, 5 * H), acc)
+    xg = torch.einsum("tbi,dgi->tbdg", x[..., :n_in].to(acc), w_ih.to(acc)) + bias
+    _forward_loop(xg, w_hh, lengths, reverse_mask, h_buf, c_state, y, workspace)
 
 
 def lstm_cluster_forward_(

@@ -232,9 +232,13 @@ def check_cases(
 
 
 def _label(backend: str) -> str:
-    """The backend's name, with the cuda LSTM's cluster forward kernel named where it served the
-    row (``FUSEDCONVLSTM_LSTM_FWD_KERNEL=cluster`` prefers it)."""
-    return f"{backend} (cluster forward)" if "cluster" in FORWARD_KERNELS_SERVED else backend
+    """The backend's name, with the cuda LSTM's cluster forward kernel or in-kernel input
+    projection named where it served the row (``FUSEDCONVLSTM_LSTM_FWD_KERNEL`` prefers them)."""
+    if "cluster" in FORWARD_KERNELS_SERVED:
+        return f"{backend} (cluster forward)"
+    if "input" in FORWARD_KERNELS_SERVED:
+        return f"{backend} (in-kernel input projection)"
+    return backend
 
 
 def _op_name(op: str) -> str:

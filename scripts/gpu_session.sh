@@ -14,7 +14,8 @@
 #   tests       every GPU test, in pytest processes side by side (one GPU, 16 cores), each
 #               bounded, so a hung or trapped kernel costs one process, not the lease
 #   bench-core  the issues' target cases (bf16, batch 64 and 256) within a time budget, then
-#               the LSTM cases on the cluster forward kernel (a process of its own)
+#               the LSTM pair on the cluster forward kernel and on the in-kernel input
+#               projection (a process of its own)
 #   bench-more  fp32 and fp16, batch 1 / 8 / 1024, T = 100 / 1000, the conv-stack script
 #   bench-flashrnn  the lstm cases against FlashRNN's fused CUDA kernel, from the carried wheels
 #               (.whl); its first call compiles FlashRNN for minutes: a lease of its own
@@ -129,12 +130,15 @@ stage_tests() {
   # real kernels, spread over processes where pytest-xdist is there (Triton compiles per process).
   local conv="$py tests/test_triton_conv1d.py"
   $PY -c "import xdist" 2>/dev/null && conv="$conv -n 4"
-  # The cluster forward kernel (never run before its first lease) in processes of its own: a
-  # kernel that traps kills its process's CUDA context, not the cooperative kernels' tests.
+  # The cluster forward kernel and the in-kernel input projection (never run before their first
+  # lease) in processes of their own: a kernel that traps kills its process's CUDA context, not
+  # the cooperative kernels' tests.
   par 240 \
-    "test_cuda_lstm=$py -m gpu -k 'not cluster' tests/test_cuda_lstm.py" \
+    "test_cuda_lstm=$py -m gpu -k 'not cluster and not input_projection' tests/test_cuda_lstm.py" \
     "test_cuda_cluster=$py -m gpu -k cluster tests/test_cuda_lstm.py" \
+    "test_cuda_input=$py -m gpu -k input_projection tests/test_cuda_lstm.py" \
     "check_cluster=FUSEDCONVLSTM_LSTM_FWD_KERNEL=cluster OMP_NUM_THREADS=3 $PY -m fusedconvlstm check --backends cuda" \
+    "check_input=FUSEDCONVLSTM_LSTM_FWD_KERNEL=input OMP_NUM_THREADS=3 $PY -m fusedconvlstm check --backends cuda" \
     "test_triton_lstm=$py -m gpu tests/test_triton_lstm.py" \
     "test_triton_conv1d=$conv" \
     "test_production=$py -m gpu tests/test_production_gpu.py" \
@@ -159,17 +163,18 @@ bench() {
 
 stage_bench_core() {
   # The issues' targets, the LSTMs and the conv stack before the whole model (its torch.compile
-  # baselines compile for tens of seconds each). Then the cluster forward kernel on the LSTM
-  # cases, in a process of its own: a kernel that traps there loses no other result.
-  # bench_core leaves bench_cluster its 45 s (two cases of the reference model's LSTM pair).
+  # baselines compile for tens of seconds each). Then the cluster forward kernel and the
+  # in-kernel input projection on the LSTM pair, in a process of its own: a kernel that traps
+  # there loses no other result. bench_core leaves bench_cluster its 70 s (two cases of the
+  # reference model's LSTM pair per kernel).
   local name core
   name=$(results_name)
-  core=$((DEADLINE - SECONDS - 10 - 45))
+  core=$((DEADLINE - SECONDS - 10 - 70))
   core=$((core < 5 ? 5 : core < 240 ? core : 240))
   bench bench_core "$core" --ops lstm lstm_pair conv1d_stack model_inference \
     model_train_step --dtypes bf16 --batches 64 256 --out "$OUT/${name}_core.jsonl"
-  bench bench_cluster 45 --ops lstm_pair --dtypes bf16 --batches 64 256 --passes fwd --backends cuda \
-    --lstm-forward-kernels cluster --out "$OUT/${name}_cluster.jsonl"
+  bench bench_cluster 70 --ops lstm_pair --dtypes bf16 --batches 64 256 --passes fwd --backends cuda \
+    --lstm-forward-kernels cluster input --out "$OUT/${name}_cluster.jsonl"
 }
 
 stage_bench_more() {

@@ -323,6 +323,9 @@ def test_check_names_the_cluster_forward_kernel_where_it_served():
     pc.FORWARD_KERNELS_SERVED["cluster"] += 1
     assert validate._label("cuda") == "cuda (cluster forward)"
     pc.FORWARD_KERNELS_SERVED.clear()
+    pc.FORWARD_KERNELS_SERVED["input"] += 1
+    assert validate._label("cuda") == "cuda (in-kernel input projection)"
+    pc.FORWARD_KERNELS_SERVED.clear()
 
 
 def test_forward_kernel_preference_from_the_environment(monkeypatch):

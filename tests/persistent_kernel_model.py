@@ -144,6 +144,20 @@ def warp_mma(smem: SharedMemory, acc: np.ndarray, a_base: int, b_base: int, ks0:
                 mma(acc[mt, nt], a[mt], b[nt])
 
 
+def tile_to_partial_sums(
+    ops: SharedMemory, red: SharedMemory, warps, MT: int, NT: int, b_base: int, bt: int, ldr: int
+) -> None:
+    """Port of ``warp_tile_to_partial_sums`` for every warp of a block: A is the weight slice at
+    the start of ``ops``, B the ``bt``-row tile at ``b_base`` (rows of ``ops.lda`` bytes); the
+    partial sums go to ``red.red`` (``warps``: each warp's ``(m0, n0, wk, ks0, ks1)``)."""
+    lda = ops.lda
+    written = np.zeros(red.red.size, dtype=bool)
+    for m0, n0, wk, ks0, ks1 in warps:
+        acc = np.zeros((MT, NT, 32, 4))
+        warp_mma(ops, acc, m0 * lda, b_base + n0 * lda, ks0, ks1)
+        store_accumulators(red, wk * bt * ldr, ldr, acc, m0, n0, written)
+
+
 def store_accumulators(
     smem: SharedMemory, red_warp: int, ldr: int, acc: np.ndarray, m0: int, n0: int, written: np.ndarray
 ) -> None:
@@ -372,11 +386,7 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
         for slot, tile in enumerate(range(bg, lay.nbt, lay.nbg)):
             copy.land()
             yield None
-            written = np.zeros(smem.red.size, dtype=bool)
-            for m0, n0, wk, ks0, ks1 in warps_x:
-                acc = np.zeros((MT, NT, 32, 4))
-                warp_mma(smem_x, acc, m0 * ldx, smem_x.tile_offset + n0 * ldx, ks0, ks1)
-                store_accumulators(smem, wk * bt * ldr, ldr, acc, m0, n0, written)
+            tile_to_partial_sums(smem_x, smem, warps_x, MT, NT, smem_x.tile_offset, bt, ldr)
             yield None
             if tile + lay.nbg < lay.nbt:
                 copy = AsyncCopy(smem_x, mem["x"], x_t, lay.kpx, (tile + lay.nbg) * bt, bt, B, rng)
@@ -422,11 +432,7 @@ def forward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nda
             staged = defer and tile == last_tile
             copy.land()  # cp_async_wait_all + __syncthreads
             yield None
-            written = np.zeros(smem.red.size, dtype=bool)
-            for m0, n0, wk, ks0, ks1 in warps:
-                acc = np.zeros((MT, NT, 32, 4))
-                warp_mma(smem, acc, m0 * lda, smem.tile_offset + n0 * lda, ks0, ks1)
-                store_accumulators(smem, wk * bt * ldr, ldr, acc, m0, n0, written)
+            tile_to_partial_sums(smem, smem, warps, MT, NT, smem.tile_offset, bt, ldr)
             if tile + lay.nbg < lay.nbt:
                 copy = AsyncCopy(smem, mem["h_buf"], h_prev, kp, (tile + lay.nbg) * bt, bt, B, rng)
 
@@ -578,11 +584,7 @@ def cluster_forward_block(
         t = p.T - 1 - s if rev else s
         last = s + 1 == p.T
         cur, nxt = buf[s & 1], buf[(s + 1) & 1]
-        written = np.zeros(smem.red.size, dtype=bool)
-        for m0, n0, wk, ks0, ks1 in warps:
-            acc = np.zeros((MT, NT, 32, 4))
-            warp_mma(smem, acc, m0 * lda, cur + n0 * lda, ks0, ks1)
-            store_accumulators(smem, wk * bt * ldr, ldr, acc, m0, n0, written)
+        tile_to_partial_sums(smem, smem, warps, MT, NT, cur, bt, ldr)
         yield None
 
         idx, n, jj, j, b = tile_elements(hs, bt, j0, b0, H, B)
@@ -730,11 +732,7 @@ def backward_block(bid: int, p: Problem, mem: dict[str, Global], counters: np.nd
             staged = defer and tile == last_tile and not last
             copy.land()
             yield None
-            written = np.zeros(smem.red.size, dtype=bool)
-            for m0, n0, wk, ks0, ks1 in warps:
-                acc = np.zeros((MT, NT, 32, 4))
-                warp_mma(smem, acc, m0 * lda, smem.tile_offset + n0 * lda, ks0, ks1)
-                store_accumulators(smem, wk * bt * ldr, ldr, acc, m0, n0, written)
+            tile_to_partial_sums(smem, smem, warps, MT, NT, smem.tile_offset, bt, ldr)
             if tile + lay.nbg < lay.nbt:
                 copy = AsyncCopy(smem, mem["g_buf"], g_prev, kp, (tile + lay.nbg) * bt, bt, B, rng)
 

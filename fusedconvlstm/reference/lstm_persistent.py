@@ -63,16 +63,22 @@ def lstm_persistent_forward_(
     op = "lstm_persistent_forward_"
     T, B, D, G = xg.shape
     H = G // 4
-    acc = accumulation_dtype(xg.dtype)
     _check_config(op, nt, wm, wn, wk, nbg)
-    _check(op, w_hh, "w_hh", (D, G, H), xg.dtype)
-    _check(op, h_buf, "h_buf", (2, D, B, padded_reduction(H, xg.dtype)), xg.dtype)
+    _check_forward_buffers(op, (T, B, D, H), xg.dtype, w_hh, h_buf, c_state, y, workspace)
+    _forward_loop(xg, w_hh, lengths, reverse_mask, h_buf, c_state, y, workspace)
+
+
+def _check_forward_buffers(op, sizes, dtype, w_hh, h_buf, c_state, y, workspace) -> None:
+    """The weights and state buffers both forward ops take, for ``sizes = (T, B, D, H)``."""
+    T, B, D, H = sizes
+    acc = accumulation_dtype(dtype)
+    _check(op, w_hh, "w_hh", (D, 4 * H, H), dtype)
+    _check(op, h_buf, "h_buf", (2, D, B, padded_reduction(H, dtype)), dtype)
     _check(op, c_state, "c_state", (D, B, H), acc)
     if y.numel():  # empty: only the final state is wanted
-        _check(op, y, "y", (T, B, D, H), xg.dtype)
+        _check(op, y, "y", (T, B, D, H), dtype)
     if workspace.numel():  # empty: the forward saves nothing for a backward
         _check(op, workspace, "workspace", (T, B, D, 5 * H), acc)
-    _forward_loop(xg, w_hh, lengths, reverse_mask, h_buf, c_state, y, workspace)
 
 
 def _forward_loop(xg, w_hh, lengths, reverse_mask, h_buf, c_state, y, workspace) -> None:
@@ -120,13 +126,7 @@ def lstm_persistent_forward_from_input_(
     _check(op, x, "x", (T, B, padded_reduction(n_in, x.dtype)), x.dtype)
     _check(op, w_ih, "w_ih", (D, G, n_in), x.dtype)
     _check(op, bias, "bias", (D, G), acc)
-    _check(op, w_hh, "w_hh", (D, G, H), x.dtype)
-    _check(op, h_buf, "h_buf", (2, D, B, padded_reduction(H, x.dtype)), x.dtype)
-    _check(op, c_state, "c_state", (D, B, H), acc)
-    if y.numel():
-        _check(op, y, "y", (T, B, D, H), x.dtype)
-    if workspace.numel():
-        _check(op, workspace, "workspace", (T, B, D, 5 * H), acc)
+    _check_forward_buffers(op, (T, B, D, H), x.dtype, w_hh, h_buf, c_state, y, workspace)
     xg = torch.einsum("tbi,dgi->tbdg", x[..., :n_in].to(acc), w_ih.to(acc)) + bias
     _forward_loop(xg, w_hh, lengths, reverse_mask, h_buf, c_state, y, workspace)
 

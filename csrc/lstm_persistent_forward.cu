@@ -15,7 +15,9 @@
 // (see lstm_persistent.cuh), then the fp32 partial sums of the wk reduction warps, red[wk][n][m].
 // Rows m = gate * hs + unit, so one thread's four gate values for (unit, batch row) sit hs apart
 // in a row of red and the pointwise update needs no shuffles. The partial sums are added in a
-// fixed order: results are bitwise reproducible.
+// fixed order: results are bitwise reproducible. The variant that computes the input projection
+// itself (kFromInput) adds, after red, the W_ih slice, one x tile and the fp32 projected gates
+// of the block's batch tiles (add_input_projection in lstm_persistent.cuh).
 #include "lstm_persistent.cuh"
 
 namespace fusedconvlstm {

@@ -267,14 +267,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.backend = backend
 
 
-def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
-    xg, h0, c0, y, workspace, *weights = ctx.saved_tensors
-    D = ctx.num_recurrences
-    w_hh, w_hr = weights[:D], weights[D:]
+def _recurrence_backward(ctx, grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, y, workspace):
+    """The backward op of a recurrence whose forward saved ``y`` and ``workspace`` (``ctx``: its
+    lengths, directions and backend); ``xg`` may be a stand-in of the right shape."""
     if y.numel() == 0:  # the forward stored no y (only the final state was wanted): nothing flows from it
-        T, B = xg.shape[0], xg.shape[1]
+        T, B, D = xg.shape[0], xg.shape[1], len(w_hh)
         grad_y = xg.new_zeros(T, B, D, h0.shape[2])
-    grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0 = _lstm_recurrence_backward_op(
+    return _lstm_recurrence_backward_op(
         grad_y.contiguous(),
         grad_h_n.contiguous(),
         grad_c_n.contiguous(),
@@ -289,7 +288,14 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
         workspace,
         ctx.backend,
     )
-    return grad_xg, grad_w_hh, grad_w_hr, grad_h0, grad_c0, None, None, None, None, None
+
+
+def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
+    xg, h0, c0, y, workspace, *weights = ctx.saved_tensors
+    D = ctx.num_recurrences
+    w_hh, w_hr = weights[:D], weights[D:]
+    grads = _recurrence_backward(ctx, grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, y, workspace)
+    return *grads, None, None, None, None, None
 
 
 _lstm_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
@@ -411,22 +417,8 @@ def _backward_from_input(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
     x, w_ih, h0, c0, y, workspace, *w_hh = ctx.saved_tensors
     T, B, n_in = x.shape
     D, G = len(w_hh), w_hh[0].shape[0]
-    if y.numel() == 0:
-        grad_y = x.new_zeros(T, B, D, h0.shape[2])
-    grad_xg, grad_w_hh, _, grad_h0, grad_c0 = _lstm_recurrence_backward_op(
-        grad_y.contiguous(),
-        grad_h_n.contiguous(),
-        grad_c_n.contiguous(),
-        _gates_like(x, D, G),
-        w_hh,
-        [],
-        h0,
-        c0,
-        ctx.lengths,
-        ctx.reverse,
-        y,
-        workspace,
-        ctx.backend,
+    grad_xg, grad_w_hh, _, grad_h0, grad_c0 = _recurrence_backward(
+        ctx, grad_y, grad_h_n, grad_c_n, _gates_like(x, D, G), w_hh, [], h0, c0, y, workspace
     )
     # The input projection's backward, as F.linear's: dx = dG W_ih, dW_ih = dGᵀ x, db = Σ dG.
     dg = grad_xg.reshape(T * B, D * G)

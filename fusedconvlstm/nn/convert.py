@@ -71,6 +71,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     ``nn.Sequential`` are converted layer by layer (the call order in ``forward`` is not
     visible). Returns the converted model, a copy unless ``inplace``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     return _convert_module(model, backend)

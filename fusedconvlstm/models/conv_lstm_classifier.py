@@ -53,14 +53,28 @@ class ClassifierConfig:
         if self.num_lstms < 1:
             raise ValueError(f"num_lstms must be >= 1, got {self.num_lstms}")
 
+    @property
+    def min_tokens(self) -> int:
+        """The shortest token sequence the model takes: the unpadded convolutions leave one time
+        step for the LSTMs (11 tokens at the original's kernel sizes and strides)."""
+        n = 1
+        for k, s in zip(reversed(self.kernel_sizes), reversed(self.conv_strides)):
+            n = (n - 1) * s + k
+        return n
 
-def _check_tokens(tokens: Tensor) -> None:
+
+def _check_tokens(tokens: Tensor, cfg: ClassifierConfig) -> None:
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         raise ValueError(
             f"tokens must be a 2-D (batch, seq_len) tensor of token ids, got {getattr(tokens, 'shape', type(tokens))}"
         )
     if tokens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tokens must be int32 or int64 token ids, got {tokens.dtype}")
+    if tokens.shape[1] < cfg.min_tokens:
+        raise ValueError(
+            f"token sequences are too short: {tokens.shape[1]} tokens, the model needs at least {cfg.min_tokens} "
+            f"(its convolutions are unpadded); pad them on the left with id 0 (Vocabulary.encode pads to max_len)"
+        )
 
 
 class _Head(nn.Module):
@@ -118,7 +132,7 @@ class ConvLSTMClassifier(nn.Module):
         embedding dropout of training inside it too, as the first layer reads the rows), then
         one ``lstm_recurrence`` for both LSTMs, then the head.
         """
-        _check_tokens(tokens)
+        _check_tokens(tokens, self.config)
         cfg = self.config
         lstms = list(self.lstms)
         table = self.embedding.weight
@@ -228,7 +242,7 @@ class ReferenceConvLSTMClassifier(nn.Module):
 
     def logits(self, tokens: Tensor) -> Tensor:
         """Pre-sigmoid scores ``(B, 1)``."""
-        _check_tokens(tokens)
+        _check_tokens(tokens, self.config)
         x = self.embedding(tokens)
         if self.training and self.config.embedding_dropout > 0:
             if self.dropout_masks == "fused":

@@ -353,19 +353,49 @@ class Conv1dStack(nn.Module):
         dropout = [0.0] + self.dropouts[:-1] if self.training and any(self.dropouts[:-1]) else None
         return conv1d_stack(x if cast is None else x.to(cast), weight, bias, dropout=dropout, **options)
 
+    def min_length(self) -> int:
+        """The fewest time steps an input may have: one output step after every layer."""
+        n = 1
+        for conv, (left, right) in zip(reversed(self.layers), reversed(self.paddings)):
+            n = max(1, (n - 1) * conv.stride[0] + conv.dilation[0] * (conv.kernel_size[0] - 1) + 1 - left - right)
+        return n
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the stack; layout as given by ``channels_last``."""
         if not isinstance(x, Tensor) or x.dim() not in (2, 3):
             raise ValueError(f"Conv1dStack: input must be 2-D (unbatched) or 3-D, got {getattr(x, 'shape', type(x))}")
+        given = tuple(x.shape)
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0)
         if not self.channels_last:
             x = x.transpose(1, 2)
         if x.shape[2] != self.in_channels:
-            layout = "(B, T, C)" if self.channels_last else "(B, C, T)"
+            layout = "(T, C) or (B, T, C)" if self.channels_last else "(C, T) or (B, C, T)"
+            hint = ""
+            if x.shape[1] == self.in_channels:
+                other = "(B, C, T)" if self.channels_last else "(B, T, C)"
+                hint = (
+                    f"; it looks like {other}: transpose it, or build the stack with "
+                    f"channels_last={not self.channels_last}"
+                )
             raise ValueError(
-                f"Conv1dStack: input must have {self.in_channels} channels in layout {layout}, got shape {tuple(x.shape)}"
+                f"Conv1dStack: input must have {self.in_channels} channels in layout {layout}, got shape {given}{hint}"
+            )
+        weight_dtype = self.layers[0].weight.dtype
+        if not x.is_floating_point():
+            raise TypeError(
+                f"Conv1dStack: input must be a floating-point tensor, got {x.dtype}; convert it: input.to({weight_dtype})"
+            )
+        if autocast_dtype(x) is None and x.dtype != weight_dtype:
+            raise ValueError(
+                f"Conv1dStack: input dtype ({x.dtype}) does not match weight dtype ({weight_dtype}). Convert input: "
+                f"input.to({weight_dtype}), or convert the module: stack.to({x.dtype})"
+            )
+        if x.shape[1] < self.min_length():
+            raise ValueError(
+                f"Conv1dStack: input is too short: {x.shape[1]} time steps (shape {given}), fewer than the "
+                f"{self.min_length()} this stack needs for one output step"
             )
         x = self._run(x)
         if self.training and self.dropouts[-1] > 0:

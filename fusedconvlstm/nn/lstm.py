@@ -243,6 +243,10 @@ class LSTM(nn.Module):
         if cast is not None:  # as nn.LSTM under autocast: input, states and weights in its dtype
             x = x.to(cast)
             hx = None if hx is None else tuple(h.to(cast) if isinstance(h, Tensor) else h for h in hx)
+        elif not x.is_floating_point():
+            raise TypeError(
+                f"LSTM: input must be a floating-point tensor, got {x.dtype}; convert it: input.to({w0.dtype})"
+            )
         elif x.dtype != w0.dtype:
             raise ValueError(
                 f"LSTM: input dtype ({x.dtype}) does not match weight dtype ({w0.dtype}). Convert input: "

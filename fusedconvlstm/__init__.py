@@ -16,6 +16,7 @@ import importlib.util
 from fusedconvlstm import ops  # noqa: F401, I001
 from fusedconvlstm.reference import conv1d as _reference_conv1d  # noqa: F401
 from fusedconvlstm.reference import lstm as _reference_lstm  # noqa: F401
+from fusedconvlstm import torch_backend as _torch_backend  # noqa: F401
 from fusedconvlstm.cuda import lstm as _cuda_lstm  # noqa: F401
 from fusedconvlstm.triton import lstm as _triton_lstm  # noqa: F401  (imports Triton only when a kernel runs)
 

@@ -1,16 +1,26 @@
 """Backend registry: which implementation serves an op call, and why another cannot.
 
-Every op of the package has up to three implementations ("backends"):
+Every op of the package has up to four implementations ("backends"):
 
-- ``"reference"``: pure PyTorch, runs on any device; the ground truth the others are tested
-  against.
+- ``"reference"``: pure PyTorch, runs on any device; the float64 ground truth the others are
+  tested against (a Python loop over time steps for the LSTM: never picked by ``auto``).
+- ``"torch"``: PyTorch's own kernels (cuDNN on NVIDIA GPUs, oneDNN / MKL on the CPU). The modules
+  (:class:`fusedconvlstm.LSTM`, :class:`fusedconvlstm.Conv1dStack`, ``ParallelLSTM``,
+  ``ConvLSTMClassifier``) serve it at the module level, where they hold the input and every
+  weight: ``torch.lstm`` with the module's own weights, as ``nn.LSTM`` does, and an
+  ``F.conv1d`` chain; see :mod:`fusedconvlstm.torch_backend`.
 - ``"triton"``: Triton kernels (CUDA devices; CPU tensors only under ``TRITON_INTERPRET=1``).
 - ``"cuda"``: the compiled extension ``fusedconvlstm._C`` (CUDA devices).
 
-``backend="auto"`` takes the first backend in the op's preference order that can serve the call
-and otherwise the reference. A backend asked for by name that cannot serve a call raises
-:class:`BackendUnavailableError` with the reason; nothing falls back silently. The environment
-variable ``FUSEDCONVLSTM_BACKEND`` replaces ``"auto"`` wherever a caller did not name a backend.
+``backend="auto"`` picks by evidence (:func:`auto_choice`): off CUDA devices the ``torch``
+backend (measured faster than the package's CPU paths); on a CUDA device a hand-written kernel
+(the op's preference order of ``triton`` and ``cuda``) only where it can serve the call *and* a
+validation record (:mod:`fusedconvlstm.records`) covers the call's op, GPU architecture, dtype and
+shape as correct and faster than torch; every other call, a refusal included, goes to
+``torch``. :func:`explain` says why under ``"auto"``. A backend asked for by name that cannot
+serve a call raises :class:`BackendUnavailableError` with the reason; nothing falls back
+silently. The environment variable ``FUSEDCONVLSTM_BACKEND`` replaces ``"auto"`` wherever a
+caller did not name a backend.
 """
 
 from __future__ import annotations
@@ -22,8 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "torch")
 AUTO = "auto"
+TORCH = "torch"
+KERNELS = ("triton", "cuda")
+"""The backends of hand-written kernels: ``auto`` picks them only where a validation record says so."""
 ENV_VAR = "FUSEDCONVLSTM_BACKEND"
 
 
@@ -53,14 +66,35 @@ class Implementation:
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
-# Preference of ``auto`` per device type, per op; the reference always closes the list.
-_AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {}
+# The kernels ``auto`` considers on CUDA devices, per op, in order; ``torch`` closes the list.
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+# Per op: the call's features that validation records range over, and the call as a tuple of
+# plain values and back (what a decision made while torch.compile traces is keyed on).
+_FEATURES: dict[str, Callable[[object], dict[str, int]]] = {}
+_THAW: dict[str, Callable[[tuple], object]] = {}
 
 
-def register_op(op: str, auto_order: dict[str, tuple[str, ...]]) -> None:
-    """Declare an op and the order in which ``auto`` tries its backends on each device type."""
+def register_op(
+    op: str,
+    auto_order: tuple[str, ...],
+    features: Callable[[object], dict[str, int]],
+    thaw: Callable[[tuple], object],
+) -> None:
+    """Declare an op: the kernels ``auto`` tries on a CUDA device, in order (each only where a
+    validation record covers the call), the call's ``features`` records range over, and
+    ``thaw``, which rebuilds a call from its ``freeze()`` tuple."""
+    for name in auto_order:
+        if name not in KERNELS:
+            raise ValueError(f"register_op: auto considers only the kernels {KERNELS}, got {name!r}")
     _REGISTRY.setdefault(op, {})
-    _AUTO_ORDER[op] = auto_order
+    _AUTO_ORDER[op] = tuple(auto_order)
+    _FEATURES[op] = features
+    _THAW[op] = thaw
+
+
+def call_features(op: str, call: object) -> dict[str, int]:
+    """The features of a call of ``op`` that validation records range over."""
+    return _FEATURES[op](call)
 
 
 def register_implementation(
@@ -99,7 +133,7 @@ def _cuda_why_not(device: torch.device) -> str | None:
 
 def backend_why_not(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` at all (``None`` when it can)."""
-    if backend == "reference":
+    if backend in ("reference", TORCH):
         return None
     if backend == "triton":
         return _triton_why_not(device)
@@ -122,6 +156,45 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
+def _why_not(op: str, name: str, call: object, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot serve ``call`` of ``op`` on ``device`` (``None`` when it can)."""
+    reason = backend_why_not(name, device)
+    impl = _REGISTRY[op].get(name)
+    if reason is None and impl is None:
+        reason = f"the {name} backend has no implementation of {op} yet"
+    if reason is None:
+        reason = impl.why_not(call)
+    return reason
+
+
+def auto_choice(op: str, call: object, device: torch.device) -> tuple[str, str]:
+    """``(backend, why)``: what ``auto`` runs ``call`` of ``op`` on, and why.
+
+    Off CUDA devices the ``torch`` backend. On a CUDA device the first kernel of the op's order
+    that can serve the call and that a validation record enables for it (correct and faster on
+    this architecture, dtype and shape); otherwise ``torch``, the reason naming each kernel's
+    refusal or missing evidence.
+    """
+    if device.type != "cuda":
+        return TORCH, (
+            f"on {device.type} torch's own kernels: measured faster than the package's paths there, "
+            "and hand-written kernels are picked on CUDA devices only"
+        )
+    from fusedconvlstm import records
+
+    reasons = []
+    for name in _AUTO_ORDER[op]:
+        reason = _why_not(op, name, call, device)
+        if reason is not None:
+            reasons.append(f"{name} refuses: {reason}")
+            continue
+        enabled, why = records.verdict(op, name, device, call.dtype, call_features(op, call))
+        if enabled:
+            return name, why
+        reasons.append(f"{name}: {why}")
+    return TORCH, "; ".join(reasons) if reasons else f"no kernel of {op} on CUDA devices"
+
+
 def resolve(op: str, backend: str, call: object, device: torch.device) -> Implementation:
     """The implementation of ``op`` that serves ``call`` on ``device`` for a ``backend`` request.
 
@@ -130,20 +203,40 @@ def resolve(op: str, backend: str, call: object, device: torch.device) -> Implem
     impls = _REGISTRY[op]
     backend = requested_backend(backend)
     if backend != AUTO:
-        reason = backend_why_not(backend, device)
-        impl = impls.get(backend)
-        if reason is None and impl is None:
-            reason = f"the {backend} backend has no implementation of {op} yet"
-        if reason is None:
-            reason = impl.why_not(call)
+        reason = _why_not(op, backend, call, device)
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend={backend!r} cannot serve this call: {reason}")
-        return impl
-    for name in _AUTO_ORDER[op].get(device.type, ()):
-        impl = impls.get(name)
-        if impl is not None and backend_why_not(name, device) is None and impl.why_not(call) is None:
-            return impl
-    return impls["reference"]
+        return impls[backend]
+    return impls[auto_choice(op, call, device)[0]]
+
+
+@torch.compiler.assume_constant_result
+def _resolved_name(op: str, backend: str, frozen: tuple) -> str:
+    """:func:`resolve`'s backend name for a call given as its ``freeze()`` tuple of plain values:
+    while ``torch.compile`` traces, this runs once, eagerly, and its answer is a constant of the
+    graph (the choice reads files and the device, which dynamo cannot trace)."""
+    call = _THAW[op](frozen)
+    return resolve(op, backend, call, call.device).backend
+
+
+def module_backend(op: str, backend: str, call: object) -> str:
+    """The backend that serves a module's call of ``op``: the modules take their ``torch`` path
+    when this is ``"torch"`` and call the op with this name otherwise. Raises
+    :class:`BackendUnavailableError` when a backend named explicitly cannot serve; under
+    ``torch.compile`` the answer is fixed when the graph is traced."""
+    if torch.compiler.is_compiling():
+        if call.device.type != "cuda":  # no shape enters the choice (they may be symbolic here)
+            return _requested_off_cuda(backend)
+        return _resolved_name(op, backend, call.freeze())
+    return resolve(op, backend, call, call.device).backend
+
+
+@torch.compiler.assume_constant_result
+def _requested_off_cuda(backend: str) -> str:
+    """What ``backend`` runs off CUDA devices while ``torch.compile`` traces: ``torch`` for
+    ``auto``, else the backend named (the op checks that it can serve when it runs)."""
+    name = requested_backend(backend)
+    return TORCH if name == AUTO else name
 
 
 def backend_for_op(op: str, backend: str, call: object, device: torch.device) -> str:
@@ -161,7 +254,8 @@ def backend_for_op(op: str, backend: str, call: object, device: torch.device) ->
 
 
 def explain(op: str, call: object, device: torch.device, detail: bool = False) -> dict[str, str | None]:
-    """For each backend, ``None`` if it can serve ``call`` of ``op`` on ``device``, else why not.
+    """For each backend, ``None`` if it can serve ``call`` of ``op`` on ``device``, else why not;
+    and under ``"auto"`` the backend ``auto`` picks and why (``"torch: ..."``, ``"cuda: ..."``).
 
     With ``detail=True`` a backend that can serve maps to ``"serves: ..."`` with how it would
     (its implementation's ``describe(call)``, e.g. which kernels the cuda backend launches) and
@@ -169,19 +263,16 @@ def explain(op: str, call: object, device: torch.device, detail: bool = False) -
     """
     out: dict[str, str | None] = {}
     for name in BACKENDS:
-        reason = backend_why_not(name, device)
-        impl = _REGISTRY[op].get(name)
-        if reason is None and impl is None:
-            reason = f"no implementation of {op} yet"
-        if reason is None:
-            reason = impl.why_not(call)
+        reason = _why_not(op, name, call, device)
         if detail:
             if reason is not None:
                 reason = f"cannot serve: {reason}"
             else:
-                how = impl.functions.get("describe")
+                how = _REGISTRY[op][name].functions.get("describe")
                 reason = f"serves: {how(call) if how is not None else 'this call'}"
         out[name] = reason
+    name, why = auto_choice(op, call, device)
+    out[AUTO] = f"{name}: {why}"
     return out
 
 

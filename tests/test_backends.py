@@ -22,9 +22,9 @@ def test_both_ops_are_registered_with_a_reference():
         assert backends._REGISTRY[op]["reference"].backend == "reference"
 
 
-def test_auto_on_cpu_is_the_reference():
+def test_auto_on_cpu_is_torch():
     call, _, _ = _call()
-    assert resolve_lstm_backend("auto", call) == "reference"
+    assert resolve_lstm_backend("auto", call) == "torch"
 
 
 def test_environment_variable_replaces_auto(monkeypatch):
@@ -55,8 +55,9 @@ def test_named_backend_errors_say_why(monkeypatch):
 def test_explain_lists_every_backend():
     call, _, _ = _call()
     reasons = backends.explain("lstm_recurrence", call, torch.device("cpu"))
-    assert set(reasons) == set(backends.BACKENDS)
-    assert reasons["reference"] is None
+    assert set(reasons) == set(backends.BACKENDS) | {backends.AUTO}
+    assert reasons["reference"] is None and reasons["torch"] is None
+    assert reasons["auto"].startswith("torch: ")
     assert isinstance(reasons["cuda"], str) and reasons["cuda"]
 
 
@@ -79,6 +80,6 @@ def test_wrappers_leave_resolution_to_the_op_while_compiling():
     torch._dynamo.reset()
     out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
     assert torch.equal(out, torch.full((2,), float(len("auto"))))
-    assert backends.backend_for_op("lstm_recurrence", "auto", call, torch.device("cpu")) == "reference"
+    assert backends.backend_for_op("lstm_recurrence", "auto", call, torch.device("cpu")) == "torch"
     with pytest.raises(BackendUnavailableError):
         backends.backend_for_op("lstm_recurrence", "cuda", call, torch.device("cpu"))

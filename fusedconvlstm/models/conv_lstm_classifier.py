@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusedconvlstm import backends
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack
 from fusedconvlstm.nn.lstm import (
     LSTM,
@@ -23,10 +24,14 @@ from fusedconvlstm.nn.lstm import (
     check_backend_name,
     parallel_input_projection,
     parallel_recurrent_weights,
+    torch_lstm_traceable,
 )
-from fusedconvlstm.ops.conv1d import conv1d_stack_embedding_projection
-from fusedconvlstm.ops.lstm import lstm_recurrence
+from fusedconvlstm.ops.conv1d import OP as CONV_OP
+from fusedconvlstm.ops.conv1d import conv1d_stack_embedding, conv1d_stack_embedding_projection, stack_call
+from fusedconvlstm.ops.lstm import OP as LSTM_OP
+from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, lstm_recurrence
 from fusedconvlstm.reference import dropout as philox_dropout
+from fusedconvlstm.reference.dropout import draw_seed
 
 
 @dataclass(frozen=True)
@@ -143,20 +148,56 @@ class ConvLSTMClassifier(nn.Module):
         if cast is not None:
             table = table.to(cast)
         weight, bias, options = self.conv.op_arguments(cast=cast)
-        proj_weight, proj_bias = parallel_input_projection(lstms, cast)
         dropout = None
         if self.training and cfg.embedding_dropout > 0:
             dropout = [cfg.embedding_dropout] + [0.0] * (len(weight) - 1)
-        gates = conv1d_stack_embedding_projection(
-            tokens, table, weight, bias, proj_weight, proj_bias, dropout=dropout, **options
-        )
+        seed = draw_seed(table.device) if dropout is not None else None
+        # Which backend serves each part (backends.explain says why): where the dispatcher answers
+        # "torch", that part runs on torch's kernels as the plain-torch twin runs it.
+        conv_call = stack_call(table, weight, bias, tokens=tokens, dropout=dropout, seed=seed, **options)
+        lstm_call = LSTMRecurrenceCall(
+            conv_call.out_lens()[-1], tokens.shape[0], len(lstms), cfg.hidden_size, 0, table.dtype, table.device,
+            False, (False,) * len(lstms), torch.is_grad_enabled(),
+        )  # fmt: skip
+        lstm_name = backends.module_backend(LSTM_OP, self.backend, lstm_call)
+        if lstm_name == backends.TORCH and torch_lstm_traceable():
+            conv_name = backends.module_backend(CONV_OP, self.backend, conv_call)
+            if conv_name == backends.TORCH:
+                x = self.conv.torch_chain(self._torch_embedding(tokens, seed).transpose(1, 2)).transpose(1, 2)
+            else:
+                options["backend"] = conv_name
+                x = conv1d_stack_embedding(tokens, table, weight, bias, dropout=dropout, seed=seed, **options)
+            B, H = x.shape[0], cfg.hidden_size
+            zeros = x.new_zeros(1, B, H)
+            states = [m._forward_torch(x, (zeros, zeros), True, B, 1, H)[1][0][0] for m in lstms]
+            return self.head(torch.cat(states, dim=1))
+        proj_weight, proj_bias = parallel_input_projection(lstms, cast)
+        conv_call = stack_call(
+            table, weight, bias, tokens=tokens, proj_weight=proj_weight, proj_bias=proj_bias, dropout=dropout,
+            seed=seed, **options,
+        )  # fmt: skip
+        conv_name = backends.module_backend(CONV_OP, self.backend, conv_call)
+        if conv_name == backends.TORCH:
+            h = self.conv.torch_chain(self._torch_embedding(tokens, seed).transpose(1, 2))  # (B, C, T)
+            gates = F.linear(h.permute(2, 0, 1), proj_weight, proj_bias).contiguous()
+        else:
+            options["backend"] = conv_name
+            gates = conv1d_stack_embedding_projection(
+                tokens, table, weight, bias, proj_weight, proj_bias, dropout=dropout, seed=seed, **options
+            )
         T, B = gates.shape[0], gates.shape[1]
         xg = gates.view(T, B, len(lstms), 4 * cfg.hidden_size)
         # The head reads only the last h: at inference the kernels store no per-step output.
-        _, h_n, _ = lstm_recurrence(
-            xg, parallel_recurrent_weights(lstms, cast), backend=self.backend, return_sequence=False
-        )
+        w_hh = parallel_recurrent_weights(lstms, cast)
+        _, h_n, _ = lstm_recurrence(xg, w_hh, backend=lstm_name, return_sequence=False)
         return self.head(torch.cat(h_n.unbind(0), dim=1))
+
+    def _torch_embedding(self, tokens: Tensor, seed: Tensor | None) -> Tensor:
+        """The embedding and its training dropout (the package's masks of ``seed``), as the twin."""
+        x = self.embedding(tokens)
+        if seed is not None:
+            x = philox_dropout.dropout(x, self.config.embedding_dropout, seed)
+        return x
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Probability ``(B, 1)`` of the positive class (Keras's sigmoid output)."""

@@ -14,8 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusedconvlstm import backends, torch_backend
 from fusedconvlstm.nn.lstm import autocast_dtype, check_backend_name
-from fusedconvlstm.ops.conv1d import ACTIVATIONS, conv1d_stack
+from fusedconvlstm.ops.conv1d import ACTIVATIONS, conv1d_stack, stack_call
+from fusedconvlstm.ops.conv1d import OP as CONV_OP
+from fusedconvlstm.reference.dropout import draw_seed
 
 ACTIVATION_MODULES: dict[type, str] = {nn.Identity: "none", nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
 
@@ -347,11 +350,34 @@ class Conv1dStack(nn.Module):
         return [get(c.weight) for c in convs], [get(c.bias) for c in convs], options
 
     def _run(self, x: Tensor) -> Tensor:
+        """The layers on channels-last ``x``: the ``conv1d_stack`` op, or where the dispatcher
+        answers ``torch`` an ``F.conv1d`` chain (a channels-last view of its output)."""
         cast = autocast_dtype(x)  # as nn.Conv1d under autocast: everything in the autocast dtype
         weight, bias, options = self.op_arguments(cast=cast)
         # Layer i's input dropout is the dropout after layer i - 1.
         dropout = [0.0] + self.dropouts[:-1] if self.training and any(self.dropouts[:-1]) else None
-        return conv1d_stack(x if cast is None else x.to(cast), weight, bias, dropout=dropout, **options)
+        seed = draw_seed(x.device) if dropout is not None else None
+        xc = x if cast is None else x.to(cast)
+        call = stack_call(xc, weight, bias, dropout=dropout, seed=seed, **options)
+        if backends.module_backend(CONV_OP, self.backend, call) == backends.TORCH:
+            return self.torch_chain(x.transpose(1, 2), dropout, seed).transpose(1, 2)
+        return conv1d_stack(xc, weight, bias, dropout=dropout, seed=seed, **options)
+
+    def torch_chain(self, x: Tensor, dropout: list[float] | None = None, seed: Tensor | None = None) -> Tensor:
+        """The layers on channels-first ``x`` ``(B, C, T)`` on torch's kernels, as the
+        ``nn.Conv1d`` modules compute them (autocast included); ``dropout[i]`` on layer ``i``'s
+        input with the masks of ``seed`` (see :func:`fusedconvlstm.torch_backend.conv_chain`)."""
+        return torch_backend.conv_chain(
+            x,
+            [c.weight for c in self.layers],
+            [c.bias for c in self.layers],
+            [c.stride[0] for c in self.layers],
+            self.paddings,
+            [c.dilation[0] for c in self.layers],
+            self.activations,
+            dropout,
+            seed,
+        )
 
     def min_length(self) -> int:
         """The fewest time steps an input may have: one output step after every layer."""

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fusedconvlstm import backends
-from fusedconvlstm.ops.lstm import lstm_layer
+from fusedconvlstm import backends, torch_backend
+from fusedconvlstm.ops.lstm import OP as LSTM_OP
+from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, lstm_layer
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -39,6 +40,14 @@ def lstm_autocast_dtype(x: Tensor) -> torch.dtype | None:
     if cast is not None and x.device.type == "cuda":
         return torch.float16
     return cast
+
+
+def torch_lstm_traceable() -> bool:
+    """Whether a module answered ``torch`` by the dispatcher may call ``torch.lstm``: not while
+    ``torch.compile`` traces a forward that records gradients, where AOT autograd cannot trace
+    aten's LSTM backward (it raises, torch 2.11 to 2.14). There the module runs the ``torch``
+    backend's gate-level op instead (``F.linear`` and aten ops step by step), which compiles."""
+    return not (torch.compiler.is_compiling() and torch.is_grad_enabled())
 
 
 def check_backend_name(backend: str) -> str:
@@ -222,8 +231,9 @@ class LSTM(nn.Module):
         """``nn.LSTM.forward``: returns ``(output, (h_n, c_n))``."""
         packed = isinstance(input, PackedSequence)
         lengths = None
+        hx_given = hx
         if packed:
-            x, lengths = pad_packed_sequence(input)  # (T, B, I), original batch order
+            x = input.data.unsqueeze(0)  # checked as the padded input would be; padded where our op runs
             batched = True
         else:
             if not isinstance(input, Tensor):
@@ -254,12 +264,30 @@ class LSTM(nn.Module):
             )
         if x.device != w0.device:
             raise ValueError(f"LSTM: input is on {x.device} but the weights are on {w0.device}")
-        T, B = x.shape[0], x.shape[1]
+        T, B = (len(input.batch_sizes), int(input.batch_sizes[0])) if packed else (x.shape[0], x.shape[1])
         if T == 0:
             raise ValueError("LSTM: input must hold at least one time step, got sequence length 0")
         D = 2 if self.bidirectional else 1
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
         h0, c0 = self._initial_state(hx, batched, B, D, P, x)
+        call = LSTMRecurrenceCall(
+            T,
+            B,
+            D,
+            self.hidden_size,
+            self.proj_size,
+            x.dtype,
+            x.device,
+            packed,
+            (False, True)[:D],
+            torch.is_grad_enabled(),
+        )
+        name = backends.module_backend(LSTM_OP, self.backend, call)
+        if name == backends.TORCH and torch_lstm_traceable():
+            return self._forward_torch(input, hx_given, batched, B, D, P)
+        if packed:
+            x, lengths = pad_packed_sequence(input)  # (T, B, I), original batch order
+            x = x if cast is None else x.to(cast)
 
         layer_input = x
         h_n, c_n = [], []
@@ -276,7 +304,7 @@ class LSTM(nn.Module):
                 w_hr=w_hr,
                 lengths=lengths,
                 reverse=[False, True][:D],
-                backend=self.backend,
+                backend=name,
             )
             layer_input = y.view(T, B, D * P)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
@@ -296,6 +324,38 @@ class LSTM(nn.Module):
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         if self.batch_first:
             output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The parameters in ``nn.LSTM._flat_weights``'s order (their registration order)."""
+        return list(self.parameters())
+
+    def _forward_torch(self, input, hx, batched: bool, B: int, D: int, P: int):  # noqa: A002
+        """``nn.LSTM.forward`` on torch's kernels with this module's weights (checked input)."""
+        batch_dim = 0 if self.batch_first else 1
+        like = input.data if isinstance(input, PackedSequence) else input
+        if hx is None:
+            zeros = dict(dtype=like.dtype, device=like.device)
+            L = self.num_layers * D
+            hx = (torch.zeros(L, B, P, **zeros), torch.zeros(L, B, self.hidden_size, **zeros))
+        elif not batched:
+            hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        if not isinstance(input, PackedSequence) and not batched:
+            input = input.unsqueeze(batch_dim)  # noqa: A001
+        output, (h_n, c_n) = torch_backend.lstm(
+            input,
+            hx,
+            self._flat_weights,
+            bias=self.bias,
+            num_layers=self.num_layers,
+            dropout=self.dropout,
+            training=self.training,
+            bidirectional=self.bidirectional,
+            batch_first=self.batch_first,
+        )
+        if not batched:
+            return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
         return output, (h_n, c_n)
 
     def _initial_state(self, hx, batched: bool, B: int, D: int, P: int, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -376,8 +436,14 @@ def parallel_lstm(
     x = input.transpose(0, 1) if first.batch_first else input
     if cast is not None:
         x = x.to(cast)
-    B = x.shape[1]
+    T, B = x.shape[0], x.shape[1]
     H, N = first.hidden_size, len(lstms)
+    call = LSTMRecurrenceCall(T, B, N, H, 0, x.dtype, x.device, False, (False,) * N, torch.is_grad_enabled())
+    name = backends.module_backend(LSTM_OP, backend or first.backend, call)
+    if name == backends.TORCH and torch_lstm_traceable():
+        # torch's kernels take one LSTM at a time: each module as its own forward would run it.
+        zeros = input.new_zeros(1, B, H)
+        return [m._forward_torch(input, (zeros, zeros), True, B, 1, H) for m in lstms]
     w, b = parallel_input_projection(lstms, cast)
     h0, c0 = x.new_zeros(N, B, H), x.new_zeros(N, B, H)
     y, h_n, c_n = lstm_layer(
@@ -388,7 +454,7 @@ def parallel_lstm(
         h0,
         c0,
         reverse=[False] * N,
-        backend=backend or first.backend,
+        backend=name,
     )
     results = []
     for k in range(N):

@@ -57,8 +57,6 @@ ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TOKEN_DTYPES = (torch.int32, torch.int64)
 
-backends.register_op(OP, auto_order={"cuda": ("triton",), "cpu": ()})
-
 
 @dataclass(frozen=True)
 class ConvLayer:
@@ -124,6 +122,70 @@ class Conv1dStackCall:
         if self.projection is not None:
             return t_out, self.batch, self.projection.out_channels
         return self.batch, t_out, self.layers[-1].out_channels
+
+    def freeze(self) -> tuple:
+        """The call as a tuple of plain values (:func:`thaw_call` reverses it)."""
+        return (
+            self.batch,
+            self.seq_len,
+            tuple(_freeze_layer(layer) for layer in self.layers),
+            self.dtype,
+            self.device.type,
+            self.device.index,
+            self.vocab_size,
+            None if self.projection is None else _freeze_layer(self.projection),
+            self.save_for_backward,
+            tuple(self.dropout),
+        )
+
+    def features(self) -> dict[str, int]:
+        """What validation records range over (:mod:`fusedconvlstm.records`)."""
+        layers = self.layers
+        return {
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "num_layers": len(layers),
+            "max_channels": max(max(layer.in_channels, layer.out_channels) for layer in layers),
+            "max_kernel_size": max(layer.kernel_size for layer in layers),
+            "max_stride": max(layer.stride for layer in layers),
+            "max_dilation": max(layer.dilation for layer in layers),
+            "embedding": int(self.vocab_size > 0),
+            "projection": 0 if self.projection is None else self.projection.out_channels,
+            "dropout": int(any(self.dropout)),
+        }
+
+
+def _freeze_layer(layer: ConvLayer) -> tuple:
+    return (
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        tuple(layer.padding),
+        layer.dilation,
+        layer.activation,
+        layer.has_bias,
+        layer.matmul,
+    )
+
+
+def thaw_call(frozen: tuple) -> Conv1dStackCall:
+    """The call of :meth:`Conv1dStackCall.freeze`."""
+    B, T, layers, dtype, dev_type, dev_index, vocab, projection, save, dropout = frozen
+    return Conv1dStackCall(
+        B,
+        T,
+        tuple(ConvLayer(*layer) for layer in layers),
+        dtype,
+        torch.device(dev_type, dev_index),
+        vocab_size=vocab,
+        projection=None if projection is None else ConvLayer(*projection),
+        save_for_backward=save,
+        dropout=tuple(dropout),
+    )
+
+
+backends.register_op(OP, auto_order=("triton",), features=Conv1dStackCall.features, thaw=thaw_call)
 
 
 def parse_activations(activation: str, num_layers: int) -> list[str]:
@@ -478,6 +540,21 @@ def _stack(
     """The op with per-layer defaults filled in and ``auto`` resolved (so that the op, its fake and
     its backward agree on one backend); asks the backend to save only when a gradient can flow,
     and draws a seed from PyTorch's generator when dropout is on and none was given."""
+    call, args, bias, dropout, seed = _prepare(
+        x, tokens, weight, bias, proj_weight, proj_bias, stride, padding, dilation, activation, dropout, seed
+    )
+    name = backends.backend_for_op(OP, backend, call, x.device)
+    present, has_bias = [b for b in bias if b is not None], [b is not None for b in bias]
+    y, _ = _conv1d_stack_op(
+        x, tokens, list(weight), present, has_bias, *args, proj_weight, proj_bias, name, call.save_for_backward,
+        dropout, seed if dropout is not None else None,
+    )  # fmt: skip
+    return y
+
+
+def _prepare(x, tokens, weight, bias, proj_weight, proj_bias, stride, padding, dilation, activation, dropout, seed):
+    """``(call, schema arguments, per-layer biases, dropout rates or None, seed)`` of a wrapper's
+    arguments, defaults filled in."""
     L = len(weight)
     bias = list(bias) if bias is not None else [None] * L
     pads = list(padding) if padding is not None else [(0, 0)] * L
@@ -496,13 +573,34 @@ def _stack(
     if dropout is not None and seed is None:
         seed = draw_seed(x.device)
     call = check_conv1d_stack_args(x, tokens, weight, bias, *args, proj_weight, proj_bias, save, dropout, seed)
-    name = backends.backend_for_op(OP, backend, call, x.device)
-    present, has_bias = [b for b in bias if b is not None], [b is not None for b in bias]
-    y, _ = _conv1d_stack_op(
-        x, tokens, list(weight), present, has_bias, *args, proj_weight, proj_bias, name, save,
-        dropout, seed if dropout is not None else None,
-    )  # fmt: skip
-    return y
+    return call, args, bias, dropout, seed
+
+
+def stack_call(
+    x: Tensor,
+    weight: Sequence[Tensor],
+    bias: Sequence[Tensor | None] | None = None,
+    *,
+    tokens: Tensor | None = None,
+    proj_weight: Tensor | None = None,
+    proj_bias: Tensor | None = None,
+    stride: Sequence[int] | None = None,
+    padding: Sequence[tuple[int, int]] | None = None,
+    dilation: Sequence[int] | None = None,
+    activation: Sequence[str] | None = None,
+    dropout: Sequence[float] | None = None,
+    seed: Tensor | None = None,
+    backend: str = "auto",
+) -> Conv1dStackCall:
+    """The checked :class:`Conv1dStackCall` of a wrapper's arguments (``x`` is the table with
+    ``tokens``), for a module asking :func:`fusedconvlstm.backends.module_backend` which backend
+    serves it; ``seed`` must be given with dropout. ``backend`` is ignored (the modules pass their
+    op options whole)."""
+    if dropout is not None and any(dropout) and seed is None:
+        raise ValueError(f"{OP}: stack_call needs the seed of its dropout")
+    return _prepare(
+        x, tokens, weight, bias, proj_weight, proj_bias, stride, padding, dilation, activation, dropout, seed
+    )[0]
 
 
 def conv1d_stack(

@@ -43,8 +43,6 @@ from fusedconvlstm.ops._autograd import register_autograd
 OP = "lstm_recurrence"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-backends.register_op(OP, auto_order={"cuda": ("cuda", "triton"), "cpu": ()})
-
 
 @dataclass(frozen=True)
 class LSTMRecurrenceCall:
@@ -61,6 +59,43 @@ class LSTMRecurrenceCall:
     reverse: tuple[bool, ...]
     # False when no gradient will be asked for: backends then write no workspace.
     save_for_backward: bool = True
+
+    def freeze(self) -> tuple:
+        """The call as a tuple of plain values (:func:`thaw_call` reverses it)."""
+        return (
+            self.seq_len,
+            self.batch,
+            self.num_recurrences,
+            self.hidden_size,
+            self.proj_size,
+            self.dtype,
+            self.device.type,
+            self.device.index,
+            self.has_lengths,
+            tuple(self.reverse),
+            self.save_for_backward,
+        )
+
+    def features(self) -> dict[str, int]:
+        """What validation records range over (:mod:`fusedconvlstm.records`)."""
+        return {
+            "seq_len": self.seq_len,
+            "batch": self.batch,
+            "hidden_size": self.hidden_size,
+            "proj_size": self.proj_size,
+            "num_recurrences": self.num_recurrences,
+            "reversed": sum(self.reverse),
+            "has_lengths": int(self.has_lengths),
+        }
+
+
+def thaw_call(frozen: tuple) -> LSTMRecurrenceCall:
+    """The call of :meth:`LSTMRecurrenceCall.freeze`."""
+    T, B, D, H, P, dtype, dev_type, dev_index, has_lengths, reverse, save = frozen
+    return LSTMRecurrenceCall(T, B, D, H, P, dtype, torch.device(dev_type, dev_index), has_lengths, reverse, save)
+
+
+backends.register_op(OP, auto_order=("cuda", "triton"), features=LSTMRecurrenceCall.features, thaw=thaw_call)
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:

@@ -78,11 +78,11 @@ def _layers_forward(h: Tensor, weight: list[Tensor], bias: list[Tensor | None], 
     return h, kept
 
 
-def _stack_input(x: Tensor, tokens: Tensor | None) -> Tensor:
-    """The first layer's input, channels-first in the accumulation dtype: ``x``, or with
-    ``tokens`` the table ``x``'s rows."""
+def _stack_input(x: Tensor, tokens: Tensor | None, acc: torch.dtype) -> Tensor:
+    """The first layer's input, channels-first in ``acc``: ``x``, or with ``tokens`` the table
+    ``x``'s rows."""
     h = F.embedding(tokens.long(), x) if tokens is not None else x
-    return h.to(accumulation_dtype(x.dtype)).transpose(1, 2)
+    return h.to(acc).transpose(1, 2)
 
 
 def _layers_backward(g: Tensor, weight: list[Tensor], bias: list[Tensor | None], kept, call: Conv1dStackCall, factors):
@@ -114,12 +114,14 @@ def conv1d_stack_reference(
     proj_bias: Tensor | None,
     call: Conv1dStackCall,
     seed: Tensor | None = None,
+    acc: torch.dtype | None = None,
 ) -> Tensor:
     """The stack on channels-last ``x`` ``(B, T, C)`` (or on ``x[tokens]``), contiguous
     ``(B, T_out, C_out)``; with ``proj_weight``, ``h @ proj_weightᵀ + proj_bias`` time-major
-    ``(T_out, B, N)``."""
-    factors = dropout_factors(seed, call, accumulation_dtype(x.dtype))
-    h, _ = _layers_forward(_stack_input(x, tokens), weight, bias, call, factors)
+    ``(T_out, B, N)``. Computed in ``acc`` (default: float32 for 16-bit data, else its dtype)."""
+    acc = acc or accumulation_dtype(x.dtype)
+    factors = dropout_factors(seed, call, acc)
+    h, _ = _layers_forward(_stack_input(x, tokens, acc), weight, bias, call, factors)
     if proj_weight is None:
         return h.transpose(1, 2).to(x.dtype).contiguous()
     acc = h.dtype
@@ -137,13 +139,16 @@ def conv1d_stack_reference_backward(
     proj_bias: Tensor | None,
     call: Conv1dStackCall,
     seed: Tensor | None = None,
+    acc: torch.dtype | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
     """Gradients of the stack written out with ``torch.nn.grad`` (op implementations run below
     autograd, so they cannot call it): ``(grad_x, grad_weight, grad_bias of present biases,
     grad_proj_weight or None, grad_proj_bias or None)``. With ``tokens``, ``grad_x`` is the
-    table's: the embedding's gradient summed over every position holding the same id."""
-    factors = dropout_factors(seed, call, accumulation_dtype(x.dtype))
-    h, kept = _layers_forward(_stack_input(x, tokens), weight, bias, call, factors)
+    table's: the embedding's gradient summed over every position holding the same id. Computed in
+    ``acc`` as the forward."""
+    acc = acc or accumulation_dtype(x.dtype)
+    factors = dropout_factors(seed, call, acc)
+    h, kept = _layers_forward(_stack_input(x, tokens, acc), weight, bias, call, factors)
     acc = h.dtype
     g = grad_y.to(acc)
     grad_pw = grad_pb = None

@@ -64,8 +64,11 @@ wheel: setup $(RELEASE_TOOLS)
 	$(PY) scripts/audit_wheel.py dist/*.whl $(WHEEL_EXCLUDE)
 	$(VENV)/bin/twine check --strict dist/*.whl
 
-# The oldest torch the package declares, in an environment of its own with the test tools.
+# The oldest torch the package declares, in an environment of its own with the test tools. Its
+# Triton (3.6) runs kernels under the interpreter only with numpy < 2.4 (it converts 1-element
+# arrays to Python ints, which numpy 2.4 refuses); compiled GPU kernels are not affected.
 FLOOR_TORCH ?= torch==2.11.0
+FLOOR_TOOLS := $(TEST_TOOLS) "numpy<2.4"
 FLOOR_VENV ?= .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.fusedconvlstm-setup
 
@@ -74,7 +77,7 @@ $(FLOOR_STAMP):
 	rm -rf $(FLOOR_VENV)
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install --upgrade pip
-	$(FLOOR_VENV)/bin/python -m pip install "$(FLOOR_TORCH)" $(TEST_TOOLS)
+	$(FLOOR_VENV)/bin/python -m pip install "$(FLOOR_TORCH)" $(FLOOR_TOOLS)
 	touch $(FLOOR_STAMP)
 
 # The wheel (built against the pinned torch) installed into the oldest torch's environment, used

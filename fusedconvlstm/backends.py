@@ -25,6 +25,7 @@ caller did not name a backend.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -115,9 +116,27 @@ def _triton_why_not(device: torch.device) -> str | None:
         return None if torch.cuda.is_available() else "no CUDA device is available to run Triton kernels"
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
+            return _triton_interpreter_why_not()
         return "Triton runs CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
     return f"Triton does not run on {device.type} tensors"
+
+
+def _version(dist: str) -> tuple[int, ...]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(p) for p in version(dist).split("+")[0].split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return ()
+
+
+@functools.cache
+def _triton_interpreter_why_not() -> str | None:
+    """Triton before 3.7 turns one-element arrays into Python ints in its interpreter, which
+    numpy 2.4 refuses: every kernel would fail with a numpy TypeError."""
+    if (0,) < _version("triton") < (3, 7) and _version("numpy") >= (2, 4):
+        return "Triton's interpreter before Triton 3.7 needs numpy < 2.4 (pip install 'numpy<2.4')"
+    return None
 
 
 def _cuda_why_not(device: torch.device) -> str | None:

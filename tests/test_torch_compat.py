@@ -1,6 +1,10 @@
-"""The ops' autograd registration on every declared torch: a backward written for the full schema
-returns one gradient per input autograd received, however many defaulted arguments the call
-passed (torch before 2.14 refuses any other count)."""
+"""What differs between the torch releases the package declares (2.11 on), and their Tritons.
+
+- The ops' autograd registration: a backward written for the full schema returns one gradient
+  per input autograd received, however many defaulted arguments the call passed (torch before
+  2.14 refuses any other count).
+- Triton before 3.7 runs its interpreter only with numpy < 2.4: the triton backend says so.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from fusedconvlstm import backends
 from fusedconvlstm.ops._autograd import register_autograd
 
 
@@ -76,3 +81,18 @@ def test_a_gradient_for_an_argument_autograd_did_not_receive_is_refused():
     register_autograd(grad_for_default, lambda ctx, g: (g, g), lambda ctx, inputs, output: None)
     with pytest.raises(RuntimeError, match="did not receive"):
         grad_for_default(torch.ones(2, requires_grad=True)).sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("triton", "numpy", "refused"),
+    [((3, 6), (2, 4), True), ((3, 6), (2, 3), False), ((3, 7), (2, 4), False), ((), (2, 4), False)],
+)
+def test_triton_interpreter_with_a_numpy_it_cannot_use_is_refused_with_a_reason(monkeypatch, triton, numpy, refused):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_version", {"triton": triton, "numpy": numpy}.get)
+    backends._triton_interpreter_why_not.cache_clear()
+    try:
+        why = backends.backend_why_not("triton", torch.device("cpu"))
+    finally:
+        backends._triton_interpreter_why_not.cache_clear()
+    assert (why is not None and "numpy < 2.4" in why) == refused

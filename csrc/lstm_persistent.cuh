@@ -29,11 +29,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kKStepBytes = 32;
 constexpr int kRowPadBytes = 16;
 constexpr int kSyncStride = 32;  // barrier counters 128 bytes apart: one L2 line per group
-// A group barrier that waits longer than this means co-residency broke (it cannot in a
-// cooperative launch) or a bug: the kernel traps instead of hanging the process forever.
-// FUSEDCONVLSTM_BARRIER_TIMEOUT_S overrides it (0: never trap, for a debugger or a slow
-// compute-sanitizer run, where a correct kernel can wait longer).
-constexpr unsigned long long kWatchdogNs = 10ull * 1000 * 1000 * 1000;
+// The barrier watchdog, off by default: a correct kernel can wait at a barrier for any length of
+// time (under compute-sanitizer, a debugger's breakpoint, a GPU time-shared with other
+// processes), and a trap poisons the CUDA context of the whole process, so no finite default is
+// safe. FUSEDCONVLSTM_BARRIER_TIMEOUT_S=<seconds> turns it on: a group barrier that waits longer
+// then means co-residency broke (it cannot in a cooperative launch) or a bug, and the kernel traps
+// instead of hanging (for test runs that must end).
+constexpr unsigned long long kWatchdogNs = 0;
 constexpr const char* kWatchdogEnv = "FUSEDCONVLSTM_BARRIER_TIMEOUT_S";
 // The largest thread-block cluster of sm_90 (16 needs the non-portable opt-in; 8 is portable).
 constexpr int kMaxClusterBlocks = 16;
@@ -49,8 +51,11 @@ struct Config {
 // group (nu), batch tiles (nbt), padded reduction length (kp, elements), smem bytes.
 // kpx, ldx: the padded input length and row stride of the kernel that computes the input
 // projection itself (add_input_projection; zero otherwise).
+// smem is 64-bit: at large H it exceeds 2^31 (and must then fail the device's limit check, not
+// wrap around to a size that passes it); every other field of a layout that fits is small.
 struct Layout {
-  int hs, bt, nu, nbt, kp, lda, rows_a, ldr, smem;
+  int hs, bt, nu, nbt, kp, lda, rows_a, ldr;
+  int64_t smem;
   int grid;
   int kpx, ldx;
 };
@@ -62,8 +67,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // The staging of one step's outputs in shared memory, stored to global memory after the
 // barrier's arrive (the cluster kernel's own area; the cooperative kernel's h tile, for its last
 // batch tile): y (hs x bt elements, padded to 16 bytes), then the workspace (5 x hs x bt floats).
-__host__ __device__ inline int output_staging_bytes(int hs, int bt, int elem_bytes) {
-  return static_cast<int>((hs * bt * elem_bytes + 15) / 16 * 16) + 5 * hs * bt * 4;
+__host__ __device__ inline int64_t output_staging_bytes(int64_t hs, int64_t bt, int64_t elem_bytes) {
+  return (hs * bt * elem_bytes + 15) / 16 * 16 + 5 * hs * bt * 4;
 }
 
 // h_tiles: batch tiles of the exchanged state held in shared memory: 1, or 2 for the cluster
@@ -79,7 +84,7 @@ inline Layout make_layout(const Config& c, int64_t B, int64_t D, int64_t H, int6
   l.kp = static_cast<int>(round_up(K, kKStepBytes / elem_bytes));
   l.lda = l.kp * elem_bytes + kRowPadBytes;
   l.ldr = l.rows_a + 4;  // 4 floats of padding: see store_accumulators
-  l.smem = l.rows_a * l.lda + h_tiles * l.bt * l.lda + c.wk * l.bt * l.ldr * 4;
+  l.smem = int64_t(l.rows_a) * l.lda + int64_t(h_tiles) * l.bt * l.lda + int64_t(c.wk) * l.bt * l.ldr * 4;
   if (h_tiles == 2) l.smem += output_staging_bytes(l.hs, l.bt, elem_bytes);
   l.grid = static_cast<int>(D * c.nbg * l.nu);
   l.kpx = l.ldx = 0;
@@ -97,7 +102,7 @@ __host__ __device__ inline int input_projection_tiles(const Layout& l, const Con
 inline void add_input_projection(Layout& l, const Config& c, int64_t I, int elem_bytes) {
   l.kpx = static_cast<int>(round_up(I, kKStepBytes / elem_bytes));
   l.ldx = l.kpx * elem_bytes + kRowPadBytes;
-  l.smem += (l.rows_a + l.bt) * l.ldx + input_projection_tiles(l, c) * l.bt * l.rows_a * 4;
+  l.smem += int64_t(l.rows_a + l.bt) * l.ldx + int64_t(input_projection_tiles(l, c)) * l.bt * l.rows_a * 4;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -459,7 +464,7 @@ struct RecurrenceParams {
   unsigned long long watchdog_ns;  // 0: no watchdog
 };
 
-// The barrier watchdog: FUSEDCONVLSTM_BARRIER_TIMEOUT_S seconds if set (0 turns it off), else 10 s.
+// The barrier watchdog: FUSEDCONVLSTM_BARRIER_TIMEOUT_S seconds if set (0: off), else off.
 inline unsigned long long watchdog_ns_from_env(const char* op) {
   const char* text = std::getenv(kWatchdogEnv);
   if (text == nullptr || *text == '\0') return kWatchdogNs;
@@ -584,7 +589,7 @@ template <typename Kernel>
 void set_shared_memory_attributes(Kernel kernel, const Layout& l, int device, const char* op, const char* instead) {
   int smem_optin = 0;
   STD_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  STD_TORCH_CHECK(l.smem <= smem_optin, op, ": the configuration needs ", l.smem,
+  STD_TORCH_CHECK(l.smem <= static_cast<int64_t>(smem_optin), op, ": the configuration needs ", l.smem,
                   " bytes of shared memory per block, the device allows ", smem_optin, "; use a smaller tile (or ",
                   instead, ")");
   STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin));
@@ -603,7 +608,7 @@ void launch_cooperative(void (*kernel)(Params), const Params& params, const Layo
   STD_TORCH_CHECK(coop, op, ": device cuda:", device, " does not support cooperative launches");
   set_shared_memory_attributes(kernel, l, device, op, "the step-wise kernels");
   int per_sm = 0;
-  STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, l.smem));
+  STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(l.smem)));
   STD_TORCH_CHECK(per_sm > 0 && l.grid <= per_sm * sms, op, ": the configuration needs ", l.grid,
                   " co-resident blocks, the device holds ", per_sm * sms, " (", per_sm, " per SM x ", sms,
                   " SMs) at ", l.smem, " bytes of shared memory each; use fewer batch groups or larger tiles "
@@ -613,12 +618,13 @@ void launch_cooperative(void (*kernel)(Params), const Params& params, const Layo
                                              static_cast<size_t>(l.smem), stream));
 }
 
-// Launches `kernel` in clusters of `l.nu` blocks (sm_90): the blocks of a cluster are co-scheduled
-// by the hardware, and clusters never wait on each other, so the grid needs no co-residency.
-// Refuses with a sentence what the device cannot schedule.
+// The launch of `kernel` in clusters of `l.nu` blocks (sm_90), after the checks every cluster
+// launch needs (a device and a build with sm_90 code, the shared memory) and the kernel's
+// attributes; `attr` is the storage of the cluster-dimension attribute `cfg` points to. Refuses
+// with a sentence what the device cannot launch.
 template <typename Params>
-void launch_clusters(void (*kernel)(Params), const Params& params, const Layout& l, int device, cudaStream_t stream,
-                     const char* op) {
+cudaLaunchConfig_t prepare_cluster_launch(void (*kernel)(Params), const Layout& l, int device, cudaStream_t stream,
+                                          cudaLaunchAttribute (&attr)[1], const char* op) {
   int major = 0;
   STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   STD_TORCH_CHECK(major >= 9, op, ": thread-block clusters need compute capability 9.0 or newer; device cuda:", device,
@@ -633,7 +639,6 @@ void launch_clusters(void (*kernel)(Params), const Params& params, const Layout&
                   "); rebuild with TORCH_CUDA_ARCH_LIST including 9.0a or 9.0+PTX, or use the cooperative kernel");
   set_shared_memory_attributes(kernel, l, device, op, "the cooperative kernel");
   if (l.nu > 8) STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(l.nu);
   attr[0].val.clusterDim.y = 1;
@@ -645,6 +650,32 @@ void launch_clusters(void (*kernel)(Params), const Params& params, const Layout&
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
+  return cfg;
+}
+
+// How many clusters of `l.nu` blocks of `kernel` the device holds at once
+// (cudaOccupancyMaxActiveClusters): 0 where it cannot place one at all (a harvested die or a
+// part whose GPCs hold fewer SMs than the cluster needs, too much shared memory per SM), which
+// the launch plan asks before it chooses the cluster kernel. Refuses what prepare_cluster_launch
+// refuses.
+template <typename Params>
+int max_active_clusters(void (*kernel)(Params), const Layout& l, int device, cudaStream_t stream, const char* op) {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg = prepare_cluster_launch(kernel, l, device, stream, attr, op);
+  int clusters = 0;
+  STD_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  return clusters;
+}
+
+// Launches `kernel` in clusters of `l.nu` blocks (sm_90): the blocks of a cluster are co-scheduled
+// by the hardware, and clusters never wait on each other, so the grid needs no co-residency.
+// Refuses with a sentence what the device cannot schedule (the launch plan asks
+// max_active_clusters first, so a call the cuda backend plans does not reach that refusal).
+template <typename Params>
+void launch_clusters(void (*kernel)(Params), const Params& params, const Layout& l, int device, cudaStream_t stream,
+                     const char* op) {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg = prepare_cluster_launch(kernel, l, device, stream, attr, op);
   int clusters = 0;
   STD_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
   STD_TORCH_CHECK(clusters > 0, op, ": device cuda:", device, " cannot schedule a cluster of ", l.nu, " blocks with ",

@@ -520,6 +520,29 @@ void lstm_cluster_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths
                  });
 }
 
+// How many clusters of the cluster forward kernel, configured (nt, wm, wn, wk) for a hidden size,
+// the device of `like` (whose dtype selects the kernel) holds at once: 0 where it cannot place
+// one. The launch plan asks it before choosing the cluster kernel.
+int64_t lstm_cluster_max_active_clusters(Tensor like, int64_t hidden_size, int64_t nt, int64_t wm, int64_t wn,
+                                         int64_t wk) {
+  const char* op = "lstm_cluster_max_active_clusters";
+  STD_TORCH_CHECK(like.is_cuda(), op, ": like must be a CUDA tensor (its device is the one asked about)");
+  const int64_t bt = 8 * nt * wn;  // one batch tile: the layout of one cluster
+  const Problem pb = check_problem_sizes(1, bt > 0 ? bt : 1, 1, hidden_size, like.scalar_type(), "like", nt, wm, wn,
+                                         wk, 1, false, /*k_is_4h=*/false, 16 * kMt, 4, op, /*cluster=*/true);
+  STD_TORCH_CHECK(pb.l.hs * pb.l.bt <= kClusterElems * kThreads, op, ": a block's tile of ", pb.l.hs, " units x ",
+                  pb.l.bt, " rows exceeds the ", kClusterElems, " elements per thread the kernel keeps");
+  const int device = like.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  cudaStream_t stream = current_stream(like);
+  int64_t clusters = 0;
+  dispatch_tile(pb.dt, pb.cfg.nt, [&](auto t_tag, auto nt_tag) {
+    auto kernel = lstm_cluster_forward_kernel<decltype(t_tag), decltype(nt_tag)::value>;
+    clusters = max_active_clusters(kernel, pb.l, device, stream, op);
+  });
+  return clusters;
+}
+
 }  // namespace
 }  // namespace persistent
 }  // namespace fusedconvlstm
@@ -527,6 +550,8 @@ void lstm_cluster_forward_(Tensor xg, Tensor w_hh, std::optional<Tensor> lengths
 STABLE_TORCH_LIBRARY_IMPL(fusedconvlstm, CUDA, m) {
   m.impl("lstm_persistent_forward_", TORCH_BOX(&fusedconvlstm::persistent::lstm_persistent_forward_));
   m.impl("lstm_cluster_forward_", TORCH_BOX(&fusedconvlstm::persistent::lstm_cluster_forward_));
+  m.impl("lstm_cluster_max_active_clusters",
+         TORCH_BOX(&fusedconvlstm::persistent::lstm_cluster_max_active_clusters));
   m.impl("lstm_persistent_forward_from_input_",
          TORCH_BOX(&fusedconvlstm::persistent::lstm_persistent_forward_from_input_));
 }

@@ -16,9 +16,14 @@ model_train_step    the same, forward + backward of the loss         the same
 Baselines run in the dtype cuDNN serves best: our bf16 is compared with cuDNN fp16 (its
 persistent kernel) and, where cuDNN has it, bf16; our fp32 with cuDNN's fp32 (TF32 on, the
 default). The reference model is also timed under ``torch.compile``. GPU times are medians of
-``triton.testing.do_bench`` (CUDA events, after warm-up), twice, inputs rotated; results are JSON
-lines as DESIGN.md §4 describes. Without a GPU the same cases run on the CPU at small sizes
-(``time.perf_counter``), which says nothing about GPU speed.
+``triton.testing.do_bench`` (CUDA events, after warm-up), three times, inputs rotated; results are
+JSON lines as DESIGN.md §4 describes, with a PNG of speedup against batch size beside them. Each
+record's ``spread`` is how far its repeats swing ((max - min) / median, the larger of the two
+sides); past :data:`SPREAD_WARNING` the run warns that the machine was busy.
+
+Without a GPU the same cases run on the CPU at small sizes (``time.perf_counter``, five repeats),
+which says nothing about GPU speed; they are written to ``benchmarks/results/cpu/`` (ignored by
+git: ``benchmarks/results/`` holds GPU results only).
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ from fusedconvlstm.validate import rel_err
 
 OPS = ("lstm", "lstm_pair", "conv1d_stack", "model_inference", "model_train_step")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Tokens per review the model cases feed (the reference model's max_len); its LSTMs see 45 steps.
+MODEL_TOKENS = 100
+# Repeats whose (max - min) / median passes this make the run warn: the machine was busy.
+SPREAD_WARNING = 0.25
+# Timings per side and case (their spread is the noise).
+REPEATS = {"cuda": 3, "cpu": 5}
 
 
 @dataclass
@@ -80,6 +91,8 @@ class BenchRecord:
     # The cuda backend's forward kernel(s) that served the case ("cluster", "cooperative",
     # "stepwise", joined by "+"), None where it did not run.
     lstm_forward_kernel: str | None = None
+    # How far the repeats swing: (max - min) / median, the larger of ours and the baseline's.
+    spread: float | None = None
 
     @classmethod
     def measured(
@@ -101,12 +114,19 @@ class BenchRecord:
             baseline_repeats_ms=base_ms,
             baseline_max_rel_err=base_err,
             err_within_2x_baseline=bool(err <= 2 * base_err + 4 * eps),
+            spread=max(spread_of(ours_ms), spread_of(base_ms)),
         )
 
     def to_json(self) -> str:
         d = asdict(self)
         d["pass"] = d.pop("pass_")
         return json.dumps(d)
+
+
+def spread_of(times_ms: list[float]) -> float:
+    """``(max - min) / median`` of repeated timings: 0 when they agree."""
+    median = statistics.median(times_ms)
+    return (max(times_ms) - min(times_ms)) / median if median > 0 else 0.0
 
 
 COMMIT_ENV = "FUSEDCONVLSTM_COMMIT"
@@ -153,7 +173,7 @@ def environment() -> dict:
     }
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 2) -> list[float]:
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> list[float]:
     """Median milliseconds of ``fn``, measured ``repeats`` times (their spread is the noise)."""
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -342,7 +362,8 @@ def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mo
         base_fn = torch.compile(base.logits, mode=compile_mode, dynamic=False)
 
     def make():
-        return (torch.randint(1, 20_000, (batch, 100), device=device), torch.randint(0, 2, (batch, 1), device=device))
+        tokens = torch.randint(1, 20_000, (batch, MODEL_TOKENS), device=device)
+        return tokens, torch.randint(0, 2, (batch, 1), device=device)
 
     rot = _Rotating(make, l2)
 
@@ -596,16 +617,17 @@ def build_pair(case: dict, device: torch.device, hidden: int) -> _Pair:
     return _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mode_of(case["baseline"]))
 
 
-def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchRecord:
-    """Build, check and time one case."""
+def run_case(case: dict, device: torch.device, env: dict, hidden: int, repeats: int | None = None) -> BenchRecord:
+    """Build, check and time one case (``repeats`` timings per side, default :data:`REPEATS`)."""
+    repeats = repeats or REPEATS.get(device.type, REPEATS["cpu"])
     op, batch, backend = case["op"], case["batch"], case["backend"]
     with preferring_forward_kernel(case.get("forward_kernel")):
         pair = build_pair(case, device, hidden)
         FORWARD_KERNELS_SERVED.clear()
         err, base_err = pair.errors()
         kernels = "+".join(sorted(FORWARD_KERNELS_SERVED)) or None
-        ours_ms = time_ms(pair.ours, device)
-        base_ms = time_ms(pair.baseline, device)
+        ours_ms = time_ms(pair.ours, device, repeats)
+        base_ms = time_ms(pair.baseline, device, repeats)
     return BenchRecord.measured(
         env,
         (ours_ms, base_ms),
@@ -622,18 +644,48 @@ def run_case(case: dict, device: torch.device, env: dict, hidden: int) -> BenchR
     )
 
 
-def default_output_path(env: dict, root: str) -> str:
-    """``benchmarks/results/<date>_<device>.jsonl`` (a new file per run)."""
+def default_output_path(env: dict, root: str, gpu: bool = True) -> str:
+    """``benchmarks/results/<date>_<device>.jsonl`` (a new file per run); CPU timings go to
+    ``benchmarks/results/cpu/`` instead, which git ignores: the results folder is for GPU
+    results, each citing its commit."""
     slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    return os.path.join(root, "benchmarks", "results", f"{stamp}_{slug}.jsonl")
+    folder = os.path.join(root, "benchmarks", "results", *(() if gpu else ("cpu",)))
+    return os.path.join(folder, f"{stamp}_{slug}.jsonl")
+
+
+def case_label(case: dict) -> str:
+    """What a case times, in words: the model cases are fed MODEL_TOKENS tokens (their LSTMs
+    then see ``seq`` steps), the conv stack 100 steps, the LSTM cases ``seq``."""
+    kernel = f" ({case['forward_kernel']} preferred)" if case.get("forward_kernel") else ""
+    if case["op"].startswith("model"):
+        length = f"tokens={MODEL_TOKENS} (LSTM T={case['seq']})"
+    else:
+        length = f"T={case['seq']}"
+    return (
+        f"{case['op']} {case['pass_']} {case['dtype']} b={case['batch']} {length} {case['backend']}{kernel} "
+        f"vs {case['baseline']}"
+    )
 
 
 def format_records(records: list[BenchRecord]) -> str:
     """A plain-text table of results."""
-    header = ("op", "pass", "dtype", "batch", "seq", "backend", "ms", "baseline", "baseline ms", "speedup", "rel err")
+    header = (
+        "op",
+        "pass",
+        "dtype",
+        "batch",
+        "seq",
+        "backend",
+        "ms",
+        "baseline",
+        "baseline ms",
+        "speedup",
+        "rel err",
+        "spread",
+    )
     rows = [
         (
             r.op,
@@ -647,6 +699,7 @@ def format_records(records: list[BenchRecord]) -> str:
             f"{r.baseline_median_ms:.3f}",
             f"{r.speedup:.2f}x",
             f"{r.max_rel_err:.1e}",
+            "" if r.spread is None else f"{100 * r.spread:.0f}%" + (" !" if r.spread > SPREAD_WARNING else ""),
         )
         for r in records
     ]
@@ -662,8 +715,7 @@ def main_bench(args) -> int:
     env = environment()
     if not gpu:
         print(
-            "No CUDA GPU on this machine: timing on the CPU at small sizes. These numbers say nothing about "
-            "GPU speed and are written only with --out.",
+            f"No CUDA GPU on this machine: timing on the CPU at small sizes. {CPU_CAVEAT}",
             flush=True,
         )
     ops = args.ops or (list(OPS) if gpu else ["lstm", "conv1d_stack", "model_inference"])
@@ -682,13 +734,13 @@ def main_bench(args) -> int:
     if not cases:
         print("nothing to run: no backend can serve these cases on this machine", flush=True)
         return 1
-    out_path = args.out or (default_output_path(env, os.getcwd()) if gpu else None)
+    out_path = args.out or default_output_path(env, os.getcwd(), gpu)
+    repeats = getattr(args, "repeats", None) or REPEATS[device.type]
     records = []
     t_start = time.perf_counter()
     budget = getattr(args, "time_budget", None)
     for k, case in enumerate(cases, 1):
-        kernel = f" ({case['forward_kernel']} preferred)" if case.get("forward_kernel") else ""
-        label = f"{case['op']} {case['pass_']} {case['dtype']} b={case['batch']} T={case['seq']} {case['backend']}{kernel} vs {case['baseline']}"
+        label = case_label(case)
         if budget is not None and time.perf_counter() - t_start > budget:
             print(
                 f"time budget of {budget:.0f} s spent: {len(cases) - k + 1} case(s) not run, from [{k}/{len(cases)}] {label}"
@@ -696,7 +748,7 @@ def main_bench(args) -> int:
             break
         print(f"[{k}/{len(cases)}] {label} ... ", end="", flush=True)
         try:
-            rec = run_case(case, device, env, hidden if case["op"] in ("lstm", "lstm_pair") else 512)
+            rec = run_case(case, device, env, hidden if case["op"] in ("lstm", "lstm_pair") else 512, repeats)
         except (RuntimeError, backends.BackendUnavailableError, torch.OutOfMemoryError) as exc:
             # BaselineUnavailable is a RuntimeError: a baseline that cannot run here is skipped.
             print(f"skipped: {str(exc).splitlines()[0]}", flush=True)
@@ -707,27 +759,80 @@ def main_bench(args) -> int:
             f"[{time.perf_counter() - t_start:.0f} s]",
             flush=True,
         )
+        if rec.spread > SPREAD_WARNING:
+            print(
+                f"  WARNING: the {repeats} repeats of this case swing by {100 * rec.spread:.0f}% (more than "
+                f"{100 * SPREAD_WARNING:.0f}%): the machine is busy or clocks vary; do not trust this speedup",
+                flush=True,
+            )
         if out_path:
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
             with open(out_path, "a") as f:
                 f.write(rec.to_json() + "\n")
     print()
     print(format_records(records))
-    if out_path:
+    noisy = [r for r in records if r.spread > SPREAD_WARNING]
+    if noisy:
+        print(
+            f"\nWARNING: {len(noisy)} of {len(records)} cases swung by more than {100 * SPREAD_WARNING:.0f}% "
+            "between repeats (marked !): rerun on a quiet machine before reading anything into them."
+        )
+    if records:
         print(f"\nresults: {out_path}")
+        if not getattr(args, "no_plot", False):
+            try:
+                print(f"plot:    {plot_speedups([json.loads(r.to_json()) for r in records], plot_path(out_path))}")
+            except ImportError as exc:
+                print(f"plot:    none ({exc})")
+    if not gpu:
+        print(f"\n{CPU_CAVEAT}")
     return 0 if records else 1
+
+
+CPU_CAVEAT = (
+    "CPU timings say nothing about GPU speed: the kernels this package is about run on a GPU, and on "
+    "the CPU the reference backend is timed against torch's CPU kernels."
+)
+
+
+def plot_path(results_path: str) -> str:
+    """The PNG beside a results file."""
+    return results_path.removesuffix(".jsonl") + ".png"
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use: python -m fusedconvlstm bench")
 
 
-def load_records(paths: Iterable[str]) -> list[dict]:
-    """The JSON lines of one or more results files."""
+# What a record needs to be plotted.
+PLOT_KEYS = ("op", "pass", "dtype", "backend", "baseline", "batch", "speedup", "device", "commit")
+
+
+def load_records(paths: Iterable[str], required: Iterable[str] = ()) -> list[dict]:
+    """The JSON lines of one or more results files. A file that is empty, a line that is not a
+    JSON object or a record without a ``required`` key raises ``ValueError`` naming the file and
+    line."""
+    required = tuple(required)
     rows = []
     for path in paths:
+        found = 0
         with open(path) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{lineno}: not a results record (a JSON object)")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise ValueError(f"{path}:{lineno}: not a bench record (no {', '.join(missing)})")
+                rows.append(row)
+                found += 1
+        if not found:
+            raise ValueError(f"{path}: no records (the file is empty)")
     return rows
 
 
@@ -740,7 +845,7 @@ def plot_speedups(rows: list[dict], out_path: str) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise RuntimeError("plotting needs matplotlib (pip install matplotlib)") from exc
+        raise ImportError("plotting needs matplotlib (pip install matplotlib)") from exc
     panels = sorted({(r["op"], r["pass"]) for r in rows})
     if not panels:
         raise ValueError("no results to plot")

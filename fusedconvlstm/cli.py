@@ -1,4 +1,7 @@
-"""Command line: ``python -m fusedconvlstm {env,check,bench,plot,train}`` (also the ``fusedconvlstm`` script)."""
+"""Command line of fusedconvlstm (python -m fusedconvlstm, or the fusedconvlstm script):
+env (versions, GPU, backends), check (every backend against float64), bench (timings, JSON
+lines and a plot), report (the speed targets judged on results files), plot (speedup against
+batch size) and train (the reference model on review text)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,39 @@ import platform
 import sys
 
 import torch
+
+# Set to 1 to see the traceback of an error the command line otherwise reports in one line.
+TRACEBACK_ENV = "FUSEDCONVLSTM_TRACEBACK"
+
+
+class CLIError(Exception):
+    """An expected failure of a command (a bad file, a bad argument): one line on stderr and a
+    non-zero exit, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default where the help text does not already say it:
+    ``(default: X)``, ``(default: off)`` for a flag, ``(default: none)`` for an option that is
+    not used unless given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return help_text
+        if action.nargs == 0:
+            default = "off" if action.default in (False, None) else "on"
+        elif action.default is None:
+            default = "none"
+        else:
+            default = "%(default)s"
+        return f"{help_text} (default: {default})".strip()
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -37,7 +73,15 @@ def cmd_env(args: argparse.Namespace) -> int:
     stale = _extension.stale_reason()
     if stale:
         print(f"extension      STALE: {stale}")
-    print(f"lstm forward   {_forward_kernel_line()}")
+    invalid = []
+    backend_line = _backend_env_line()
+    if backend_line.startswith("INVALID"):
+        invalid.append(backends.ENV_VAR)
+    print(f"backend        {backend_line}")
+    kernel_line = _forward_kernel_line()
+    if kernel_line.startswith("INVALID"):
+        invalid.append("FUSEDCONVLSTM_LSTM_FWD_KERNEL")
+    print(f"lstm forward   {kernel_line}")
     print()
     devices = [torch.device("cuda")] if torch.cuda.is_available() else []
     devices.append(torch.device("cpu"))
@@ -49,7 +93,28 @@ def cmd_env(args: argparse.Namespace) -> int:
             print(f"{device.type:4s} {name:9s}  {state}")
             if reason is None:
                 print(f"{'':15s}ops: {', '.join(ops) or 'none yet'}")
+    if invalid:
+        print(f"\ninvalid settings: {', '.join(invalid)} (see above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _backend_env_line() -> str:
+    """What ``backend="auto"`` means here: ``$FUSEDCONVLSTM_BACKEND`` when set (checked)."""
+    from fusedconvlstm import backends
+
+    given = os.environ.get(backends.ENV_VAR, "").strip()
+    choices = ", ".join((*backends.BACKENDS, backends.AUTO))
+    if not given:
+        return f"auto: the fastest backend that serves each call ({backends.ENV_VAR} unset; one of {choices})"
+    try:
+        backends.requested_backend(backends.AUTO)
+    except ValueError:
+        return (
+            f"INVALID {backends.ENV_VAR}={given!r} (one of {choices}): every call that does not name a "
+            "backend will raise"
+        )
+    return f"{given}, from {backends.ENV_VAR}, wherever code does not name a backend"
 
 
 def _forward_kernel_line() -> str:
@@ -63,8 +128,11 @@ def _forward_kernel_line() -> str:
         return (
             f"INVALID {FORWARD_KERNEL_ENV}={given!r} (one of {', '.join(FORWARD_KERNELS)}): cuda LSTM calls will raise"
         )
-    other = "cluster" if name == "cooperative" else "cooperative"
-    return f"{name} kernel preferred by the cuda backend ({FORWARD_KERNEL_ENV}={other} for the other)"
+    others = " or ".join(k for k in FORWARD_KERNELS if k != name)
+    return (
+        f"{name} kernel preferred by the cuda backend, of the {len(FORWARD_KERNELS)} persistent forward kernels "
+        f"{', '.join(FORWARD_KERNELS)} ({FORWARD_KERNEL_ENV}={others} for another)"
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -72,6 +140,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from fusedconvlstm.validate import check_cases, default_cases, format_table
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
     default_dtypes = ["float32", "float16", "bfloat16"] if device.type == "cuda" else ["float32"]
     dtypes = [getattr(torch, d) for d in (args.dtypes or default_dtypes)]
     print(
@@ -104,23 +174,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot speedup against batch size from results files."""
-    from fusedconvlstm.benchmarking import load_records, plot_speedups
+    from fusedconvlstm.benchmarking import PLOT_KEYS, load_records, plot_speedups
 
     out = args.out or args.results[0].removesuffix(".jsonl") + ".png"
-    print(plot_speedups(load_records(args.results), out))
+    print(plot_speedups(load_records(args.results, required=PLOT_KEYS), out))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The issues' speed targets judged on results files (see :mod:`fusedconvlstm.targets`)."""
-    import json
-
+    from fusedconvlstm.benchmarking import load_records
     from fusedconvlstm.targets import TARGETS, evaluate, markdown
 
     rows = []
     for path in args.results:
-        with open(path) as f:
-            rows += [(json.loads(line), path) for line in f if line.strip()]
+        rows += [(r, path) for r in load_records([path])]
     targets = [t for t in TARGETS if not args.issues or t.issue in args.issues]
     print(markdown(evaluate(rows, targets)))
     return 0
@@ -140,35 +208,97 @@ def _package_version() -> str:
     return __version__
 
 
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+EPILOG = f"""Expected failures (a missing or malformed file, a bad argument, a missing optional package)
+print one line on stderr and exit non-zero; {TRACEBACK_ENV}=1 shows the traceback instead."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line."""
     from fusedconvlstm import BACKENDS, backends
     from fusedconvlstm.benchmarking import COMPILE_MODES, DTYPES, FLASHRNN_BACKENDS, OPS
     from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS
+    from fusedconvlstm.train import positive_int
 
-    parser = argparse.ArgumentParser(prog="fusedconvlstm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("env", help="versions, GPU, and which backends can run here")
+    parser = ArgumentParser(prog="fusedconvlstm", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{env,check,bench,report,plot,train}")
+
+    def command(name: str, help: str, description: str | None = None, epilog: str | None = None):  # noqa: A002
+        return sub.add_parser(
+            name, help=help, description=description or help, epilog=epilog, formatter_class=HelpFormatter
+        )
+
+    p = command("env", "versions, GPU, and which backends can run here (non-zero exit on an invalid setting)")
     p.set_defaults(func=cmd_env)
 
-    p = sub.add_parser("check", help="every available backend against the float64 reference")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--backends", nargs="+", choices=list(BACKENDS), help="only these backends")
-    p.add_argument("--quick", action="store_true", help="one case per op")
+    p = command("check", "every available backend against the float64 reference (non-zero exit on a failure)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="default: float32 float16 bfloat16 on a GPU, float32 on the CPU",
+    )
+    p.add_argument("--backends", nargs="+", choices=list(BACKENDS), help="only these backends (default: every one)")
+    p.add_argument("--quick", action="store_true", help="one case per op (default: every case)")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("bench", help="time the backends against cuDNN and torch.compile; write JSON lines")
-    p.add_argument("--ops", nargs="+", choices=list(OPS))
-    p.add_argument("--backends", nargs="+", choices=[backends.AUTO, *BACKENDS], help="only these of ours")
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    p.add_argument("--batches", nargs="+", type=int)
-    p.add_argument("--seqs", nargs="+", type=int, help="sequence lengths of the lstm cases (default 45)")
-    p.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"])
-    p.add_argument("--hidden", type=int, help="hidden and input size of the lstm cases (default 512)")
-    p.add_argument("--out", help="JSON-lines file (default on a GPU: benchmarks/results/<date>_<gpu>.jsonl)")
-    p.add_argument("--include-reference", action="store_true", help="also time the reference backend on a GPU")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p = command(
+        "bench",
+        "time the backends against cuDNN and torch.compile; write JSON lines and a plot",
+        epilog="Without a GPU the cases run on the CPU at small sizes: numbers that say nothing about GPU "
+        "speed, written to benchmarks/results/cpu/ (not meant to be committed) unless --out is given.",
+    )
+    p.add_argument(
+        "--ops",
+        nargs="+",
+        choices=list(OPS),
+        help="default: every op on a GPU; lstm conv1d_stack model_inference on the CPU",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=[backends.AUTO, *BACKENDS],
+        help="only these of ours (default: every one that serves a case)",
+    )
+    p.add_argument(
+        "--dtypes", nargs="+", choices=list(DTYPES), help="default: bf16 fp16 fp32 on a GPU, fp32 on the CPU"
+    )
+    p.add_argument("--batches", nargs="+", type=positive_int, help="default: 1 8 64 256 1024 on a GPU, 1 8 on the CPU")
+    p.add_argument("--seqs", nargs="+", type=positive_int, help="sequence lengths of the lstm cases (default: 45)")
+    p.add_argument(
+        "--passes", nargs="+", choices=["fwd", "fwd+bwd"], help="default: fwd fwd+bwd on a GPU, fwd on the CPU"
+    )
+    p.add_argument("--hidden", type=positive_int, help="hidden and input size of the lstm cases (default: 512)")
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        help="timings per side and case, whose spread is the noise (default: 3 on a GPU, 5 on the CPU)",
+    )
+    p.add_argument(
+        "--out",
+        help="JSON-lines file (default: benchmarks/results/<date>_<gpu>.jsonl on a GPU, "
+        "benchmarks/results/cpu/<date>_<cpu>.jsonl on the CPU)",
+    )
+    p.add_argument(
+        "--no-plot", action="store_true", help="write no PNG beside the results (default: a plot, needs matplotlib)"
+    )
+    p.add_argument(
+        "--include-reference", action="store_true", help="also time the reference backend on a GPU (default: not)"
+    )
+    p.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile baselines (default: timed on a GPU)"
+    )
     p.add_argument(
         "--compile-modes",
         nargs="+",
@@ -179,43 +309,72 @@ def build_parser() -> argparse.ArgumentParser:
         "--flashrnn",
         nargs="+",
         choices=list(FLASHRNN_BACKENDS),
-        help="also time the lstm cases against these FlashRNN kernels (needs `pip install flashrnn`; cuda_fused "
-        "compiles for minutes at its first call)",
+        help="also time the lstm cases against these FlashRNN kernels (needs pip install flashrnn; cuda_fused "
+        "compiles for minutes at its first call) (default: none)",
     )
     p.add_argument(
         "--lstm-forward-kernels",
         nargs="+",
         choices=list(FORWARD_KERNELS),
         help="time the lstm cases on the cuda backend with each of these persistent forward kernels preferred "
-        "(records name the kernel that served)",
+        "(records name the kernel that served) (default: the preferred one only)",
     )
     p.add_argument(
-        "--time-budget", type=float, metavar="SECONDS", help="start no new case after this many seconds (GPU leases)"
+        "--time-budget",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="start no new case after this many seconds, for GPU leases (default: no limit)",
     )
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("plot", help="PNG of speedup against batch size from bench results (needs matplotlib)")
-    p.add_argument("results", nargs="+", help="JSON-lines files written by bench")
-    p.add_argument("--out", help="PNG path (default: beside the first results file)")
-    p.set_defaults(func=cmd_plot)
-
-    p = sub.add_parser("report", help="the issues' speed targets judged on bench results (a Markdown table)")
+    p = command("report", "the issues' speed targets judged on bench results (a Markdown table)")
     p.add_argument("results", nargs="+", help="JSON-lines files written by bench or benchmarks/bench_conv1d_stack.py")
-    p.add_argument("--issues", type=int, nargs="+", metavar="N", help="only these issues' targets")
+    p.add_argument("--issues", type=int, nargs="+", metavar="N", help="only these issues' targets (default: all)")
     p.set_defaults(func=cmd_report)
 
-    from fusedconvlstm.train import add_arguments
+    p = command("plot", "PNG of speedup against batch size from bench results (needs matplotlib)")
+    p.add_argument("results", nargs="+", help="JSON-lines files written by bench")
+    p.add_argument("--out", help="PNG path (default: the first results file with .png for .jsonl)")
+    p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("train", help="train the reference model on review text (fine-food reviews or a fastText file)")
+    from fusedconvlstm.train import DESCRIPTION, add_arguments
+    from fusedconvlstm.train import EPILOG as TRAIN_EPILOG
+
+    p = command(
+        "train",
+        "train the reference model on review text (fine-food reviews or a fastText file)",
+        description=DESCRIPTION,
+        epilog=TRAIN_EPILOG,
+    )
     add_arguments(p)
     p.set_defaults(func=cmd_train)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """An expected failure in one line."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run the command line: expected failures become one line on stderr and a non-zero exit."""
+    from fusedconvlstm.backends import BackendUnavailableError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, OSError, ImportError, ValueError, BackendUnavailableError) as exc:
+        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+            raise
+        print(f"fusedconvlstm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fusedconvlstm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

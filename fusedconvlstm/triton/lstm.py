@@ -28,7 +28,9 @@ after the loop (:mod:`fusedconvlstm.ops.lstm_projection`, shared with the cuda b
 
 Precision: ``h`` and the dot operands are in the input dtype, accumulation, ``c`` and the gate
 math in float32. Float32 dots use TF32 when cuDNN's RNNs do (``torch.backends.cudnn.rnn``), as
-``nn.LSTM`` on cuDNN does, and IEEE float32 otherwise.
+``nn.LSTM`` on cuDNN does, and IEEE float32 otherwise; IEEE float32 runs only in the
+single-program mode (the persistent kernels' IEEE dots spill registers: the backend refuses those
+calls with the reason, and ``auto`` takes another).
 
 Triton is imported only when a kernel runs, so the package imports without it.
 """
@@ -147,6 +149,17 @@ def single_program_plan(batch: int, hidden: int) -> LaunchPlan:
     return LaunchPlan("single", h_pad, block_b, 8 if h_pad >= 64 else 4, n_bgroups, rows, _k_chunk(hidden))
 
 
+# Exact float32 dots (TF32 off for cuDNN's RNNs) lower to FMA loops that spill tens of KB per
+# thread in the persistent kernels (ptxas for sm_90 at H = 512, 32-row tiles: ~30 KB of spill
+# stores forward, ~9 KB backward), and tf32x3 needs twice the shared memory of an H100 SM: the
+# persistent mode refuses them; the single-program mode (H <= 64) runs them.
+EXACT_FP32_REFUSAL = (
+    "exact float32 products (TF32 disabled for cuDNN's RNNs) spill registers in the persistent Triton "
+    "kernels: allow TF32 (torch.backends.cudnn.rnn.fp32_precision = 'tf32', PyTorch's default), or use the "
+    "cuda backend, which runs them as 3xTF32"
+)
+
+
 def persistent_block_h(call: LSTMRecurrenceCall) -> int | str:
     """Hidden units per program in the persistent mode, or why that mode cannot run.
 
@@ -157,6 +170,8 @@ def persistent_block_h(call: LSTMRecurrenceCall) -> int | str:
     """
     from fusedconvlstm.triton.persistent import device_limits
 
+    if call.dtype == torch.float32 and _dot_precision(call.dtype) == "ieee":
+        return EXACT_FP32_REFUSAL
     H, D = call.hidden_size, call.num_recurrences
     index = call.device.index if call.device.index is not None else torch.cuda.current_device()
     limits = device_limits(index)
@@ -476,11 +491,18 @@ _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 
 def persistent_kernel_resources(
-    dtype: torch.dtype, hidden: int, batch: int, block_h: int = _BLOCK_H_CHOICES[0], cc: int = 90
+    dtype: torch.dtype,
+    hidden: int,
+    batch: int,
+    block_h: int = _BLOCK_H_CHOICES[0],
+    cc: int = 90,
+    dot_precision: str | None = None,
 ) -> dict[str, dict[str, int]]:
     """Registers, spills and shared memory of the persistent forward and backward kernels for
     compute capability ``cc``, compiled ahead of time (no GPU needed): see
-    :func:`fusedconvlstm.triton.persistent.ptxas_resources`.
+    :func:`fusedconvlstm.triton.persistent.ptxas_resources`. ``dot_precision``: the float32
+    dots' (``"tf32"``, ``"ieee"``, ``"tf32x3"``); TF32 by default, the only one the persistent
+    mode runs in float32 (see :data:`EXACT_FP32_REFUSAL`).
     """
     from fusedconvlstm.triton.lstm_kernels import lstm_backward_kernel, lstm_forward_kernel
     from fusedconvlstm.triton.persistent import ptxas_resources
@@ -515,7 +537,7 @@ def persistent_kernel_resources(
             HAS_LENGTHS=True,
             USE_GRID_BARRIER=True,
             H_CACHE=".cg",
-            DOT_PRECISION="tf32",
+            DOT_PRECISION=dot_precision or "tf32",
         )
         if name == "forward":
             constexprs.update(SAVE_WS=True, WRITE_Y=True)

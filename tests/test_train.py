@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import inspect
 
 import pytest
 
@@ -217,3 +218,16 @@ def test_command_line_on_a_fasttext_file(tmp_path, capsys):
     saved = torch.load(tmp_path / "run.pt")
     assert saved["config"]["vocab_size"] == 50 and "embedding.weight" in saved["state_dict"]
     assert Vocabulary.load(tmp_path / "run.vocab.json").size == 50
+
+
+def test_the_default_run_trains_the_fused_model(tmp_path, capsys):
+    """As the README says: ``train`` is this package's model, ``--path reference`` the twin."""
+    texts, labels = synthetic_reviews(24)
+    path = tmp_path / "train.ft.txt"
+    path.write_text("".join(f"__label__{y + 1} {t}\n" for t, y in zip(texts, labels)))
+    argv = ["--data", str(path), "--max-steps", "1", "--no-progress", "--max-len", "16", "--vocab-size", "50"]
+    assert main(argv) == 0
+    assert "fused model (small, backend=auto)" in capsys.readouterr().out
+    assert main([*argv, "--path", "reference"]) == 0
+    assert "reference model (small)" in capsys.readouterr().out
+    assert inspect.signature(train).parameters["path"].default == "fused"

@@ -34,6 +34,10 @@ mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1
 # The device copy of the tree has no git history: results name the commit the caller passed.
 export FUSEDCONVLSTM_COMMIT=${FUSEDCONVLSTM_COMMIT:-unknown}
+# The persistent kernels' barrier watchdog is off by default (a correct run may wait at a barrier
+# for any time); a session must end, so a barrier that hangs traps after 60 s and costs one
+# pytest process, not the lease.
+export FUSEDCONVLSTM_BARRIER_TIMEOUT_S=${FUSEDCONVLSTM_BARRIER_TIMEOUT_S:-60}
 DEADLINE=${GPU_SESSION_SECONDS:-540}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(quick)
@@ -133,7 +137,13 @@ stage_tests() {
   # The cluster forward kernel and the in-kernel input projection (never run before their first
   # lease) in processes of their own: a kernel that traps kills its process's CUDA context, not
   # the cooperative kernels' tests.
+  # Listed first, so their lines head the summary: what a first GPU run trips over before any
+  # numbers (the launch arithmetic and the cluster placement query, the Triton kernels' spill
+  # checks and fp32 precision), in processes of their own beside the rest.
+  local first="spill or exact_fp32 or tf32 or precision"
   par 240 \
+    "test_launch_safety=$py tests/test_launch_safety.py" \
+    "test_triton_first=$py -k '$first' tests/test_triton_lstm.py tests/test_triton_conv1d.py" \
     "test_cuda_lstm=$py -m gpu -k 'not cluster and not input_projection' tests/test_cuda_lstm.py" \
     "test_cuda_cluster=$py -m gpu -k cluster tests/test_cuda_lstm.py" \
     "test_cuda_input=$py -m gpu -k input_projection tests/test_cuda_lstm.py" \

@@ -521,6 +521,8 @@ def read_keras_checkpoint(path: str | Path) -> KerasCheckpoint:
     ``.keras`` file."""
     h5py = _require_h5py()
     path = str(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no Keras checkpoint at {path} (no such file)")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             names = z.namelist()

@@ -624,3 +624,8 @@ def test_keras3_full_size_reference_model(keras, tmp_path):
     x = np.random.default_rng(9).integers(0, 20_000, (2, 100)).astype(np.int32)
     expected = model.predict(x, verbose=0)
     assert_close_rel(ours(torch.from_numpy(x).long()), torch.from_numpy(expected), FP32_TOL, "full-size model")
+
+
+def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no Keras checkpoint at .*missing.h5 \\(no such file\\)"):
+        ConvLSTMClassifier.from_keras(tmp_path / "missing.h5")

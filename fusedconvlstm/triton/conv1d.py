@@ -49,6 +49,31 @@ from fusedconvlstm.ops.conv1d import ConvLayer
 from fusedconvlstm.triton.elementwise import tanh
 
 # ---------------------------------------------------------------------------------------------
+# Products
+
+
+@triton.jit
+def round_to_tf32(x):
+    """fp32 ``x`` rounded to the nearest TF32 value (10 mantissa bits), ties away from zero: what
+    ``cvt.rna.tf32.f32`` gives, and how cuDNN and cuBLAS feed fp32 operands to TF32 tensor cores.
+    Triton's TF32 dot passes the raw fp32 bits, which the MMA truncates. NaN stays NaN; a value
+    that rounds past the largest finite float becomes infinity, as the instruction's does."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
+def dot_rounded(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` at ``PRECISION`` (``tl.dot``'s input precision): TF32 operands rounded to
+    nearest first (:func:`round_to_tf32`), as cuDNN's TF32 convolutions round them."""
+    if PRECISION == "tf32":
+        a = round_to_tf32(a)
+        b = round_to_tf32(b)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+# ---------------------------------------------------------------------------------------------
 # Activations (fp32 in, fp32 out)
 # ---------------------------------------------------------------------------------------------
 
@@ -162,7 +187,7 @@ def conv_tile(
                 a = a.to(src_ptr.dtype.element_ty)
             w_row = tl.multiple_of((j * C_IN + ks) * C_OUT, W_ALIGN)
             w = tl.load(w_ptr + w_row[:, None] + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            acc = dot_rounded(a, w, acc, PRECISION)
     return acc
 
 
@@ -298,7 +323,7 @@ def _conv1d_input_grad_kernel(
                 a = tl.load(dz_ptr + base[:, None] + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
                 w_col = tl.multiple_of((j * C_IN + cols) * C_OUT, W_ALIGN)
                 w = tl.load(w_ptr + w_col[None, :] + ns[:, None], mask=n_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+                acc = dot_rounded(a, w, acc, PRECISION)
     mask = row_ok[:, None] & col_ok[None, :]
     if DROP:
         m_off = (b * T_IN + u.to(tl.int64)) * C_IN
@@ -394,7 +419,7 @@ def _conv1d_weight_grad_kernel(
             h_t = h_t.to(src_ptr.dtype.element_ty)
         g_off = tl.multiple_of(b * stride_dzb + t.to(tl.int64) * stride_dzt, DZ_ALIGN)
         g = tl.load(dz_ptr + g_off[:, None] + ns[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(h_t, g, acc, input_precision=PRECISION)
+        acc = dot_rounded(h_t, g, acc, PRECISION)
     dw_off = ((split * KSIZE + j) * C_IN + cs).to(tl.int64) * C_OUT
     tl.store(dw_ptr + dw_off[:, None] + ns[None, :], acc, mask=c_ok[:, None] & n_ok[None, :])
     if do_bias:
@@ -509,7 +534,8 @@ def alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
 def dot_precision(dtype: torch.dtype, device: torch.device, layer: ConvLayer) -> str:
     """``tl.dot``'s input precision for ``layer``: TF32 for fp32 on CUDA where PyTorch allows it
     for the same operation (a cuDNN convolution, TF32 by default; a matmul for the projection,
-    IEEE by default), else IEEE fp32."""
+    IEEE by default), else IEEE fp32. The kernels round TF32 operands to nearest
+    (:func:`dot_rounded`), as cuDNN and cuBLAS do."""
     if dtype != torch.float32 or device.type != "cuda":
         return "ieee"
     return "tf32" if backends.fp32_allows_tf32("matmul" if layer.matmul else "conv") else "ieee"

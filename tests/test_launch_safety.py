@@ -219,3 +219,13 @@ def test_gpu_session_sets_a_watchdog_and_runs_these_checks_first():
     first_par = tests_stage.split("par 240")[1]
     assert first_par.index("tests/test_launch_safety.py") < first_par.index("tests/test_cuda_lstm.py")
     assert "test_triton_first" in first_par and "spill" in tests_stage
+
+
+def test_readme_does_not_claim_wheel_check_runs_the_kernels():
+    """``make wheel-check`` runs ``check --quick`` on CI, which has no GPU: no kernel of the wheel runs."""
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("|") and "`make wheel-check`" in line)
+    assert "none of the wheel's kernels" in row, row
+    block = next(line for line in readme.splitlines() if line.startswith("make wheel-check"))
+    following = readme.split(block, 1)[1].splitlines()[1]
+    assert "none of the wheel's CUDA or Triton kernels" in following

@@ -238,15 +238,20 @@ def _resolved_name(op: str, backend: str, frozen: tuple) -> str:
     return resolve(op, backend, call, call.device).backend
 
 
-def module_backend(op: str, backend: str, call: object) -> str:
-    """The backend that serves a module's call of ``op``: the modules take their ``torch`` path
-    when this is ``"torch"`` and call the op with this name otherwise. Raises
+def module_backend(op: str, backend: str, device: torch.device, make_call: Callable[[], object]) -> str:
+    """The backend that serves a module's call of ``op`` on ``device``: the modules take their
+    ``torch`` path when this is ``"torch"`` and call the op with this name otherwise.
+    ``make_call()`` builds the op's call, only where the answer depends on it (a CUDA device, or
+    a backend named explicitly, which must be able to serve it). Raises
     :class:`BackendUnavailableError` when a backend named explicitly cannot serve; under
     ``torch.compile`` the answer is fixed when the graph is traced."""
     if torch.compiler.is_compiling():
-        if call.device.type != "cuda":  # no shape enters the choice (they may be symbolic here)
+        if device.type != "cuda":  # no shape enters the choice (they may be symbolic here)
             return _requested_off_cuda(backend)
-        return _resolved_name(op, backend, call.freeze())
+        return _resolved_name(op, backend, make_call().freeze())
+    if device.type != "cuda" and requested_backend(backend) == AUTO:
+        return auto_choice(op, None, device)[0]
+    call = make_call()
     return resolve(op, backend, call, call.device).backend
 
 

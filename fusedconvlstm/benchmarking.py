@@ -173,6 +173,31 @@ def environment() -> dict:
     }
 
 
+def time_pair_ms(
+    ours: Callable[[], object], baseline: Callable[[], object], device: torch.device, repeats: int
+) -> tuple[list[float], list[float]]:
+    """``repeats`` medians of each side. On a GPU each side by :func:`time_ms`; on the CPU
+    interleaved, sample by sample in alternating order within each repeat, so a machine that
+    slows down or speeds up during the run weighs on both sides alike."""
+    if device.type == "cuda":
+        return time_ms(ours, device, repeats), time_ms(baseline, device, repeats)
+    ours_ms, base_ms = [], []
+    for _ in range(repeats):
+        ours()  # warm-up
+        baseline()
+        a, b = [], []
+        budget = time.perf_counter() + 1.0
+        while len(a) < 3 or (time.perf_counter() < budget and len(a) < 50):
+            sides = ((ours, a), (baseline, b)) if len(a) % 2 == 0 else ((baseline, b), (ours, a))
+            for fn, samples in sides:
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+        ours_ms.append(statistics.median(a))
+        base_ms.append(statistics.median(b))
+    return ours_ms, base_ms
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> list[float]:
     """Median milliseconds of ``fn``, measured ``repeats`` times (their spread is the noise)."""
     if device.type == "cuda":
@@ -598,7 +623,7 @@ def _serving_backends(op: str, device: torch.device, dtype: torch.dtype, include
             continue
         if all(name in backends._REGISTRY[case_op] for case_op in _CASE_OPS[op]):
             names.append(name)
-    if op.startswith("model") and device.type == "cuda":
+    if op.startswith("model") or device.type == "cpu":
         names.insert(0, backends.AUTO)
     return names
 
@@ -626,8 +651,7 @@ def run_case(case: dict, device: torch.device, env: dict, hidden: int, repeats: 
         FORWARD_KERNELS_SERVED.clear()
         err, base_err = pair.errors()
         kernels = "+".join(sorted(FORWARD_KERNELS_SERVED)) or None
-        ours_ms = time_ms(pair.ours, device, repeats)
-        base_ms = time_ms(pair.baseline, device, repeats)
+        ours_ms, base_ms = time_pair_ms(pair.ours, pair.baseline, device, repeats)
     return BenchRecord.measured(
         env,
         (ours_ms, base_ms),
@@ -718,16 +742,18 @@ def main_bench(args) -> int:
             f"No CUDA GPU on this machine: timing on the CPU at small sizes. {CPU_CAVEAT}",
             flush=True,
         )
-    ops = args.ops or (list(OPS) if gpu else ["lstm", "conv1d_stack", "model_inference"])
+    # On the CPU by default every drop-in case under auto (torch's kernels there) against torch.nn.
+    ops = args.ops or (list(OPS) if gpu else ["lstm", "conv1d_stack", "model_inference", "model_train_step"])
     dtypes = args.dtypes or (["bf16", "fp16", "fp32"] if gpu else ["fp32"])
-    batches = args.batches or ([1, 8, 64, 256, 1024] if gpu else [1, 8])
+    batches = args.batches or ([1, 8, 64, 256, 1024] if gpu else [8, 64])
     seqs = args.seqs or [45]
-    passes = args.passes or (["fwd", "fwd+bwd"] if gpu else ["fwd"])
+    # The CPU's default run (no --ops) is the drop-in suite, forward and forward + backward.
+    passes = args.passes or (["fwd", "fwd+bwd"] if gpu or not args.ops else ["fwd"])
     hidden = args.hidden or 512
     compile_modes = () if args.no_compile else tuple(args.compile_modes or ("default",))
     flashrnn = tuple(getattr(args, "flashrnn", None) or ())
     kernels = tuple(getattr(args, "lstm_forward_kernels", None) or ())
-    only = tuple(getattr(args, "backends", None) or ())
+    only = tuple(getattr(args, "backends", None) or (() if gpu else (backends.AUTO,)))
     cases = plan(
         ops, dtypes, batches, seqs, passes, device, args.include_reference, compile_modes, flashrnn, kernels, only
     )
@@ -790,8 +816,8 @@ def main_bench(args) -> int:
 
 
 CPU_CAVEAT = (
-    "CPU timings say nothing about GPU speed: the kernels this package is about run on a GPU, and on "
-    "the CPU the reference backend is timed against torch's CPU kernels."
+    "CPU timings say nothing about GPU speed: the kernels this package is about run on a GPU; on the CPU "
+    "the drop-in modules under auto (torch's own kernels there) are timed against torch.nn, interleaved."
 )
 
 

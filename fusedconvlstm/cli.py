@@ -93,6 +93,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             print(f"{device.type:4s} {name:9s}  {state}")
             if reason is None:
                 print(f"{'':15s}ops: {', '.join(ops) or 'none yet'}")
+    _print_auto_choices(devices)
     if invalid:
         print(f"\ninvalid settings: {', '.join(invalid)} (see above)", file=sys.stderr)
         return 1
@@ -106,7 +107,10 @@ def _backend_env_line() -> str:
     given = os.environ.get(backends.ENV_VAR, "").strip()
     choices = ", ".join((*backends.BACKENDS, backends.AUTO))
     if not given:
-        return f"auto: the fastest backend that serves each call ({backends.ENV_VAR} unset; one of {choices})"
+        return (
+            f"auto: torch's kernels, or a kernel a validation record enables (below) ({backends.ENV_VAR} unset; "
+            f"one of {choices})"
+        )
     try:
         backends.requested_backend(backends.AUTO)
     except ValueError:
@@ -133,6 +137,50 @@ def _forward_kernel_line() -> str:
         f"{name} kernel preferred by the cuda backend, of the {len(FORWARD_KERNELS)} persistent forward kernels "
         f"{', '.join(FORWARD_KERNELS)} ({FORWARD_KERNEL_ENV}={others} for another)"
     )
+
+
+def _print_auto_choices(devices: list[torch.device]) -> None:
+    """What ``backend="auto"`` picks for the reference shapes, and why, with the records read."""
+    from fusedconvlstm import records
+
+    print()
+    print(f"records        shipped {records.SHIPPED_PATH} ({len(records.read_file(records.SHIPPED_PATH))})")
+    user = records.user_records_path()
+    print(f"{'':15s}user {user} ({len(records.read_file(user))}; `check --record` adds to it)")
+    for device in devices:
+        print(f"auto on {device.type}:")
+        for line in records.auto_lines(device):
+            print(f"  {line}")
+
+
+def _write_records(args: argparse.Namespace, rows: list, device: torch.device) -> None:
+    """``check --record``: the records the rows support (see :func:`fusedconvlstm.records.records_from_check`)."""
+    import json
+
+    from fusedconvlstm import records
+
+    if device.type != "cuda":
+        print("\n--record: nothing to record off a GPU (auto runs torch's kernels there)")
+        return
+    bench_rows = []
+    for path in args.bench or []:
+        with open(path) as f:
+            bench_rows += [json.loads(line) for line in f if line.strip()]
+    new = records.records_from_check(rows, device, bench_rows)
+    if not new:
+        print("\n--record: no row of a cuda or triton kernel to record")
+        return
+    path = records.append_user_records(new)
+    print(f"\n--record: {len(new)} record(s) written to {path}")
+    for r in new:
+        verdict = "correct" if r.correct else "WRONG"
+        speed = {True: "faster than cuDNN", False: "NOT faster than cuDNN", None: "speed unknown"}[r.faster]
+        print(f"  {r.op} {r.backend} {r.arch} {r.dtype} {dict((k, lo) for k, lo, _ in r.range)}: {verdict}, {speed}")
+    if any(r.faster is None for r in new):
+        print(
+            "  auto picks a kernel only where a record says correct and faster: time these shapes with "
+            "`fusedconvlstm bench` on this GPU, then rerun `check --record --bench RESULTS.jsonl`"
+        )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -162,6 +210,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("\nno backend could run any case")
         return 1
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if args.record:
+        _write_records(args, rows, device)
     return 1 if failed else 0
 
 
@@ -251,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backends", nargs="+", choices=list(BACKENDS), help="only these backends (default: every one)")
     p.add_argument("--quick", action="store_true", help="one case per op (default: every case)")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="on a GPU, write what this run verified (per kernel, architecture, dtype and case shape) to the "
+        "user's validation records: correct or wrong, and faster than cuDNN only from --bench results "
+        "(auto runs a kernel only where a record says both)",
+    )
+    p.add_argument(
+        "--bench",
+        nargs="+",
+        metavar="RESULTS",
+        help="with --record: JSON-lines files of `fusedconvlstm bench` on this GPU, the speed evidence",
+    )
     p.set_defaults(func=cmd_check)
 
     p = command(

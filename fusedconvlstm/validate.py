@@ -47,6 +47,11 @@ class CheckResult:
     torch_rel_err: float
     tolerance: float
     worst: str
+    # The registry's op and backend of the row, and the call's features (what a validation
+    # record of the row ranges over, see fusedconvlstm.records).
+    call_op: str = ""
+    backend_name: str = ""
+    features: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -213,7 +218,8 @@ def check_cases(
                 if only and name not in only:
                     continue
                 fused = case.make_fused(copy.deepcopy(ref64), name).to(device=device, dtype=dtype)
-                reason = backends.explain(_op_name(case.op), case.backend_call(fused, x, device), device)[name]
+                call = case.backend_call(fused, x, device)
+                reason = backends.explain(_op_name(case.op), call, device)[name]
                 if reason is not None:
                     continue
                 FORWARD_KERNELS_SERVED.clear()
@@ -228,6 +234,9 @@ def check_cases(
                     torch_rel_err=torch_errs[worst],
                     tolerance=2 * torch_errs[worst] + 4 * eps,
                     worst=names[worst],
+                    call_op=_op_name(case.op),
+                    backend_name=name,
+                    features=backends.call_features(_op_name(case.op), call),
                 )
 
 

@@ -262,9 +262,10 @@ def test_unrecorded_cuda_call_under_auto_goes_to_torch(fake_gpu):
     name, why = backends.auto_choice("lstm_recurrence", _lstm_call(), torch.device("cuda"))
     assert name == "torch"
     assert "no validation record covers cuda's lstm_recurrence on sm_90 bfloat16" in why
-    assert backends.module_backend("lstm_recurrence", "auto", _lstm_call()) == "torch"
+    cuda = torch.device("cuda")
+    assert backends.module_backend("lstm_recurrence", "auto", cuda, _lstm_call) == "torch"
     # Named, the kernel still runs (here: resolves) as before.
-    assert backends.module_backend("lstm_recurrence", "cuda", _lstm_call()) == "cuda"
+    assert backends.module_backend("lstm_recurrence", "cuda", cuda, _lstm_call) == "cuda"
 
 
 def test_a_record_enables_the_kernel_for_its_covered_range_only(fake_gpu):
@@ -326,3 +327,101 @@ def test_a_malformed_records_file_is_an_error_naming_it(records_dir):
         json.dump([{"op": "lstm_recurrence"}], f)
     with pytest.raises(records.RecordError, match="needs backend"):
         records.all_records()
+
+
+# --- check --record, env, bench ------------------------------------------------------------------
+
+
+def _check_row(backend, passed=True, batch=64, dtype="bfloat16"):
+    from fusedconvlstm.validate import CheckResult
+
+    feats = LSTMRecurrenceCall(45, batch, 1, 512, 0, torch.bfloat16, torch.device("cuda"), False, (False,)).features()
+    return CheckResult(
+        op="lstm",
+        case="T45 B64 I512 H512 (reference model)",
+        backend=backend,
+        dtype=dtype,
+        max_rel_err=1e-3 if passed else 1.0,
+        torch_rel_err=1e-3,
+        tolerance=2e-2,
+        worst="output",
+        call_op="lstm_recurrence",
+        backend_name=backend,
+        features=feats,
+    )
+
+
+def _bench_row(speedup, pass_="fwd", batch=64, device="FAKE GPU"):
+    return dict(
+        op="lstm", backend="cuda", dtype="bf16", batch=batch, seq=45, hidden=512, device=device, pass_=pass_,
+        baseline="cudnn_fp16", speedup=speedup, err_within_2x_baseline=True, **{"pass": pass_},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def gpu_name(monkeypatch):
+    monkeypatch.setattr(records, "arch_of", lambda device: "sm_90")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FAKE GPU")
+
+
+def test_check_records_only_what_it_verified_and_speed_stays_unknown_without_bench(gpu_name):
+    rows = [_check_row("cuda"), _check_row("triton", passed=False), _check_row("torch"), _check_row("reference")]
+    got = {r.backend: r for r in records.records_from_check(rows, torch.device("cuda"))}
+    assert set(got) == {"cuda", "triton"}  # torch's and the reference's rows need no record
+    assert got["cuda"].correct and got["cuda"].faster is None and not got["cuda"].enables
+    assert not got["triton"].correct and got["triton"].faster is None
+    assert dict((k, (lo, hi)) for k, lo, hi in got["cuda"].range)["batch"] == (64, 64)
+    assert records.records_from_check(rows, torch.device("cpu")) == []
+
+
+def test_check_with_bench_results_records_the_speed(gpu_name):
+    cuda = torch.device("cuda")
+    faster = records.records_from_check([_check_row("cuda")], cuda, [_bench_row(1.4), _bench_row(1.2, "fwd+bwd")])
+    assert faster[0].faster is True and faster[0].enables
+    slower = records.records_from_check([_check_row("cuda")], cuda, [_bench_row(1.4), _bench_row(0.8, "fwd+bwd")])
+    assert slower[0].faster is False
+    # A timing of another batch or another GPU says nothing about this record.
+    elsewhere = [_bench_row(1.4, batch=8), _bench_row(1.4, device="OTHER GPU")]
+    assert records.records_from_check([_check_row("cuda")], cuda, elsewhere)[0].faster is None
+
+
+def test_records_from_check_enable_auto_for_exactly_that_shape(fake_gpu, gpu_name):
+    new = records.records_from_check([_check_row("cuda")], torch.device("cuda"), [_bench_row(1.4)])
+    records.append_user_records(new)
+    cuda = torch.device("cuda")
+    assert backends.auto_choice("lstm_recurrence", _lstm_call(B=64), cuda)[0] == "cuda"
+    assert backends.auto_choice("lstm_recurrence", _lstm_call(B=63), cuda)[0] == "torch"
+
+
+def test_env_prints_what_auto_picks_for_the_reference_shapes_and_why(capsys, records_dir):
+    from fusedconvlstm.cli import main
+
+    main(["env"])
+    out = capsys.readouterr().out
+    assert "auto on cpu:" in out
+    assert "lstm_recurrence LSTM 512->512 T=45 B=8 float32: torch (on cpu torch's own kernels" in out
+    assert "conv1d_stack    five convs B=64 T=100 float32: torch (" in out
+
+
+def test_bench_on_the_cpu_times_every_drop_in_case_under_auto():
+    from fusedconvlstm.benchmarking import plan
+
+    cases = plan(
+        ["lstm", "conv1d_stack", "model_inference", "model_train_step"], ["fp32"], [8, 64], [45],
+        ["fwd", "fwd+bwd"], torch.device("cpu"), False, (), (), (), ("auto",),
+    )  # fmt: skip
+    got = {(c["op"], c["pass_"], c["batch"]) for c in cases}
+    assert all(c["backend"] == "auto" and c["baseline"] == "torch_cpu_fp32" for c in cases)
+    for batch in (8, 64):
+        assert {("lstm", "fwd", batch), ("lstm", "fwd+bwd", batch)} <= got
+    assert {("conv1d_stack", "fwd", 64), ("model_inference", "fwd", 64), ("model_train_step", "fwd+bwd", 64)} <= got
+
+
+def test_cpu_timing_interleaves_the_two_sides():
+    from fusedconvlstm.benchmarking import time_pair_ms
+
+    order = []
+    ours, base = time_pair_ms(lambda: order.append("a"), lambda: order.append("b"), torch.device("cpu"), 2)
+    assert len(ours) == len(base) == 2
+    runs = "".join(order)
+    assert "ab" in runs and "ba" in runs and abs(runs.count("a") - runs.count("b")) <= 1

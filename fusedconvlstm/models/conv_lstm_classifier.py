@@ -154,14 +154,21 @@ class ConvLSTMClassifier(nn.Module):
         seed = draw_seed(table.device) if dropout is not None else None
         # Which backend serves each part (backends.explain says why): where the dispatcher answers
         # "torch", that part runs on torch's kernels as the plain-torch twin runs it.
-        conv_call = stack_call(table, weight, bias, tokens=tokens, dropout=dropout, seed=seed, **options)
-        lstm_call = LSTMRecurrenceCall(
-            conv_call.out_lens()[-1], tokens.shape[0], len(lstms), cfg.hidden_size, 0, table.dtype, table.device,
-            False, (False,) * len(lstms), torch.is_grad_enabled(),
-        )  # fmt: skip
-        lstm_name = backends.module_backend(LSTM_OP, self.backend, lstm_call)
+        device = table.device
+
+        def conv_call():
+            return stack_call(table, weight, bias, tokens=tokens, dropout=dropout, seed=seed, **options)
+
+        def lstm_call():
+            T = conv_call().out_lens()[-1]
+            return LSTMRecurrenceCall(
+                T, tokens.shape[0], len(lstms), cfg.hidden_size, 0, table.dtype, device, False, (False,) * len(lstms),
+                torch.is_grad_enabled(),
+            )  # fmt: skip
+
+        lstm_name = backends.module_backend(LSTM_OP, self.backend, device, lstm_call)
         if lstm_name == backends.TORCH and torch_lstm_traceable():
-            conv_name = backends.module_backend(CONV_OP, self.backend, conv_call)
+            conv_name = backends.module_backend(CONV_OP, self.backend, device, conv_call)
             if conv_name == backends.TORCH:
                 x = self.conv.torch_chain(self._torch_embedding(tokens, seed).transpose(1, 2)).transpose(1, 2)
             else:
@@ -172,11 +179,14 @@ class ConvLSTMClassifier(nn.Module):
             states = [m._forward_torch(x, (zeros, zeros), True, B, 1, H)[1][0][0] for m in lstms]
             return self.head(torch.cat(states, dim=1))
         proj_weight, proj_bias = parallel_input_projection(lstms, cast)
-        conv_call = stack_call(
-            table, weight, bias, tokens=tokens, proj_weight=proj_weight, proj_bias=proj_bias, dropout=dropout,
-            seed=seed, **options,
-        )  # fmt: skip
-        conv_name = backends.module_backend(CONV_OP, self.backend, conv_call)
+
+        def gates_call():
+            return stack_call(
+                table, weight, bias, tokens=tokens, proj_weight=proj_weight, proj_bias=proj_bias, dropout=dropout,
+                seed=seed, **options,
+            )  # fmt: skip
+
+        conv_name = backends.module_backend(CONV_OP, self.backend, device, gates_call)
         if conv_name == backends.TORCH:
             h = self.conv.torch_chain(self._torch_embedding(tokens, seed).transpose(1, 2))  # (B, C, T)
             gates = F.linear(h.permute(2, 0, 1), proj_weight, proj_bias).contiguous()

@@ -121,7 +121,10 @@ class Conv1dStack(nn.Module):
             :func:`fusedconvlstm.conv1d_stack`); one after the last layer is ``F.dropout``.
         channels_last: input and output are ``(B, T, C)`` when true, else ``(B, C, T)`` like
             ``nn.Conv1d``. Unbatched 2-D input is accepted in the same layout.
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"reference"``, ``"triton"`` or ``"cuda"``. Where the
+            dispatcher answers ``torch`` (``auto`` on the CPU, and on a GPU wherever no validation
+            record enables a kernel) the stack runs as an ``F.conv1d`` chain, ``nn.Conv1d``'s
+            results (with ``channels_last`` a channels-last view of them).
     """
 
     def __init__(
@@ -353,14 +356,18 @@ class Conv1dStack(nn.Module):
         """The layers on channels-last ``x``: the ``conv1d_stack`` op, or where the dispatcher
         answers ``torch`` an ``F.conv1d`` chain (a channels-last view of its output)."""
         cast = autocast_dtype(x)  # as nn.Conv1d under autocast: everything in the autocast dtype
-        weight, bias, options = self.op_arguments(cast=cast)
         # Layer i's input dropout is the dropout after layer i - 1.
         dropout = [0.0] + self.dropouts[:-1] if self.training and any(self.dropouts[:-1]) else None
         seed = draw_seed(x.device) if dropout is not None else None
         xc = x if cast is None else x.to(cast)
-        call = stack_call(xc, weight, bias, dropout=dropout, seed=seed, **options)
-        if backends.module_backend(CONV_OP, self.backend, call) == backends.TORCH:
+
+        def call():
+            weight, bias, options = self.op_arguments(cast=cast)
+            return stack_call(xc, weight, bias, dropout=dropout, seed=seed, **options)
+
+        if backends.module_backend(CONV_OP, self.backend, x.device, call) == backends.TORCH:
             return self.torch_chain(x.transpose(1, 2), dropout, seed).transpose(1, 2)
+        weight, bias, options = self.op_arguments(cast=cast)
         return conv1d_stack(xc, weight, bias, dropout=dropout, seed=seed, **options)
 
     def torch_chain(self, x: Tensor, dropout: list[float] | None = None, seed: Tensor | None = None) -> Tensor:

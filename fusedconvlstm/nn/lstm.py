@@ -5,6 +5,10 @@ Each layer is one input-projection GEMM for all time steps and all directions
 runs both directions (:func:`fusedconvlstm.ops.lstm.lstm_layer`; where the cuda backend's
 in-kernel projection is chosen, ``FUSEDCONVLSTM_LSTM_FWD_KERNEL=input``, one launch does both). Parameters, their names and their initialization are ``nn.LSTM``'s, so
 ``load_state_dict`` works both ways.
+
+Where the dispatcher answers ``torch`` (:func:`fusedconvlstm.backends.module_backend`: ``auto`` on
+the CPU, and on a GPU wherever no validation record enables a kernel) the module calls
+``torch.lstm`` with its own weights instead, as ``nn.LSTM`` does: ``nn.LSTM``'s results.
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ def check_backend_name(backend: str) -> str:
 class LSTM(nn.Module):
     """``torch.nn.LSTM`` with the recurrence computed by a ``fusedconvlstm`` backend.
 
-    Takes every argument of ``torch.nn.LSTM`` plus ``backend`` (``"auto"``, ``"reference"``,
-    ``"triton"`` or ``"cuda"``; see :mod:`fusedconvlstm.backends`). Parameters have
+    Takes every argument of ``torch.nn.LSTM`` plus ``backend`` (``"auto"``, ``"torch"``,
+    ``"reference"``, ``"triton"`` or ``"cuda"``; see :mod:`fusedconvlstm.backends`). Parameters have
     ``nn.LSTM``'s names, shapes, registration order and initialization, so state dicts load both
     ways. ``forward`` has the signature and the results of ``nn.LSTM.forward``:
     ``(output, (h_n, c_n))`` for batched, unbatched and packed input.
@@ -270,19 +274,15 @@ class LSTM(nn.Module):
         D = 2 if self.bidirectional else 1
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
         h0, c0 = self._initial_state(hx, batched, B, D, P, x)
-        call = LSTMRecurrenceCall(
-            T,
-            B,
-            D,
-            self.hidden_size,
-            self.proj_size,
-            x.dtype,
+        name = backends.module_backend(
+            LSTM_OP,
+            self.backend,
             x.device,
-            packed,
-            (False, True)[:D],
-            torch.is_grad_enabled(),
-        )
-        name = backends.module_backend(LSTM_OP, self.backend, call)
+            lambda: LSTMRecurrenceCall(
+                T, B, D, self.hidden_size, self.proj_size, x.dtype, x.device, packed, (False, True)[:D],
+                torch.is_grad_enabled(),
+            ),
+        )  # fmt: skip
         if name == backends.TORCH and torch_lstm_traceable():
             return self._forward_torch(input, hx_given, batched, B, D, P)
         if packed:
@@ -438,8 +438,12 @@ def parallel_lstm(
         x = x.to(cast)
     T, B = x.shape[0], x.shape[1]
     H, N = first.hidden_size, len(lstms)
-    call = LSTMRecurrenceCall(T, B, N, H, 0, x.dtype, x.device, False, (False,) * N, torch.is_grad_enabled())
-    name = backends.module_backend(LSTM_OP, backend or first.backend, call)
+    name = backends.module_backend(
+        LSTM_OP,
+        backend or first.backend,
+        x.device,
+        lambda: LSTMRecurrenceCall(T, B, N, H, 0, x.dtype, x.device, False, (False,) * N, torch.is_grad_enabled()),
+    )
     if name == backends.TORCH and torch_lstm_traceable():
         # torch's kernels take one LSTM at a time: each module as its own forward would run it.
         zeros = input.new_zeros(1, B, H)

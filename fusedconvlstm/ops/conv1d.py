@@ -625,7 +625,7 @@ def conv1d_stack(
         stride, dilation: per layer, default 1.
         padding: per layer ``(left, right)`` zero padding, default ``(0, 0)``.
         activation: per layer, applied after it; default ``"none"``.
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
         dropout: per layer, the dropout rate on that layer's input (training); none by default.
             A fused backend applies it as it reads the layer's input, with masks drawn from
             ``seed`` (module docstring).

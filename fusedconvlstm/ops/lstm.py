@@ -358,7 +358,7 @@ def lstm_recurrence(
         w_hr: ``D`` projection weights ``(P, H)`` (``nn.LSTM``'s ``proj_size``), or empty.
         lengths: ``(B,)`` valid lengths; later steps keep the state and output zeros.
         reverse: per recurrence, whether it runs from the last step to the first.
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
         return_sequence: ``False`` when only the final state is wanted: ``y`` is ``None`` and,
             where no gradient is needed, the kernels store no per-step output.
 

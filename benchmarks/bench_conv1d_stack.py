@@ -12,7 +12,7 @@ cuDNN chain. This script adds, at the reference model's size (100 steps, 100 -> 
   chain with its two transposes followed by the GEMM (``cudnn_<dtype>``).
 
 Timing, environment and record format are :mod:`fusedconvlstm.benchmarking`'s (do_bench medians,
-twice; inputs rotated; DESIGN.md §4 fields). Errors are against float64 on the same inputs.
+twice; inputs rotated; docs/design.md §4 fields). Errors are against float64 on the same inputs.
 
 Usage: ``python benchmarks/bench_conv1d_stack.py [--dtypes bf16 fp16 fp32] [--batches 256] [--out F]``.
 """

@@ -17,7 +17,7 @@ Baselines run in the dtype cuDNN serves best: our bf16 is compared with cuDNN fp
 persistent kernel) and, where cuDNN has it, bf16; our fp32 with cuDNN's fp32 (TF32 on, the
 default). The reference model is also timed under ``torch.compile``. GPU times are medians of
 ``triton.testing.do_bench`` (CUDA events, after warm-up), three times, inputs rotated; results are
-JSON lines as DESIGN.md §4 describes, with a PNG of speedup against batch size beside them. Each
+JSON lines as docs/design.md §4 describes, with a PNG of speedup against batch size beside them. Each
 record's ``spread`` is how far its repeats swing ((max - min) / median, the larger of the two
 sides); past :data:`SPREAD_WARNING` the run warns that the machine was busy.
 
@@ -63,7 +63,7 @@ REPEATS = {"cuda": 3, "cpu": 5}
 
 @dataclass
 class BenchRecord:
-    """One JSON line of results (DESIGN.md §4 vocabulary)."""
+    """One JSON line of results (docs/design.md §4 vocabulary)."""
 
     commit: str
     device: str
@@ -86,7 +86,7 @@ class BenchRecord:
     repeats_ms: list[float] = field(default_factory=list)
     baseline_repeats_ms: list[float] = field(default_factory=list)
     baseline_max_rel_err: float | None = None
-    # DESIGN.md §3's pass mark: our error at most twice the baseline's (plus 4 ulp of our dtype).
+    # docs/design.md §3's pass mark: our error at most twice the baseline's (plus 4 ulp of our dtype).
     err_within_2x_baseline: bool | None = None
     # The cuda backend's forward kernel(s) that served the case ("cluster", "cooperative",
     # "stepwise", joined by "+"), None where it did not run.
@@ -460,7 +460,7 @@ def _finish(run_ours, run_base, run_ref, rot, train, mods, grad_input) -> _Pair:
 
     def training_errors() -> tuple[float, float]:
         # Outputs, the input gradient and every parameter gradient against float64, for one
-        # cotangent drawn once (DESIGN.md §3: every gradient is checked, not only the output).
+        # cotangent drawn once (docs/design.md §3: every gradient is checked, not only the output).
         args = list(rot.items[0])
         ref_args = list(args)
         if grad_input:

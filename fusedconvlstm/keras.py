@@ -1,4 +1,4 @@
-"""Load Keras checkpoints of the reference model (DESIGN.md §1) and single Keras layers.
+"""Load Keras checkpoints of the reference model (docs/design.md §1) and single Keras layers.
 
 Supported files, read with ``h5py`` (an optional dependency: ``pip install h5py``); Keras
 itself is not needed:
@@ -9,7 +9,7 @@ itself is not needed:
 - Keras 3 ``.weights.h5`` (``model.save_weights``) and ``.keras`` (a zip holding
   ``config.json`` and ``model.weights.h5``).
 
-Weight layouts (DESIGN.md §1): a Conv1D kernel ``(k, in, out)`` becomes ``permute(2, 1, 0)``; a
+Weight layouts (docs/design.md §1): a Conv1D kernel ``(k, in, out)`` becomes ``permute(2, 1, 0)``; a
 Dense kernel ``(in, out)`` becomes ``.T``; a standard LSTM computes ``x @ K + h @ R + b`` with
 gates i, f, c, o, so ``W_ih = K.T``, ``W_hh = R.T``, ``b_ih = b``, ``b_hh = 0``; a ``CuDNNLSTM``
 handed cuDNN each gate's slice of its kernels flattened as stored, so per gate

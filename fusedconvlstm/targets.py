@@ -4,7 +4,7 @@ Each target names the records of ``fusedconvlstm bench`` (or ``benchmarks/bench_
 it is judged on and the bound; :func:`evaluate` reads results files and says, per target and
 matching record, what was measured and whether it meets the bound. A target with no matching
 record is reported as not measured, never as met. Numbers come only from the files, so a README
-table made from this output cites what was measured (DESIGN.md §4).
+table made from this output cites what was measured (docs/design.md §4).
 
 Kinds of bound:
 

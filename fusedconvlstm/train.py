@@ -1,4 +1,4 @@
-"""Train the reference model (DESIGN.md §1) on review text: :func:`train`, and :func:`main` for
+"""Train the reference model (docs/design.md §1) on review text: :func:`train`, and :func:`main` for
 the command line (``examples/train_reviews.py``).
 
 As the original: Adam, binary cross-entropy (on the logits), an L2 penalty of 4e-6 and a

@@ -4,7 +4,7 @@ For each case (an LSTM layer configuration or a Conv1d stack), each dtype and ea
 can serve it on this machine, the fused module and the plain torch module (cuDNN on a GPU) run on
 the same fresh random inputs in that dtype; both are compared with the torch module in float64
 on the CPU. Outputs, final states and every gradient count. A backend passes when its worst
-relative error is at most ``2 ×`` torch's own error in the same dtype (DESIGN.md §3) plus
+relative error is at most ``2 ×`` torch's own error in the same dtype (docs/design.md §3) plus
 ``4 eps(dtype)``, a floor for cases where torch's error is itself at the rounding level.
 """
 
@@ -108,7 +108,7 @@ def _with_device(call, device: torch.device, dtype: torch.dtype):
 
 
 def _reference_conv_stack() -> nn.Sequential:
-    """The reference model's five linear convs (DESIGN.md §1)."""
+    """The reference model's five linear convs (docs/design.md §1)."""
     chans, strides = (100, 200, 200, 256, 256, 512), (1, 1, 1, 1, 2)
     return nn.Sequential(*[nn.Conv1d(i, o, 3, stride=s) for i, o, s in zip(chans, chans[1:], strides)])
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: error measures and the float64 reference (DESIGN.md §3)."""
+"""Helpers shared by the tests: error measures and the float64 reference (docs/design.md §3)."""
 
 from __future__ import annotations
 

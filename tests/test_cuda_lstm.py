@@ -7,7 +7,7 @@ reference (they run the ops' CPU implementations on CPU tensors).
 
 GPU (``gpu`` marker): the persistent kernels against the float64 reference and against cuDNN
 (``torch.nn.LSTM``) in float32 / float16 / bfloat16 — a result passes when its relative error is
-at most twice cuDNN's on the same inputs (DESIGN.md §3) — for every module option, odd sizes,
+at most twice cuDNN's on the same inputs (docs/design.md §3) — for every module option, odd sizes,
 every launch configuration that fits, NaN-poisoned outputs, bitwise determinism, opcheck,
 CUDA-graph capture; the step-wise cell kernels against their CPU implementations.
 """

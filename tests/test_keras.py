@@ -606,7 +606,7 @@ def test_keras3_hard_sigmoid_and_relu_conv_are_refused(keras, tmp_path):
 
 
 def test_keras3_full_size_reference_model(keras, tmp_path):
-    """The original's sizes (DESIGN.md §1): 7,193,009 parameters in torch, equal outputs."""
+    """The original's sizes (docs/design.md §1): 7,193,009 parameters in torch, equal outputs."""
     L = keras.layers
     inp = keras.Input((100,), dtype="int32")
     x = L.Dropout(0.25)(L.Embedding(20_000, 100)(inp))

@@ -1,4 +1,4 @@
-"""The reference model (DESIGN.md §1): parameter count, shapes, equality with its plain-torch twin,
+"""The reference model (docs/design.md §1): parameter count, shapes, equality with its plain-torch twin,
 and ``convert`` on models that mix the fused layers with others."""
 
 from __future__ import annotations

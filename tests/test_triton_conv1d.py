@@ -2,7 +2,7 @@
 
 Every check compares against an ``F.conv1d`` chain in float64 and passes when the kernel's
 relative error is at most twice that of the same chain run by PyTorch in the kernel's dtype on
-the same inputs (DESIGN.md §3), for the output and every gradient. Outputs and all buffers the
+the same inputs (docs/design.md §3), for the output and every gradient. Outputs and all buffers the
 backend allocates are NaN-poisoned first (fixture below), so an element left unwritten fails.
 
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` in fp32 and fp16 at small sizes; on a

@@ -4,7 +4,7 @@ On the CPU under ``TRITON_INTERPRET=1`` (float32 / float16, small sizes, the sin
 and the multi-program decomposition launched step by step); on a GPU (marked ``gpu``) the
 persistent mode at the reference model's size. Every result is compared with the float64
 reference; the pass mark is twice the error of PyTorch computing the same thing in the same dtype
-on the same inputs (DESIGN.md §3), measured in the test.
+on the same inputs (docs/design.md §3), measured in the test.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reference model (DESIGN.md §1): Embedding, a Conv1d stack, two LSTMs on one input, a head.
+"""The reference model (docs/design.md §1): Embedding, a Conv1d stack, two LSTMs on one input, a head.
 
 ``ConvLSTMClassifier`` is the fused model; ``ReferenceConvLSTMClassifier`` (built by
 ``ConvLSTMClassifier.reference``) is the same network from plain ``nn.Embedding``, ``nn.Conv1d``,

@@ -10,11 +10,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedconvlstm import LSTM, Conv1dStack
+from fusedconvlstm import LSTM, Conv1dStack, backends
 from fusedconvlstm.models import ConvLSTMClassifier
 from tests.helpers import capture_graph, rel_err
 
 pytestmark = pytest.mark.gpu
+# The package's kernels are what these tests are about: each names the backend it runs and checks
+# that it served (``auto`` runs torch's kernels wherever no validation record enables ours, and a
+# test of it would pass on cuDNN alone).
+MODEL_BACKEND = "triton"  # the one backend with both the LSTM and the conv stack
+LSTM_BACKEND = "cuda"
+CONV_BACKEND = "triton"
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """The (op, backend) pairs that served the calls in the test (:func:`backends.resolve`)."""
+    seen = set()
+    resolve = backends.resolve
+
+    def spy(op, backend, call, device):
+        impl = resolve(op, backend, call, device)
+        seen.add((op, impl.backend))
+        return impl
+
+    monkeypatch.setattr(backends, "resolve", spy)
+    return seen
+
 
 SMALL = dict(
     vocab_size=1000,
@@ -28,10 +50,14 @@ SMALL = dict(
 
 
 def _model(dtype=torch.bfloat16):
-    return ConvLSTMClassifier(backend="auto", device="cuda", dtype=dtype, **SMALL)
+    return ConvLSTMClassifier(backend=MODEL_BACKEND, device="cuda", dtype=dtype, **SMALL)
 
 
-def test_model_compiles_with_reduce_overhead_and_matches_eager():
+def _model_served(served) -> None:
+    assert served == {("lstm_recurrence", MODEL_BACKEND), ("conv1d_stack", MODEL_BACKEND)}, served
+
+
+def test_model_compiles_with_reduce_overhead_and_matches_eager(served):
     model = _model().eval()
     tokens = torch.randint(1, 1000, (16, 100), device="cuda")
     with torch.no_grad():
@@ -40,9 +66,10 @@ def test_model_compiles_with_reduce_overhead_and_matches_eager():
         for _ in range(3):  # warm-up runs, then the CUDA-graph replay
             out = compiled(tokens)
     assert rel_err(out, eager) < 1e-2
+    _model_served(served)
 
 
-def test_cuda_graph_capture_and_replay_forward_and_backward():
+def test_cuda_graph_capture_and_replay_forward_and_backward(served):
     """The whole model's forward and backward captured once and replayed on new inputs equal an
     eager run on those inputs: every kernel launches on the current stream and allocates nothing
     the graph does not own."""
@@ -64,14 +91,15 @@ def test_cuda_graph_capture_and_replay_forward_and_backward():
     eager = step()
     for got, want in zip(static_out, eager):
         assert rel_err(got, want) < 1e-5
+    _model_served(served)
 
 
-def test_cuda_graph_replays_draw_new_dropout_masks():
+def test_cuda_graph_replays_draw_new_dropout_masks(served):
     """A training step with the fused embedding dropout, captured once: each replay draws a new
     seed on the device (new masks), and a replay equals an eager step from the same generator
     state."""
     config = {**SMALL, "lstm_dropout": 0.0, "dense_dropout": 0.0}  # only the fused dropout
-    model = ConvLSTMClassifier(backend="auto", device="cuda", dtype=torch.float32, **config).train()
+    model = ConvLSTMClassifier(backend=MODEL_BACKEND, device="cuda", dtype=torch.float32, **config).train()
     tokens = torch.randint(1, 1000, (8, 100), device="cuda")
 
     def step():
@@ -85,18 +113,19 @@ def test_cuda_graph_replays_draw_new_dropout_masks():
     assert not torch.equal(first, static_out)
     torch.cuda.manual_seed(21)
     assert rel_err(first, step()) < 1e-5
+    _model_served(served)
 
 
 @pytest.mark.parametrize("module", ["lstm", "conv1d_stack", "model"])
-def test_no_memory_growth_over_10000_calls(module):
+def test_no_memory_growth_over_10000_calls(module, served):
     if module == "lstm":
-        m = LSTM(64, 64, batch_first=True, device="cuda")
+        m = LSTM(64, 64, batch_first=True, device="cuda", backend=LSTM_BACKEND)
         x = torch.randn(4, 20, 64, device="cuda", requires_grad=True)
 
         def call():
             m(x)[0].sum().backward()
     elif module == "conv1d_stack":
-        m = Conv1dStack(32, [32, 32], kernel_size=3, device="cuda")
+        m = Conv1dStack(32, [32, 32], kernel_size=3, device="cuda", backend=CONV_BACKEND)
         x = torch.randn(4, 40, 32, device="cuda", requires_grad=True)
 
         def call():
@@ -116,13 +145,15 @@ def test_no_memory_growth_over_10000_calls(module):
         call()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before <= 1 << 20  # nothing accumulates per call
+    want = {"lstm": {("lstm_recurrence", LSTM_BACKEND)}, "conv1d_stack": {("conv1d_stack", CONV_BACKEND)}}
+    assert served == want.get(module, {("lstm_recurrence", MODEL_BACKEND), ("conv1d_stack", MODEL_BACKEND)})
 
 
-def test_conv_stack_past_2_31_elements():
+def test_conv_stack_past_2_31_elements(served):
     """An input and output of more than 2³¹ elements: offsets are 64-bit (the last sample, whose
     elements all lie past 2³¹, is checked against cuDNN on that sample alone)."""
     B, T, C = 4100, 1024, 512  # 2.15e9 elements, 4.3 GB in bf16
-    stack = Conv1dStack(C, [C], kernel_size=3, padding=1, device="cuda", dtype=torch.bfloat16)
+    stack = Conv1dStack(C, [C], kernel_size=3, padding=1, device="cuda", dtype=torch.bfloat16, backend=CONV_BACKEND)
     x = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16)
     assert x.numel() > 2**31
     with torch.no_grad():
@@ -130,28 +161,30 @@ def test_conv_stack_past_2_31_elements():
         c = stack.layers[0]  # the stack keeps its padding itself: give it to the plain conv here
         last = F.conv1d(x[-1:].transpose(1, 2), c.weight, c.bias, padding=1).transpose(1, 2)
     assert rel_err(y[-1:], last) < 1e-2
+    assert served == {("conv1d_stack", CONV_BACKEND)}
 
 
-def test_lstm_past_2_31_elements():
+def test_lstm_past_2_31_elements(served):
     """Gate pre-activations of more than 2³¹ elements through the recurrence (inference)."""
     T, B, H = 1000, 1100, 512
-    lstm = LSTM(64, H, device="cuda", dtype=torch.bfloat16)
+    lstm = LSTM(64, H, device="cuda", dtype=torch.bfloat16, backend=LSTM_BACKEND)
     x = torch.randn(T, B, 64, device="cuda", dtype=torch.bfloat16)
     assert T * B * 4 * H > 2**31
     with torch.no_grad():
         _, (h_n, _) = lstm(x)
         _, (h_last, _) = lstm(x[:, -1:])
     assert rel_err(h_n[:, -1:], h_last) < 1e-2
+    assert served == {("lstm_recurrence", LSTM_BACKEND)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast_behaves_like_nn_modules(dtype):
+def test_cuda_autocast_behaves_like_nn_modules(dtype, served):
     """Under CUDA autocast the fused modules give the dtypes nn.LSTM / nn.Conv1d give, fp32
     parameter gradients, and errors within twice the plain modules' against float64."""
     ref = torch.nn.LSTM(64, 64, batch_first=True, device="cuda")
-    fused = LSTM.from_torch(ref)
+    fused = LSTM.from_torch(ref, backend=LSTM_BACKEND)
     chain = torch.nn.Sequential(torch.nn.Conv1d(64, 64, 3), torch.nn.Conv1d(64, 64, 3, stride=2)).cuda()
-    stack = Conv1dStack.from_torch(chain)
+    stack = Conv1dStack.from_torch(chain, backend=CONV_BACKEND)
     x = torch.randn(8, 40, 64, device="cuda")
     with torch.autocast("cuda", dtype=dtype):
         try:
@@ -160,6 +193,7 @@ def test_cuda_autocast_behaves_like_nn_modules(dtype):
             pytest.skip(f"nn.LSTM cannot run under {dtype} autocast here: {exc}")
         o_fus = fused(x)[0]
         c_ref, c_fus = chain(x.transpose(1, 2)), stack(x.transpose(1, 2))
+    assert {("lstm_recurrence", LSTM_BACKEND), ("conv1d_stack", CONV_BACKEND)} <= served, served
     assert o_fus.dtype == o_ref.dtype and c_fus.dtype == c_ref.dtype
     want = LSTM.from_torch(ref.double(), backend="reference")(x.double())[0]
     assert rel_err(o_fus, want) <= 2 * rel_err(o_ref, want) + 4 * torch.finfo(dtype).eps

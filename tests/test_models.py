@@ -15,6 +15,10 @@ from fusedconvlstm.models import ConvLSTMClassifier, ReferenceConvLSTMClassifier
 from tests.helpers import rel_err
 
 F64 = torch.float64
+# The Triton tests run on CUDA tensors where a GPU is (the compiled kernels), under the interpreter
+# on CPU tensors otherwise (tests/conftest.py).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_TESTS_FOLLOW_THE_GPU = True
 SMALL = dict(
     vocab_size=50,
     embedding_dim=8,
@@ -65,14 +69,16 @@ def test_fused_model_equals_reference_twin_forward_and_backward(batch):
 def test_training_mode_fused_and_reference_twin_drop_the_same_elements(backend):
     """In training, seeded alike, the fused model (embedding dropout inside the stack op) and its
     plain twin draw the same masks, embedding and head alike: same outputs and gradients."""
+    device = torch.device("cpu")
     if backend == "triton":
         pytest.importorskip("triton")
-        if fusedconvlstm.backends.backend_why_not("triton", torch.device("cpu")) is not None:
+        device = DEVICE  # on a GPU machine, the compiled kernels
+        if fusedconvlstm.backends.backend_why_not("triton", device) is not None:
             pytest.skip("Triton does not run on the CPU here (TRITON_INTERPRET=1 is needed)")
     dtype = F64 if backend == "reference" else torch.float32
-    fused = ConvLSTMClassifier(backend=backend, dtype=dtype, **SMALL).train()
+    fused = ConvLSTMClassifier(backend=backend, dtype=dtype, device=device, **SMALL).train()
     ref = fused.to_reference()
-    tokens = torch.randint(0, 50, (3, 20))
+    tokens = torch.randint(0, 50, (3, 20), device=device)
     torch.manual_seed(8)
     out_f = fused.logits(tokens)
     torch.manual_seed(8)
@@ -223,8 +229,8 @@ def test_fused_model_on_triton_matches_the_reference_twin(dtype):
     one recurrence) against the plain-torch twin in float64: logits and every gradient within twice
     the twin's own error in the same dtype (plus 4 ulp)."""
     cfg = dict(SMALL, conv_channels=(12, 12, 16), hidden_size=8, dense_size=6)
-    ref64 = ConvLSTMClassifier.reference(dtype=F64, **cfg).eval()
-    tokens = torch.randint(0, 50, (3, 20))
+    ref64 = ConvLSTMClassifier.reference(dtype=F64, **cfg).eval().to(DEVICE)
+    tokens = torch.randint(0, 50, (3, 20), device=DEVICE)
 
     def run(model):
         model.zero_grad()

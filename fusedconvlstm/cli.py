@@ -222,10 +222,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(args)
 
 
+def _results_files(paths: list[str]) -> list[str]:
+    """The results files named, each checked to exist (a shell glob that matched nothing arrives
+    as itself: say so)."""
+    for path in paths:
+        if not os.path.exists(path) and any(c in path for c in "*?["):
+            raise CLIError(f"no file matches {path} (bench writes results files; none there yet?)")
+    return paths
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot speedup against batch size from results files."""
     from fusedconvlstm.benchmarking import PLOT_KEYS, load_records, plot_speedups
 
+    _results_files(args.results)
     out = args.out or args.results[0].removesuffix(".jsonl") + ".png"
     print(plot_speedups(load_records(args.results, required=PLOT_KEYS), out))
     return 0
@@ -237,7 +247,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fusedconvlstm.targets import TARGETS, evaluate, markdown
 
     rows = []
-    for path in args.results:
+    for path in _results_files(args.results):
         rows += [(r, path) for r in load_records([path])]
     targets = [t for t in TARGETS if not args.issues or t.issue in args.issues]
     print(markdown(evaluate(rows, targets)))

@@ -127,6 +127,7 @@ def _write(path: Path, text: str) -> str:
         (lambda d: ["report", _write(d / "empty.jsonl", "\n")], "no records (the file is empty)"),
         (lambda d: ["report", _write(d / "bad.jsonl", "not json\n")], "bad.jsonl:1: not a JSON line"),
         (lambda d: ["plot", _write(d / "other.jsonl", '{"a": 1}\n')], "other.jsonl:1: not a bench record"),
+        (lambda d: ["report", str(d / "*.jsonl")], "no file matches"),
         (lambda d: ["bench", "--batches", "x"], "argument --batches: invalid int value"),
         (lambda d: ["bench", "--batches", "0"], "must be a positive integer"),
         (lambda d: ["train", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),

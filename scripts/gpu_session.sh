@@ -134,12 +134,16 @@ stage_tests() {
   # real kernels, spread over processes where pytest-xdist is there (Triton compiles per process).
   local conv="$py tests/test_triton_conv1d.py"
   $PY -c "import xdist" 2>/dev/null && conv="$conv -n 4"
-  # The cluster forward kernel and the in-kernel input projection (never run before their first
-  # lease) in processes of their own: a kernel that traps kills its process's CUDA context, not
-  # the cooperative kernels' tests.
+  # The Triton LSTM tests written for CPU tensors follow the GPU too (CUDA tensors there); the
+  # spill checks run in test_triton_first.
+  local lstm="$py -k 'not compile_for_hopper' tests/test_triton_lstm.py tests/test_triton_lstm_precision.py"
+  $PY -c "import xdist" 2>/dev/null && lstm="$lstm -n 3"
   # Listed first, so their lines head the summary: what a first GPU run trips over before any
   # numbers (the launch arithmetic and the cluster placement query, the Triton kernels' spill
-  # checks and fp32 precision), in processes of their own beside the rest.
+  # checks and fp32 precision), in processes of their own beside the rest. The cluster forward
+  # kernel and the in-kernel input projection (never run before their first lease) also run in
+  # processes of their own: a kernel that traps kills its process's CUDA context, not the
+  # cooperative kernels' tests.
   local first="spill or exact_fp32 or tf32 or precision"
   par 240 \
     "test_launch_safety=$py tests/test_launch_safety.py" \
@@ -149,7 +153,8 @@ stage_tests() {
     "test_cuda_input=$py -m gpu -k input_projection tests/test_cuda_lstm.py" \
     "check_cluster=FUSEDCONVLSTM_LSTM_FWD_KERNEL=cluster OMP_NUM_THREADS=3 $PY -m fusedconvlstm check --backends cuda" \
     "check_input=FUSEDCONVLSTM_LSTM_FWD_KERNEL=input OMP_NUM_THREADS=3 $PY -m fusedconvlstm check --backends cuda" \
-    "test_triton_lstm=$py -m gpu tests/test_triton_lstm.py" \
+    "test_triton_lstm=$lstm" \
+    "test_models_triton=$py -k triton tests/test_models.py" \
     "test_triton_conv1d=$conv" \
     "test_production=$py -m gpu tests/test_production_gpu.py" \
     "check=OMP_NUM_THREADS=3 $PY -m fusedconvlstm check"

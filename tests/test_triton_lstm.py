@@ -30,6 +30,30 @@ from fusedconvlstm.triton import persistent
 from tests.helpers import capture_graph, lstm_weights, rel_err
 
 pytestmark = pytest.mark.triton
+# On a GPU machine (no interpreter) the tests written for CPU tensors run on CUDA tensors, the
+# compiled kernels (tests/conftest.py would skip them otherwise): see _follow_the_gpu.
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+TRITON_TESTS_FOLLOW_THE_GPU = True
+
+
+@pytest.fixture(autouse=True)
+def _follow_the_gpu(request):
+    """Where the module follows the GPU, a test not marked ``gpu`` creates its tensors there
+    (``torch.set_default_device``), and float32 recurrences run IEEE (cuDNN's RNN flag), as the
+    tight float32 bounds here assume; their sizes run the single-program mode, which takes IEEE."""
+    if not ON_GPU or request.node.get_closest_marker("gpu") is not None:
+        yield
+        return
+    rnn = torch.backends.cudnn.rnn
+    saved = rnn.fp32_precision
+    rnn.fp32_precision = "ieee"
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+        rnn.fp32_precision = saved
+
 
 F64 = torch.float64
 # Where PyTorch's own float32 error is itself a few roundings (float32 runs), summation order alone
@@ -64,10 +88,10 @@ def torch_in_dtype(monkeypatch):
     return run
 
 
-def _op_inputs(T, B, D, H, lengths=None, device="cpu"):
+def _op_inputs(T, B, D, H, lengths=None, device=None):
     """Float64 inputs of the op and cotangents for its outputs (fresh random values)."""
     xg = torch.randn(T, B, D, 4 * H, dtype=F64, device=device)
-    w_hh = lstm_weights(D, H, device=device)
+    w_hh = lstm_weights(D, H, device=device or torch.get_default_device())
     h0 = torch.randn(D, B, H, dtype=F64, device=device)
     c0 = torch.randn(D, B, H, dtype=F64, device=device)
     cot = (
@@ -148,7 +172,7 @@ def test_projected_op_matches_float64_reference(case, dtype, poisoned, torch_in_
     T, B, D, H, P, reverse, lengths = PROJECTED_CASES[case]
     lengths = None if lengths is None else torch.tensor(lengths)
     xg = torch.randn(T, B, D, 4 * H, dtype=F64)
-    w_hh, w_hr = lstm_weights(D, H, P=P), [torch.randn(P, H, dtype=F64) * H**-0.5 for _ in range(D)]
+    w_hh, w_hr = lstm_weights(D, H, P=P, device=xg.device), [torch.randn(P, H, dtype=F64) * H**-0.5 for _ in range(D)]
     h0, c0 = torch.randn(D, B, P, dtype=F64), torch.randn(D, B, H, dtype=F64)
     cot = [torch.randn(T, B, D, P, dtype=F64), torch.randn(D, B, P, dtype=F64), torch.randn(D, B, H, dtype=F64)]
 
@@ -205,7 +229,8 @@ def _module_case(dtype, **kw):
 def _module_run(module, x, hx, dtype, packed_lengths=None):
     x = x.detach().to(dtype).requires_grad_()
     hx = None if hx is None else tuple(h.detach().to(dtype).requires_grad_() for h in hx)
-    inp = x if packed_lengths is None else pack_padded_sequence(x, packed_lengths, enforce_sorted=False)
+    lengths = None if packed_lengths is None else torch.as_tensor(packed_lengths).cpu()  # packing wants CPU lengths
+    inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
     out, (h_n, c_n) = module(inp, hx)
     if packed_lengths is not None:
         out, _ = pad_packed_sequence(out)
@@ -328,12 +353,14 @@ def _call(**kw) -> LSTMRecurrenceCall:
 def test_refuses_what_it_does_not_fuse():
     xg = torch.randn(3, 2, 1, 16)
     with pytest.raises(BackendUnavailableError, match="float64"):
-        lstm_recurrence(xg.double(), lstm_weights(1, 4), backend="triton")
-    with pytest.raises(BackendUnavailableError, match="interpreter computes bfloat16"):
-        lstm_recurrence(xg.bfloat16(), lstm_weights(1, 4, dtype=torch.bfloat16), backend="triton")
+        lstm_recurrence(xg.double(), lstm_weights(1, 4, device=xg.device), backend="triton")
+    if not ON_GPU:
+        with pytest.raises(BackendUnavailableError, match="interpreter computes bfloat16"):
+            w = lstm_weights(1, 4, dtype=torch.bfloat16, device=xg.device)
+            lstm_recurrence(xg.bfloat16(), w, backend="triton")
     call = check_lstm_recurrence_args(
         xg.double(),
-        lstm_weights(1, 4),
+        lstm_weights(1, 4, device=xg.device),
         [],
         torch.zeros(1, 2, 4, dtype=F64),
         torch.zeros(1, 2, 4, dtype=F64),

@@ -612,12 +612,14 @@ _CASE_OPS = {
 
 
 def _serving_backends(op: str, device: torch.device, dtype: torch.dtype, include_reference: bool) -> list[str]:
-    """The backends a case is timed on: each that runs here and implements every op of the case;
-    for the whole model on a GPU also ``auto``, what a user gets (each op on its fastest backend:
-    the Triton conv stack and the CUDA LSTM where both are built)."""
+    """The backends a case is timed on: each that runs here and implements every op of the case
+    (on a GPU the reference and the ``torch`` backend, the baseline's own cuDNN path, only with
+    ``--include-reference``); also ``auto``, what a user gets, for the whole model on a GPU (each op
+    on a kernel where a validation record enables it, else torch's) and for every case on the
+    CPU (torch's kernels there)."""
     names = []
     for name in backends.BACKENDS:
-        if name == "reference" and not include_reference and device.type == "cuda":
+        if name in ("reference", backends.TORCH) and not include_reference and device.type == "cuda":
             continue
         if backends.backend_why_not(name, device) is not None or (name == "triton" and device.type != "cuda"):
             continue

@@ -367,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-plot", action="store_true", help="write no PNG beside the results (default: a plot, needs matplotlib)"
     )
     p.add_argument(
-        "--include-reference", action="store_true", help="also time the reference backend on a GPU (default: not)"
+        "--include-reference",
+        action="store_true",
+        help="also time the reference and torch backends on a GPU (default: not)",
     )
     p.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile baselines (default: timed on a GPU)"

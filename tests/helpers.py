@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedconvlstm import passmark
+
 
 def rel_err(out: Tensor, ref: Tensor) -> float:
     """``‖out − ref‖ / ‖ref‖`` in float64 (0 when both are zero)."""
@@ -23,6 +25,13 @@ def assert_close_rel(out: Tensor, ref: Tensor, tol: float, what: str = "output")
     err = rel_err(out, ref)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
     return err
+
+
+def assert_pass_mark(out: Tensor, base: Tensor, ref: Tensor, dtype, what: str = "output") -> None:
+    """The pass mark (:mod:`fusedconvlstm.passmark`): ``out``'s relative and largest-element errors
+    against ``ref`` at most twice ``base``'s (PyTorch's in the same dtype) plus one eps of
+    ``dtype``, no NaN where ``ref`` is finite."""
+    passmark.assert_passes(out, base, ref, dtype, what)
 
 
 def poison_(t: Tensor) -> Tensor:

@@ -27,9 +27,19 @@ import torch
 import torch.nn.functional as F
 
 import fusedconvlstm
-from fusedconvlstm.benchmarking import BenchRecord, default_output_path, environment, format_records, time_ms
+from fusedconvlstm import passmark
+from fusedconvlstm.benchmarking import (
+    MIN_ROUNDS,
+    REPEATS,
+    BenchRecord,
+    default_output_path,
+    environment,
+    environment_settings,
+    format_records,
+    time_pair_ms,
+    timing_settings,
+)
 from fusedconvlstm.triton import conv1d_stack as triton_backend
-from fusedconvlstm.validate import rel_err
 
 CHANNELS = [100, 200, 200, 256, 256, 512]
 STRIDES = [1, 1, 1, 1, 2]
@@ -95,19 +105,27 @@ class _Case:
 
         return run
 
-    def error(self, fn: Callable, ref_fn: Callable, train: bool) -> float:
-        """Largest relative error of the output (and, when training, every gradient) vs float64."""
+    def results(self, fn: Callable, ref_fn: Callable, train: bool) -> tuple[list, list]:
+        """The output (and, when training, every gradient) of ``fn`` and of the float64 ``ref_fn``."""
         x = self.xs[0].detach()
         leaves = [t.detach().requires_grad_(train) for t in (x, *self.params)]
         leaves64 = [t.detach().double().requires_grad_(train) for t in (x, *self.p64)]
         with torch.set_grad_enabled(train):
             out, ref = fn(leaves[0], *self.args(leaves[1:])), ref_fn(leaves64[0], *self.args(leaves64[1:]))
-        errs = [rel_err(out, ref)]
+        got, want = [out.detach()], [ref.detach()]
         if train:
-            g = torch.randn_like(ref)
-            errs += [rel_err(a, r) for a, r in zip(torch.autograd.grad(out, leaves, g.to(out.dtype)),
-                                                   torch.autograd.grad(ref, leaves64, g))]  # fmt: skip
-        return max(errs)
+            gen = torch.Generator(ref.device).manual_seed(0xC07)  # one cotangent for every side
+            g = torch.randn(ref.shape, generator=gen, device=ref.device, dtype=ref.dtype)
+            got += list(torch.autograd.grad(out, leaves, g.to(out.dtype)))
+            want += list(torch.autograd.grad(ref, leaves64, g))
+        return got, want
+
+    def marks(self, fn: Callable, base: Callable, ref_fn: Callable, train: bool) -> list:
+        """Per tensor, ``fn`` against float64 beside ``base`` (:mod:`fusedconvlstm.passmark`)."""
+        got, want = self.results(fn, ref_fn, train)
+        base_got, _ = self.results(base, ref_fn, train)
+        names = ["output"] + [f"grad {k}" for k in range(len(want) - 1)]
+        return passmark.mark_all(got, base_got, want, self.xs[0].dtype, names)
 
 
 def run(dtypes, batches, device, env) -> list[BenchRecord]:
@@ -127,12 +145,14 @@ def run(dtypes, batches, device, env) -> list[BenchRecord]:
                     ("conv1d_stack_proj", proj, _proj_op, CUDNN[name], ref_proj, ref_proj),
                 ]
                 for op, case, ours, baseline, base, ref in comparisons:
-                    err, base_err = case.error(ours, ref, train), case.error(base, ref, train)
-                    ours_ms = time_ms(case.step(ours, train), device)
-                    base_ms = time_ms(case.step(base, train), device)
+                    marks = case.marks(ours, base, ref, train)
+                    ours_ms, base_ms = time_pair_ms(case.step(ours, train), case.step(base, train), device,
+                                                    max(REPEATS["cuda"], MIN_ROUNDS))  # fmt: skip
                     rec = BenchRecord.measured(
-                        env, (ours_ms, base_ms), (err, base_err), op=op, backend="triton", baseline=baseline,
+                        env, (ours_ms, base_ms), marks, op=op, backend="triton", baseline=baseline,
                         dtype=name, batch=batch, seq=SEQ, hidden=CHANNELS[-1], pass_=pass_,
+                        timing=timing_settings(device, "events", max(REPEATS["cuda"], MIN_ROUNDS)),
+                        settings=environment_settings(device),
                     )  # fmt: skip
                     print(rec.to_json(), flush=True)
                     records.append(rec)

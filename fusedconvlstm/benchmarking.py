@@ -7,19 +7,27 @@ inputs, after checking our result against a float64 reference (correctness befor
 op                  ours                                            baseline
 ==================  ==============================================  =============================
 lstm                ``fusedconvlstm.LSTM`` (input projection incl.)  ``nn.LSTM`` (cuDNN)
-lstm_pair           ``parallel_lstm`` of two LSTMs on one input      two ``nn.LSTM`` one by one
-conv1d_stack        ``Conv1dStack`` on ``(B, T, C)``                 ``nn.Conv1d`` chain + 2 transposes
+lstm_pair           ``parallel_lstm`` of two LSTMs on one input      two ``nn.LSTM``, one CUDA stream each
+conv1d_stack        ``Conv1dStack`` on ``(B, T, C)``                 ``nn.Conv1d`` chain on ``(B, C, T)``
 model_inference     ``ConvLSTMClassifier``                           ``ReferenceConvLSTMClassifier``
 model_train_step    the same, forward + backward of the loss         the same
 ==================  ==============================================  =============================
 
 Baselines run in the dtype cuDNN serves best: our bf16 is compared with cuDNN fp16 (its
 persistent kernel) and, where cuDNN has it, bf16; our fp32 with cuDNN's fp32 (TF32 on, the
-default). The reference model is also timed under ``torch.compile``. GPU times are medians of
-``triton.testing.do_bench`` (CUDA events, after warm-up), three times, inputs rotated; results are
-JSON lines as docs/design.md §4 describes, with a PNG of speedup against batch size beside them. Each
-record's ``spread`` is how far its repeats swing ((max - min) / median, the larger of the two
-sides); past :data:`SPREAD_WARNING` the run warns that the machine was busy.
+default). Both sides run in the same mode: a forward case puts ``nn.LSTM`` in eval mode (in
+training mode cuDNN writes its reserve space, which ours does not), the conv baselines run with
+``cudnn.benchmark`` on. The reference model is also timed under ``torch.compile`` (modes
+:data:`COMPILE_MODES`). Each case is timed in at least :data:`MIN_ROUNDS` rounds, ours and the
+baseline alternating which goes first, one timing per side and round (on a GPU by default the
+median of ``triton.testing.do_bench``, CUDA events after warm-up; ``--timing graph`` times CUDA-graph
+replays, ``--timing wallclock`` back-to-back calls as a user waits for them); records keep every
+round and its p10 / p50 / p90. Results are JSON lines as docs/design.md §4 describes, with a PNG of
+speedup against batch size beside them. Each record's ``spread`` is how far its rounds swing
+((p90 - p10) / p50, the larger of the two sides); past :data:`SPREAD_WARNING` the run warns that
+the machine was busy. Every record carries what it needs to be reproduced (:func:`environment`,
+``settings``, ``timing``, ``served``) and its per-tensor errors under :mod:`fusedconvlstm.passmark`;
+a case that crashed or was refused is written too, with its ``status``.
 
 Without a GPU the same cases run on the CPU at small sizes (``time.perf_counter``, five repeats),
 which says nothing about GPU speed; they are written to ``benchmarks/results/cpu/`` (ignored by
@@ -44,21 +52,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusedconvlstm import backends
+from fusedconvlstm import backends, passmark
 from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS_SERVED, preferring_forward_kernel
 from fusedconvlstm.models.conv_lstm_classifier import ConvLSTMClassifier, ReferenceConvLSTMClassifier
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack
 from fusedconvlstm.nn.lstm import LSTM, parallel_lstm
-from fusedconvlstm.validate import rel_err
+from fusedconvlstm.passmark import TensorMark
 
 OPS = ("lstm", "lstm_pair", "conv1d_stack", "model_inference", "model_train_step")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Tokens per review the model cases feed (the reference model's max_len); its LSTMs see 45 steps.
 MODEL_TOKENS = 100
-# Repeats whose (max - min) / median passes this make the run warn: the machine was busy.
+# Rounds whose (p90 - p10) / p50 passes this make the run warn: the machine was busy.
 SPREAD_WARNING = 0.25
-# Timings per side and case (their spread is the noise).
-REPEATS = {"cuda": 3, "cpu": 5}
+# Rounds per case (one timing per side each, the sides alternating; their spread is the noise). A
+# GPU run never times fewer than MIN_ROUNDS.
+REPEATS = {"cuda": 5, "cpu": 5}
+MIN_ROUNDS = 5
+# How a GPU case is timed: CUDA events around do_bench's calls (L2 flushed before each),
+# CUDA-graph replays of both sides (GPU time without launch overhead), or back-to-back calls by the
+# wall clock (what a user waits for, launch overhead included).
+TIMING_MODES = ("events", "graph", "wallclock")
+# do_bench's settings, recorded with each result.
+DO_BENCH = dict(warmup=25, rep=100)
+# Back-to-back and graph timings: calls per round.
+CALLS_PER_ROUND = 50
 
 
 @dataclass
@@ -79,43 +97,87 @@ class BenchRecord:
     seq: int
     hidden: int
     pass_: str
-    median_ms: float
-    baseline_median_ms: float
-    speedup: float
-    max_rel_err: float
+    median_ms: float | None = None
+    baseline_median_ms: float | None = None
+    speedup: float | None = None
+    # The worst tensor's errors (see ``errors``), ours and the baseline's.
+    max_rel_err: float | None = None
     repeats_ms: list[float] = field(default_factory=list)
     baseline_repeats_ms: list[float] = field(default_factory=list)
     baseline_max_rel_err: float | None = None
-    # docs/design.md §3's pass mark: our error at most twice the baseline's (plus 4 ulp of our dtype).
+    # docs/design.md §3's pass mark (fusedconvlstm.passmark), every tensor: norm and largest element
+    # at most 2x the baseline's plus the slack of our dtype.
     err_within_2x_baseline: bool | None = None
     # The cuda backend's forward kernel(s) that served the case ("cluster", "cooperative",
     # "stepwise", joined by "+"), None where it did not run.
     lstm_forward_kernel: str | None = None
-    # How far the repeats swing: (max - min) / median, the larger of ours and the baseline's.
+    # How far the rounds swing: (p90 - p10) / p50, the larger of ours and the baseline's.
     spread: float | None = None
+    # "ok"; "crashed" (ours or the baseline raised), "refused" (a backend cannot serve the case),
+    # "baseline_unavailable" (the baseline cannot run here): then ``error`` says why, no timings.
+    status: str = "ok"
+    error: str | None = None
+    # Per tensor: passmark.TensorMark.to_dict() (name, err, base_err, max_err, base_max_err, eps, passed).
+    errors: list[dict] = field(default_factory=list)
+    # p10 / p50 / p90 of the rounds, ours and the baseline's.
+    percentiles_ms: dict | None = None
+    baseline_percentiles_ms: dict | None = None
+    # The dtype the baseline ran in, its mode (train / eval) and what was preferred of ours.
+    baseline_dtype: str | None = None
+    baseline_mode: dict | None = None
+    forward_kernel_preferred: str | None = None
+    # (op, backend) pairs that served our side (what auto resolved to), "op:backend".
+    served: list[str] = field(default_factory=list)
+    # The cuDNN / CUDA kernels the baseline ran (profiler, once per case; GPU only).
+    baseline_kernels: list[str] | None = None
+    # How it was timed (mode, rounds, do_bench settings, interleaving).
+    timing: dict | None = None
+    # The machine and library settings (see environment_settings).
+    settings: dict | None = None
+    timestamp: str | None = None
 
     @classmethod
     def measured(
-        cls, env: dict, times_ms: tuple[list[float], list[float]], errors: tuple[float, float], **case
+        cls,
+        env: dict,
+        times_ms: tuple[list[float], list[float]],
+        errors: list[TensorMark] | tuple[float, float],
+        **case,
     ) -> BenchRecord:
-        """A record from the repeated timings and the errors of (ours, baseline): medians,
-        speedup and the pass mark derived here, once."""
-        (ours_ms, base_ms), (err, base_err) = times_ms, errors
+        """A record from the timings per round and the per-tensor pass marks of (ours, baseline):
+        medians, percentiles, speedup and the pass mark derived here, once. ``errors`` as
+        ``(ours, baseline)`` floats stands for one tensor whose largest element was not measured
+        (judged on the norm alone)."""
+        (ours_ms, base_ms) = times_ms
+        if isinstance(errors, tuple):
+            err, base_err = errors
+            eps = passmark.eps_of(case["dtype"])
+            errors = [TensorMark("worst tensor", err, base_err, 0.0, 0.0, eps)]
+        worst = passmark.worst(errors)
         median, base_median = statistics.median(ours_ms), statistics.median(base_ms)
-        eps = torch.finfo(DTYPES[case["dtype"]]).eps
+        case.setdefault("timestamp", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         return cls(
             **env,
             **case,
             median_ms=median,
             baseline_median_ms=base_median,
             speedup=base_median / median,
-            max_rel_err=err,
+            max_rel_err=worst.err,
             repeats_ms=ours_ms,
             baseline_repeats_ms=base_ms,
-            baseline_max_rel_err=base_err,
-            err_within_2x_baseline=bool(err <= 2 * base_err + 4 * eps),
+            baseline_max_rel_err=worst.base_err,
+            err_within_2x_baseline=passmark.all_pass(errors),
+            errors=[m.to_dict() for m in errors],
+            percentiles_ms=percentiles(ours_ms),
+            baseline_percentiles_ms=percentiles(base_ms),
             spread=max(spread_of(ours_ms), spread_of(base_ms)),
         )
+
+    @classmethod
+    def failed(cls, env: dict, status: str, error: str, **case) -> BenchRecord:
+        """A record of a case that did not run to the end: no timings, no pass mark."""
+        case.setdefault("timestamp", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        return cls(**env, **case, status=status, error=error, err_within_2x_baseline=False)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -123,10 +185,26 @@ class BenchRecord:
         return json.dumps(d)
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, linear between ranks (numpy's default)."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("percentile of no values")
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def percentiles(values: list[float]) -> dict:
+    """p10 / p50 / p90 of timings."""
+    return {f"p{q}": percentile(values, q) for q in (10, 50, 90)}
+
+
 def spread_of(times_ms: list[float]) -> float:
-    """``(max - min) / median`` of repeated timings: 0 when they agree."""
+    """``(p90 - p10) / p50`` of timings per round: 0 when they agree."""
     median = statistics.median(times_ms)
-    return (max(times_ms) - min(times_ms)) / median if median > 0 else 0.0
+    return (percentile(times_ms, 90) - percentile(times_ms, 10)) / median if median > 0 else 0.0
 
 
 COMMIT_ENV = "FUSEDCONVLSTM_COMMIT"
@@ -173,48 +251,184 @@ def environment() -> dict:
     }
 
 
+def environment_settings(device: torch.device | None = None) -> dict:
+    """What else a timing depends on: the GPU driver, SM clock and power limit (through pynvml or
+    ``nvidia-smi`` where either is there; ``None`` otherwise, as on the CPU), PyTorch's TF32 and
+    cuDNN flags, and the ``FUSEDCONVLSTM_*`` environment overrides of our kernels."""
+    gpu = device is not None and device.type == "cuda"
+    out = {
+        "driver": None,
+        "sm_clock_mhz": None,
+        "max_sm_clock_mhz": None,
+        "power_limit_w": None,
+        "temperature_c": None,
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_enabled": bool(torch.backends.cudnn.enabled),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FUSEDCONVLSTM_") and k != COMMIT_ENV},
+    }
+    if gpu:
+        out.update(_gpu_state(device))
+    return out
+
+
+def _gpu_state(device: torch.device) -> dict:
+    """Driver, clocks, power limit and temperature of ``device``: pynvml if importable, else
+    ``nvidia-smi``; an empty dict when neither answers."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            return {
+                "driver": driver.decode() if isinstance(driver, bytes) else driver,
+                "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0,
+                "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+            }
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # pynvml missing or refusing: try nvidia-smi
+        pass
+    query = "driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
+    try:
+        line = subprocess.run(
+            ["nvidia-smi", f"--id={index}", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        driver, sm, max_sm, power, temp = [v.strip() for v in line.split(",")]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}
+
+    def num(v):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+
+    return {"driver": driver, "sm_clock_mhz": num(sm), "max_sm_clock_mhz": num(max_sm), "power_limit_w": num(power),
+            "temperature_c": num(temp)}  # fmt: skip
+
+
 def time_pair_ms(
-    ours: Callable[[], object], baseline: Callable[[], object], device: torch.device, repeats: int
+    ours: Callable[[], object],
+    baseline: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    timer: Callable[[Callable[[], object]], float] | None = None,
+    mode: str = "events",
 ) -> tuple[list[float], list[float]]:
-    """``repeats`` medians of each side. On a GPU each side by :func:`time_ms`; on the CPU
-    interleaved, sample by sample in alternating order within each repeat, so a machine that
-    slows down or speeds up during the run weighs on both sides alike."""
-    if device.type == "cuda":
-        return time_ms(ours, device, repeats), time_ms(baseline, device, repeats)
+    """One timing per side in each of ``repeats`` rounds, interleaved: ours first in even rounds,
+    the baseline first in odd ones, so a machine that slows down or speeds up during the run
+    weighs on both sides alike. ``timer(fn)`` gives one round's milliseconds (default
+    :func:`round_timer` for the device and ``mode``)."""
+    timer = timer or round_timer(device, mode)
     ours_ms, base_ms = [], []
-    for _ in range(repeats):
-        ours()  # warm-up
-        baseline()
-        a, b = [], []
-        budget = time.perf_counter() + 1.0
-        while len(a) < 3 or (time.perf_counter() < budget and len(a) < 50):
-            sides = ((ours, a), (baseline, b)) if len(a) % 2 == 0 else ((baseline, b), (ours, a))
-            for fn, samples in sides:
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-        ours_ms.append(statistics.median(a))
-        base_ms.append(statistics.median(b))
+    for k in range(repeats):
+        sides = ((ours, ours_ms), (baseline, base_ms)) if k % 2 == 0 else ((baseline, base_ms), (ours, ours_ms))
+        for fn, samples in sides:
+            samples.append(float(timer(fn)))
     return ours_ms, base_ms
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> list[float]:
-    """Median milliseconds of ``fn``, measured ``repeats`` times (their spread is the noise)."""
-    if device.type == "cuda":
+def round_timer(device: torch.device, mode: str = "events") -> Callable[[Callable[[], object]], float]:
+    """One round's timing of ``fn`` in milliseconds. On the CPU the median of calls timed by
+    ``time.perf_counter`` for about 0.25 s. On a GPU, by ``mode`` (:data:`TIMING_MODES`):
+    ``events``: the median of ``triton.testing.do_bench``; ``graph``: ``fn`` captured once in a
+    CUDA graph, replays timed by CUDA events; ``wallclock``: back-to-back calls, synchronized at
+    the end only, by the wall clock."""
+    if mode not in TIMING_MODES:
+        raise ValueError(f"timing mode must be one of {TIMING_MODES}, got {mode!r}")
+    if device.type != "cuda":
+        return _cpu_round
+    if mode == "events":
         from triton.testing import do_bench
 
-        return [float(do_bench(fn, warmup=25, rep=100, return_mode="median")) for _ in range(repeats)]
-    out = []
-    for _ in range(repeats):
-        fn()  # warm-up
-        samples = []
-        budget = time.perf_counter() + 0.5
-        while len(samples) < 3 or (time.perf_counter() < budget and len(samples) < 50):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        out.append(statistics.median(samples))
+        return lambda fn: float(do_bench(fn, return_mode="median", **DO_BENCH))
+    if mode == "wallclock":
+        return _wallclock_round
+    return _GraphTimer()
+
+
+def _cpu_round(fn: Callable[[], object]) -> float:
+    fn()  # warm-up
+    samples = []
+    budget = time.perf_counter() + 0.25
+    while len(samples) < 3 or (time.perf_counter() < budget and len(samples) < 50):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def _wallclock_round(fn: Callable[[], object]) -> float:
+    """Back-to-back calls as a user's loop makes them: host work and launches included."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(CALLS_PER_ROUND):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / CALLS_PER_ROUND
+
+
+class _GraphTimer:
+    """CUDA-graph replay: each callable captured once (on first use), its replays timed back to
+    back by CUDA events: the GPU's time, without host work or launch gaps."""
+
+    def __init__(self):
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        graph = self.graphs.get(id(fn))
+        if graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            self.graphs[id(fn)] = graph
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(CALLS_PER_ROUND):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / CALLS_PER_ROUND
+
+
+def timing_settings(device: torch.device, mode: str, rounds: int) -> dict:
+    """What a record's timings mean."""
+    out = {"mode": mode if device.type == "cuda" else "cpu_perf_counter", "rounds": rounds, "interleaved": True}
+    if device.type == "cuda" and mode == "events":
+        out.update(DO_BENCH, stat="median of do_bench per round", l2_flush=True)
+    elif device.type == "cuda":
+        out.update(calls_per_round=CALLS_PER_ROUND, stat="mean per call per round", l2_flush=False)
+    else:
+        out.update(stat="median of calls per round (about 0.25 s)", l2_flush=False)
     return out
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> list[float]:
+    """``repeats`` round timings of ``fn`` alone (:func:`round_timer`, CUDA events on a GPU)."""
+    timer = round_timer(device)
+    return [float(timer(fn)) for _ in range(repeats)]
 
 
 class _Rotating:
@@ -245,7 +459,9 @@ class _Pair:
 
     ours: Callable[[], object]
     baseline: Callable[[], object]
-    errors: Callable[[], tuple[float, float]]
+    errors: Callable[[], list[TensorMark]]
+    # The baseline's mode, as a record states it (training flag, cudnn.benchmark, streams).
+    baseline_mode: dict = field(default_factory=dict)
 
 
 def _inputs(shape, dtype, base_dtype, device, train):
@@ -323,8 +539,13 @@ def _lstm_pair_case(op, dtype, base_dtype, batch, seq, hidden, backend, train, d
         flash_backend = baseline.removeprefix("flashrnn_")
         base = [FlashRNNLSTM(m, flash_backend, base_dtype) for m in torch_lstms]
     else:
-        base = [copy.deepcopy(m).to(base_dtype) for m in torch_lstms]
-    ref64 = [copy.deepcopy(m).double() for m in torch_lstms]
+        # A forward case runs nn.LSTM in eval mode: in training mode cuDNN writes its reserve
+        # space for a backward (inference_mode does not change what nn.LSTM asks of cuDNN).
+        base = [copy.deepcopy(m).to(base_dtype).train(train) for m in torch_lstms]
+    ref64 = [copy.deepcopy(m).double().train(train) for m in torch_lstms]
+    ours = [m.train(train) for m in ours]
+    # The pair's baseline runs its two LSTMs on two CUDA streams, as a user overlapping them would.
+    streams = [torch.cuda.Stream(device) for _ in base] if n > 1 and device.type == "cuda" else None
     rot = _Rotating(lambda: _inputs((batch, seq, hidden), dtype, base_dtype, device, train), l2)
 
     def result(out):  # inference keeps the last h, training the whole output
@@ -336,12 +557,24 @@ def _lstm_pair_case(op, dtype, base_dtype, batch, seq, hidden, backend, train, d
         return [result(o) for o in parallel_lstm(ours, x)]
 
     def run_base(x, xb, x32):
-        return [result(m(xb)) for m in base]
+        if streams is None:
+            return [result(m(xb)) for m in base]
+        main = torch.cuda.current_stream(device)
+        outs = []
+        for m, stream in zip(base, streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(result(m(xb)))
+        for stream in streams:
+            main.wait_stream(stream)
+        return outs
 
     def run_ref(x, xb, x32):
         return [result(m(x32.double())) for m in ref64]
 
-    return _finish(run_ours, run_base, run_ref, rot, train, (ours, base, ref64), grad_input=True)
+    pair = _finish(run_ours, run_base, run_ref, rot, train, (ours, base, ref64), grad_input=True, dtype=dtype)
+    pair.baseline_mode = {"training": any(getattr(m, "training", False) for m in base), "streams": len(streams or [1])}
+    return pair
 
 
 def _conv_case(dtype, base_dtype, batch, backend, train, device, l2):
@@ -354,16 +587,32 @@ def _conv_case(dtype, base_dtype, batch, backend, train, device, l2):
     ours = Conv1dStack.from_torch(chain, channels_last=True, backend=backend).to(dtype)
     base = copy.deepcopy(chain).to(base_dtype)
     ref64 = copy.deepcopy(chain).double()
-    rot = _Rotating(lambda: _inputs((batch, 100, 100), dtype, base_dtype, device, train), l2)
-    return _finish(
-        lambda x, xb, x32: [ours(x)],
-        # A (B, T, C) model pays two transposes around nn.Conv1d: part of the baseline's time.
-        lambda x, xb, x32: [base(xb.transpose(1, 2)).transpose(1, 2)],
-        lambda x, xb, x32: [ref64(x32.double().transpose(1, 2)).transpose(1, 2)],
+    # cuDNN at its best: its algorithm chosen by timing (cudnn.benchmark, set for the case by
+    # build_pair), and its input in nn.Conv1d's own (B, C, T) layout, contiguous, so no copy is
+    # timed; only the error check transposes (views) to compare.
+    rot = _Rotating(lambda: _conv_inputs((batch, 100, 100), dtype, base_dtype, device, train), l2)
+    pair = _finish(
+        lambda x, xb, x32: [ours(x).transpose(1, 2)],
+        lambda x, xb, x32: [base(xb)],
+        lambda x, xb, x32: [ref64(x32.double().transpose(1, 2))],
         rot,
         train,
         ([ours], [base], [ref64]),
         grad_input=True,
+        dtype=dtype,
+        base_input_grad=lambda g: g.transpose(1, 2),
+    )
+    pair.baseline_mode = {"training": train, "cudnn_benchmark": True, "layout": "(B, C, T) contiguous"}
+    return pair
+
+
+def _conv_inputs(shape, dtype, base_dtype, device, train):
+    """As :func:`_inputs`, the baseline's draw in ``(B, C, T)``, contiguous."""
+    x = torch.randn(*shape, device=device)
+    return (
+        x.to(dtype).requires_grad_(train),
+        x.to(base_dtype).transpose(1, 2).contiguous().requires_grad_(train),
+        x,
     )
 
 
@@ -416,7 +665,9 @@ def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mo
         def run_ref(tok, y):
             return [ref64.logits(tok)]
 
-    return _finish(run_ours, run_base, run_ref, rot, train, ([ours], [base], [ref64]), grad_input=False)
+    pair = _finish(run_ours, run_base, run_ref, rot, train, ([ours], [base], [ref64]), grad_input=False, dtype=dtype)
+    pair.baseline_mode = {"training": base.training, "compile_mode": compile_mode}
+    return pair
 
 
 def _param_grads(mods) -> list[Tensor | None]:
@@ -429,12 +680,17 @@ def _param_grads(mods) -> list[Tensor | None]:
     return out
 
 
-def _finish(run_ours, run_base, run_ref, rot, train, mods, grad_input) -> _Pair:
-    """Wrap the runners into timed closures (with backward when training) and an error check.
+def _finish(
+    run_ours, run_base, run_ref, rot, train, mods, grad_input, dtype=torch.float32, base_input_grad=None
+) -> _Pair:
+    """Wrap the runners into timed closures (with backward when training) and an error check:
+    per tensor, ours against float64 beside the baseline (:func:`fusedconvlstm.passmark.mark`,
+    the slack of our ``dtype``).
 
     ``mods``: the (ours, baseline, float64 reference) modules, parameters in the same order.
     ``grad_input``: whether the first, second and third inputs (ours, the baseline's, the
-    reference's) are differentiable, so a training check also compares the input gradient.
+    reference's) are differentiable, so a training check also compares the input gradient;
+    ``base_input_grad`` maps the baseline's input gradient to the layout of ours (a view).
     """
     ours_mods, base_mods, ref_mods = mods
 
@@ -452,13 +708,15 @@ def _finish(run_ours, run_base, run_ref, rot, train, mods, grad_input) -> _Pair:
 
         return fn
 
-    def forward_errors() -> tuple[float, float]:
+    def forward_errors() -> list[TensorMark]:
         args = rot.items[0]
         with torch.no_grad():
             want = run_ref(*args)
-            return tuple(max(rel_err(g, w) for g, w in zip(run(*args), want)) for run in (run_ours, run_base))
+            got, base = run_ours(*args), run_base(*args)
+        names = ["output"] if len(want) == 1 else [f"output {k}" for k in range(len(want))]
+        return passmark.mark_all(got, base, want, dtype, names)
 
-    def training_errors() -> tuple[float, float]:
+    def training_errors() -> list[TensorMark]:
         # Outputs, the input gradient and every parameter gradient against float64, for one
         # cotangent drawn once (docs/design.md §3: every gradient is checked, not only the output).
         args = list(rot.items[0])
@@ -483,18 +741,19 @@ def _finish(run_ours, run_base, run_ref, rot, train, mods, grad_input) -> _Pair:
                 cotangents = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float64) for o in outs]
             sum((o.double() * c).sum() for o, c in zip(outs, cotangents)).backward()
             grads = [leaf.grad] if leaf is not None else []
+            if grads and which == 1 and base_input_grad is not None and grads[0] is not None:
+                grads = [base_input_grad(grads[0])]
             sides.append([o.detach() for o in outs] + grads + _param_grads(side_mods))
-        want = sides[0]
-
-        def err(got):
-            if len(got) != len(want):
-                raise RuntimeError(f"bench: {len(got)} results to compare with {len(want)} of the reference")
-            return max(
-                float("inf") if (g is None) != (w is None) else (0.0 if g is None else rel_err(g, w))
-                for g, w in zip(got, want)
+        want, got, base = sides
+        if not len(got) == len(base) == len(want):
+            raise RuntimeError(
+                f"bench: {len(got)} and {len(base)} results to compare with {len(want)} of the reference"
             )
-
-        return err(sides[1]), err(sides[2])
+        n_out = len(outs)
+        names = ["output"] if n_out == 1 else [f"output {k}" for k in range(n_out)]
+        names += ["grad input"] * (1 if grad_input else 0)
+        names += [f"grad param {k}" for k in range(len(want) - len(names))]
+        return passmark.mark_all(got, base, want, dtype, names)
 
     return _Pair(step(run_ours, ours_mods), step(run_base, base_mods), training_errors if train else forward_errors)
 
@@ -573,12 +832,14 @@ def plan(
     return cases
 
 
-COMPILE_MODES = ("default", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# The modes bench times on a GPU unless told (max-autotune compiles for minutes: asked for).
+DEFAULT_COMPILE_MODES = ("default", "reduce-overhead")
 
 
 def compiled_baseline_name(baseline: str, mode: str) -> str:
-    """``cudnn_fp16`` under ``torch.compile(mode=...)``: ``torch_compile_fp16`` (default mode) or
-    ``torch_compile_max_autotune_fp16``."""
+    """``cudnn_fp16`` under ``torch.compile(mode=...)``: ``torch_compile_fp16`` (default mode),
+    ``torch_compile_reduce_overhead_fp16`` or ``torch_compile_max_autotune_fp16``."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     infix = "" if mode == "default" else "_" + mode.replace("-", "_")
@@ -589,7 +850,10 @@ def compile_mode_of(baseline: str) -> str | None:
     """The ``torch.compile`` mode a baseline name stands for, ``None`` for eager."""
     if not baseline.startswith("torch_compile"):
         return None
-    return "max-autotune" if baseline.startswith("torch_compile_max_autotune") else "default"
+    for mode in COMPILE_MODES[1:]:
+        if baseline.startswith("torch_compile_" + mode.replace("-", "_")):
+            return mode
+    return "default"
 
 
 def _passes_of(op: str, passes: Iterable[str]) -> list[str]:
@@ -644,29 +908,125 @@ def build_pair(case: dict, device: torch.device, hidden: int) -> _Pair:
     return _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mode_of(case["baseline"]))
 
 
-def run_case(case: dict, device: torch.device, env: dict, hidden: int, repeats: int | None = None) -> BenchRecord:
-    """Build, check and time one case (``repeats`` timings per side, default :data:`REPEATS`)."""
+class _ServedSpy:
+    """Records the (op, backend) pairs that serve our side while active: the backend the modules
+    choose (:func:`backends.module_backend`) and the one the ops resolve (:func:`backends.resolve`),
+    i.e. what ``auto`` (or a named backend) resolved to."""
+
+    def __init__(self):
+        self.seen: set[tuple[str, str]] = set()
+
+    def __enter__(self):
+        self._resolve, self._module_backend = backends.resolve, backends.module_backend
+
+        def resolve(op, backend, call, device):
+            impl = self._resolve(op, backend, call, device)
+            self.seen.add((op, impl.backend))
+            return impl
+
+        def module_backend(op, backend, device, make_call):
+            name = self._module_backend(op, backend, device, make_call)
+            self.seen.add((op, name))
+            return name
+
+        backends.resolve, backends.module_backend = resolve, module_backend
+        return self
+
+    def __exit__(self, *exc):
+        backends.resolve, backends.module_backend = self._resolve, self._module_backend
+        return False
+
+    def names(self) -> list[str]:
+        return sorted(f"{op}:{backend}" for op, backend in self.seen)
+
+
+def cuda_kernels_of(fn: Callable[[], object], device: torch.device) -> list[str] | None:
+    """The GPU kernels one call of ``fn`` launches, by the profiler (``None`` off a GPU or where
+    the profiler refuses): what ran as the baseline, so a label such as "persistent" is verified."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        names = {
+            e.key for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+        }
+        return sorted(names)
+    except Exception as exc:  # the profiler is optional evidence: say why it is missing
+        return [f"(profiler failed: {type(exc).__name__}: {exc})"]
+
+
+class _CudnnBenchmark:
+    """``torch.backends.cudnn.benchmark`` set for a case (cuDNN's conv algorithms chosen by timing,
+    the baseline at its best) and restored after."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self.on or self.saved
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.benchmark = self.saved
+        return False
+
+
+def run_case(
+    case: dict,
+    device: torch.device,
+    env: dict,
+    hidden: int,
+    repeats: int | None = None,
+    timing: str = "events",
+    timer: Callable[[Callable[[], object]], float] | None = None,
+) -> BenchRecord:
+    """Build, check and time one case (``repeats`` rounds, default :data:`REPEATS`; at least
+    :data:`MIN_ROUNDS` on a GPU) with the ``timing`` mode (:data:`TIMING_MODES`)."""
     repeats = repeats or REPEATS.get(device.type, REPEATS["cpu"])
-    op, batch, backend = case["op"], case["batch"], case["backend"]
-    with preferring_forward_kernel(case.get("forward_kernel")):
+    if device.type == "cuda":
+        repeats = max(repeats, MIN_ROUNDS)
+    if timing == "graph" and (case["pass_"] != "fwd" or compile_mode_of(case["baseline"]) == "reduce-overhead"):
+        raise ValueError("graph timing captures forward cases without their own CUDA graphs only")
+    with preferring_forward_kernel(case.get("forward_kernel")), _CudnnBenchmark(device.type == "cuda"):
         pair = build_pair(case, device, hidden)
         FORWARD_KERNELS_SERVED.clear()
-        err, base_err = pair.errors()
+        with _ServedSpy() as served:
+            marks = pair.errors()
         kernels = "+".join(sorted(FORWARD_KERNELS_SERVED)) or None
-        ours_ms, base_ms = time_pair_ms(pair.ours, pair.baseline, device, repeats)
+        baseline_kernels = cuda_kernels_of(pair.baseline, device)
+        settings = environment_settings(device)
+        ours_ms, base_ms = time_pair_ms(pair.ours, pair.baseline, device, repeats, timer, timing)
     return BenchRecord.measured(
         env,
         (ours_ms, base_ms),
-        (err, base_err),
-        op=op,
-        backend=backend,
+        marks,
+        **case_fields(case, hidden),
+        lstm_forward_kernel=kernels,
+        baseline_mode=pair.baseline_mode,
+        served=served.names(),
+        baseline_kernels=baseline_kernels,
+        timing=timing_settings(device, timing, repeats),
+        settings=settings,
+    )
+
+
+def case_fields(case: dict, hidden: int) -> dict:
+    """The fields of a record that name its case."""
+    return dict(
+        op=case["op"],
+        backend=case["backend"],
         baseline=case["baseline"],
         dtype=case["dtype"],
-        batch=batch,
+        batch=case["batch"],
         seq=case["seq"],
         hidden=hidden,
         pass_=case["pass_"],
-        lstm_forward_kernel=kernels,
+        baseline_dtype=str(case["base_dtype"]).removeprefix("torch."),
+        forward_kernel_preferred=case.get("forward_kernel"),
     )
 
 
@@ -696,6 +1056,10 @@ def case_label(case: dict) -> str:
     )
 
 
+def _num(v: float | None, fmt: str, unit: str = "") -> str:
+    return "—" if v is None else f"{v:{fmt}}{unit}"
+
+
 def format_records(records: list[BenchRecord]) -> str:
     """A plain-text table of results."""
     header = (
@@ -720,11 +1084,11 @@ def format_records(records: list[BenchRecord]) -> str:
             r.batch,
             r.seq,
             r.backend if r.lstm_forward_kernel is None else f"{r.backend} ({r.lstm_forward_kernel})",
-            f"{r.median_ms:.3f}",
+            _num(r.median_ms, ".3f"),
             r.baseline,
-            f"{r.baseline_median_ms:.3f}",
-            f"{r.speedup:.2f}x",
-            f"{r.max_rel_err:.1e}",
+            _num(r.baseline_median_ms, ".3f"),
+            _num(r.speedup, ".2f", "x"),
+            _num(r.max_rel_err, ".1e") + ("" if r.err_within_2x_baseline else " FAIL"),
             "" if r.spread is None else f"{100 * r.spread:.0f}%" + (" !" if r.spread > SPREAD_WARNING else ""),
         )
         for r in records
@@ -752,7 +1116,8 @@ def main_bench(args) -> int:
     # The CPU's default run (no --ops) is the drop-in suite, forward and forward + backward.
     passes = args.passes or (["fwd", "fwd+bwd"] if gpu or not args.ops else ["fwd"])
     hidden = args.hidden or 512
-    compile_modes = () if args.no_compile else tuple(args.compile_modes or ("default",))
+    compile_modes = () if args.no_compile else tuple(args.compile_modes or DEFAULT_COMPILE_MODES)
+    timing = getattr(args, "timing", None) or "events"
     flashrnn = tuple(getattr(args, "flashrnn", None) or ())
     kernels = tuple(getattr(args, "lstm_forward_kernels", None) or ())
     only = tuple(getattr(args, "backends", None) or (() if gpu else (backends.AUTO,)))
@@ -764,7 +1129,9 @@ def main_bench(args) -> int:
         return 1
     out_path = args.out or default_output_path(env, os.getcwd(), gpu)
     repeats = getattr(args, "repeats", None) or REPEATS[device.type]
-    records = []
+    if gpu:
+        repeats = max(repeats, MIN_ROUNDS)
+    records, failures = [], []
     t_start = time.perf_counter()
     budget = getattr(args, "time_budget", None)
     for k, case in enumerate(cases, 1):
@@ -775,35 +1142,52 @@ def main_bench(args) -> int:
             )
             break
         print(f"[{k}/{len(cases)}] {label} ... ", end="", flush=True)
+        size = hidden if case["op"] in ("lstm", "lstm_pair") else 512
         try:
-            rec = run_case(case, device, env, hidden if case["op"] in ("lstm", "lstm_pair") else 512, repeats)
-        except (RuntimeError, backends.BackendUnavailableError, torch.OutOfMemoryError) as exc:
-            # BaselineUnavailable is a RuntimeError: a baseline that cannot run here is skipped.
-            print(f"skipped: {str(exc).splitlines()[0]}", flush=True)
-            continue
-        records.append(rec)
-        print(
-            f"{rec.median_ms:.3f} ms vs {rec.baseline_median_ms:.3f} ms ({rec.speedup:.2f}x), rel err {rec.max_rel_err:.1e} "
-            f"[{time.perf_counter() - t_start:.0f} s]",
-            flush=True,
-        )
-        if rec.spread > SPREAD_WARNING:
+            rec = run_case(case, device, env, size, repeats, timing)
+        except (RuntimeError, ValueError, backends.BackendUnavailableError, torch.OutOfMemoryError) as exc:
+            # Written as a record too: report counts a crash or a refusal of ours as a failure.
+            if isinstance(exc, BaselineUnavailable):
+                status = "baseline_unavailable"
+            elif isinstance(exc, (backends.BackendUnavailableError, ValueError)):
+                status = "refused"
+            else:
+                status = "crashed"
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            print(f"{status}: {first}", flush=True)
+            rec = BenchRecord.failed(env, status, f"{type(exc).__name__}: {first}", **case_fields(case, size))
+            rec.settings = environment_settings(device)
+            rec.timing = timing_settings(device, timing, repeats)
+            failures.append(rec)
+        else:
+            records.append(rec)
             print(
-                f"  WARNING: the {repeats} repeats of this case swing by {100 * rec.spread:.0f}% (more than "
-                f"{100 * SPREAD_WARNING:.0f}%): the machine is busy or clocks vary; do not trust this speedup",
+                f"{rec.median_ms:.3f} ms vs {rec.baseline_median_ms:.3f} ms ({rec.speedup:.2f}x), "
+                f"rel err {rec.max_rel_err:.1e}{'' if rec.err_within_2x_baseline else ' PAST THE PASS MARK'} "
+                f"[{time.perf_counter() - t_start:.0f} s]",
                 flush=True,
             )
+            if rec.spread > SPREAD_WARNING:
+                print(
+                    f"  WARNING: the {repeats} rounds of this case swing by {100 * rec.spread:.0f}% (more than "
+                    f"{100 * SPREAD_WARNING:.0f}%): the machine is busy or clocks vary; do not trust this speedup",
+                    flush=True,
+                )
         if out_path:
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
             with open(out_path, "a") as f:
                 f.write(rec.to_json() + "\n")
     print()
     print(format_records(records))
+    if failures:
+        print(f"\n{len(failures)} case(s) did not run to the end (written with their status):")
+        for r in failures:
+            print(f"  {r.status}: {r.op} {r.pass_} {r.dtype} b={r.batch} {r.backend} vs {r.baseline}: {r.error}")
     noisy = [r for r in records if r.spread > SPREAD_WARNING]
     if noisy:
         print(
             f"\nWARNING: {len(noisy)} of {len(records)} cases swung by more than {100 * SPREAD_WARNING:.0f}% "
-            "between repeats (marked !): rerun on a quiet machine before reading anything into them."
+            "between rounds (marked !): rerun on a quiet machine before reading anything into them."
         )
     if records:
         print(f"\nresults: {out_path}")

@@ -286,7 +286,7 @@ print one line on stderr and exit non-zero; {TRACEBACK_ENV}=1 shows the tracebac
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line."""
     from fusedconvlstm import BACKENDS, backends
-    from fusedconvlstm.benchmarking import COMPILE_MODES, DTYPES, FLASHRNN_BACKENDS, OPS
+    from fusedconvlstm.benchmarking import COMPILE_MODES, DTYPES, FLASHRNN_BACKENDS, OPS, TIMING_MODES
     from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS
     from fusedconvlstm.train import positive_int
 
@@ -356,7 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats",
         type=positive_int,
-        help="timings per side and case, whose spread is the noise (default: 3 on a GPU, 5 on the CPU)",
+        help="rounds per case, one timing per side each, the sides alternating; their spread is the noise "
+        "(default and minimum on a GPU: 5; default on the CPU: 5)",
+    )
+    p.add_argument(
+        "--timing",
+        choices=list(TIMING_MODES),
+        default="events",
+        help="on a GPU: CUDA events around do_bench (events), CUDA-graph replays of both sides (graph, forward "
+        "cases), or back-to-back calls by the wall clock as a user waits for them (wallclock)",
     )
     p.add_argument(
         "--out",
@@ -378,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-modes",
         nargs="+",
         choices=list(COMPILE_MODES),
-        help="torch.compile modes of the reference-model baselines (default: default; max-autotune compiles for minutes)",
+        help="torch.compile modes of the reference-model baselines (default: default reduce-overhead; "
+        "max-autotune compiles for minutes)",
     )
     p.add_argument(
         "--flashrnn",

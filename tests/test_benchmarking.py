@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusedconvlstm import benchmarking
+from fusedconvlstm import benchmarking, passmark
 from fusedconvlstm.benchmarking import BenchRecord, compile_mode_of, compiled_baseline_name, plan
 from fusedconvlstm.cli import build_parser
 from tests.helpers import rel_err
@@ -33,7 +33,10 @@ def test_record_derives_medians_speedup_and_the_pass_mark():
 
 def test_record_spread_is_the_larger_swing_of_the_two_sides():
     rec = BenchRecord.measured(ENV, ([2.0, 4.0, 3.0], [6.0, 6.0, 6.3]), (1e-3, 1e-3), dtype="bf16", **CASE)
-    assert rec.spread == pytest.approx((4.0 - 2.0) / 3.0)
+    # (p90 - p10) / p50: p10 = 2.2, p90 = 3.8 of ours, linear between ranks.
+    assert rec.spread == pytest.approx((3.8 - 2.2) / 3.0)
+    assert rec.percentiles_ms == pytest.approx({"p10": 2.2, "p50": 3.0, "p90": 3.8})
+    assert rec.baseline_percentiles_ms == pytest.approx({"p10": 6.0, "p50": 6.0, "p90": 6.24})
     assert '"spread": ' in rec.to_json()
 
 
@@ -73,6 +76,7 @@ def test_commit_comes_from_the_environment_where_git_cannot_tell(monkeypatch):
 
 
 def test_compile_baseline_names_round_trip():
+    assert benchmarking.COMPILE_MODES == ("default", "reduce-overhead", "max-autotune")
     for mode in benchmarking.COMPILE_MODES:
         name = compiled_baseline_name("cudnn_bf16", mode)
         assert name.startswith("torch_compile") and name.endswith("_bf16")
@@ -167,12 +171,15 @@ def test_training_check_compares_every_gradient_not_only_outputs():
         )
         return pair.errors()
 
-    right, base_err = check(lambda a, b, c: [ours(a)])
-    assert right < 1e-6 and base_err < 1e-6
-    wrong_input_grad, _ = check(lambda a, b, c: [ours(_DoubleGrad.apply(a))])
-    assert wrong_input_grad > 0.5  # the output is right; only the input gradient is not
-    wrong_weight_grad, _ = check(lambda a, b, c: [_DoubleGrad.apply(ours(a))])
-    assert wrong_weight_grad > 0.5
+    right = check(lambda a, b, c: [ours(a)])
+    assert [m.name for m in right] == ["output", "grad input", "grad param 0", "grad param 1"]
+    assert all(m.passed and m.err < 1e-6 and m.base_err < 1e-6 for m in right)
+    wrong_input_grad = {m.name: m for m in check(lambda a, b, c: [ours(_DoubleGrad.apply(a))])}
+    # the output is right; only the input gradient is not, and it fails on its own
+    assert wrong_input_grad["output"].passed and not wrong_input_grad["grad input"].passed
+    assert wrong_input_grad["grad input"].err > 0.5
+    wrong_weight_grad = check(lambda a, b, c: [_DoubleGrad.apply(ours(a))])
+    assert passmark.worst(wrong_weight_grad).err > 0.5 and not passmark.all_pass(wrong_weight_grad)
 
 
 def test_plan_times_each_preferred_lstm_forward_kernel_against_the_first_baseline(monkeypatch):
@@ -241,3 +248,154 @@ def test_plot_draws_each_lstm_forward_kernel_as_its_own_line(tmp_path, monkeypat
     benchmarking.plot_speedups(rows, str(tmp_path / "p.png"))
     lines = [lab for lab in labels if lab]
     assert sorted(lines) == ["bf16 cuda (cluster) vs cudnn_fp16", "bf16 cuda (cooperative) vs cudnn_fp16"]
+
+
+def test_record_judges_each_tensor_not_the_max_over_tensors():
+    """One tensor past its own mark fails the record though our worst error is below the
+    baseline's worst (a bad tensor cannot hide behind the baseline's worst one)."""
+    eps = passmark.eps_of("bf16")
+    marks = [
+        passmark.TensorMark("output", 0.05, 0.04, 0.05, 0.04, eps),  # the baseline's worst: 4%
+        passmark.TensorMark("grad input", 0.03, 1e-3, 0.03, 1e-3, eps),  # 30x the baseline's
+    ]
+    rec = BenchRecord.measured(ENV, ([1.0], [2.0]), marks, dtype="bf16", **CASE)
+    assert max(m.err for m in marks) <= 2 * max(m.base_err for m in marks)  # the old rule: passed
+    assert rec.err_within_2x_baseline is False
+    assert (rec.max_rel_err, rec.baseline_max_rel_err) == (0.03, 1e-3)  # the worst tensor's pair
+    assert [e["passed"] for e in rec.errors] == [True, False]
+
+
+class _FakeTimer:
+    """Scripted round timings: each call of a side returns that side's next value, and the
+    order of the calls is kept."""
+
+    def __init__(self, ours, base):
+        self.values = {"ours": list(ours), "base": list(base)}
+        self.calls = []
+
+    def __call__(self, fn):
+        side = fn()
+        self.calls.append(side)
+        return self.values[side].pop(0)
+
+
+def test_rounds_interleave_the_sides_and_store_percentiles():
+    timer = _FakeTimer([5.0, 1.0, 2.0, 4.0, 3.0, 9.0], [10.0, 12.0, 11.0, 13.0, 14.0, 10.0])
+    ours_ms, base_ms = benchmarking.time_pair_ms(lambda: "ours", lambda: "base", torch.device("cpu"), 6, timer=timer)
+    # Ours first in even rounds, the baseline first in odd ones: each side goes first as often.
+    assert timer.calls == ["ours", "base", "base", "ours"] * 3
+    assert ours_ms == [5.0, 1.0, 2.0, 4.0, 3.0, 9.0] and base_ms == [10.0, 12.0, 11.0, 13.0, 14.0, 10.0]
+    rec = BenchRecord.measured(ENV, (ours_ms, base_ms), (1e-3, 1e-3), dtype="fp32", **CASE)
+    assert rec.percentiles_ms == pytest.approx({"p10": 1.5, "p50": 3.5, "p90": 7.0})
+    assert rec.median_ms == 3.5 and rec.speedup == pytest.approx(11.5 / 3.5)
+    assert rec.repeats_ms == ours_ms
+
+
+def _cpu_case(op, pass_="fwd", batch=2, seq=3):
+    (case,) = [
+        c for c in plan([op], ["fp32"], [batch], [seq], [pass_], torch.device("cpu"), False) if c["backend"] == "auto"
+    ]
+    return case
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_lstm_baseline_runs_in_the_mode_of_the_pass(pass_):
+    """A forward case runs nn.LSTM in eval mode (no reserve space for a backward), a training
+    step in training mode; ours the same."""
+    case = _cpu_case("lstm", pass_)
+    seen = []
+    hook = nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: seen.append((type(m).__name__, m.training)) if isinstance(m, nn.LSTM) else None
+    )
+    try:
+        pair = benchmarking.build_pair(case, torch.device("cpu"), hidden=8)
+        pair.baseline()
+    finally:
+        hook.remove()
+    train = pass_ == "fwd+bwd"
+    assert seen == [("LSTM", train)]
+    assert pair.baseline_mode["training"] is train
+
+
+def test_conv_baseline_reads_its_own_layout_without_copies():
+    case = _cpu_case("conv1d_stack")
+    pair = benchmarking.build_pair(case, torch.device("cpu"), hidden=512)
+    first = []
+    hook = nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: first.append(args[0]) if isinstance(m, nn.Conv1d) and not first else None
+    )
+    try:
+        pair.baseline()
+    finally:
+        hook.remove()
+    (x,) = first
+    assert x.shape == (2, 100, 100) and x.is_contiguous() and x.dtype == torch.float32
+    assert pair.baseline_mode["cudnn_benchmark"] is True
+    marks = pair.errors()
+    assert marks and all(m.passed for m in marks)
+
+
+def test_cudnn_benchmark_is_on_for_a_gpu_case_and_restored():
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with benchmarking._CudnnBenchmark(True):
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is False
+        with benchmarking._CudnnBenchmark(False):
+            assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def test_run_case_writes_a_self_describing_record(monkeypatch):
+    monkeypatch.setenv("FUSEDCONVLSTM_LSTM_FWD_CONFIG", "1,2,3")
+    case = _cpu_case("lstm", "fwd+bwd")
+    first = []
+
+    def timer(fn):  # ours is timed first in round 0: 2 ms, the baseline 3 ms
+        fn()
+        first.append(fn) if not first else None
+        return 2.0 if fn is first[0] else 3.0
+
+    rec = benchmarking.run_case(case, torch.device("cpu"), ENV, 8, 5, timer=timer)
+    d = __import__("json").loads(rec.to_json())
+    assert d["status"] == "ok" and d["speedup"] == 1.5 and d["repeats_ms"] == [2.0] * 5
+    assert d["percentiles_ms"] == {"p10": 2.0, "p50": 2.0, "p90": 2.0}
+    assert d["timing"]["rounds"] == 5 and d["timing"]["interleaved"] is True
+    s = d["settings"]
+    assert s["driver"] is None and s["sm_clock_mhz"] is None and s["power_limit_w"] is None  # the CPU
+    assert {"tf32_matmul", "tf32_cudnn", "cudnn_benchmark", "cudnn_deterministic"} <= set(s)
+    assert s["env"] == {"FUSEDCONVLSTM_LSTM_FWD_CONFIG": "1,2,3"}
+    assert d["served"] == ["lstm_recurrence:torch"]  # what auto resolved to on the CPU
+    assert d["baseline_mode"]["training"] is True and d["baseline_dtype"] == "float32"
+    names = [e["name"] for e in d["errors"]]
+    assert names[:2] == ["output", "grad input"] and len(names) == 2 + 4  # and the 4 parameters
+    assert d["err_within_2x_baseline"] is True and d["baseline_kernels"] is None and d["timestamp"]
+
+
+def test_a_crashed_case_is_written_as_a_failed_record(tmp_path, monkeypatch, capsys):
+    def crash(case, *a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    monkeypatch.setattr(benchmarking, "run_case", crash)
+    out = tmp_path / "r.jsonl"
+    args = build_parser().parse_args(["bench", "--ops", "conv1d_stack", "--batches", "1", "--out", str(out)])
+    assert benchmarking.main_bench(args) == 1
+    (row,) = [__import__("json").loads(line) for line in out.read_text().splitlines()]
+    assert row["status"] == "crashed" and "illegal memory access" in row["error"]
+    assert row["median_ms"] is None and row["err_within_2x_baseline"] is False
+    assert row["op"] == "conv1d_stack" and row["batch"] == 1 and row["pass"] == "fwd"
+    assert "1 case(s) did not run to the end" in capsys.readouterr().out
+
+
+def test_timing_modes_are_checked_and_recorded():
+    with pytest.raises(ValueError, match="timing mode"):
+        benchmarking.round_timer(torch.device("cpu"), "fastest")
+    gpu = benchmarking.timing_settings(torch.device("cuda"), "events", 5)
+    assert gpu["warmup"] == 25 and gpu["rep"] == 100 and gpu["l2_flush"] is True
+    wall = benchmarking.timing_settings(torch.device("cuda"), "wallclock", 5)
+    assert wall["calls_per_round"] == benchmarking.CALLS_PER_ROUND and wall["l2_flush"] is False
+    case = dict(_cpu_case("lstm", "fwd+bwd"))
+    with pytest.raises(ValueError, match="graph timing"):
+        benchmarking.run_case(case, torch.device("cpu"), ENV, 8, 5, timing="graph")

@@ -248,10 +248,11 @@ def test_bench_warns_when_timings_swing(tmp_path, monkeypatch, capsys):
     argv += ["--out", str(tmp_path / "r.jsonl")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "WARNING: the 3 repeats of this case swing by 200%" in out
+    # (p90 - p10) / p50 of [1, 3, 1]: (2.6 - 1) / 1
+    assert "WARNING: the 3 rounds of this case swing by 160%" in out
     assert "WARNING: 1 of 1 cases swung" in out
     (row,) = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert row["spread"] == pytest.approx(2.0)
+    assert row["spread"] == pytest.approx(1.6)
 
 
 def test_plot_from_results(tmp_path, capsys):

@@ -199,6 +199,10 @@ def verdict(
 ) -> tuple[bool, str]:
     """``(enabled, why)``: whether a record lets ``auto`` pick the kernel for this call, and why
     (or why not). A covering record that says wrong or slower wins over one that enables."""
+    try:
+        arch_of(device)
+    except (RuntimeError, AssertionError) as exc:  # no driver to say which GPU this is
+        return False, f"the architecture of {device} cannot be read, so no record can cover it ({exc})"
     found = covering(op, backend, device, dtype, features)
     where = f"{arch_of(device)} {dtype_name(dtype)} {_shape(features)}"
     if not found:

@@ -182,6 +182,10 @@ class BenchRecord:
     def to_json(self) -> str:
         d = asdict(self)
         d["pass"] = d.pop("pass_")
+        if self.status != "ok":  # no timings or errors: absent, not null (a reader's default is no number)
+            for k in ("median_ms", "baseline_median_ms", "speedup", "max_rel_err", "baseline_max_rel_err"):
+                if d.get(k) is None:
+                    d.pop(k, None)
         return json.dumps(d)
 
 
@@ -1238,7 +1242,8 @@ def load_records(paths: Iterable[str], required: Iterable[str] = ()) -> list[dic
                     raise ValueError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}:{lineno}: not a results record (a JSON object)")
-                missing = [k for k in required if k not in row]
+                # A case that crashed or was refused is a record without timings (see its status).
+                missing = [k for k in required if k not in row] if row.get("status", "ok") == "ok" else []
                 if missing:
                     raise ValueError(f"{path}:{lineno}: not a bench record (no {', '.join(missing)})")
                 rows.append(row)
@@ -1249,8 +1254,8 @@ def load_records(paths: Iterable[str], required: Iterable[str] = ()) -> list[dic
 
 
 def plot_speedups(rows: list[dict], out_path: str) -> str:
-    """A PNG of speedup against batch size: one panel per (op, pass), one line per dtype and
-    baseline. Needs matplotlib; run it wherever the results were brought back to."""
+    """A PNG of speedup against batch size: one panel per (op, pass), one line per dtype,
+    backend, baseline, device and commit (records of cases that did not run are left out). Needs matplotlib; run it wherever the results were brought back to."""
     try:
         import matplotlib
 
@@ -1258,6 +1263,7 @@ def plot_speedups(rows: list[dict], out_path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ImportError("plotting needs matplotlib (pip install matplotlib)") from exc
+    rows = [r for r in rows if r.get("status", "ok") == "ok"]  # crashed cases have no speedup to draw
     panels = sorted({(r["op"], r["pass"]) for r in rows})
     if not panels:
         raise ValueError("no results to plot")
@@ -1267,13 +1273,20 @@ def plot_speedups(rows: list[dict], out_path: str) -> str:
     for ax, (op, pass_) in zip(axes.flat, panels):
         sel = [r for r in rows if r["op"] == op and r["pass"] == pass_]
 
-        def line_of(r):  # the cuda LSTM's forward kernel is a line of its own
-            return r["dtype"], r["backend"], r.get("lstm_forward_kernel") or "", r["baseline"]
+        def line_of(r):  # the cuda LSTM's forward kernel is a line of its own, as is each (device, commit)
+            return (
+                r["dtype"], r["backend"], r.get("lstm_forward_kernel") or "", r["baseline"],
+                r.get("device", ""), str(r.get("commit", ""))[:10],
+            )  # fmt: skip
 
+        several = len({(r.get("device", ""), str(r.get("commit", ""))[:10]) for r in rows}) > 1
         for key in sorted({line_of(r) for r in sel}):
             pts = sorted((r["batch"], r["speedup"]) for r in sel if line_of(r) == key)
             backend = f"{key[1]} ({key[2]})" if key[2] else key[1]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {backend} vs {key[3]}")
+            where = f" [{key[4]} {key[5]}]" if several else ""
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {backend} vs {key[3]}{where}"
+            )
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{op} ({pass_})")

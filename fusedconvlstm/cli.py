@@ -244,12 +244,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """The issues' speed targets judged on results files (see :mod:`fusedconvlstm.targets`)."""
     from fusedconvlstm.benchmarking import load_records
-    from fusedconvlstm.targets import TARGETS, evaluate, markdown
+    from fusedconvlstm.targets import TARGETS, evaluate, judged_rows, markdown
 
     rows = []
     for path in _results_files(args.results):
         rows += [(r, path) for r in load_records([path])]
     targets = [t for t in TARGETS if not args.issues or t.issue in args.issues]
+    for note in judged_rows(rows)[1]:
+        print(f"- {note}")
+    print()
     print(markdown(evaluate(rows, targets)))
     return 0
 

@@ -384,7 +384,8 @@ def test_a_crashed_case_is_written_as_a_failed_record(tmp_path, monkeypatch, cap
     assert benchmarking.main_bench(args) == 1
     (row,) = [__import__("json").loads(line) for line in out.read_text().splitlines()]
     assert row["status"] == "crashed" and "illegal memory access" in row["error"]
-    assert row["median_ms"] is None and row["err_within_2x_baseline"] is False
+    assert "median_ms" not in row and "speedup" not in row and row["err_within_2x_baseline"] is False
+    assert benchmarking.load_records([out], required=benchmarking.PLOT_KEYS) == [row]  # a record, not timed
     assert row["op"] == "conv1d_stack" and row["batch"] == 1 and row["pass"] == "fwd"
     assert "1 case(s) did not run to the end" in capsys.readouterr().out
 
@@ -399,3 +400,29 @@ def test_timing_modes_are_checked_and_recorded():
     case = dict(_cpu_case("lstm", "fwd+bwd"))
     with pytest.raises(ValueError, match="graph timing"):
         benchmarking.run_case(case, torch.device("cpu"), ENV, 8, 5, timing="graph")
+
+
+def test_plot_draws_one_line_per_device_and_commit(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    labels = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "plot", lambda ax, *a, **k: labels.append(k.get("label")) or original(ax, *a, **k)
+    )
+    base = dict(ENV, op="lstm", dtype="bf16", backend="cuda", baseline="cudnn_fp16", seq=45, hidden=512)
+    base["pass"] = "fwd"
+    rows = [
+        dict(base, batch=b, speedup=1.5, device=dev, commit=commit)
+        for dev, commit in (("NVIDIA H100", "aaaa"), ("NVIDIA H200", "aaaa"), ("NVIDIA H100", "bbbb"))
+        for b in (64, 256)
+    ]
+    rows.append(dict(base, batch=8, device="NVIDIA H100", commit="aaaa", status="crashed"))  # no speedup
+    benchmarking.plot_speedups(rows, str(tmp_path / "p.png"))
+    lines = sorted(lab for lab in labels if lab)
+    assert lines == [
+        "bf16 cuda vs cudnn_fp16 [NVIDIA H100 aaaa]",
+        "bf16 cuda vs cudnn_fp16 [NVIDIA H100 bbbb]",
+        "bf16 cuda vs cudnn_fp16 [NVIDIA H200 aaaa]",
+    ]

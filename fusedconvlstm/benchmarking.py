@@ -10,7 +10,7 @@ lstm                ``fusedconvlstm.LSTM`` (input projection incl.)  ``nn.LSTM``
 lstm_pair           ``parallel_lstm`` of two LSTMs on one input      two ``nn.LSTM``, one CUDA stream each
 conv1d_stack        ``Conv1dStack`` on ``(B, T, C)``                 ``nn.Conv1d`` chain on ``(B, C, T)``
 model_inference     ``ConvLSTMClassifier``                           ``ReferenceConvLSTMClassifier``
-model_train_step    the same, forward + backward of the loss         the same
+model_train_step    forward, backward, Adam step (autocast)          the same
 ==================  ==============================================  =============================
 
 Baselines run in the dtype cuDNN serves best: our bf16 is compared with cuDNN fp16 (its
@@ -36,6 +36,7 @@ git: ``benchmarks/results/`` holds GPU results only).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -466,6 +467,8 @@ class _Pair:
     errors: Callable[[], list[TensorMark]]
     # The baseline's mode, as a record states it (training flag, cudnn.benchmark, streams).
     baseline_mode: dict = field(default_factory=dict)
+    # The modules each side runs (ours, the baseline's).
+    modules: tuple = ()
 
 
 def _inputs(shape, dtype, base_dtype, device, train):
@@ -627,10 +630,25 @@ def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mo
     # Dropout off on both sides (it would draw different masks and make the error check
     # meaningless), but a training step runs in training mode: cuDNN's LSTM has a backward only
     # there (with its reserve space), which is what a user's training step times.
+    # A training step is what a user's is: float32 parameters under autocast to the 16-bit dtype
+    # (plain float32 for fp32), forward, backward and an Adam step, on both sides.
     ref = ReferenceConvLSTMClassifier(device=device, dropout_masks="torch", **NO_DROPOUT)
-    ours = ConvLSTMClassifier.from_reference(ref, backend=backend).to(dtype).train(train)
-    base = copy.deepcopy(ref).to(base_dtype).train(train)
+    ours = ConvLSTMClassifier.from_reference(ref, backend=backend)
+    base = copy.deepcopy(ref)
+    mixed = train and dtype != torch.float32
+    if not mixed:
+        ours, base = ours.to(dtype), base.to(base_dtype)
+    ours, base = ours.train(train), base.train(train)
     ref64 = copy.deepcopy(ref).double().train(train)
+    optimizers = None
+    if train:
+        optimizers = tuple(torch.optim.Adam(m.parameters(), lr=1e-4) for m in (ours, base))
+
+    def cast(side_dtype):
+        if not mixed:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=side_dtype)
+
     if compile_mode is None:
         base_fn = base.logits
     else:
@@ -651,10 +669,12 @@ def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mo
     if train:
 
         def run_ours(tok, y):
-            return [loss_of(ours.logits(tok), y)]
+            with cast(dtype):
+                return [loss_of(ours.logits(tok), y)]
 
         def run_base(tok, y):
-            return [loss_of(base_fn(tok), y)]
+            with cast(base_dtype):
+                return [loss_of(base_fn(tok), y)]
 
         def run_ref(tok, y):
             return [loss_of(ref64.logits(tok), y)]
@@ -669,8 +689,16 @@ def _model_case(dtype, base_dtype, batch, backend, train, device, l2, compile_mo
         def run_ref(tok, y):
             return [ref64.logits(tok)]
 
-    pair = _finish(run_ours, run_base, run_ref, rot, train, ([ours], [base], [ref64]), grad_input=False, dtype=dtype)
-    pair.baseline_mode = {"training": base.training, "compile_mode": compile_mode}
+    pair = _finish(
+        run_ours, run_base, run_ref, rot, train, ([ours], [base], [ref64]), grad_input=False, dtype=dtype,
+        optimizers=optimizers,
+    )  # fmt: skip
+    pair.baseline_mode = {
+        "training": base.training,
+        "compile_mode": compile_mode,
+        "autocast": str(base_dtype).removeprefix("torch.") if mixed else None,
+        "optimizer": "Adam" if train else None,
+    }
     return pair
 
 
@@ -685,7 +713,16 @@ def _param_grads(mods) -> list[Tensor | None]:
 
 
 def _finish(
-    run_ours, run_base, run_ref, rot, train, mods, grad_input, dtype=torch.float32, base_input_grad=None
+    run_ours,
+    run_base,
+    run_ref,
+    rot,
+    train,
+    mods,
+    grad_input,
+    dtype=torch.float32,
+    base_input_grad=None,
+    optimizers=None,
 ) -> _Pair:
     """Wrap the runners into timed closures (with backward when training) and an error check:
     per tensor, ours against float64 beside the baseline (:func:`fusedconvlstm.passmark.mark`,
@@ -694,11 +731,13 @@ def _finish(
     ``mods``: the (ours, baseline, float64 reference) modules, parameters in the same order.
     ``grad_input``: whether the first, second and third inputs (ours, the baseline's, the
     reference's) are differentiable, so a training check also compares the input gradient;
-    ``base_input_grad`` maps the baseline's input gradient to the layout of ours (a view).
+    ``base_input_grad`` maps the baseline's input gradient to the layout of ours (a view);
+    ``optimizers``: (ours, the baseline's), stepped after each timed backward (the error check
+    compares the gradients before any step).
     """
     ours_mods, base_mods, ref_mods = mods
 
-    def step(run, mods):
+    def step(run, mods, optimizer):
         def fn():
             args = rot.next()
             if not train:
@@ -708,6 +747,8 @@ def _finish(
                 m.zero_grad(set_to_none=True)
             outs = run(*args)
             sum(o.float().sum() for o in outs).backward()
+            if optimizer is not None:
+                optimizer.step()
             return outs
 
         return fn
@@ -759,7 +800,13 @@ def _finish(
         names += [f"grad param {k}" for k in range(len(want) - len(names))]
         return passmark.mark_all(got, base, want, dtype, names)
 
-    return _Pair(step(run_ours, ours_mods), step(run_base, base_mods), training_errors if train else forward_errors)
+    opt_ours, opt_base = optimizers or (None, None)
+    return _Pair(
+        step(run_ours, ours_mods, opt_ours),
+        step(run_base, base_mods, opt_base),
+        training_errors if train else forward_errors,
+        modules=(ours_mods, base_mods),
+    )
 
 
 def _baselines(dtype_name: str, device: torch.device) -> list[tuple[str, torch.dtype]]:

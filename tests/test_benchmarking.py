@@ -426,3 +426,27 @@ def test_plot_draws_one_line_per_device_and_commit(tmp_path, monkeypatch):
         "bf16 cuda vs cudnn_fp16 [NVIDIA H100 bbbb]",
         "bf16 cuda vs cudnn_fp16 [NVIDIA H200 aaaa]",
     ]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_model_train_step_runs_autocast_and_an_optimizer_step(dtype):
+    """A training step as a user's: float32 parameters (under autocast for 16-bit), forward,
+    backward and an Adam step on both sides; the error check compares gradients before any step."""
+    (case,) = [
+        c
+        for c in plan(["model_train_step"], [dtype], [2], [45], ["fwd+bwd"], torch.device("cpu"), False)
+        if c["backend"] == "auto"
+    ]
+    pair = benchmarking.build_pair(case, torch.device("cpu"), hidden=512)
+    mode = pair.baseline_mode
+    assert mode["optimizer"] == "Adam" and mode["training"] is True
+    assert mode["autocast"] == (None if dtype == "fp32" else "bfloat16")
+    marks = pair.errors()
+    assert marks[0].name == "output" and all(m.passed for m in marks), [m.describe() for m in marks]
+    for side, mods in zip((pair.ours, pair.baseline), pair.modules):
+        (model,) = mods
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        side()
+        after = model.state_dict()
+        assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # the optimizer stepped

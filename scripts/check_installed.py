@@ -1,6 +1,7 @@
 """Run from outside the source tree with an installed fusedconvlstm: the package comes from the
-installation, its compiled extension loads into the torch running here (no GPU is needed to load
-it) and registers a CUDA kernel for every kernel op. Exits non-zero with the reason otherwise."""
+installation with its data files (the shipped validation records, the build information), its
+compiled extension loads into the torch running here (no GPU is needed to load it) and registers a
+CUDA kernel for every kernel op. Exits non-zero with the reason otherwise."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import torch
 
 import fusedconvlstm
-from fusedconvlstm import _extension
+from fusedconvlstm import _extension, records
 
 
 def kernel_ops() -> list[str]:
@@ -24,6 +25,9 @@ def main() -> int:
     problems = []
     if os.path.isdir(os.path.join(os.path.dirname(where), "csrc")):
         problems.append(f"fusedconvlstm was imported from a source tree ({where}), not an installation")
+    for data in (records.SHIPPED_PATH, os.path.join(where, "_build_info.json")):
+        if not os.path.exists(data):
+            problems.append(f"the installation lacks {os.path.basename(data)}")
     why = _extension.unavailable_reason()
     if why is not None:
         problems.append(f"the CUDA extension does not load: {why}")

@@ -60,6 +60,9 @@ class Target:
     timing: str = "events"  # how both sides were timed (bench --timing)
     # Groups of baselines each of which must be measured at a shape (one name of each group).
     required: tuple[tuple[str, ...], ...] = ()
+    # A word one of the baseline's recorded kernels must contain (``baseline_kernels``, by the
+    # profiler): the algorithm the target names is verified, not assumed.
+    baseline_kernel: str | None = None
 
     def selects(self, r: dict) -> bool:
         return (
@@ -104,7 +107,7 @@ _COMPILE_MODES_16 = (
 TARGETS: tuple[Target, ...] = (
     # Issue 3: the CUDA LSTM, reference shape (input 512, hidden 512, T = 45).
     Target(3, "fwd bf16 >= 1.5x cuDNN fp16 (persistent)", "lstm", "fwd", ("bf16",), (8, 64), "speedup", 1.5,
-           baselines=("cudnn_fp16",)),
+           baselines=("cudnn_fp16",), baseline_kernel="persist"),
     Target(3, "fwd bf16 >= 3x cuDNN 16-bit", "lstm", "fwd", ("bf16",), (256, 1024), "speedup", 3.0,
            baselines=_CUDNN_16),
     Target(3, "fwd fp32 >= 3x cuDNN fp32", "lstm", "fwd", ("fp32",), (256, 1024), "speedup", 3.0,
@@ -264,6 +267,11 @@ def _judge_shape(t: Target, group: list[tuple[dict, str]], rows: list[tuple[dict
         value, margin = float(r["speedup"]), _speedup_beyond_noise(r)
         if missing:
             return Verdict(t, r, value, None, src, margin, f"incomplete: no {', '.join(missing)} at this shape")
+        if t.baseline_kernel is not None:
+            kernels = r.get("baseline_kernels") or []
+            if not any(t.baseline_kernel in str(k).lower() for k in kernels):
+                why = "no kernels recorded" if not kernels else f"none of its {len(kernels)} kernels is one"
+                return Verdict(t, r, value, None, src, margin, f"baseline not verified {t.baseline_kernel}: {why}")
         if margin is None:
             return Verdict(t, r, value, False, src, note="no spread recorded: noise unknown")
         met = margin >= t.bound

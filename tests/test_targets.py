@@ -34,6 +34,7 @@ def _record(**kw) -> dict:
         err_within_2x_baseline=True,
         status="ok",
         timestamp="2026-12-01T10:00:00+00:00",
+        baseline_kernels=["RNN_blockPersist_fp_LSTM<__half, float, 4, 4>"],
     )
     base["pass"] = kw.pop("pass_", "fwd")
     base.update(kw)
@@ -205,3 +206,14 @@ def test_every_target_is_well_formed():
         assert (t.kind == "ratio") == (t.versus is not None), t
         assert t.timing in ("events", "graph", "wallclock") and t.device
         assert all(any(b in t.baselines for b in grp) for grp in t.required), t
+
+
+def test_a_persistent_baseline_is_verified_by_its_kernels():
+    t = _target(PERSISTENT)
+    stepwise = _record(speedup=2.0, baseline_kernels=["elemWiseRNNcell<__half>", "sm90_xmma_gemm_f16f16"])
+    (v,) = evaluate([(stepwise, "a.jsonl")], [t])
+    assert v.met is None and "baseline not verified persist" in v.note
+    (v,) = evaluate([(_record(speedup=2.0, baseline_kernels=None), "a.jsonl")], [t])
+    assert v.met is None and "no kernels recorded" in v.note
+    (v,) = evaluate([(_record(speedup=2.0), "a.jsonl")], [t])
+    assert v.met is True

@@ -232,6 +232,43 @@ def test_parallel_lstm_under_auto_is_each_nn_lstm():
         assert torch.equal(out, o_ref) and torch.equal(h, h_ref) and torch.equal(c, c_ref)
 
 
+def test_flatten_parameters_runs_after_every_move_and_leaves_cpu_weights_alone(monkeypatch):
+    lstm = LSTM(6, 5, num_layers=2, bidirectional=True, proj_size=3)
+    before = [w.data_ptr() for w in lstm._flat_weights]
+    calls = []
+    monkeypatch.setattr(LSTM, "flatten_parameters", lambda self: calls.append(self))
+    lstm.double()
+    lstm.to(torch.float32)
+    assert calls == [lstm, lstm]
+    monkeypatch.undo()
+    lstm.flatten_parameters()  # CPU weights: no cuDNN buffer
+    assert [w.data_ptr() for w in lstm._flat_weights] != before  # .double() and back made new tensors
+    ptrs = [w.data_ptr() for w in lstm._flat_weights]
+    lstm.flatten_parameters()
+    assert [w.data_ptr() for w in lstm._flat_weights] == ptrs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bidirectional": True}, {"proj_size": 16}])
+def test_gpu_torch_path_uses_flat_weights_like_nn_lstm(kw):
+    """On a GPU the torch path hands cuDNN weights that are already one flat buffer: no repacking
+    warning, and the results of nn.LSTM with the same weights bit for bit."""
+    import warnings
+
+    ref = nn.LSTM(24, 32, batch_first=True, **kw).cuda()
+    ours = LSTM(24, 32, batch_first=True, **kw)
+    ours.load_state_dict(ref.state_dict())
+    ours.cuda()
+    storages = {w.untyped_storage().data_ptr() for w in ours._flat_weights}
+    assert len(storages) == 1
+    x = torch.randn(5, 7, 24, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, (h, c) = ours(x)
+    out_ref, (h_ref, c_ref) = ref(x)
+    assert torch.equal(out, out_ref) and torch.equal(h, h_ref) and torch.equal(c, c_ref)
+
+
 def test_modules_under_auto_compile_fullgraph():
     """Under torch.compile the choice is made once while tracing; a forward that records
     gradients runs the torch backend's gate-level op (AOT autograd cannot trace aten's LSTM

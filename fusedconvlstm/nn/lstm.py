@@ -126,6 +126,7 @@ class LSTM(nn.Module):
                 for kind, shape in shapes.items():
                     self.register_parameter(f"{kind}_l{layer}{suffix}", nn.Parameter(torch.empty(shape, **factory)))
         self.reset_parameters()
+        self.flatten_parameters()
 
     def reset_parameters(self) -> None:
         """``nn.LSTM``'s initialization: every parameter uniform in ``±1/sqrt(hidden_size)``."""
@@ -134,7 +135,36 @@ class LSTM(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def flatten_parameters(self) -> None:
-        """No-op kept for drop-in compatibility (cuDNN's flat weight buffer is not used here)."""
+        """As ``nn.LSTM.flatten_parameters``: on a CUDA device with cuDNN, make the weights views
+        of one buffer in cuDNN's layout, so torch's LSTM kernel (the ``torch`` backend) does not
+        repack them on every call. Called after every move (``.to``, ``.cuda``, ``.half``); a
+        no-op on the CPU, for weights of mixed dtypes, and for weights that alias each other."""
+        weights = self._flat_weights
+        first = weights[0]
+        if not all(w.is_cuda and w.dtype == first.dtype and torch.backends.cudnn.is_acceptable(w) for w in weights):
+            return
+        if len({w.data_ptr() for w in weights}) != len(weights) or not torch._use_cudnn_rnn_flatten_weight():
+            return
+        from torch.backends.cudnn import rnn as cudnn_rnn
+
+        per_layer = (4 if self.bias else 2) + (1 if self.proj_size > 0 else 0)
+        with torch.cuda.device_of(first), torch.no_grad():
+            torch._cudnn_rnn_flatten_weight(
+                weights,
+                per_layer,
+                self.input_size,
+                cudnn_rnn.get_cudnn_mode("LSTM"),
+                self.hidden_size,
+                self.proj_size,
+                self.num_layers,
+                self.batch_first,
+                self.bidirectional,
+            )
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return out
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:

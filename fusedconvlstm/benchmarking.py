@@ -127,8 +127,10 @@ class BenchRecord:
     baseline_dtype: str | None = None
     baseline_mode: dict | None = None
     forward_kernel_preferred: str | None = None
-    # (op, backend) pairs that served our side (what auto resolved to), "op:backend".
+    # (op, backend) pairs that served our side (what auto resolved to), "op:backend", and how
+    # each served where its backend says (the launch configuration chosen, e.g. the cuda LSTM's).
     served: list[str] = field(default_factory=list)
+    launch: dict = field(default_factory=dict)
     # The cuDNN / CUDA kernels the baseline ran (profiler, once per case; GPU only).
     baseline_kernels: list[str] | None = None
     # How it was timed (mode, rounds, do_bench settings, interleaving).
@@ -966,6 +968,8 @@ class _ServedSpy:
 
     def __init__(self):
         self.seen: set[tuple[str, str]] = set()
+        # "op:backend" -> how it served (its describe(call): the launch configuration chosen).
+        self.launch: dict[str, str] = {}
 
     def __enter__(self):
         self._resolve, self._module_backend = backends.resolve, backends.module_backend
@@ -973,6 +977,12 @@ class _ServedSpy:
         def resolve(op, backend, call, device):
             impl = self._resolve(op, backend, call, device)
             self.seen.add((op, impl.backend))
+            how = impl.functions.get("describe") if hasattr(impl, "functions") else None
+            if how is not None:
+                try:
+                    self.launch.setdefault(f"{op}:{impl.backend}", str(how(call)))
+                except Exception as exc:  # evidence only: say why it is missing
+                    self.launch.setdefault(f"{op}:{impl.backend}", f"(describe failed: {type(exc).__name__})")
             return impl
 
         def module_backend(op, backend, device, make_call):
@@ -1059,6 +1069,7 @@ def run_case(
         lstm_forward_kernel=kernels,
         baseline_mode=pair.baseline_mode,
         served=served.names(),
+        launch=served.launch,
         baseline_kernels=baseline_kernels,
         timing=timing_settings(device, timing, repeats),
         settings=settings,

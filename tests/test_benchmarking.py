@@ -450,3 +450,12 @@ def test_model_train_step_runs_autocast_and_an_optimizer_step(dtype):
         after = model.state_dict()
         assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
         assert any(not torch.equal(before[k], after[k]) for k in before)  # the optimizer stepped
+
+
+def test_record_names_how_each_backend_served():
+    """``served`` and ``launch``: the backend that served our side and its own account of how (the
+    cuda LSTM's launch configuration on a GPU; torch's path here)."""
+    (case,) = plan(["lstm"], ["fp32"], [2], [3], ["fwd"], torch.device("cpu"), True, only_backends=("torch",))
+    rec = benchmarking.run_case(case, torch.device("cpu"), ENV, 8, 1, timer=lambda fn: (fn(), 1.0)[1])
+    assert rec.served == ["lstm_recurrence:torch"]
+    assert set(rec.launch) == {"lstm_recurrence:torch"} and "torch.lstm" in rec.launch["lstm_recurrence:torch"]

@@ -151,7 +151,8 @@ def test_no_memory_growth_over_10000_calls(module, served):
 
 def test_conv_stack_past_2_31_elements(served):
     """An input and output of more than 2³¹ elements: offsets are 64-bit (the last sample, whose
-    elements all lie past 2³¹, is checked against cuDNN on that sample alone)."""
+    elements all lie past 2³¹, is checked on that sample alone against float64, within the pass
+    mark of cuDNN's error there)."""
     B, T, C = 4100, 1024, 512  # 2.15e9 elements, 4.3 GB in bf16
     stack = Conv1dStack(C, [C], kernel_size=3, padding=1, device="cuda", dtype=torch.bfloat16, backend=CONV_BACKEND)
     x = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16)
@@ -160,7 +161,10 @@ def test_conv_stack_past_2_31_elements(served):
         y = stack(x)
         c = stack.layers[0]  # the stack keeps its padding itself: give it to the plain conv here
         last = F.conv1d(x[-1:].transpose(1, 2), c.weight, c.bias, padding=1).transpose(1, 2)
-    assert rel_err(y[-1:], last) < 1e-2
+        w64, b64 = c.weight.double(), c.bias.double()
+        last64 = F.conv1d(x[-1:].double().transpose(1, 2), w64, b64, padding=1).transpose(1, 2)
+    # Per element too (the pass mark's largest-element check): a wrong 64-bit offset is local.
+    assert_pass_mark(y[-1:], last, last64, torch.bfloat16, "the last sample, past 2^31")
     assert served == {("conv1d_stack", CONV_BACKEND)}
 
 

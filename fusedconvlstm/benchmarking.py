@@ -390,6 +390,21 @@ def _wallclock_round(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1e3 / CALLS_PER_ROUND
 
 
+def capture_graph(step: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm ``step`` up on a side stream, then capture it in a CUDA graph: ``(graph, its static
+    outputs)``. Replaying the graph reruns ``step`` on whatever its input buffers hold then."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    return graph, static_out
+
+
 class _GraphTimer:
     """CUDA-graph replay: each callable captured once (on first use), its replays timed back to
     back by CUDA events: the GPU's time, without host work or launch gaps."""
@@ -400,15 +415,7 @@ class _GraphTimer:
     def __call__(self, fn: Callable[[], object]) -> float:
         graph = self.graphs.get(id(fn))
         if graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
+            graph, _ = capture_graph(fn)
             self.graphs[id(fn)] = graph
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -6,6 +6,18 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import passmark
+from fusedconvlstm.benchmarking import capture_graph  # noqa: F401  (the GPU tests capture with it)
+
+# A reference model small enough for the CPU (the tests' ConvLSTMClassifier sizes).
+SMALL_MODEL = dict(
+    vocab_size=50,
+    embedding_dim=8,
+    conv_channels=(6, 6, 8),
+    kernel_sizes=(3, 3, 3),
+    conv_strides=(1, 1, 2),
+    hidden_size=5,
+    dense_size=4,
+)
 
 
 def rel_err(out: Tensor, ref: Tensor) -> float:
@@ -86,18 +98,3 @@ def opcheck_conv1d_stack(combo: str, backend: str, dtype=torch.float64, device="
     torch.library.opcheck(op.default, (*args(True), backend, True, *drop))
     y, saved = op(*args(False), backend, True, *drop)
     torch.library.opcheck(backward.default, (torch.randn_like(y), *args(False), saved, backend, *drop))
-
-
-def capture_graph(step):
-    """Warm ``step`` up on a side stream, then capture it in a CUDA graph: ``(graph, its static
-    outputs)``. Replaying the graph reruns ``step`` on whatever its input buffers hold then."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
-    return graph, static_out

@@ -16,18 +16,10 @@ from fusedconvlstm.backends import Implementation
 from fusedconvlstm.models import ConvLSTMClassifier
 from fusedconvlstm.ops.conv1d import check_conv1d_stack_args
 from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, check_lstm_recurrence_args, resolve_lstm_backend
+from tests.helpers import SMALL_MODEL as SMALL
 from tests.helpers import lstm_weights, rel_err
 
 F64 = torch.float64
-SMALL = dict(
-    vocab_size=50,
-    embedding_dim=8,
-    conv_channels=(6, 6, 8),
-    kernel_sizes=(3, 3, 3),
-    conv_strides=(1, 1, 2),
-    hidden_size=5,
-    dense_size=4,
-)
 
 
 def _lstm_call(T=45, B=8, H=512, dtype=torch.bfloat16, device="cuda"):

@@ -229,7 +229,9 @@ def test_plan_times_only_the_backends_asked_for(monkeypatch):
     assert {c["backend"] for c in plan(*args)} == {"cuda", "triton"}
 
 
-def test_plot_draws_each_lstm_forward_kernel_as_its_own_line(tmp_path, monkeypatch):
+@pytest.fixture
+def plot_labels(monkeypatch) -> list:
+    """The label of every line the plot draws, in order."""
     pytest.importorskip("matplotlib")
     import matplotlib.axes
 
@@ -238,6 +240,11 @@ def test_plot_draws_each_lstm_forward_kernel_as_its_own_line(tmp_path, monkeypat
     monkeypatch.setattr(
         matplotlib.axes.Axes, "plot", lambda ax, *a, **k: labels.append(k.get("label")) or original(ax, *a, **k)
     )
+    return labels
+
+
+def test_plot_draws_each_lstm_forward_kernel_as_its_own_line(tmp_path, plot_labels):
+    labels = plot_labels
     base = dict(ENV, op="lstm", dtype="bf16", backend="cuda", baseline="cudnn_fp16", seq=45, hidden=512)
     base["pass"] = "fwd"
     rows = [
@@ -402,15 +409,8 @@ def test_timing_modes_are_checked_and_recorded():
         benchmarking.run_case(case, torch.device("cpu"), ENV, 8, 5, timing="graph")
 
 
-def test_plot_draws_one_line_per_device_and_commit(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    import matplotlib.axes
-
-    labels = []
-    original = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(
-        matplotlib.axes.Axes, "plot", lambda ax, *a, **k: labels.append(k.get("label")) or original(ax, *a, **k)
-    )
+def test_plot_draws_one_line_per_device_and_commit(tmp_path, plot_labels):
+    labels = plot_labels
     base = dict(ENV, op="lstm", dtype="bf16", backend="cuda", baseline="cudnn_fp16", seq=45, hidden=512)
     base["pass"] = "fwd"
     rows = [

@@ -39,18 +39,15 @@ def lstm_setups(draw):
     )
 
 
-@SETTINGS
-@given(lstm_setups())
-def test_lstm_matches_nn_lstm(setup):
-    cfg, T, B, with_hx, packed = setup
-    ref = nn.LSTM(**cfg, dtype=F64)
-    fused = LSTM.from_torch(ref, backend="reference")
+def _lstm_inputs(cfg: dict, T: int, B: int, with_hx: bool, packed: bool):
+    """A float64 input for an LSTM of ``cfg`` (packed with random lengths when ``packed``) and its
+    initial state (``None`` unless ``with_hx``)."""
     shape = (B, T, cfg["input_size"]) if cfg["batch_first"] else (T, B, cfg["input_size"])
     x = torch.randn(shape, dtype=F64)
     D = 2 if cfg["bidirectional"] else 1
-    P = cfg["proj_size"] or cfg["hidden_size"]
     hx = None
     if with_hx:
+        P = cfg["proj_size"] or cfg["hidden_size"]
         hx = (
             torch.randn(cfg["num_layers"] * D, B, P, dtype=F64),
             torch.randn(cfg["num_layers"] * D, B, cfg["hidden_size"], dtype=F64),
@@ -58,6 +55,16 @@ def test_lstm_matches_nn_lstm(setup):
     if packed:
         lengths = torch.randint(1, T + 1, (B,))
         x = pack_padded_sequence(x, lengths, batch_first=cfg["batch_first"], enforce_sorted=False)
+    return x, hx
+
+
+@SETTINGS
+@given(lstm_setups())
+def test_lstm_matches_nn_lstm(setup):
+    cfg, T, B, with_hx, packed = setup
+    ref = nn.LSTM(**cfg, dtype=F64)
+    fused = LSTM.from_torch(ref, backend="reference")
+    x, hx = _lstm_inputs(cfg, T, B, with_hx, packed)
     o_ref, (h_ref, c_ref) = ref(x, hx)
     o_fus, (h_fus, c_fus) = fused(x, hx)
     if packed:
@@ -227,19 +234,7 @@ def test_conv_stack_on_triton_matches_nn_conv1d(setup):
 def test_lstm_on_triton_matches_nn_lstm(setup):
     cfg, T, B, with_hx, packed = setup
     ref = nn.LSTM(**cfg, dtype=F64)
-    shape = (B, T, cfg["input_size"]) if cfg["batch_first"] else (T, B, cfg["input_size"])
-    x = torch.randn(shape, dtype=F64)
-    D = 2 if cfg["bidirectional"] else 1
-    hx = None
-    if with_hx:
-        P = cfg["proj_size"] or cfg["hidden_size"]
-        hx = (
-            torch.randn(cfg["num_layers"] * D, B, P, dtype=F64),
-            torch.randn(cfg["num_layers"] * D, B, cfg["hidden_size"], dtype=F64),
-        )
-    if packed:
-        lengths = torch.randint(1, T + 1, (B,))
-        x = pack_padded_sequence(x, lengths, batch_first=cfg["batch_first"], enforce_sorted=False)
+    x, hx = _lstm_inputs(cfg, T, B, with_hx, packed)
     hx32 = None if hx is None else tuple(h.float() for h in hx)
     want, (h_want, c_want) = ref(x, hx)
     fused = LSTM.from_torch(ref, backend="triton").float()

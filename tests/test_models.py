@@ -12,6 +12,7 @@ from torch import nn
 import fusedconvlstm
 from fusedconvlstm import LSTM, Conv1dStack, convert
 from fusedconvlstm.models import ConvLSTMClassifier, ReferenceConvLSTMClassifier, count_parameters
+from tests.helpers import SMALL_MODEL as SMALL
 from tests.helpers import rel_err
 
 F64 = torch.float64
@@ -19,15 +20,6 @@ F64 = torch.float64
 # on CPU tensors otherwise (tests/conftest.py).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_TESTS_FOLLOW_THE_GPU = True
-SMALL = dict(
-    vocab_size=50,
-    embedding_dim=8,
-    conv_channels=(6, 6, 8),
-    kernel_sizes=(3, 3, 3),
-    conv_strides=(1, 1, 2),
-    hidden_size=5,
-    dense_size=4,
-)
 
 
 def test_default_model_has_the_keras_parameter_count():

@@ -17,6 +17,8 @@
 #               the LSTM pair on the cluster forward kernel and on the in-kernel input
 #               projection (a process of its own)
 #   bench-more  fp32 and fp16, batch 1 / 8 / 1024, T = 100 / 1000, the conv-stack script
+#   bench-latency  per-step GPU time (CUDA-graph replay), batch-1 wall clock, and the model
+#               against every torch.compile mode, max-autotune included (a lease of its own)
 #   bench-flashrnn  the lstm cases against FlashRNN's fused CUDA kernel, from the carried wheels
 #               (.whl); its first call compiles FlashRNN for minutes: a lease of its own
 #   sanitize    compute-sanitizer over small calls of every kernel (long: a lease of its own)
@@ -200,6 +202,20 @@ stage_bench_more() {
   run bench_conv 200 $PY benchmarks/bench_conv1d_stack.py --dtypes bf16 fp32 --out "$OUT/${name}_conv.jsonl"
 }
 
+stage_bench_latency() {
+  # The targets judged on other timings than CUDA events: per-step GPU time by CUDA-graph replay,
+  # batch-1 latency by back-to-back wall clock, and the model against every torch.compile mode
+  # (max-autotune compiles for minutes: a lease of its own).
+  local name
+  name=$(results_name)
+  bench bench_graph 180 --ops lstm --passes fwd --dtypes bf16 fp16 --batches 1 8 64 --seqs 45 100 1000 \
+    --timing graph --out "$OUT/${name}_graph.jsonl"
+  bench bench_wallclock 90 --ops model_inference --dtypes bf16 --batches 1 --timing wallclock \
+    --no-compile --out "$OUT/${name}_wallclock.jsonl"
+  bench bench_compile 240 --ops model_inference --dtypes bf16 --batches 256 \
+    --compile-modes default reduce-overhead max-autotune --out "$OUT/${name}_compile.jsonl"
+}
+
 stage_bench_flashrnn() {
   if ! ls .whl/flashrnn-*.whl >/dev/null 2>&1; then
     note "== bench-flashrnn: no FlashRNN wheels carried (.whl), skipped"
@@ -222,6 +238,7 @@ for stage in "${stages[@]}"; do
     bench-core) stage_bench_core ;;
     bench-more) stage_bench_more ;;
     bench-flashrnn) stage_bench_flashrnn ;;
+    bench-latency) stage_bench_latency ;;
     sanitize) run sanitize 530 scripts/sanitize.sh ;;
     *) note "unknown stage $stage"; status=2 ;;
   esac

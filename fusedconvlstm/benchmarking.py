@@ -484,9 +484,10 @@ def _inputs(shape, dtype, base_dtype, device, train):
     """One draw of an input in each side's dtype (ours, the baseline's) and the float32 draw the
     float64 reference reads: the same values, each rounded once, and no cast inside a timed call."""
     x = torch.randn(*shape, device=device)
+    # Copies (also where a dtype matches x's), so each side's input is a leaf of its own.
     return (
-        x.to(dtype).requires_grad_(train),
-        x.to(base_dtype).requires_grad_(train),
+        x.to(dtype, copy=True).requires_grad_(train),
+        x.to(base_dtype, copy=True).requires_grad_(train),
         x,
     )
 
@@ -626,8 +627,8 @@ def _conv_inputs(shape, dtype, base_dtype, device, train):
     """As :func:`_inputs`, the baseline's draw in ``(B, C, T)``, contiguous."""
     x = torch.randn(*shape, device=device)
     return (
-        x.to(dtype).requires_grad_(train),
-        x.to(base_dtype).transpose(1, 2).contiguous().requires_grad_(train),
+        x.to(dtype, copy=True).requires_grad_(train),
+        x.to(base_dtype).transpose(1, 2).contiguous().requires_grad_(train),  # x needs no grad: a leaf
         x,
     )
 

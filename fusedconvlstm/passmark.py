@@ -108,7 +108,10 @@ class TensorMark:
 
     @property
     def passed(self) -> bool:
-        return self.err <= self.tolerance and self.max_err <= self.max_tolerance
+        """Within both marks; an infinite error (NaN, or a tensor missing on our side or the
+        baseline's) never passes, whatever the baseline's."""
+        finite = math.isfinite(self.err) and math.isfinite(self.max_err)
+        return finite and self.err <= self.tolerance and self.max_err <= self.max_tolerance
 
     @property
     def ratio(self) -> float:

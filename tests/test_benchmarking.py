@@ -324,8 +324,9 @@ def test_lstm_baseline_runs_in_the_mode_of_the_pass(pass_):
     assert pair.baseline_mode["training"] is train
 
 
-def test_conv_baseline_reads_its_own_layout_without_copies():
-    case = _cpu_case("conv1d_stack")
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_conv_baseline_reads_its_own_layout_without_copies(pass_):
+    case = _cpu_case("conv1d_stack", pass_)
     pair = benchmarking.build_pair(case, torch.device("cpu"), hidden=512)
     first = []
     hook = nn.modules.module.register_module_forward_pre_hook(
@@ -340,6 +341,9 @@ def test_conv_baseline_reads_its_own_layout_without_copies():
     assert pair.baseline_mode["cudnn_benchmark"] is True
     marks = pair.errors()
     assert marks and all(m.passed for m in marks)
+    if pass_ == "fwd+bwd":  # each side's input is a leaf with its gradient, judged like the rest
+        (grad_input,) = [m for m in marks if m.name == "grad input"]
+        assert 0 < grad_input.err < 1e-5 and 0 < grad_input.base_err < 1e-5
 
 
 def test_cudnn_benchmark_is_on_for_a_gpu_case_and_restored():

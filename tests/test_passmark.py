@@ -58,6 +58,7 @@ def test_nan_where_the_reference_is_finite_fails_and_is_inf():
 def test_a_tensor_missing_on_one_side_fails():
     ref, base = _draw()
     assert not passmark.mark(None, base, ref, torch.float32).passed
+    assert not passmark.mark(base, None, ref, torch.float32).passed  # no baseline: nothing to judge by
     assert passmark.mark(None, None, None, torch.float32).passed
     with pytest.raises(ValueError, match="2 tensors of ours"):
         passmark.mark_all([ref, ref], [ref], [ref], torch.float32)

@@ -17,6 +17,8 @@
 #               the LSTM pair on the cluster forward kernel and on the in-kernel input
 #               projection (a process of its own)
 #   bench-more  fp32 and fp16, batch 1 / 8 / 1024, T = 100 / 1000, the conv-stack script
+#   records     check --record (with the core results where present): the validation records
+#               that let auto run a kernel on this GPU, returned in $OUT/records
 #   bench-latency  per-step GPU time (CUDA-graph replay), batch-1 wall clock, and the model
 #               against every torch.compile mode, max-autotune included (a lease of its own)
 #   bench-flashrnn  the lstm cases against FlashRNN's fused CUDA kernel, from the carried wheels
@@ -202,6 +204,17 @@ stage_bench_more() {
   run bench_conv 200 $PY benchmarks/bench_conv1d_stack.py --dtypes bf16 fp32 --out "$OUT/${name}_conv.jsonl"
 }
 
+stage_records() {
+  # Validation records: what auto may run on this GPU. check verifies each kernel at its cases
+  # (the reference model's LSTM and conv stack among them) and, with the core results of this or
+  # an earlier stage in $OUT, records where it was also faster than cuDNN. The records come back
+  # in $OUT/records, to be committed as fusedconvlstm/validation_records.json.
+  local core
+  core=$(ls "$OUT"/*_core.jsonl 2>/dev/null | head -n 1)
+  run records 150 env FUSEDCONVLSTM_CACHE_DIR="$OUT/records" $PY -m fusedconvlstm check --record \
+    --backends cuda triton --dtypes bfloat16 float16 ${core:+--bench "$core"}
+}
+
 stage_bench_latency() {
   # The targets judged on other timings than CUDA events: per-step GPU time by CUDA-graph replay,
   # batch-1 latency by back-to-back wall clock, and the model against every torch.compile mode
@@ -239,6 +252,7 @@ for stage in "${stages[@]}"; do
     bench-more) stage_bench_more ;;
     bench-flashrnn) stage_bench_flashrnn ;;
     bench-latency) stage_bench_latency ;;
+    records) stage_records ;;
     sanitize) run sanitize 530 scripts/sanitize.sh ;;
     *) note "unknown stage $stage"; status=2 ;;
   esac

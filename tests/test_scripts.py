@@ -72,6 +72,24 @@ def test_session_bench_calls_parse_as_bench_arguments():
         assert parsed.out == "out.jsonl", name
 
 
+def test_session_records_stage_is_a_valid_check_record_call():
+    """The records stage runs ``fusedconvlstm check --record`` with arguments check accepts, its
+    cache directory under $OUT (so the records come back), and the core results as evidence."""
+    import re
+    import shlex
+
+    from fusedconvlstm.cli import build_parser
+
+    text = (ROOT / "scripts" / "gpu_session.sh").read_text().replace("\\\n", " ")
+    (call,) = re.findall(r"^\s*run records \d+ env (\S+) \$PY -m fusedconvlstm (check .+)$", text, flags=re.M)
+    env, args = call
+    assert env == 'FUSEDCONVLSTM_CACHE_DIR="$OUT/records"'
+    args = args.replace('${core:+--bench "$core"}', "--bench core.jsonl")
+    parsed = build_parser().parse_args(shlex.split(args))
+    assert parsed.record and parsed.bench == ["core.jsonl"] and set(parsed.backends) == {"cuda", "triton"}
+    assert "records) stage_records ;;" in text
+
+
 def test_setup_says_what_it_is_doing(tmp_path):
     """``make setup`` on a fresh machine: each step announced, pip's output not silenced."""
     if shutil.which("make") is None:

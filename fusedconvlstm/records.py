@@ -26,6 +26,7 @@ Two places hold records:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -126,9 +127,11 @@ def package_version() -> str:
     return __version__
 
 
+@functools.cache
 def build_key() -> str:
     """Which build of the extension is installed: a digest of its build record (``nobuild`` when
-    there is none), so records of one build never speak for another."""
+    there is none), so records of one build never speak for another. Read once per process (the
+    extension a process loads does not change), not on every ``auto`` decision."""
     from fusedconvlstm import _extension
 
     info = _extension.build_info()
@@ -188,9 +191,9 @@ def all_records() -> list[Record]:
     return _read_cached(SHIPPED_PATH) + _read_cached(user_records_path())
 
 
-def covering(op: str, backend: str, device: torch.device, dtype: torch.dtype, features: dict[str, int]) -> list[Record]:
-    """The records that speak for this call of ``backend``'s ``op`` on ``device``."""
-    arch, name = arch_of(device), dtype_name(dtype)
+def covering(op: str, backend: str, arch: str, dtype: torch.dtype, features: dict[str, int]) -> list[Record]:
+    """The records that speak for this call of ``backend``'s ``op`` on a GPU of ``arch``."""
+    name = dtype_name(dtype)
     return [r for r in all_records() if r.covers(op, backend, arch, name, features)]
 
 
@@ -200,11 +203,11 @@ def verdict(
     """``(enabled, why)``: whether a record lets ``auto`` pick the kernel for this call, and why
     (or why not). A covering record that says wrong or slower wins over one that enables."""
     try:
-        arch_of(device)
+        arch = arch_of(device)
     except (RuntimeError, AssertionError) as exc:  # no driver to say which GPU this is
         return False, f"the architecture of {device} cannot be read, so no record can cover it ({exc})"
-    found = covering(op, backend, device, dtype, features)
-    where = f"{arch_of(device)} {dtype_name(dtype)} {_shape(features)}"
+    found = covering(op, backend, arch, dtype, features)
+    where = f"{arch} {dtype_name(dtype)} {_shape(features)}"
     if not found:
         return False, f"no validation record covers {backend}'s {op} on {where} (`check --record` on this GPU adds one)"
     wrong = [r for r in found if not r.correct]

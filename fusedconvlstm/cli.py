@@ -155,17 +155,13 @@ def _print_auto_choices(devices: list[torch.device]) -> None:
 
 def _write_records(args: argparse.Namespace, rows: list, device: torch.device) -> None:
     """``check --record``: the records the rows support (see :func:`fusedconvlstm.records.records_from_check`)."""
-    import json
-
     from fusedconvlstm import records
+    from fusedconvlstm.benchmarking import load_records
 
     if device.type != "cuda":
         print("\n--record: nothing to record off a GPU (auto runs torch's kernels there)")
         return
-    bench_rows = []
-    for path in args.bench or []:
-        with open(path) as f:
-            bench_rows += [json.loads(line) for line in f if line.strip()]
+    bench_rows = load_records(args.bench) if args.bench else []
     new = records.records_from_check(rows, device, bench_rows)
     if not new:
         print("\n--record: no row of a cuda or triton kernel to record")

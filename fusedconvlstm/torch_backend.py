@@ -41,9 +41,6 @@ from fusedconvlstm.reference import conv1d as reference_conv1d
 from fusedconvlstm.reference import dropout as philox_dropout
 from fusedconvlstm.reference import lstm as reference_lstm
 
-_ACTIVATIONS = {"none": None, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-
-
 # --- module level --------------------------------------------------------------------------------
 
 
@@ -113,9 +110,7 @@ def conv_chain(
             h = F.conv1d(h, w, b, stride=s, padding=left, dilation=d)
         else:
             h = F.conv1d(F.pad(h, (left, right)), w, b, stride=s, dilation=d)
-        fn = _ACTIVATIONS[act]
-        if fn is not None:
-            h = fn(h)
+        h = reference_conv1d.apply_activation(h, act)
     return h
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedconvlstm import backends
-from fusedconvlstm.nn.conv1d_stack import Conv1dStack
+from fusedconvlstm.nn.conv1d_stack import Conv1dStack, min_input_length
 from fusedconvlstm.nn.lstm import (
     LSTM,
     ParallelLSTM,
@@ -62,10 +62,8 @@ class ClassifierConfig:
     def min_tokens(self) -> int:
         """The shortest token sequence the model takes: the unpadded convolutions leave one time
         step for the LSTMs (11 tokens at the original's kernel sizes and strides)."""
-        n = 1
-        for k, s in zip(reversed(self.kernel_sizes), reversed(self.conv_strides)):
-            n = (n - 1) * s + k
-        return n
+        L = len(self.kernel_sizes)
+        return min_input_length(self.kernel_sizes, self.conv_strides, [1] * L, [(0, 0)] * L)
 
 
 def _check_tokens(tokens: Tensor, cfg: ClassifierConfig) -> None:

@@ -103,6 +103,16 @@ def activation_name(module: nn.Module) -> str | None:
     return ACTIVATION_MODULES.get(type(module))
 
 
+def min_input_length(
+    kernel_sizes: Sequence[int], strides: Sequence[int], dilations: Sequence[int], paddings: Sequence[tuple[int, int]]
+) -> int:
+    """The fewest time steps a chain of convolutions takes: one output step after every layer."""
+    n = 1
+    for k, s, d, (left, right) in reversed(list(zip(kernel_sizes, strides, dilations, paddings))):
+        n = max(1, (n - 1) * s + d * (k - 1) + 1 - left - right)
+    return n
+
+
 class Conv1dStack(nn.Module):
     """A chain of dense Conv1d layers, with an activation and dropout between layers.
 
@@ -388,10 +398,12 @@ class Conv1dStack(nn.Module):
 
     def min_length(self) -> int:
         """The fewest time steps an input may have: one output step after every layer."""
-        n = 1
-        for conv, (left, right) in zip(reversed(self.layers), reversed(self.paddings)):
-            n = max(1, (n - 1) * conv.stride[0] + conv.dilation[0] * (conv.kernel_size[0] - 1) + 1 - left - right)
-        return n
+        return min_input_length(
+            [c.kernel_size[0] for c in self.layers],
+            [c.stride[0] for c in self.layers],
+            [c.dilation[0] for c in self.layers],
+            self.paddings,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the stack; layout as given by ``channels_last``."""

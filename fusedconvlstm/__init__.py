@@ -11,8 +11,7 @@ The public surface:
 - :mod:`fusedconvlstm.backends`: which backend serves a call and why another cannot.
 """
 
-import importlib.metadata  # noqa: I001  (schemas first: the backends register against them)
-import importlib.util
+import importlib.util  # noqa: I001  (schemas first: the backends register against them)
 from fusedconvlstm import ops  # noqa: F401, I001
 from fusedconvlstm.reference import conv1d as _reference_conv1d  # noqa: F401
 from fusedconvlstm.reference import lstm as _reference_lstm  # noqa: F401
@@ -23,6 +22,7 @@ from fusedconvlstm.triton import lstm as _triton_lstm  # noqa: F401  (imports Tr
 if importlib.util.find_spec("triton") is not None:  # the conv kernels import Triton: only where it is installed
     from fusedconvlstm.triton import conv1d_stack as _triton_conv1d_stack  # noqa: F401
 from fusedconvlstm import _extension
+from fusedconvlstm._version import __version__  # noqa: F401
 from fusedconvlstm.backends import BACKENDS, BackendUnavailableError
 from fusedconvlstm.nn import LSTM, Conv1dStack, ParallelLSTM, convert, parallel_lstm
 from fusedconvlstm.ops import (
@@ -32,11 +32,6 @@ from fusedconvlstm.ops import (
     conv1d_stack_projection,
     lstm_recurrence,
 )
-
-try:
-    __version__ = importlib.metadata.version("fusedconvlstm")
-except importlib.metadata.PackageNotFoundError:  # run from a source tree built in place
-    __version__ = "0+unknown"
 
 # Register the compiled CUDA kernels (if built) now that their op schemas exist; a failure is
 # recorded and reported by the cuda backend, never raised at import.

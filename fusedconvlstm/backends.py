@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fusedconvlstm import _extension, records
+
 BACKENDS = ("reference", "triton", "cuda", "torch")
 AUTO = "auto"
 TORCH = "torch"
@@ -140,8 +142,6 @@ def _triton_interpreter_why_not() -> str | None:
 
 
 def _cuda_why_not(device: torch.device) -> str | None:
-    from fusedconvlstm import _extension
-
     reason = _extension.unavailable_reason()
     if reason is not None:
         return reason
@@ -199,8 +199,6 @@ def auto_choice(op: str, call: object, device: torch.device) -> tuple[str, str]:
             f"on {device.type} torch's own kernels: measured faster than the package's paths there, "
             "and hand-written kernels are picked on CUDA devices only"
         )
-    from fusedconvlstm import records
-
     reasons = []
     for name in _AUTO_ORDER[op]:
         reason = _why_not(op, name, call, device)
@@ -298,58 +296,6 @@ def explain(op: str, call: object, device: torch.device, detail: bool = False) -
     name, why = auto_choice(op, call, device)
     out[AUTO] = f"{name}: {why}"
     return out
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype kernels accumulate in for ``dtype`` data: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# Whether this torch's mm / bmm take ``out_dtype`` (CUDA, 16-bit operands, float32 result); read
-# once, not per call (the step-wise recurrence calls product_unrounded every step).
-_OUT_DTYPE = {mm: hasattr(getattr(torch.ops.aten, mm.__name__), "dtype_out") for mm in (torch.mm, torch.bmm)}
-
-
-def product_unrounded(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
-    """``a @ b`` (``mm`` for 2-D, ``bmm`` for 3-D operands) returned in ``dtype`` (an
-    accumulation dtype), the product not rounded to the operands' 16-bit dtype first: on CUDA
-    cuBLAS writes its float32 accumulators (``out_dtype``), elsewhere the operands are converted."""
-    mm = torch.mm if a.dim() == 2 else torch.bmm
-    if a.dtype == dtype:
-        return mm(a, b, out=out)
-    if a.is_cuda and _OUT_DTYPE[mm]:
-        return mm(a, b, out_dtype=dtype, out=out)
-    return mm(a.to(dtype), b.to(dtype), out=out)
-
-
-def fp32_allows_tf32(op: str) -> bool:
-    """Whether PyTorch lets an fp32 ``op`` on CUDA use TF32: ``"rnn"`` (cuDNN's RNNs, TF32 by
-    default), ``"conv"`` (cuDNN's convolutions, TF32 by default) or ``"matmul"`` (cuBLAS, IEEE by
-    default). Kernels that stand in for that op follow the same flag.
-
-    The most specific ``fp32_precision`` that is not ``"none"`` (inherit) decides, as in PyTorch:
-    the op's own, then ``torch.backends.cudnn``'s (CUDA's as a whole), then ``torch.backends``';
-    all ``"none"`` is IEEE. The legacy ``allow_tf32`` getters raise once the new API has been used
-    (``cudnn.rnn.fp32_precision = "ieee"`` alone is enough), so only a torch without
-    ``fp32_precision`` reads them.
-    """
-    if op not in ("rnn", "conv", "matmul"):
-        raise ValueError(f"fp32_allows_tf32: unknown op {op!r} (expected 'rnn', 'conv' or 'matmul')")
-    op_scope = torch.backends.cuda.matmul if op == "matmul" else getattr(torch.backends.cudnn, op, None)
-    scopes = (op_scope, torch.backends.cudnn, torch.backends)
-    precisions = [getattr(scope, "fp32_precision", None) for scope in scopes]
-    for precision in precisions:
-        if precision in ("tf32", "ieee"):
-            return precision == "tf32"
-    if any(p is not None for p in precisions):
-        return False
-    return bool(torch.backends.cuda.matmul.allow_tf32 if op == "matmul" else torch.backends.cudnn.allow_tf32)
-
-
-def no_autocast(t: torch.Tensor) -> torch.autocast:
-    """A context in which autocast is off on ``t``'s device: backends compute in the dtypes they
-    were given, and autocast must not recast the torch ops inside them."""
-    return torch.autocast(t.device.type, enabled=False)
 
 
 def registered_ops() -> tuple[str, ...]:

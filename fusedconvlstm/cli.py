@@ -141,7 +141,7 @@ def _forward_kernel_line() -> str:
 
 def _print_auto_choices(devices: list[torch.device]) -> None:
     """What ``backend="auto"`` picks for the reference shapes, and why, with the records read."""
-    from fusedconvlstm import records
+    from fusedconvlstm import records, validate
 
     print()
     print(f"records        shipped {records.SHIPPED_PATH} ({len(records.read_file(records.SHIPPED_PATH))})")
@@ -149,20 +149,20 @@ def _print_auto_choices(devices: list[torch.device]) -> None:
     print(f"{'':15s}user {user} ({len(records.read_file(user))}; `check --record` adds to it)")
     for device in devices:
         print(f"auto on {device.type}:")
-        for line in records.auto_lines(device):
+        for line in validate.auto_lines(device):
             print(f"  {line}")
 
 
 def _write_records(args: argparse.Namespace, rows: list, device: torch.device) -> None:
-    """``check --record``: the records the rows support (see :func:`fusedconvlstm.records.records_from_check`)."""
-    from fusedconvlstm import records
+    """``check --record``: the records the rows support (see :func:`fusedconvlstm.validate.records_from_check`)."""
+    from fusedconvlstm import records, validate
     from fusedconvlstm.benchmarking import load_records
 
     if device.type != "cuda":
         print("\n--record: nothing to record off a GPU (auto runs torch's kernels there)")
         return
     bench_rows = load_records(args.bench) if args.bench else []
-    new = records.records_from_check(rows, device, bench_rows)
+    new = validate.records_from_check(rows, device, bench_rows)
     if not new:
         print("\n--record: no row of a cuda or triton kernel to record")
         return
@@ -262,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _package_version() -> str:
-    from fusedconvlstm import __version__
+    from fusedconvlstm._version import __version__
 
     return __version__
 

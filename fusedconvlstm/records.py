@@ -35,6 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fusedconvlstm import _extension
+from fusedconvlstm._version import __version__
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_PATH = os.path.join(_HERE, "validation_records.json")
 CACHE_ENV = "FUSEDCONVLSTM_CACHE_DIR"
@@ -122,8 +125,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def package_version() -> str:
-    from fusedconvlstm import __version__
-
     return __version__
 
 
@@ -132,8 +133,6 @@ def build_key() -> str:
     """Which build of the extension is installed: a digest of its build record (``nobuild`` when
     there is none), so records of one build never speak for another. Read once per process (the
     extension a process loads does not change), not on every ``auto`` decision."""
-    from fusedconvlstm import _extension
-
     info = _extension.build_info()
     if info is None:
         return "nobuild"
@@ -293,70 +292,3 @@ def speed_verdict(
         r = slow[0]
         return False, f"not faster: {r.get('pass')} {r.get('speedup', 0):.2f}x vs {r.get('baseline')}"
     return True, "faster: " + ", ".join(f"{r.get('pass')} {r['speedup']:.2f}x vs {r.get('baseline')}" for r in rows)
-
-
-def records_from_check(rows, device: torch.device, bench_rows: list[dict] | None = None) -> list[Record]:
-    """The records one ``check`` run on a CUDA device supports: per row of a kernel backend (the
-    ``cuda`` and ``triton`` backends; the ``torch`` and ``reference`` rows need none), its op,
-    this GPU's architecture, the dtype and exactly the case's shape, ``correct`` as the row
-    passed; ``faster`` from ``bench_rows`` (see :func:`speed_verdict`), ``None`` without them.
-    Several rows of one shape (e.g. two forward kernels) make one record, correct only if all
-    passed."""
-    from fusedconvlstm.backends import KERNELS
-
-    if device.type != "cuda":
-        return []
-    arch, name = arch_of(device), torch.cuda.get_device_name(device)
-    grouped: dict[tuple, list] = {}
-    for row in rows:
-        if row.backend_name not in KERNELS or row.features is None:
-            continue
-        key = (row.call_op, row.backend_name, row.dtype, tuple(sorted(row.features.items())))
-        grouped.setdefault(key, []).append(row)
-    out = []
-    stamp = f"check --record, package {package_version()}, torch {torch.__version__}, {name}"
-    for (op, backend, dtype, feats), group in grouped.items():
-        features = dict(feats)
-        correct = all(r.passed for r in group)
-        faster, why = speed_verdict(op, backend, dtype, features, bench_rows or [], name)
-        worst = max(group, key=lambda r: r.max_rel_err / r.tolerance if r.tolerance else float("inf"))
-        source = f"{stamp}: {group[0].case}, rel err {worst.max_rel_err:.2e} (mark {worst.tolerance:.2e}); {why}"
-        bounds = tuple((k, int(v), int(v)) for k, v in sorted(features.items()))
-        out.append(Record(op, backend, arch, dtype, bounds, correct, faster if correct else None, source))
-    return out
-
-
-def reference_calls(device: torch.device) -> list[tuple[str, str, object]]:
-    """``(op, label, call)`` of the reference model's shapes on ``device``: the LSTM 512 -> 512
-    at T = 45 (batch 8 and 64), the model's two LSTMs as one recurrence, the five-conv chain and
-    the model's token-to-gates stack, in each dtype ``check`` runs there."""
-    from fusedconvlstm.ops.conv1d import Conv1dStackCall, ConvLayer
-    from fusedconvlstm.ops.lstm import LSTMRecurrenceCall
-
-    dtypes = [torch.bfloat16, torch.float16, torch.float32] if device.type == "cuda" else [torch.float32]
-    chans, strides = (100, 200, 200, 256, 256, 512), (1, 1, 1, 1, 2)
-    layers = tuple(ConvLayer(i, o, 3, s, (0, 0), 1, "none", True) for i, o, s in zip(chans, chans[1:], strides))
-    proj = ConvLayer(512, 4096, 1, 1, (0, 0), 1, "none", True, matmul=True)
-    out = []
-    for dtype in dtypes:
-        d = dtype_name(dtype)
-        for B in (8, 64):
-            call = LSTMRecurrenceCall(45, B, 1, 512, 0, dtype, device, False, (False,), True)
-            out.append(("lstm_recurrence", f"LSTM 512->512 T=45 B={B} {d}", call))
-        pair = LSTMRecurrenceCall(45, 64, 2, 512, 0, dtype, device, False, (False, False), True)
-        out.append(("lstm_recurrence", f"model's LSTM pair T=45 B=64 {d}", pair))
-        out.append(("conv1d_stack", f"five convs B=64 T=100 {d}", Conv1dStackCall(64, 100, layers, dtype, device)))
-        model = Conv1dStackCall(64, 100, layers, dtype, device, vocab_size=20_000, projection=proj)
-        out.append(("conv1d_stack", f"model's tokens-to-gates stack B=64 {d}", model))
-    return out
-
-
-def auto_lines(device: torch.device) -> list[str]:
-    """What ``auto`` picks for the reference shapes on ``device``, and why: one line each."""
-    from fusedconvlstm import backends
-
-    lines = []
-    for op, label, call in reference_calls(device):
-        name, why = backends.auto_choice(op, call, device)
-        lines.append(f"{op:15s} {label}: {name} ({why})")
-    return lines

@@ -11,7 +11,7 @@ It is what ``backend="auto"`` runs wherever no validation record enables a hand-
   inter-layer dropout drawn from PyTorch's generator): the results are ``nn.LSTM``'s, bit for bit.
 - :func:`conv_chain` runs the stack as a chain of ``F.conv1d`` (channels-first, as ``nn.Conv1d``)
   with the stack's activations, and its dropout between layers with the package's counter-based
-  masks (:mod:`fusedconvlstm.reference.dropout`, the masks every backend draws for one seed);
+  masks (:mod:`fusedconvlstm.numerics.dropout`, the masks every backend draws for one seed);
   autograd differentiates it, so the backward is aten's too.
 
 **At the op level** (``conv1d_stack(..., backend="torch")``, ``lstm_recurrence(...)``):
@@ -35,10 +35,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from fusedconvlstm import backends
-from fusedconvlstm.ops import conv1d as conv_op
-from fusedconvlstm.ops import lstm as lstm_op
+from fusedconvlstm.calls import conv1d as conv_call
+from fusedconvlstm.calls import lstm as lstm_call
+from fusedconvlstm.numerics import dropout as philox_dropout
 from fusedconvlstm.reference import conv1d as reference_conv1d
-from fusedconvlstm.reference import dropout as philox_dropout
 from fusedconvlstm.reference import lstm as reference_lstm
 
 # --- module level --------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def conv_chain(
 
     ``dropout[i]`` (training) is the rate on layer ``i``'s input, its mask the counter-based
     one of level ``i`` of ``seed`` over the channels-last ``(B, T, C)`` positions, as the op
-    draws it (:mod:`fusedconvlstm.reference.dropout`).
+    draws it (:mod:`fusedconvlstm.numerics.dropout`).
     """
     h = x
     for i, (w, b, s, (left, right), d, act) in enumerate(zip(weight, bias, stride, padding, dilation, activation)):
@@ -135,7 +135,7 @@ def _conv_describe(call) -> str:
 
 
 backends.register_implementation(
-    conv_op.OP,
+    conv_call.OP,
     backends.TORCH,
     why_not=lambda call: None,
     forward=_conv_forward,
@@ -154,7 +154,7 @@ def _lstm_describe(call) -> str:
 
 
 backends.register_implementation(
-    lstm_op.OP,
+    lstm_call.OP,
     backends.TORCH,
     why_not=lambda call: None,
     forward=reference_lstm._forward,

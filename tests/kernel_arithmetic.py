@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fusedconvlstm.ops.lstm import previous_hidden
+from fusedconvlstm.numerics.recurrence import previous_hidden
 
 F64 = torch.float64
 K_STEP = 16  # elements of one mma.m16n8k16 k-step (16-bit operands)

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from fusedconvlstm import LSTM, Conv1dStack, backends, conv1d_stack, records, torch_backend
+from fusedconvlstm import LSTM, Conv1dStack, backends, conv1d_stack, records, torch_backend, validate
 from fusedconvlstm.backends import Implementation
+from fusedconvlstm.calls.conv1d import check_conv1d_stack_args
+from fusedconvlstm.calls.lstm import LSTMRecurrenceCall, check_lstm_recurrence_args
 from fusedconvlstm.models import ConvLSTMClassifier
-from fusedconvlstm.ops.conv1d import check_conv1d_stack_args
-from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, check_lstm_recurrence_args, resolve_lstm_backend
+from fusedconvlstm.ops.lstm import resolve_lstm_backend
 from tests.helpers import SMALL_MODEL as SMALL
 from tests.helpers import lstm_weights, rel_err
 
@@ -395,27 +396,27 @@ def gpu_name(monkeypatch):
 
 def test_check_records_only_what_it_verified_and_speed_stays_unknown_without_bench(gpu_name):
     rows = [_check_row("cuda"), _check_row("triton", passed=False), _check_row("torch"), _check_row("reference")]
-    got = {r.backend: r for r in records.records_from_check(rows, torch.device("cuda"))}
+    got = {r.backend: r for r in validate.records_from_check(rows, torch.device("cuda"))}
     assert set(got) == {"cuda", "triton"}  # torch's and the reference's rows need no record
     assert got["cuda"].correct and got["cuda"].faster is None and not got["cuda"].enables
     assert not got["triton"].correct and got["triton"].faster is None
     assert dict((k, (lo, hi)) for k, lo, hi in got["cuda"].range)["batch"] == (64, 64)
-    assert records.records_from_check(rows, torch.device("cpu")) == []
+    assert validate.records_from_check(rows, torch.device("cpu")) == []
 
 
 def test_check_with_bench_results_records_the_speed(gpu_name):
     cuda = torch.device("cuda")
-    faster = records.records_from_check([_check_row("cuda")], cuda, [_bench_row(1.4), _bench_row(1.2, "fwd+bwd")])
+    faster = validate.records_from_check([_check_row("cuda")], cuda, [_bench_row(1.4), _bench_row(1.2, "fwd+bwd")])
     assert faster[0].faster is True and faster[0].enables
-    slower = records.records_from_check([_check_row("cuda")], cuda, [_bench_row(1.4), _bench_row(0.8, "fwd+bwd")])
+    slower = validate.records_from_check([_check_row("cuda")], cuda, [_bench_row(1.4), _bench_row(0.8, "fwd+bwd")])
     assert slower[0].faster is False
     # A timing of another batch or another GPU says nothing about this record.
     elsewhere = [_bench_row(1.4, batch=8), _bench_row(1.4, device="OTHER GPU")]
-    assert records.records_from_check([_check_row("cuda")], cuda, elsewhere)[0].faster is None
+    assert validate.records_from_check([_check_row("cuda")], cuda, elsewhere)[0].faster is None
 
 
 def test_records_from_check_enable_auto_for_exactly_that_shape(fake_gpu, gpu_name):
-    new = records.records_from_check([_check_row("cuda")], torch.device("cuda"), [_bench_row(1.4)])
+    new = validate.records_from_check([_check_row("cuda")], torch.device("cuda"), [_bench_row(1.4)])
     records.append_user_records(new)
     cuda = torch.device("cuda")
     assert backends.auto_choice("lstm_recurrence", _lstm_call(B=64), cuda)[0] == "cuda"

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fusedconvlstm import BackendUnavailableError, backends, lstm_recurrence
-from fusedconvlstm.ops.lstm import check_lstm_recurrence_args, resolve_lstm_backend
+from fusedconvlstm.calls.lstm import check_lstm_recurrence_args
+from fusedconvlstm.numerics.precision import fp32_allows_tf32
+from fusedconvlstm.ops.lstm import resolve_lstm_backend
 from tests.helpers import lstm_weights
 
 
@@ -63,7 +65,7 @@ def test_explain_lists_every_backend():
 
 def test_tf32_rule_rejects_an_unknown_op():
     with pytest.raises(ValueError, match="unknown op 'gemm'"):
-        backends.fp32_allows_tf32("gemm")
+        fp32_allows_tf32("gemm")
 
 
 def test_wrappers_leave_resolution_to_the_op_while_compiling():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedconvlstm import Conv1dStack, conv1d_stack, conv1d_stack_embedding_projection
-from fusedconvlstm.reference import dropout as philox_dropout
+from fusedconvlstm.numerics import dropout as philox_dropout
 from tests.helpers import CONV1D_STACK_COMBOS, opcheck_conv1d_stack, rel_err
 
 F64 = torch.float64

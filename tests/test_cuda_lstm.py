@@ -25,9 +25,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedconvlstm
 from fusedconvlstm import backends, passmark
+from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
-from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, fp32_recurrence_allows_tf32, reverse_mask
+from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32, reverse_mask
 from fusedconvlstm.ops.lstm_persistent import OPS as PERSISTENT_OPS
 from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.reference.lstm import lstm_recurrence_reference

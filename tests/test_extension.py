@@ -11,7 +11,7 @@ import torch
 import fusedconvlstm
 from fusedconvlstm import _extension
 from fusedconvlstm._sources import sources_digest
-from fusedconvlstm.ops.lstm import reverse_mask
+from fusedconvlstm.numerics.recurrence import reverse_mask
 
 CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None
 KERNEL_OPS = ("lstm_cell_forward_", "lstm_cell_backward_")

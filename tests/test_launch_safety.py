@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from fusedconvlstm import backends
+from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
-from fusedconvlstm.ops.lstm import LSTMRecurrenceCall
 
 ROOT = Path(__file__).resolve().parent.parent
 CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None

@@ -18,9 +18,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fusedconvlstm
 from fusedconvlstm import backends
+from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
-from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, _lstm_from_input_op, lstm_layer, lstm_recurrence, reverse_mask
+from fusedconvlstm.numerics.recurrence import reverse_mask
+from fusedconvlstm.ops.lstm import _lstm_from_input_op, lstm_layer, lstm_recurrence
 from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 from tests.helpers import rel_err
 

@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusedconvlstm import backends
+from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
-from fusedconvlstm.ops.lstm import LSTMRecurrenceCall
-from fusedconvlstm.ops.lstm_projection import with_projection
+from fusedconvlstm.numerics.projection import with_projection
 from fusedconvlstm.reference.lstm import lstm_recurrence_reference
 from tests.helpers import rel_err
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusedconvlstm.cuda import persistent_config as pc
-from fusedconvlstm.ops.lstm import reverse_mask
+from fusedconvlstm.numerics.recurrence import reverse_mask
 from fusedconvlstm.reference import lstm_persistent as ref
 from tests import persistent_kernel_model as km
 from tests.helpers import lstm_weights

@@ -117,7 +117,7 @@ def test_tf32_rounding_is_in_the_code_compiled_for_sm90():
 import re, sys, torch
 from triton.runtime.jit import JITFunction
 from tests.triton_compile_check import H100, _compile
-from fusedconvlstm.ops.conv1d import check_conv1d_stack_args
+from fusedconvlstm.calls.conv1d import check_conv1d_stack_args
 from fusedconvlstm.triton import conv1d as layer_kernels, conv1d_fused_stack as fused, conv1d_stack as backend
 
 captured = []

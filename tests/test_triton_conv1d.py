@@ -28,15 +28,14 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from fusedconvlstm import BackendUnavailableError, Conv1dStack, lstm_recurrence  # noqa: E402
+from fusedconvlstm.calls.conv1d import ConvLayer, check_conv1d_stack_args  # noqa: E402
+from fusedconvlstm.numerics import dropout as philox_dropout  # noqa: E402
 from fusedconvlstm.ops.conv1d import (  # noqa: E402
-    ConvLayer,
-    check_conv1d_stack_args,
     conv1d_stack,
     conv1d_stack_embedding,
     conv1d_stack_embedding_projection,
     conv1d_stack_projection,
 )
-from fusedconvlstm.reference import dropout as philox_dropout  # noqa: E402
 from fusedconvlstm.reference.conv1d import apply_activation  # noqa: E402
 from fusedconvlstm.triton import conv1d as layer_kernels  # noqa: E402
 from fusedconvlstm.triton import conv1d_fused_stack  # noqa: E402
@@ -547,7 +546,7 @@ def test_embedding_grad_of_a_heavily_repeated_id(chunk, block_p, monkeypatch):
 
 
 def test_weight_grad_split_reduction_matches_one_chunk():
-    from fusedconvlstm.ops.conv1d import ConvLayer
+    from fusedconvlstm.calls.conv1d import ConvLayer
 
     layer = ConvLayer(6, 5, 3, 2, (1, 1), 1, "none", True)
     x = torch.randn(3, 61, 6, device=DEVICE)
@@ -647,7 +646,7 @@ def test_fold_on_triton_within_rounding(dtype):
 
 _TF32_PROBE = """
 import sys, torch
-from fusedconvlstm.ops.conv1d import ConvLayer
+from fusedconvlstm.calls.conv1d import ConvLayer
 from fusedconvlstm.triton.conv1d import dot_precision
 exec(sys.argv[1])
 conv = ConvLayer(4, 4, 3, 1, (0, 0), 1, "none", True)

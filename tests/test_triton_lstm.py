@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fusedconvlstm import LSTM, BackendUnavailableError, backends, lstm_recurrence, parallel_lstm
-from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, check_lstm_recurrence_args
+from fusedconvlstm.calls.lstm import LSTMRecurrenceCall, check_lstm_recurrence_args
 from fusedconvlstm.reference import lstm as reference_lstm
 from fusedconvlstm.triton import lstm as triton_lstm
 from fusedconvlstm.triton import persistent

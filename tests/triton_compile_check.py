@@ -76,7 +76,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
 
     JITFunction.run = record
 
-    from fusedconvlstm.ops.conv1d import check_conv1d_stack_args
+    from fusedconvlstm.calls.conv1d import check_conv1d_stack_args
     from fusedconvlstm.triton import conv1d as layer_kernels
     from fusedconvlstm.triton import conv1d_fused_stack as fused
     from fusedconvlstm.triton import conv1d_stack as backend

@@ -28,7 +28,7 @@ kernels otherwise — float64, and sizes whose weight slice or grid does not fit
 the same cell math, so this is a choice of schedule, not a silent change of backend, and
 ``backends.explain(..., detail=True)`` says which one serves a call. ``proj_size`` runs as an
 unprojected recurrence on ``W_hh W_hr`` with the projection after the loop
-(:mod:`fusedconvlstm.ops.lstm_projection`), so every call the backend's device takes is served.
+(:mod:`fusedconvlstm.numerics.projection`), so every call the backend's device takes is served.
 
 The input projection ``x W_ihᵀ`` arrives precomputed in ``xg`` (one GEMM before the loop) for
 ``lstm_recurrence``. Where a layer's input itself reaches the backend
@@ -54,18 +54,13 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.backends import accumulation_dtype, product_unrounded
+from fusedconvlstm.calls.lstm import OP, LSTMRecurrenceCall
 from fusedconvlstm.cuda import persistent_config
 from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout, preferred_forward_kernel
-from fusedconvlstm.ops.lstm import (
-    OP,
-    LSTMRecurrenceCall,
-    fp32_recurrence_allows_tf32,
-    recurrent_weight_grads,
-    reverse_mask,
-)
+from fusedconvlstm.numerics.precision import accumulation_dtype, product_unrounded
+from fusedconvlstm.numerics.projection import with_projection
+from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32, recurrent_weight_grads, reverse_mask
 from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
-from fusedconvlstm.ops.lstm_projection import with_projection
 
 _cell_forward = torch.ops.fusedconvlstm.lstm_cell_forward_
 _cell_backward = torch.ops.fusedconvlstm.lstm_cell_backward_
@@ -269,7 +264,7 @@ def _call_of(xg: Tensor, w_hr: list[Tensor], lengths: Tensor | None, reverse: li
 
 def _require_unprojected(proj_size: int) -> None:
     """The drivers run unprojected recurrences; the registered implementation removes the
-    projection first (:mod:`fusedconvlstm.ops.lstm_projection`)."""
+    projection first (:mod:`fusedconvlstm.numerics.projection`)."""
     if proj_size:
         raise ValueError("lstm_recurrence: the cuda drivers run unprojected recurrences (w_hr must be empty)")
 

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedconvlstm import backends
+from fusedconvlstm.calls.conv1d import OP as CONV_OP
+from fusedconvlstm.calls.lstm import OP as LSTM_OP
+from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack, min_input_length
 from fusedconvlstm.nn.lstm import (
     LSTM,
@@ -26,12 +29,10 @@ from fusedconvlstm.nn.lstm import (
     parallel_recurrent_weights,
     torch_lstm_traceable,
 )
-from fusedconvlstm.ops.conv1d import OP as CONV_OP
+from fusedconvlstm.numerics import dropout as philox_dropout
+from fusedconvlstm.numerics.dropout import draw_seed
 from fusedconvlstm.ops.conv1d import conv1d_stack_embedding, conv1d_stack_embedding_projection, stack_call
-from fusedconvlstm.ops.lstm import OP as LSTM_OP
-from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, lstm_recurrence
-from fusedconvlstm.reference import dropout as philox_dropout
-from fusedconvlstm.reference.dropout import draw_seed
+from fusedconvlstm.ops.lstm import lstm_recurrence
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ class ReferenceConvLSTMClassifier(nn.Module):
     it pays a transpose before and after them, and the two LSTMs run one after the other.
 
     ``dropout_masks`` picks how the embedding dropout draws its mask: ``"fused"`` (default) as
-    the fused model does (:func:`fusedconvlstm.reference.dropout.dropout`: the same rate and
+    the fused model does (:func:`fusedconvlstm.numerics.dropout.dropout`: the same rate and
     scaling as ``F.dropout``), so the two models seeded alike drop the same elements and train to
     the same weights; ``"torch"`` with ``F.dropout``, the plain model exactly (its counter-based
     masks cost some 140 element-wise kernels on a GPU: use this one to time a training baseline).

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedconvlstm import backends, torch_backend
+from fusedconvlstm.calls.conv1d import ACTIVATIONS
+from fusedconvlstm.calls.conv1d import OP as CONV_OP
 from fusedconvlstm.nn.lstm import autocast_dtype, check_backend_name
-from fusedconvlstm.ops.conv1d import ACTIVATIONS, conv1d_stack, stack_call
-from fusedconvlstm.ops.conv1d import OP as CONV_OP
-from fusedconvlstm.reference.dropout import draw_seed
+from fusedconvlstm.numerics.dropout import draw_seed
+from fusedconvlstm.ops.conv1d import conv1d_stack, stack_call
 
 ACTIVATION_MODULES: dict[type, str] = {nn.Identity: "none", nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
 

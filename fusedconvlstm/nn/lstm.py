@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fusedconvlstm import backends, torch_backend
-from fusedconvlstm.ops.lstm import OP as LSTM_OP
-from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, lstm_layer
+from fusedconvlstm.calls.lstm import OP as LSTM_OP
+from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
+from fusedconvlstm.ops.lstm import lstm_layer
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:

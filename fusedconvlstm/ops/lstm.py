@@ -32,158 +32,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
+from fusedconvlstm.calls.lstm import (
+    OP,
+    LSTMRecurrenceCall,
+    check_lstm_recurrence_args,
+    thaw_call,
+)
+from fusedconvlstm.numerics.precision import no_autocast
 from fusedconvlstm.ops._autograd import register_autograd
 
-OP = "lstm_recurrence"
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class LSTMRecurrenceCall:
-    """What a backend needs to know to decide whether it can serve a recurrence call."""
-
-    seq_len: int
-    batch: int
-    num_recurrences: int
-    hidden_size: int
-    proj_size: int  # 0 without projection
-    dtype: torch.dtype
-    device: torch.device
-    has_lengths: bool
-    reverse: tuple[bool, ...]
-    # False when no gradient will be asked for: backends then write no workspace.
-    save_for_backward: bool = True
-
-    def freeze(self) -> tuple:
-        """The call as a tuple of plain values (:func:`thaw_call` reverses it)."""
-        return (
-            self.seq_len,
-            self.batch,
-            self.num_recurrences,
-            self.hidden_size,
-            self.proj_size,
-            self.dtype,
-            self.device.type,
-            self.device.index,
-            self.has_lengths,
-            tuple(self.reverse),
-            self.save_for_backward,
-        )
-
-    def features(self) -> dict[str, int]:
-        """What validation records range over (:mod:`fusedconvlstm.records`)."""
-        return {
-            "seq_len": self.seq_len,
-            "batch": self.batch,
-            "hidden_size": self.hidden_size,
-            "proj_size": self.proj_size,
-            "num_recurrences": self.num_recurrences,
-            "reversed": sum(self.reverse),
-            "has_lengths": int(self.has_lengths),
-        }
-
-
-def thaw_call(frozen: tuple) -> LSTMRecurrenceCall:
-    """The call of :meth:`LSTMRecurrenceCall.freeze`."""
-    T, B, D, H, P, dtype, dev_type, dev_index, has_lengths, reverse, save = frozen
-    return LSTMRecurrenceCall(T, B, D, H, P, dtype, torch.device(dev_type, dev_index), has_lengths, reverse, save)
-
-
 backends.register_op(OP, auto_order=("cuda", "triton"), features=LSTMRecurrenceCall.features, thaw=thaw_call)
-
-
-def _shape(t: Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
-def check_lstm_recurrence_args(
-    xg: Tensor,
-    w_hh: Sequence[Tensor],
-    w_hr: Sequence[Tensor],
-    h0: Tensor,
-    c0: Tensor,
-    lengths: Tensor | None,
-    reverse: Sequence[bool],
-    save_for_backward: bool = True,
-) -> LSTMRecurrenceCall:
-    """Validate the arguments of ``lstm_recurrence``; errors name the argument and what it must be."""
-    op = "lstm_recurrence"
-    if not isinstance(xg, Tensor) or xg.dim() != 4:
-        got = f"{xg.dim()}-D" if isinstance(xg, Tensor) else type(xg).__name__
-        raise ValueError(f"{op}: xg must be a 4-D tensor (T, B, D, 4*H), got {got}")
-    T, B, D, G = xg.shape
-    if xg.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: xg must be one of {FLOAT_DTYPES}, got {xg.dtype}")
-    if G % 4 != 0 or G == 0:
-        raise ValueError(f"{op}: xg.shape[3] must be 4*hidden_size > 0, got {G}")
-    if T == 0:
-        raise ValueError(f"{op}: xg must hold at least one time step, got sequence length 0")
-    H = G // 4
-    if len(reverse) != D:
-        raise ValueError(f"{op}: reverse must have one entry per recurrence (xg.shape[2] = {D}), got {len(reverse)}")
-    if len(w_hh) != D:
-        raise ValueError(f"{op}: w_hh must hold one weight per recurrence ({D}), got {len(w_hh)}")
-    if len(w_hr) not in (0, D):
-        raise ValueError(f"{op}: w_hr must be empty or hold one weight per recurrence ({D}), got {len(w_hr)}")
-    P = w_hr[0].shape[0] if len(w_hr) else H
-
-    def same(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        if _shape(t) != shape:
-            raise ValueError(f"{op}: {name} must have shape {shape}, got {_shape(t)}")
-        if t.dtype != xg.dtype:
-            raise TypeError(f"{op}: {name} must have the dtype of xg ({xg.dtype}), got {t.dtype}")
-        if t.device != xg.device:
-            raise ValueError(f"{op}: {name} must be on the device of xg ({xg.device}), got {t.device}")
-
-    for d in range(D):
-        same(f"w_hh[{d}]", w_hh[d], (G, P))
-        if len(w_hr):
-            same(f"w_hr[{d}]", w_hr[d], (P, H))
-    same("h0", h0, (D, B, P))
-    same("c0", c0, (D, B, H))
-    if lengths is not None:
-        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
-            got = _shape(lengths) if isinstance(lengths, Tensor) else type(lengths).__name__
-            raise ValueError(f"{op}: lengths must be a 1-D tensor of batch size ({B},), got {got}")
-        if lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{op}: lengths must be int32 or int64, got {lengths.dtype}")
-        if lengths.device.type not in ("cpu", xg.device.type):
-            raise ValueError(f"{op}: lengths must be on the CPU or on {xg.device}, got {lengths.device}")
-        if lengths.device.type == "cpu" and xg.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError(
-                f"{op}: lengths must be on {xg.device} while a CUDA graph is being captured (a copy from the "
-                "host cannot be captured), got a CPU tensor"
-            )
-        if lengths.device.type == "cpu" and lengths.numel() and not _is_fake(lengths):
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if lo < 0 or hi > T:
-                raise ValueError(f"{op}: lengths must lie in [0, {T}] (the sequence length), got [{lo}, {hi}]")
-    return LSTMRecurrenceCall(
-        seq_len=T,
-        batch=B,
-        num_recurrences=D,
-        hidden_size=H,
-        proj_size=P if len(w_hr) else 0,
-        dtype=xg.dtype,
-        device=xg.device,
-        has_lengths=lengths is not None,
-        reverse=tuple(bool(r) for r in reverse),
-        save_for_backward=bool(save_for_backward),
-    )
-
-
-def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor) or t.device.type == "meta"
 
 
 def _resolve(backend: str, call: LSTMRecurrenceCall) -> backends.Implementation:
@@ -205,7 +68,7 @@ def _lstm_recurrence_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward)
     impl = _resolve(backend, call)
-    with backends.no_autocast(xg):
+    with no_autocast(xg):
         return impl.forward(
             xg,
             list(w_hh),
@@ -267,7 +130,7 @@ def _lstm_recurrence_backward_op(
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
     call = check_lstm_recurrence_args(xg, w_hh, w_hr, h0, c0, lengths, reverse)
     impl = _resolve(backend, call)
-    with backends.no_autocast(xg):
+    with no_autocast(xg):
         no_workspace = workspace.numel() == 0 and math.prod(impl.workspace_shape(call)[0]) > 0
         no_y = y.numel() == 0 and call.seq_len * call.batch > 0
         if no_workspace or no_y:
@@ -415,7 +278,7 @@ def _lstm_from_input_op(
         _gates_like(x, len(w_hh), G), w_hh, [], h0, c0, lengths, reverse, save_for_backward
     )
     impl = _resolve(backend, call)
-    with backends.no_autocast(x):
+    with no_autocast(x):
         return impl.forward_from_input(
             x,
             w_ih,
@@ -523,45 +386,3 @@ def lstm_layer(
 def resolve_lstm_backend(backend: str, call: LSTMRecurrenceCall) -> str:
     """The backend name ``backend`` resolves to for ``call`` (raises if a named one cannot serve)."""
     return _resolve(backend, call).backend
-
-
-def reverse_mask(reverse: Sequence[bool]) -> int:
-    """The bit mask of reversed recurrences that the kernels take (bit ``d`` for recurrence ``d``)."""
-    return sum(1 << d for d, r in enumerate(reverse) if r)
-
-
-def fp32_recurrence_allows_tf32() -> bool:
-    """Whether an fp32 recurrence may use TF32: the flag that governs ``nn.LSTM`` on cuDNN
-    (:func:`fusedconvlstm.backends.fp32_allows_tf32` for ``"rnn"``)."""
-    return backends.fp32_allows_tf32("rnn")
-
-
-def previous_hidden(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: Sequence[bool]) -> Tensor:
-    """``h_{t-1}`` as seen by each step: ``(T, B, D, P)`` from the outputs ``y`` and ``h0``.
-
-    A forward recurrence's step ``t`` saw ``y[t-1]`` (``h0`` at ``t = 0``). A reversed one saw
-    ``y[t+1]``, or ``h0`` where ``t + 1`` is past the row's length (it started there). Backends
-    use this for ``dW_hh = Σ_t dgates_tᵀ h_{t-1}`` after their reverse-time loop.
-    """
-    T = y.shape[0]
-    prev = torch.empty_like(y)
-    for d, rev in enumerate(reverse):
-        if rev:
-            prev[T - 1, :, d] = h0[d]
-            prev[: T - 1, :, d] = y[1:, :, d]
-            if lengths is not None:
-                starts = torch.arange(1, T + 1, device=y.device).unsqueeze(1) >= lengths.to(y.device).unsqueeze(0)
-                prev[:, :, d] = torch.where(starts.unsqueeze(-1), h0[d].unsqueeze(0), prev[:, :, d])
-        else:
-            prev[0, :, d] = h0[d]
-            prev[1:, :, d] = y[: T - 1, :, d]
-    return prev
-
-
-def recurrent_weight_grads(
-    dgates: Tensor, y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: Sequence[bool]
-) -> list[Tensor]:
-    """``dW_hh[d] = Σ_{t,b} dgates[t, b, d]ᵀ h_{t-1}[b, d]`` as one batched GEMM over ``d``."""
-    prev = previous_hidden(y, h0, lengths, reverse)
-    # Separate tensors, not views of one: a custom op's outputs must not alias each other.
-    return [g.clone() for g in torch.einsum("tbdg,tbdp->dgp", dgates, prev).unbind(0)]

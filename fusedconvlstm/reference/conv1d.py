@@ -4,7 +4,7 @@ Half-precision inputs are computed in float32 and rounded back once at the end. 
 recomputes the forward and applies ``torch.nn.grad.conv1d_input`` / ``conv1d_weight`` layer by
 layer. The embedding prologue is ``F.embedding`` (its backward an ``index_add_``); the projection
 epilogue is ``F.linear``. Dropout multiplies a layer's input by the keep-mask of
-:mod:`fusedconvlstm.reference.dropout` (the same masks as the fused backends) and ``1 / (1 − p)``.
+:mod:`fusedconvlstm.numerics.dropout` (the same masks as the fused backends) and ``1 / (1 − p)``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.backends import accumulation_dtype
-from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall
-from fusedconvlstm.reference import dropout as philox_dropout
+from fusedconvlstm.calls.conv1d import OP, Conv1dStackCall
+from fusedconvlstm.numerics import dropout as philox_dropout
+from fusedconvlstm.numerics.precision import accumulation_dtype
 
 _ACTIVATIONS = {
     "none": lambda x: x,

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.backends import accumulation_dtype
-from fusedconvlstm.ops.lstm import OP, LSTMRecurrenceCall
+from fusedconvlstm.calls.lstm import OP, LSTMRecurrenceCall
+from fusedconvlstm.numerics.precision import accumulation_dtype
 
 
 def lstm_recurrence_reference(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedconvlstm.backends import accumulation_dtype
+from fusedconvlstm.numerics.precision import accumulation_dtype
 
 
 def _time_index(step: int, T: int, reversed_: bool, backward: bool) -> int:

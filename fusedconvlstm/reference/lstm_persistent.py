@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedconvlstm.backends import accumulation_dtype
 from fusedconvlstm.cuda.persistent_config import MAX_CLUSTER_BLOCKS
+from fusedconvlstm.numerics.precision import accumulation_dtype
 from fusedconvlstm.reference import lstm_cell as _cell
 
 

@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedconvlstm import backends
-from fusedconvlstm.ops.conv1d import ConvLayer
+from fusedconvlstm.calls.conv1d import ConvLayer
+from fusedconvlstm.numerics.precision import fp32_allows_tf32
 from fusedconvlstm.triton.elementwise import tanh
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +538,7 @@ def dot_precision(dtype: torch.dtype, device: torch.device, layer: ConvLayer) ->
     (:func:`dot_rounded`), as cuDNN and cuBLAS do."""
     if dtype != torch.float32 or device.type != "cuda":
         return "ieee"
-    return "tf32" if backends.fp32_allows_tf32("matmul" if layer.matmul else "conv") else "ieee"
+    return "tf32" if fp32_allows_tf32("matmul" if layer.matmul else "conv") else "ieee"
 
 
 def align(*values: int) -> int:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedconvlstm.ops.conv1d import ConvLayer
+from fusedconvlstm.calls.conv1d import ConvLayer
 from fusedconvlstm.triton import conv1d as layer_kernels
 from fusedconvlstm.triton.conv1d import activate, conv_tile, dot_precision
 

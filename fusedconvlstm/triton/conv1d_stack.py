@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.ops.conv1d import OP, Conv1dStackCall
-from fusedconvlstm.reference.dropout import scale as dropout_scale
+from fusedconvlstm.calls.conv1d import OP, Conv1dStackCall
+from fusedconvlstm.numerics.dropout import scale as dropout_scale
 from fusedconvlstm.triton import conv1d as layer_kernels
 from fusedconvlstm.triton import dropout as triton_dropout
 from fusedconvlstm.triton.conv1d_fused_stack import (

@@ -1,4 +1,4 @@
-"""Dropout masks in Triton: bitwise those of :mod:`fusedconvlstm.reference.dropout`.
+"""Dropout masks in Triton: bitwise those of :mod:`fusedconvlstm.numerics.dropout`.
 
 One element-wise kernel writes a level's uint8 keep-mask from the call's seed; the conv kernels
 then read it where they read that level (forward and weight gradient: ``act(z) · m · scale``
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedconvlstm.reference.dropout import LEVEL_SHIFT, threshold
+from fusedconvlstm.numerics.dropout import LEVEL_SHIFT, threshold
 
 
 @triton.jit(do_not_specialize=["BASE", "THRESH"])

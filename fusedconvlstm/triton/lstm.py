@@ -20,11 +20,11 @@ Launch modes (one kernel, :mod:`fusedconvlstm.triton.lstm_kernels`, serves all t
 
 The backward runs the same decomposition in reverse time and writes the pre-activation
 gradients (which are ``grad_xg``); ``dW_hh`` is one GEMM after the loop
-(:func:`fusedconvlstm.ops.lstm.recurrent_weight_grads`). No atomics touch data, so results are
+(:func:`fusedconvlstm.numerics.recurrence.recurrent_weight_grads`). No atomics touch data, so results are
 bitwise reproducible.
 
 ``proj_size`` runs as an unprojected recurrence on ``W_hh W_hr`` with the projection one GEMM
-after the loop (:mod:`fusedconvlstm.ops.lstm_projection`, shared with the cuda backend).
+after the loop (:mod:`fusedconvlstm.numerics.projection`, shared with the cuda backend).
 
 Precision: ``h`` and the dot operands are in the input dtype, accumulation, ``c`` and the gate
 math in float32. Float32 dots use TF32 when cuDNN's RNNs do (``torch.backends.cudnn.rnn``), as
@@ -44,14 +44,9 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm import backends
-from fusedconvlstm.ops.lstm import (
-    OP,
-    LSTMRecurrenceCall,
-    fp32_recurrence_allows_tf32,
-    recurrent_weight_grads,
-    reverse_mask,
-)
-from fusedconvlstm.ops.lstm_projection import with_projection
+from fusedconvlstm.calls.lstm import OP, LSTMRecurrenceCall
+from fusedconvlstm.numerics.projection import with_projection
+from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32, recurrent_weight_grads, reverse_mask
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest hidden size for which one program holds the whole W_hh (4H × H) on-chip.

@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fusedconvlstm.backends import accumulation_dtype, product_unrounded
+from fusedconvlstm.numerics.precision import accumulation_dtype, product_unrounded
 
 
 def _first_steps(T: int, B: int, lengths: Tensor | None, reverse: bool, device: torch.device) -> Tensor:

@@ -1,6 +1,6 @@
 // The LSTM cell's fused pointwise update, forward and backward, for the step-wise recurrence
 // (one cuBLAS GEMM per step, then one of these kernels). Semantics and layouts are specified in
-// fusedconvlstm/ops/lstm_cell.py; fusedconvlstm/reference/lstm_cell.py is the same contract in
+// fusedconvlstm/cuda/cell_ops.py; fusedconvlstm/cuda/cell_cpu.py is the same contract in
 // PyTorch and the tests hold the two equal.
 //
 // One thread per (recurrence d, batch row b, hidden unit j): it reads the four gate

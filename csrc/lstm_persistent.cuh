@@ -3,7 +3,7 @@
 // loads, the per-group spin barrier and the launch configuration both kernels share.
 //
 // The contract of the two ops (argument layouts, what each buffer holds before and after) is in
-// fusedconvlstm/ops/lstm_persistent.py; the launch configuration is chosen in Python
+// fusedconvlstm/cuda/persistent_ops.py; the launch configuration is chosen in Python
 // (fusedconvlstm/cuda/persistent_config.py, which mirrors shared_memory_bytes() below) and
 // checked here.
 //
@@ -17,6 +17,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "lstm_constants.h"  // kThreads, kKStepBytes, kSyncStride, ...: generated from Python
 
 #include <cstdlib>
 #include <type_traits>
@@ -24,11 +25,7 @@
 namespace fusedconvlstm {
 namespace persistent {
 
-constexpr int kThreads = 256;  // 8 warps per block, split at run time into (wm, wn, wk)
 constexpr int kWarps = kThreads / 32;
-constexpr int kKStepBytes = 32;
-constexpr int kRowPadBytes = 16;
-constexpr int kSyncStride = 32;  // barrier counters 128 bytes apart: one L2 line per group
 // The barrier watchdog, off by default: a correct kernel can wait at a barrier for any length of
 // time (under compute-sanitizer, a debugger's breakpoint, a GPU time-shared with other
 // processes), and a trap poisons the CUDA context of the whole process, so no finite default is
@@ -37,8 +34,6 @@ constexpr int kSyncStride = 32;  // barrier counters 128 bytes apart: one L2 lin
 // instead of hanging (for test runs that must end).
 constexpr unsigned long long kWatchdogNs = 0;
 constexpr const char* kWatchdogEnv = "FUSEDCONVLSTM_BARRIER_TIMEOUT_S";
-// The largest thread-block cluster of sm_90 (16 needs the non-portable opt-in; 8 is portable).
-constexpr int kMaxClusterBlocks = 16;
 
 // Launch configuration: per-warp tile MT x NT mma tiles (MT fixed per kernel, NT a template
 // parameter), warps split as wm (rows) x wn (batch columns) x wk (reduction), the batch split

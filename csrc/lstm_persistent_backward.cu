@@ -32,7 +32,7 @@ struct BackwardParams : RecurrenceParams {
   T* g_buf;         // (2, D, B, kp): zero on entry
 };
 
-constexpr int kMt = 1;  // 16 units per warp row
+constexpr int kMt = kBackwardMt;  // 16 units per warp row
 
 // What the cell backward of (t, b, d, j) reads besides the recurrent part: grad_y, the saved
 // activations and c_t, and c_{t-1}.
@@ -64,7 +64,7 @@ __device__ __forceinline__ StepInputs load_step_inputs(const BackwardParams<T>& 
 }
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 2) lstm_persistent_backward_kernel(const BackwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_persistent_backward_kernel(const BackwardParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const Layout& l = p.l;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

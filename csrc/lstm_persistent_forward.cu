@@ -40,7 +40,7 @@ struct ForwardParams : RecurrenceParams {
   int I;
 };
 
-constexpr int kMt = 2;  // 32 rows per warp: 8 units x 4 gates
+constexpr int kMt = kForwardMt;  // 32 rows per warp: 8 units x 4 gates
 
 // A step's staged y and workspace (y_s[idx], ws_s[k * hs * bt + idx], idx = n * hs + jj) of
 // batch rows b0 + n and units j0 + jj to global memory at time t: consecutive threads take
@@ -65,9 +65,9 @@ __device__ __forceinline__ void store_staged_outputs(const ForwardParams<T>& p, 
 }
 // (unit, row) elements per thread in the cluster kernel: hs * bt = 64 * nt * wm * wn <= 2048.
 constexpr int kClusterElems = 8;
-// Of those, the first kClusterPrefetch have their xg loaded a step ahead (while the cluster
-// waits at its barrier): all of them at the reference shape (hs * bt = 512, two per thread).
-[[maybe_unused]] constexpr int kClusterPrefetch = 2;  // unused where the cluster kernel is compiled out (sm_80)
+// Of those, the first kClusterPrefetch (lstm_constants.h) have their xg loaded a step ahead
+// (while the cluster waits at its barrier): all of them at the reference shape (hs * bt = 512,
+// two per thread).
 
 // kFromInput: the kernel computes the input projection itself (xg is null). Each block keeps the
 // W_ih slice of its units resident beside the W_hh slice, and projects step s + 1's x for its
@@ -76,7 +76,7 @@ constexpr int kClusterElems = 8;
 // barrier's wait instead of running as a GEMM before the loop. The projected gates stay in fp32
 // in shared memory (add_input_projection), so they are never rounded to the input's dtype.
 template <typename T, int NT, bool kFromInput>
-__global__ void __launch_bounds__(kThreads, 2) lstm_persistent_forward_kernel(const ForwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_persistent_forward_kernel(const ForwardParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const Layout& l = p.l;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

@@ -68,6 +68,14 @@ class Implementation:
             raise AttributeError(f"{self.backend} implementation of {self.op} has no {name!r}") from None
 
 
+def _assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without importing dynamo when the package is
+    imported (about a second, for users who never compile): torch's decorator does nothing but set
+    this mark, which dynamo reads when it traces a call (``tests/test_backends.py`` checks that)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 # The kernels ``auto`` considers on CUDA devices, per op, in order; ``torch`` closes the list.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {}
@@ -161,6 +169,13 @@ def backend_why_not(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS + (AUTO,)}, got {backend!r}")
 
 
+def check_backend_name(backend: str) -> str:
+    """Validate a ``backend=`` argument of a module."""
+    if backend not in BACKENDS + (AUTO,):
+        raise ValueError(f"backend must be one of {BACKENDS + (AUTO,)}, got {backend!r}")
+    return backend
+
+
 def requested_backend(backend: str) -> str:
     """The backend a caller asked for, with ``auto`` replaced by ``$FUSEDCONVLSTM_BACKEND``."""
     if backend == AUTO:
@@ -227,7 +242,7 @@ def resolve(op: str, backend: str, call: object, device: torch.device) -> Implem
     return impls[auto_choice(op, call, device)[0]]
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _resolved_name(op: str, backend: str, frozen: tuple) -> str:
     """:func:`resolve`'s backend name for a call given as its ``freeze()`` tuple of plain values:
     while ``torch.compile`` traces, this runs once, eagerly, and its answer is a constant of the
@@ -253,7 +268,7 @@ def module_backend(op: str, backend: str, device: torch.device, make_call: Calla
     return resolve(op, backend, call, call.device).backend
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _requested_off_cuda(backend: str) -> str:
     """What ``backend`` runs off CUDA devices while ``torch.compile`` traces: ``torch`` for
     ``auto``, else the backend named (the op checks that it can serve when it runs)."""

@@ -1,7 +1,7 @@
 """A CPU model of the persistent LSTM kernels (``csrc/lstm_persistent_*.cu``), line by line.
 
 The kernels were written without a GPU. This model runs their index arithmetic in float64 so the
-tests can hold it against the reference op (:mod:`fusedconvlstm.reference.lstm_persistent`):
+tests can hold it against the reference op (:mod:`fusedconvlstm.cuda.persistent_cpu`):
 
 - shared memory is addressed in bytes with the kernels' layout (W slice and h / dG tile in rows
   of ``lda`` bytes, then the fp32 partial sums); it starts as NaN, so a read of a byte the kernel
@@ -28,13 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fusedconvlstm.cuda.constants import CLUSTER_PREFETCH, K_STEP_BYTES, SYNC_STRIDE, THREADS
 from fusedconvlstm.cuda.persistent_config import Layout, output_staging_bytes
 
-THREADS = 256
-CLUSTER_PREFETCH = 2  # kClusterPrefetch: elements per thread whose xg the cluster kernel loads ahead
-WARPS = 8
-K_STEP_BYTES = 32
-SYNC_STRIDE = 32
+WARPS = THREADS // 32
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,3 +85,33 @@ def test_wrappers_leave_resolution_to_the_op_while_compiling():
     assert backends.backend_for_op("lstm_recurrence", "auto", call, torch.device("cpu")) == "torch"
     with pytest.raises(BackendUnavailableError):
         backends.backend_for_op("lstm_recurrence", "cuda", call, torch.device("cpu"))
+
+
+def test_constant_mark_is_torch_compiles_own():
+    """The package marks its traced-as-constant functions as ``torch.compiler.assume_constant_result``
+    does (without importing dynamo at package import): the same attributes, the same function."""
+
+    def probe():
+        return 1
+
+    def ours():
+        return 1
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe
+    assert backends._assume_constant_result(ours) is ours
+    added = set(vars(probe)) - set(vars(lambda: None))
+    assert added and added == set(vars(ours)) and all(vars(ours)[k] == vars(probe)[k] for k in added)
+    assert all(getattr(backends._resolved_name, k) == vars(probe)[k] for k in added)
+    assert all(getattr(backends._requested_off_cuda, k) == vars(probe)[k] for k in added)
+
+
+def test_importing_the_package_does_not_import_dynamo():
+    """``import fusedconvlstm`` stays light: torch.compile's frontend (about a second to import) is
+    loaded only by those who compile, and optional packages only when used."""
+    import subprocess
+    import sys
+
+    code = "import sys, fusedconvlstm; print(' '.join(m for m in ('torch._dynamo', 'h5py', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""

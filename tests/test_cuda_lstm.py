@@ -28,9 +28,9 @@ from fusedconvlstm import backends, passmark
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
+from fusedconvlstm.cuda.constants import SYNC_STRIDE, padded_reduction
+from fusedconvlstm.cuda.persistent_ops import OPS as PERSISTENT_OPS
 from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32, reverse_mask
-from fusedconvlstm.ops.lstm_persistent import OPS as PERSISTENT_OPS
-from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.reference.lstm import lstm_recurrence_reference
 from tests.helpers import assert_pass_mark, capture_graph, lstm_weights, poison_, rel_err
 
@@ -228,7 +228,7 @@ def _persistent_forward_args(T, B, D, H, dtype=F64, lengths=None, reverse=(False
     xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, device)
     acc = F64 if dtype == F64 else torch.float32
     layout = pc.make_layout("forward", 1, 1, 1, 8, 1, B, D, H, torch.float32 if dtype == F64 else dtype)
-    h_buf = torch.zeros(2, D, B, padded_reduction(H, dtype), dtype=dtype, device=device)
+    h_buf = torch.zeros(2, D, B, padded_reduction(H, dtype.itemsize), dtype=dtype, device=device)
     h_buf[0, :, :, :H] = h0
     return (
         xg,
@@ -281,7 +281,7 @@ def _persistent_backward_args(fwd_args, lengths=None):
         torch.randn(D, B, H, dtype=acc, device=dev),
         torch.randn(D, B, H, dtype=acc, device=dev),
         torch.empty(T, B, D, G, dtype=dtype, device=dev),
-        torch.zeros(2, D, B, padded_reduction(G, dtype), dtype=dtype, device=dev),
+        torch.zeros(2, D, B, padded_reduction(G, dtype.itemsize), dtype=dtype, device=dev),
         torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=dev),
     )
 
@@ -335,7 +335,7 @@ def test_chosen_configuration_fits_and_covers_the_problem(kind, dtype, batch, re
         assert 1 <= layout.nbg <= layout.nbt
         assert layout.grid == recurrences * layout.nbg * layout.nu
         k = hidden if kind == "forward" else 4 * hidden
-        assert layout.kp == padded_reduction(k, dtype) and (layout.kp * dtype.itemsize) % 32 == 0
+        assert layout.kp == padded_reduction(k, dtype.itemsize) and (layout.kp * dtype.itemsize) % 32 == 0
 
 
 def test_layout_matches_the_kernel_arithmetic():
@@ -936,7 +936,7 @@ def test_gpu_kernels_write_every_output_element(dtype):
     reverse = [False, True]
     xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, "cuda")
     fwd = pc.choose_config("forward", B, D, H, dtype, pc.DeviceLimits.of(torch.device("cuda")))
-    kp = padded_reduction(H, dtype)
+    kp = padded_reduction(H, dtype.itemsize)
     h_buf = torch.zeros(2, D, B, kp, dtype=dtype, device="cuda")
     h_buf[0, ..., :H] = h0
     poison_(h_buf[1, ..., :H])  # written in full at step 0 (valid rows and carried ones)
@@ -955,7 +955,7 @@ def test_gpu_kernels_write_every_output_element(dtype):
     assert torch.all(torch.where(valid, 0, y) == 0) and torch.all(torch.where(valid, 0, ws) == 0)
 
     bwd = pc.choose_config("backward", B, D, H, dtype, pc.DeviceLimits.of(torch.device("cuda")))
-    g_buf = torch.zeros(2, D, B, padded_reduction(4 * H, dtype), dtype=dtype, device="cuda")
+    g_buf = torch.zeros(2, D, B, padded_reduction(4 * H, dtype.itemsize), dtype=dtype, device="cuda")
     poison_(g_buf[1, ..., : 4 * H])
     dgates = poison_(torch.empty(T, B, D, 4 * H, dtype=dtype, device="cuda"))
     dh, dc = torch.randn(D, B, H, device="cuda"), torch.randn(D, B, H, device="cuda")
@@ -1158,7 +1158,7 @@ def test_gpu_cluster_forward_every_configuration_matches_the_reference(dtype, T,
     layouts = _all_fitting_cluster_layouts(B, D, H, dtype)
     assert layouts
     assert H == 512 or len({lay.nu for lay in layouts}) > 1  # clusters of several sizes
-    kp, mask = padded_reduction(H, dtype), reverse_mask(reverse)
+    kp, mask = padded_reduction(H, dtype.itemsize), reverse_mask(reverse)
     valid = (torch.arange(T, device="cuda").unsqueeze(1) < lengths).view(T, B, 1, 1)
     for lay in layouts:
         h_buf = torch.zeros(2, D, B, kp, dtype=dtype, device="cuda")

@@ -448,6 +448,7 @@ def test_autocast_dtype_follows_nn_lstm_per_device(monkeypatch):
     from types import SimpleNamespace
 
     from fusedconvlstm.nn import lstm as lstm_module
+    from fusedconvlstm.numerics import precision
 
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type: True)
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
@@ -457,7 +458,7 @@ def test_autocast_dtype_follows_nn_lstm_per_device(monkeypatch):
 
     assert lstm_module.lstm_autocast_dtype(tensor_on("cuda")) == torch.float16
     assert lstm_module.lstm_autocast_dtype(tensor_on("cpu")) == torch.bfloat16
-    assert lstm_module.autocast_dtype(tensor_on("cuda")) == torch.bfloat16  # the convs: the autocast dtype
+    assert precision.autocast_dtype(tensor_on("cuda")) == torch.bfloat16  # the convs: the autocast dtype
     assert lstm_module.lstm_autocast_dtype(tensor_on("cuda", torch.float64)) is None
 
 

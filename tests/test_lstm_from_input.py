@@ -21,9 +21,9 @@ from fusedconvlstm import backends
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
+from fusedconvlstm.cuda.constants import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.numerics.recurrence import reverse_mask
 from fusedconvlstm.ops.lstm import _lstm_from_input_op, lstm_layer, lstm_recurrence
-from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 from tests.helpers import rel_err
 
 F64 = torch.float64
@@ -85,7 +85,7 @@ def _kernel_op_args(T=4, B=3, D=2, n_in=9, H=5, dtype=torch.float32):
     layout = pc.make_layout(pc.FROM_INPUT, 1, 1, 1, 8, 1, B, D, H, dtype, input_size=n_in)
     x_pad = torch.zeros(T, B, layout.kpx, dtype=dtype)
     x_pad[..., :n_in] = x
-    h_buf = torch.zeros(2, D, B, padded_reduction(H, dtype), dtype=dtype)
+    h_buf = torch.zeros(2, D, B, padded_reduction(H, dtype.itemsize), dtype=dtype)
     h_buf[0, :, :, :H] = h0
     return [
         x_pad,

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusedconvlstm.cuda import persistent_config as pc
+from fusedconvlstm.cuda import persistent_cpu as ref
+from fusedconvlstm.cuda.constants import padded_reduction
 from fusedconvlstm.numerics.recurrence import reverse_mask
-from fusedconvlstm.reference import lstm_persistent as ref
 from tests import persistent_kernel_model as km
 from tests.helpers import lstm_weights
 
@@ -112,7 +113,7 @@ def _inputs(seed, shape=(T, B, D, H)):
 
 def _reference_forward(xg, w, h0, c0, lengths, reverse=REVERSE):
     t, b, d, h = xg.shape[0], xg.shape[1], xg.shape[2], xg.shape[3] // 4
-    h_buf = torch.zeros(2, d, b, ref.padded_reduction(h, F64), dtype=F64)
+    h_buf = torch.zeros(2, d, b, padded_reduction(h, F64.itemsize), dtype=F64)
     h_buf[0, :, :, :h] = h0
     c = c0.clone()
     y = torch.empty(t, b, d, h, dtype=F64)
@@ -127,7 +128,7 @@ def _reference_backward(grad_y, ws, c0, w, grad_h_n, grad_c_n, lengths, reverse=
     t, b, d, h = grad_y.shape
     dh, dc = grad_h_n.clone(), grad_c_n.clone()
     dgates = torch.empty(t, b, d, 4 * h, dtype=F64)
-    g_buf = torch.zeros(2, d, b, ref.padded_reduction(4 * h, F64), dtype=F64)
+    g_buf = torch.zeros(2, d, b, padded_reduction(4 * h, F64.itemsize), dtype=F64)
     sync = torch.empty(d * km.SYNC_STRIDE, dtype=torch.int32)
     ref.lstm_persistent_backward_(
         grad_y, ws, c0, w, lengths, reverse_mask(reverse), 1, 1, 1, 8, 1, False, dh, dc, dgates, g_buf, sync
@@ -352,20 +353,35 @@ def test_backward_kernel_model_on_random_problems(problem):
         _close(a, b_, f"backward {shape} {cfg}: {name}")
 
 
-def test_model_constants_are_the_kernels():
-    """The model's block size and cluster prefetch depth are read from the CUDA sources."""
-    import re
+def test_kernel_constants_header_is_generated_from_python():
+    """The kernels' constants come from ``csrc/lstm_constants.h``, generated from
+    :mod:`fusedconvlstm.cuda.constants` (which the model, the planner and the drivers read): the
+    committed header must be exactly what the Python side generates."""
     from pathlib import Path
 
+    from fusedconvlstm.cuda import constants
+
+    header = Path(__file__).resolve().parent.parent / constants.HEADER
+    assert header.read_text() == constants.header_text(), "run: python fusedconvlstm/cuda/constants.py"
+    for name in ("kThreads", "kKStepBytes", "kSyncStride", "kMaxClusterBlocks", "kClusterPrefetch"):
+        assert f"constexpr int {name} = " in constants.header_text()
+    assert km.THREADS == constants.THREADS and km.CLUSTER_PREFETCH == constants.CLUSTER_PREFETCH
+
+
+def test_no_kernel_source_redefines_a_generated_constant():
+    """A constant of the generated header is defined nowhere else in ``csrc/`` (a second
+    definition would be a compile error in the same namespace, or a silent shadow in another)."""
+    from pathlib import Path
+
+    from fusedconvlstm.cuda import constants
+
     csrc = Path(__file__).resolve().parent.parent / "csrc"
-    text = (csrc / "lstm_persistent.cuh").read_text() + (csrc / "lstm_persistent_forward.cu").read_text()
-
-    def constant(name: str) -> int:
-        (value,) = re.findall(rf"constexpr int {name} = (\d+);", text)
-        return int(value)
-
-    assert constant("kThreads") == km.THREADS
-    assert constant("kClusterPrefetch") == km.CLUSTER_PREFETCH
+    for src in sorted(csrc.glob("lstm_persistent*")):
+        text = src.read_text()
+        for name in constants._CPP_NAMES.values():
+            assert f"constexpr int {name} =" not in text, (
+                f"{src.name} defines {name}: edit fusedconvlstm/cuda/constants.py"
+            )
 
 
 # =============================================================================================

@@ -1,10 +1,10 @@
 """``cuda`` backend of ``lstm_recurrence``: the persistent kernels, and the step-wise path beside them.
 
 Two compiled implementations of the same math, with the same workspace (``[i, f, g, o, c]`` per
-step in float32, :mod:`fusedconvlstm.ops.lstm_cell`), so a forward of one and a backward of the
+step in float32, :mod:`fusedconvlstm.cuda.cell_ops`), so a forward of one and a backward of the
 other combine freely:
 
-- **persistent** (``csrc/lstm_persistent_*.cu``, :mod:`fusedconvlstm.ops.lstm_persistent`): one
+- **persistent** (``csrc/lstm_persistent_*.cu``, :mod:`fusedconvlstm.cuda.persistent_ops`): one
   cooperative launch runs all ``T`` steps of all ``D`` recurrences with the recurrent weights
   resident in shared memory and one barrier per step; a second launch runs the whole reverse-time
   sweep. float16 / bfloat16 run on tensor cores with fp32 accumulation; float32 runs TF32 when
@@ -55,12 +55,12 @@ from torch import Tensor
 
 from fusedconvlstm import backends
 from fusedconvlstm.calls.lstm import OP, LSTMRecurrenceCall
-from fusedconvlstm.cuda import persistent_config
+from fusedconvlstm.cuda import cell_ops, persistent_config, persistent_ops  # noqa: F401  (the kernel ops' schemas)
+from fusedconvlstm.cuda.constants import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout, preferred_forward_kernel
 from fusedconvlstm.numerics.precision import accumulation_dtype, product_unrounded
 from fusedconvlstm.numerics.projection import with_projection
 from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32, recurrent_weight_grads, reverse_mask
-from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
 
 _cell_forward = torch.ops.fusedconvlstm.lstm_cell_forward_
 _cell_backward = torch.ops.fusedconvlstm.lstm_cell_backward_
@@ -324,7 +324,7 @@ def _run_forward(layout, like, tb, inputs, w_hh, h0, c0, lengths, reverse, save_
     ``(x, w_ih, bias)`` for FROM_INPUT): the state buffers around it, ``(y, h_n, c_n, workspace)``."""
     (T, B), D, H = tb, len(w_hh), w_hh[0].shape[1]
     acc = accumulation_dtype(like.dtype)
-    h_buf = like.new_zeros(2, D, B, padded_reduction(H, like.dtype))
+    h_buf = like.new_zeros(2, D, B, padded_reduction(H, like.dtype.itemsize))
     h_buf[0, :, :, :H] = h0
     c = c0.to(acc, copy=True).contiguous()
     y = like.new_empty((T, B, D, H) if write_y else (0,))
@@ -369,7 +369,7 @@ def lstm_recurrence_from_input_forward(
     D, G = len(w_hh), w_hh[0].shape[0]
     call = LSTMRecurrenceCall(T, B, D, G // 4, 0, x.dtype, x.device, lengths is not None, tuple(map(bool, reverse)))
     layout = _plan_or_raise(call, persistent_config.FROM_INPUT, config, n_in)
-    kpx = padded_reduction(n_in, x.dtype)
+    kpx = padded_reduction(n_in, x.dtype.itemsize)
     x_pad = _aligned_16(x if kpx == n_in else torch.nn.functional.pad(x, (0, kpx - n_in)))
     b32 = torch.zeros(D, G, dtype=accumulation_dtype(x.dtype), device=x.device)
     if bias is not None:
@@ -391,7 +391,7 @@ def lstm_recurrence_persistent_backward(
     dh_carry = grad_h_n.to(acc, copy=True).contiguous()
     dc = grad_c_n.to(acc, copy=True).contiguous()
     dgates = xg.new_empty(T, B, D, G)
-    g_buf = xg.new_zeros(2, D, B, padded_reduction(G, xg.dtype))
+    g_buf = xg.new_zeros(2, D, B, padded_reduction(G, xg.dtype.itemsize))
     sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=xg.device)
     lengths_dev = _lengths_on(lengths, xg.device)
     _persistent_backward(

@@ -1,6 +1,6 @@
 """Launch configurations of the persistent LSTM kernels: what fits a device, and which to take.
 
-A configuration ``(nt, wm, wn, wk, nbg)`` is described in :mod:`fusedconvlstm.ops.lstm_persistent`.
+A configuration ``(nt, wm, wn, wk, nbg)`` is described in :mod:`fusedconvlstm.cuda.persistent_ops`.
 :func:`make_layout` mirrors ``make_layout`` in ``csrc/lstm_persistent.cuh`` (the kernels check
 the same numbers again and refuse what does not fit). :func:`choose_config` enumerates every
 configuration that fits — the recurrent-weight slice, one batch tile and the partial sums in
@@ -29,14 +29,23 @@ from dataclasses import dataclass
 
 import torch
 
-THREADS = 256
+from fusedconvlstm.cuda.constants import (
+    BACKWARD_MMA_ROWS,
+    FORWARD_MMA_ROWS,
+    K_STEP_BYTES,
+    MAX_CLUSTER_BLOCKS,
+    MIN_BLOCKS_PER_SM,
+    ROW_PAD_BYTES,
+    THREADS,
+    padded_reduction,
+)
+
 WARPS = THREADS // 32
-# __launch_bounds__(256, 2) asks ptxas for at most 128 registers so that two blocks fit; it is a
-# minimum, not a cap. Three could fit if a compiler ever used fewer than ~80 registers; counting
-# two keeps the co-residency check conservative (a smaller grid than possible, never a larger).
-MAX_BLOCKS_PER_SM = 2
-K_STEP_BYTES = 32
-ROW_PAD_BYTES = 16
+# __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM) asks ptxas for at most 128 registers so that two
+# blocks fit; it is a minimum, not a cap. Three could fit if a compiler ever used fewer than ~80
+# registers; counting two keeps the co-residency check conservative (a smaller grid than
+# possible, never a larger).
+MAX_BLOCKS_PER_SM = MIN_BLOCKS_PER_SM
 KINDS = ("forward", "backward")
 CLUSTER = "forward_cluster"  # the forward on thread-block clusters
 FROM_INPUT = "forward_from_input"  # the cooperative forward computing x W_ihᵀ itself
@@ -50,10 +59,13 @@ FORWARD_KERNEL_ENV = "FUSEDCONVLSTM_LSTM_FWD_KERNEL"
 # "input": the cooperative kernel that also computes the input projection (where a layer's
 # input, not its precomputed gates, reaches the backend: fusedconvlstm.ops.lstm.lstm_layer).
 FORWARD_KERNELS = ("cooperative", "cluster", "input")
-# The largest thread-block cluster of sm_90 (kMaxClusterBlocks in csrc; 16 is non-portable).
-MAX_CLUSTER_BLOCKS = 16
 # Forward: a warp row of two m16 tiles = 8 units x 4 gates; backward: one m16 tile of units.
-_ROWS_PER_WARP = {"forward": 32, "backward": 16, CLUSTER: 32, FROM_INPUT: 32}
+_ROWS_PER_WARP = {
+    "forward": 16 * FORWARD_MMA_ROWS,
+    "backward": 16 * BACKWARD_MMA_ROWS,
+    CLUSTER: 16 * FORWARD_MMA_ROWS,
+    FROM_INPUT: 16 * FORWARD_MMA_ROWS,
+}
 _ROWS_PER_UNIT = {"forward": 4, "backward": 1, CLUSTER: 4, FROM_INPUT: 4}
 # h (or dG) tiles held in shared memory: the cluster kernel double-buffers its exchanged h.
 _STATE_TILES = {"forward": 1, "backward": 1, CLUSTER: 2, FROM_INPUT: 1}
@@ -261,7 +273,7 @@ def make_layout(
     hs = rows_a // _ROWS_PER_UNIT[kind]
     bt = 8 * nt * wn
     k = 4 * hidden if kind == "backward" else hidden
-    kp = -(-k // (K_STEP_BYTES // eb)) * (K_STEP_BYTES // eb)
+    kp = padded_reduction(k, eb)
     lda = kp * eb + ROW_PAD_BYTES
     ldr = rows_a + 4
     smem = rows_a * lda + _STATE_TILES[kind] * bt * lda + wk * bt * ldr * 4
@@ -273,7 +285,7 @@ def make_layout(
     if kind == FROM_INPUT:  # the W_ih slice, one x tile, the projected gates of each tile
         if input_size <= 0:
             raise ValueError(f"the {FROM_INPUT} kind needs input_size > 0, got {input_size}")
-        kpx = -(-input_size // (K_STEP_BYTES // eb)) * (K_STEP_BYTES // eb)
+        kpx = padded_reduction(input_size, eb)
         ldx = kpx * eb + ROW_PAD_BYTES
         smem += (rows_a + bt) * ldx + -(-nbt // nbg) * bt * rows_a * 4
     return Layout(kind, nt, wm, wn, wk, nbg, hs, bt, nu, nbt, kp, smem, recurrences * nbg * nu, kpx)

@@ -23,14 +23,13 @@ from fusedconvlstm.nn.conv1d_stack import Conv1dStack, min_input_length
 from fusedconvlstm.nn.lstm import (
     LSTM,
     ParallelLSTM,
-    autocast_dtype,
-    check_backend_name,
     parallel_input_projection,
     parallel_recurrent_weights,
     torch_lstm_traceable,
 )
 from fusedconvlstm.numerics import dropout as philox_dropout
 from fusedconvlstm.numerics.dropout import draw_seed
+from fusedconvlstm.numerics.precision import autocast_dtype
 from fusedconvlstm.ops.conv1d import conv1d_stack_embedding, conv1d_stack_embedding_projection, stack_call
 from fusedconvlstm.ops.lstm import lstm_recurrence
 
@@ -109,7 +108,7 @@ class ConvLSTMClassifier(nn.Module):
         super().__init__()
         cfg = ClassifierConfig(**config)
         self.config = cfg
-        self.backend = check_backend_name(backend)
+        self.backend = backends.check_backend_name(backend)
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, device=device, dtype=dtype)
         self.conv = Conv1dStack(
             cfg.embedding_dim,

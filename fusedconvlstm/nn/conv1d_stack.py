@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from fusedconvlstm import backends, torch_backend
 from fusedconvlstm.calls.conv1d import ACTIVATIONS
 from fusedconvlstm.calls.conv1d import OP as CONV_OP
-from fusedconvlstm.nn.lstm import autocast_dtype, check_backend_name
 from fusedconvlstm.numerics.dropout import draw_seed
+from fusedconvlstm.numerics.precision import autocast_dtype
 from fusedconvlstm.ops.conv1d import conv1d_stack, stack_call
 
 ACTIVATION_MODULES: dict[type, str] = {nn.Identity: "none", nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
@@ -181,7 +181,7 @@ class Conv1dStack(nn.Module):
             self.layers.append(nn.Conv1d(c_in, c_out, k, stride=s, dilation=d, bias=b, device=device, dtype=dtype))
             c_in = c_out
         self.channels_last = channels_last
-        self.backend = check_backend_name(backend)
+        self.backend = backends.check_backend_name(backend)
 
     @property
     def in_channels(self) -> int:

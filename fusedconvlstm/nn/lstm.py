@@ -25,15 +25,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from fusedconvlstm import backends, torch_backend
 from fusedconvlstm.calls.lstm import OP as LSTM_OP
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
+from fusedconvlstm.numerics import precision
 from fusedconvlstm.ops.lstm import lstm_layer
-
-
-def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast runs ``x``'s device in, or ``None`` when autocast is off there or does
-    not cast ``x`` (autocast leaves float64 and non-float tensors alone)."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(x.device.type)
-    return None
 
 
 def lstm_autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -41,7 +34,7 @@ def lstm_autocast_dtype(x: Tensor) -> torch.dtype | None:
     (PyTorch's autocast wrapper of cuDNN's RNN casts to half, aten/src/ATen/cudnn/AutocastRNN.cpp),
     elsewhere the autocast dtype. A drop-in module follows it; to run bfloat16, convert the module
     (``lstm.to(torch.bfloat16)``) instead."""
-    cast = autocast_dtype(x)
+    cast = precision.autocast_dtype(x)
     if cast is not None and x.device.type == "cuda":
         return torch.float16
     return cast
@@ -53,13 +46,6 @@ def torch_lstm_traceable() -> bool:
     aten's LSTM backward (it raises, torch 2.11 to 2.14). There the module runs the ``torch``
     backend's gate-level op instead (``F.linear`` and aten ops step by step), which compiles."""
     return not (torch.compiler.is_compiling() and torch.is_grad_enabled())
-
-
-def check_backend_name(backend: str) -> str:
-    """Validate a ``backend=`` argument of a module."""
-    if backend not in backends.BACKENDS + (backends.AUTO,):
-        raise ValueError(f"backend must be one of {backends.BACKENDS + (backends.AUTO,)}, got {backend!r}")
-    return backend
 
 
 class LSTM(nn.Module):
@@ -110,7 +96,7 @@ class LSTM(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bidirectional, proj_size
-        self.backend = check_backend_name(backend)
+        self.backend = backends.check_backend_name(backend)
         factory = {"device": device, "dtype": dtype}
         D = 2 if bidirectional else 1
         real_hidden = proj_size if proj_size > 0 else hidden_size

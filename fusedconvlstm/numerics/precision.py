@@ -56,3 +56,11 @@ def no_autocast(t: torch.Tensor) -> torch.autocast:
     """A context in which autocast is off on ``t``'s device: backends compute in the dtypes they
     were given, and autocast must not recast the torch ops inside them."""
     return torch.autocast(t.device.type, enabled=False)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs ``x``'s device in, or ``None`` when autocast is off there or does
+    not cast ``x`` (autocast leaves float64 and non-float tensors alone)."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return None

@@ -5,14 +5,10 @@ autograd); ``lstm_layer`` is a layer from its input (the input-projection GEMM a
 ``lstm_recurrence``, or ``lstm_recurrence_from_input`` where the cuda backend computes the
 projection inside its kernel); the Python wrappers ``conv1d_stack_embedding``, ``conv1d_stack_projection`` and
 ``conv1d_stack_embedding_projection`` call ``conv1d_stack`` with its embedding prologue, its
-projection epilogue or both. Kernel-level
-ops of the ``cuda`` backend: ``lstm_cell_forward_`` and ``lstm_cell_backward_`` (step-wise),
-``lstm_persistent_forward_``, ``lstm_cluster_forward_``, ``lstm_persistent_forward_from_input_``
-and ``lstm_persistent_backward_`` (persistent).
+projection epilogue or both. The kernel-level ops of the ``cuda`` backend live with it, in
+:mod:`fusedconvlstm.cuda`.
 """
 
-# Kernel-level op schemas first: the compiled extension registers its kernels against them.
-from fusedconvlstm.ops import lstm_cell, lstm_persistent  # noqa: F401
 from fusedconvlstm.ops.conv1d import (
     conv1d_stack,
     conv1d_stack_embedding,

@@ -2,7 +2,7 @@
 
 These are the building blocks of the ``cuda`` backend's step-wise recurrence (a cuBLAS GEMM per
 step, then one fused pointwise kernel). They update buffers in place. The CUDA implementations
-live in ``csrc/lstm_cell.cu``; the CPU implementations in :mod:`fusedconvlstm.reference.lstm_cell`
+live in ``csrc/lstm_cell.cu``; the CPU implementations in :mod:`fusedconvlstm.cuda.cell_cpu`
 define the contract in plain PyTorch and let the step-wise driver be tested without a GPU.
 
 For recurrence ``d`` of ``D`` at driver step ``step``, the time index is
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedconvlstm.reference import lstm_cell as _reference_cell
+from fusedconvlstm.cuda import cell_cpu as _reference_cell
 
 _LIB = torch.library.Library("fusedconvlstm", "FRAGMENT")
 _LIB.define(

@@ -1,10 +1,10 @@
 """Kernel-level ops of the persistent LSTM recurrence (one launch for all time steps).
 
 The CUDA implementations live in ``csrc/lstm_persistent_forward.cu`` and
-``csrc/lstm_persistent_backward.cu``; :mod:`fusedconvlstm.reference.lstm_persistent` implements
+``csrc/lstm_persistent_backward.cu``; :mod:`fusedconvlstm.cuda.persistent_cpu` implements
 the same contract in plain PyTorch on the CPU, so the driver in :mod:`fusedconvlstm.cuda.lstm` is
 tested without a GPU. Both ops update buffers in place and return nothing. Their math and
-workspace are the step-wise cell ops' (:mod:`fusedconvlstm.ops.lstm_cell`), so a forward of one
+workspace are the step-wise cell ops' (:mod:`fusedconvlstm.cuda.cell_ops`), so a forward of one
 path and a backward of the other combine freely.
 
 Launch configuration (``nt, wm, wn, wk, nbg``, chosen by :mod:`fusedconvlstm.cuda.persistent_config`):
@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedconvlstm.reference import lstm_persistent as _reference
+from fusedconvlstm.cuda import persistent_cpu as _reference
 
 _LIB = torch.library.Library("fusedconvlstm", "FRAGMENT")
 _LIB.define(
@@ -127,11 +127,3 @@ torch.library.impl(
     lib=_LIB,
 )
 torch.library.impl("fusedconvlstm::lstm_persistent_backward_", "cpu", _reference.lstm_persistent_backward_, lib=_LIB)
-
-
-def padded_reduction(k: int, dtype: torch.dtype) -> int:
-    """``k`` rounded up to one 32-byte k-step of the kernels' mma (16 elements, or 8 floats)."""
-    return _reference.padded_reduction(k, dtype)
-
-
-SYNC_STRIDE = 32  # int32 counters per barrier group (one 128-byte line each)

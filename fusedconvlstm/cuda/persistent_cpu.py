@@ -1,7 +1,7 @@
 """Plain-PyTorch implementations of the persistent-kernel ops (the contract the CUDA kernels follow).
 
-See :mod:`fusedconvlstm.ops.lstm_persistent` for the semantics. The time loop calls the cell
-ops' reference update (:mod:`fusedconvlstm.reference.lstm_cell`), so the math is the step-wise
+See :mod:`fusedconvlstm.cuda.persistent_ops` for the semantics. The time loop calls the cell
+ops' reference update (:mod:`fusedconvlstm.cuda.cell_cpu`), so the math is the step-wise
 path's by construction; what these functions add is the persistent ops' buffer contract (the
 padded h double buffer, the state tensors updated in place), which is what the driver in
 :mod:`fusedconvlstm.cuda.lstm` must get right. The recurrent product is accumulated in float32
@@ -15,15 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedconvlstm.cuda.persistent_config import MAX_CLUSTER_BLOCKS
+from fusedconvlstm.cuda import cell_cpu as _cell
+from fusedconvlstm.cuda.constants import MAX_CLUSTER_BLOCKS, padded_reduction
 from fusedconvlstm.numerics.precision import accumulation_dtype
-from fusedconvlstm.reference import lstm_cell as _cell
-
-
-def padded_reduction(k: int, dtype: torch.dtype) -> int:
-    """``k`` rounded up to a whole 32-byte k-step (the padded width of the exchange buffers)."""
-    step = 32 // dtype.itemsize
-    return -(-k // step) * step
 
 
 def _check(op: str, t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -73,7 +67,7 @@ def _check_forward_buffers(op, sizes, dtype, w_hh, h_buf, c_state, y, workspace)
     T, B, D, H = sizes
     acc = accumulation_dtype(dtype)
     _check(op, w_hh, "w_hh", (D, 4 * H, H), dtype)
-    _check(op, h_buf, "h_buf", (2, D, B, padded_reduction(H, dtype)), dtype)
+    _check(op, h_buf, "h_buf", (2, D, B, padded_reduction(H, dtype.itemsize)), dtype)
     _check(op, c_state, "c_state", (D, B, H), acc)
     if y.numel():  # empty: only the final state is wanted
         _check(op, y, "y", (T, B, D, H), dtype)
@@ -123,7 +117,7 @@ def lstm_persistent_forward_from_input_(
     H = G // 4
     acc = accumulation_dtype(x.dtype)
     _check_config(op, nt, wm, wn, wk, nbg)
-    _check(op, x, "x", (T, B, padded_reduction(n_in, x.dtype)), x.dtype)
+    _check(op, x, "x", (T, B, padded_reduction(n_in, x.dtype.itemsize)), x.dtype)
     _check(op, w_ih, "w_ih", (D, G, n_in), x.dtype)
     _check(op, bias, "bias", (D, G), acc)
     _check_forward_buffers(op, (T, B, D, H), x.dtype, w_hh, h_buf, c_state, y, workspace)
@@ -192,7 +186,7 @@ def lstm_persistent_backward_(
     _check(op, w_hh, "w_hh", (D, G, H), dgates.dtype)
     for name, t in (("dh_carry", dh_carry), ("dc", dc)):
         _check(op, t, name, (D, B, H), acc)
-    _check(op, g_buf, "g_buf", (2, D, B, padded_reduction(G, dgates.dtype)), dgates.dtype)
+    _check(op, g_buf, "g_buf", (2, D, B, padded_reduction(G, dgates.dtype.itemsize)), dgates.dtype)
     w = w_hh.to(acc)
     dh_rec = torch.zeros(D, B, H, dtype=acc, device=dgates.device)
     dgates_step = dgates.new_empty(D, B, G)

@@ -1,6 +1,6 @@
 """Plain-PyTorch implementations of the cell ops (the contract ``csrc/lstm_cell.cu`` follows).
 
-See :mod:`fusedconvlstm.ops.lstm_cell` for the semantics. The math runs in float32 (float64 for
+See :mod:`fusedconvlstm.cuda.cell_ops` for the semantics. The math runs in float32 (float64 for
 float64 tensors), as in the CUDA kernel.
 """
 

@@ -67,6 +67,10 @@ class Implementation:
         except KeyError:
             raise AttributeError(f"{self.backend} implementation of {self.op} has no {name!r}") from None
 
+    def get(self, name: str) -> Callable | None:
+        """An optional function of the op's interface (``describe``, ...), ``None`` if not given."""
+        return self.functions.get(name)
+
 
 def _assume_constant_result(fn: Callable) -> Callable:
     """``torch.compiler.assume_constant_result(fn)`` without importing dynamo when the package is
@@ -83,6 +87,7 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {}
 # plain values and back (what a decision made while torch.compile traces is keyed on).
 _FEATURES: dict[str, Callable[[object], dict[str, int]]] = {}
 _THAW: dict[str, Callable[[tuple], object]] = {}
+_INTERFACE: dict[str, type] = {}
 
 
 def register_op(
@@ -90,10 +95,12 @@ def register_op(
     auto_order: tuple[str, ...],
     features: Callable[[object], dict[str, int]],
     thaw: Callable[[tuple], object],
+    interface: type,
 ) -> None:
     """Declare an op: the kernels ``auto`` tries on a CUDA device, in order (each only where a
-    validation record covers the call), the call's ``features`` records range over, and
-    ``thaw``, which rebuilds a call from its ``freeze()`` tuple."""
+    validation record covers the call), the call's ``features`` records range over, ``thaw``,
+    which rebuilds a call from its ``freeze()`` tuple, and the ``interface`` (a runtime-checkable
+    Protocol of :mod:`fusedconvlstm.calls`) every implementation must satisfy."""
     for name in auto_order:
         if name not in KERNELS:
             raise ValueError(f"register_op: auto considers only the kernels {KERNELS}, got {name!r}")
@@ -101,6 +108,9 @@ def register_op(
     _AUTO_ORDER[op] = tuple(auto_order)
     _FEATURES[op] = features
     _THAW[op] = thaw
+    _INTERFACE[op] = interface
+    for impl in _REGISTRY[op].values():
+        _check_interface(impl)
 
 
 def call_features(op: str, call: object) -> dict[str, int]:
@@ -115,8 +125,25 @@ def register_implementation(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     impl = Implementation(op, backend, why_not, functions)
+    _check_interface(impl)
     _REGISTRY.setdefault(op, {})[backend] = impl
     return impl
+
+
+def _check_interface(impl: Implementation) -> None:
+    """Refuse an implementation that lacks a member of its op's interface (once the op is declared)."""
+    interface = _INTERFACE.get(impl.op)
+    if interface is not None and not isinstance(impl, interface):
+        members = [n for n in vars(interface) if not n.startswith("_")] + list(
+            getattr(interface, "__annotations__", {})
+        )
+        missing = sorted(n for n in members if not hasattr(impl, n))
+        raise TypeError(f"the {impl.backend} implementation of {impl.op} lacks {missing} of {interface.__name__}")
+
+
+def implementation(op: str, backend: str) -> Implementation | None:
+    """The implementation ``backend`` registered for ``op`` (``None`` where it has none)."""
+    return _REGISTRY[op].get(backend)
 
 
 def _triton_why_not(device: torch.device) -> str | None:
@@ -305,7 +332,7 @@ def explain(op: str, call: object, device: torch.device, detail: bool = False) -
             if reason is not None:
                 reason = f"cannot serve: {reason}"
             else:
-                how = _REGISTRY[op][name].functions.get("describe")
+                how = _REGISTRY[op][name].get("describe")
                 reason = f"serves: {how(call) if how is not None else 'this call'}"
         out[name] = reason
     name, why = auto_choice(op, call, device)

@@ -948,7 +948,7 @@ def _serving_backends(op: str, device: torch.device, dtype: torch.dtype, include
             continue
         if backends.backend_why_not(name, device) is not None or (name == "triton" and device.type != "cuda"):
             continue
-        if all(name in backends._REGISTRY[case_op] for case_op in _CASE_OPS[op]):
+        if all(backends.implementation(case_op, name) is not None for case_op in _CASE_OPS[op]):
             names.append(name)
     if op.startswith("model") or device.type == "cpu":
         names.insert(0, backends.AUTO)
@@ -985,7 +985,7 @@ class _ServedSpy:
         def resolve(op, backend, call, device):
             impl = self._resolve(op, backend, call, device)
             self.seen.add((op, impl.backend))
-            how = impl.functions.get("describe") if hasattr(impl, "functions") else None
+            how = impl.get("describe") if isinstance(impl, backends.Implementation) else None
             if how is not None:
                 try:
                     self.launch.setdefault(f"{op}:{impl.backend}", str(how(call)))

@@ -88,7 +88,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     for device in devices:
         for name in backends.BACKENDS:
             reason = backends.backend_why_not(name, device)
-            ops = [op for op in backends.registered_ops() if name in backends._REGISTRY[op]]
+            ops = [op for op in backends.registered_ops() if backends.implementation(op, name) is not None]
             state = "available" if reason is None else f"unavailable: {reason}"
             print(f"{device.type:4s} {name:9s}  {state}")
             if reason is None:

@@ -21,7 +21,7 @@ def _call(device="cpu"):
 def test_both_ops_are_registered_with_a_reference():
     assert set(backends.registered_ops()) >= {"lstm_recurrence", "conv1d_stack"}
     for op in ("lstm_recurrence", "conv1d_stack"):
-        assert backends._REGISTRY[op]["reference"].backend == "reference"
+        assert backends.implementation(op, "reference").backend == "reference"
 
 
 def test_auto_on_cpu_is_torch():
@@ -115,3 +115,21 @@ def test_importing_the_package_does_not_import_dynamo():
     code = "import sys, fusedconvlstm; print(' '.join(m for m in ('torch._dynamo', 'h5py', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_an_implementation_must_satisfy_its_ops_interface():
+    """Each op declares a Protocol (``calls``); an implementation lacking one of its members is
+    refused when it registers, naming what is missing, and none is registered."""
+    with pytest.raises(TypeError, match=r"lacks \['workspace_shape'\] of LSTMRecurrenceBackend"):
+        backends.register_implementation(
+            "lstm_recurrence", "reference", why_not=lambda call: None, forward=print, backward=print
+        )
+    with pytest.raises(TypeError, match=r"lacks \['saved_shapes'\] of Conv1dStackBackend"):
+        backends.register_implementation(
+            "conv1d_stack", "reference", why_not=lambda c: None, forward=print, backward=print
+        )
+    assert backends.implementation("lstm_recurrence", "reference").workspace_shape is not None
+    for op in backends.registered_ops():
+        for name in backends.BACKENDS:
+            impl = backends.implementation(op, name)
+            assert impl is None or isinstance(impl, backends._INTERFACE[op])

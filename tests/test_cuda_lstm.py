@@ -474,7 +474,7 @@ def test_persistent_path_decisions_and_reasons():
 
 
 def test_cuda_backend_serves_projections_and_describes_its_schedule(monkeypatch):
-    impl = backends._REGISTRY["lstm_recurrence"]["cuda"]
+    impl = backends.implementation("lstm_recurrence", "cuda")
     assert impl.why_not(_call(P=4)) is None
     assert impl.why_not(_call(dtype=F64)) is None  # float64 runs step-wise
     text = cuda_lstm.describe(_call(B=64, D=2, H=512, dtype=torch.bfloat16), pc.H100_SXM)
@@ -664,7 +664,7 @@ def test_final_state_only_stores_no_output_and_keeps_the_state(path, monkeypatch
     buffer) and h_n, c_n are the full call's bit for bit (on the ops' CPU implementations)."""
     if path != "stepwise":
         monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
-    impl = backends._REGISTRY["lstm_recurrence"]["cuda"]
+    impl = backends.implementation("lstm_recurrence", "cuda")
     lengths = torch.tensor([5, 0, 3])
     with pc.preferring_forward_kernel(None if path == "stepwise" else path):
         for P in (None, 3):

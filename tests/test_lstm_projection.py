@@ -220,7 +220,7 @@ def test_registered_cuda_implementation_serves_projections(monkeypatch):
     """The cuda backend's registered functions take w_hr (here on CPU tensors, the ops' CPU
     implementations, with H100 limits so the persistent path is planned)."""
     monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
-    impl = backends._REGISTRY["lstm_recurrence"]["cuda"]
+    impl = backends.implementation("lstm_recurrence", "cuda")
     T, B, D, H, P = 4, 3, 2, 10, 4
     call = LSTMRecurrenceCall(T, B, D, H, P, torch.float32, torch.device("cuda"), True, (False, True))
     assert impl.why_not(call) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -339,3 +340,23 @@ def check_token_values(tokens: Tensor, vocab_size: int) -> None:
     lo, hi = (int(v) for v in torch.aminmax(tokens))
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{OP}: tokens must lie in [0, {vocab_size}) (the table's rows), got ids in [{lo}, {hi}]")
+
+
+@runtime_checkable
+class Conv1dStackBackend(Protocol):
+    """What a backend provides for ``conv1d_stack`` (checked when it registers).
+
+    ``why_not(call)`` is ``None`` where it can serve ``call``, else why not. ``forward(x, tokens,
+    weight, bias, proj_weight, proj_bias, seed, call) -> (y, saved)``, ``backward(grad_y, x,
+    tokens, weight, bias, proj_weight, proj_bias, seed, saved, call) -> (grad_x, grad_weight list,
+    grad_bias list, grad_proj_weight, grad_proj_bias)`` and ``saved_shapes(call)``. Optional:
+    ``describe(call)`` (how it would serve, for ``explain(detail=True)``).
+    """
+
+    op: str
+    backend: str
+
+    def why_not(self, call: Conv1dStackCall) -> str | None: ...
+    def forward(self, *args): ...
+    def backward(self, *args): ...
+    def saved_shapes(self, call: Conv1dStackCall): ...

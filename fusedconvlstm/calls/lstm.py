@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -153,3 +154,25 @@ def check_lstm_recurrence_args(
         reverse=tuple(bool(r) for r in reverse),
         save_for_backward=bool(save_for_backward),
     )
+
+
+@runtime_checkable
+class LSTMRecurrenceBackend(Protocol):
+    """What a backend provides for ``lstm_recurrence`` (checked when it registers).
+
+    ``why_not(call)`` is ``None`` where it can serve ``call``, else why not. ``forward(xg, w_hh,
+    w_hr, h0, c0, lengths, reverse, save_for_backward, write_y) -> (y, h_n, c_n, workspace)``,
+    ``backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y,
+    workspace) -> (grad_xg, grad_w_hh list, grad_w_hr list, grad_h0, grad_c0)`` and
+    ``workspace_shape(call)``. Optional: ``describe(call)`` (how it would serve, for
+    ``explain(detail=True)``), and together ``forward_from_input(x, w_ih, b, w_hh, ...)`` with
+    ``from_input_why_not(call, input_size)`` for a forward that computes the input projection.
+    """
+
+    op: str
+    backend: str
+
+    def why_not(self, call: LSTMRecurrenceCall) -> str | None: ...
+    def forward(self, *args): ...
+    def backward(self, *args): ...
+    def workspace_shape(self, call: LSTMRecurrenceCall): ...

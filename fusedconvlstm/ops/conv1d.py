@@ -50,6 +50,7 @@ from torch import Tensor
 from fusedconvlstm import backends
 from fusedconvlstm.calls.conv1d import (
     OP,
+    Conv1dStackBackend,
     Conv1dStackCall,
     check_conv1d_stack_args,
     check_token_values,
@@ -59,7 +60,9 @@ from fusedconvlstm.numerics.dropout import draw_seed
 from fusedconvlstm.numerics.precision import no_autocast
 from fusedconvlstm.ops._autograd import register_autograd
 
-backends.register_op(OP, auto_order=("triton",), features=Conv1dStackCall.features, thaw=thaw_call)
+backends.register_op(
+    OP, auto_order=("triton",), features=Conv1dStackCall.features, thaw=thaw_call, interface=Conv1dStackBackend
+)
 
 
 def _resolve(backend: str, call: Conv1dStackCall) -> backends.Implementation:

@@ -39,6 +39,7 @@ from torch import Tensor
 from fusedconvlstm import backends
 from fusedconvlstm.calls.lstm import (
     OP,
+    LSTMRecurrenceBackend,
     LSTMRecurrenceCall,
     check_lstm_recurrence_args,
     thaw_call,
@@ -46,7 +47,13 @@ from fusedconvlstm.calls.lstm import (
 from fusedconvlstm.numerics.precision import no_autocast
 from fusedconvlstm.ops._autograd import register_autograd
 
-backends.register_op(OP, auto_order=("cuda", "triton"), features=LSTMRecurrenceCall.features, thaw=thaw_call)
+backends.register_op(
+    OP,
+    auto_order=("cuda", "triton"),
+    features=LSTMRecurrenceCall.features,
+    thaw=thaw_call,
+    interface=LSTMRecurrenceBackend,
+)
 
 
 def _resolve(backend: str, call: LSTMRecurrenceCall) -> backends.Implementation:
@@ -339,8 +346,8 @@ def _from_input_backend(backend: str, call: LSTMRecurrenceCall, input_size: int)
     if call.proj_size or torch.compiler.is_compiling():
         return None
     impl = _resolve(backend, call)
-    why_not = impl.functions.get("from_input_why_not")
-    if why_not is None or "forward_from_input" not in impl.functions or why_not(call, input_size) is not None:
+    why_not = impl.get("from_input_why_not")
+    if why_not is None or impl.get("forward_from_input") is None or why_not(call, input_size) is not None:
         return None
     return impl.backend
 

@@ -585,7 +585,7 @@ def test_fp32_tf32_rule_follows_pytorch_flags(flags, expected):
     """In a subprocess: the flags are process-wide and the legacy getters cannot always be restored."""
     if "fp32_precision" in flags and not hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"):
         pytest.skip("this torch has no fp32_precision API")
-    code = f"import torch; from fusedconvlstm.ops.lstm import fp32_recurrence_allows_tf32 as f; {flags or 'pass'}; print(f())"
+    code = f"import torch; from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32 as f; {flags or 'pass'}; print(f())"
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedconvlstm
-from fusedconvlstm import passmark
+from fusedconvlstm import config, passmark
 from fusedconvlstm.benchmarking import (
     MIN_ROUNDS,
     REPEATS,
@@ -39,7 +39,6 @@ from fusedconvlstm.benchmarking import (
     time_pair_ms,
     timing_settings,
 )
-from fusedconvlstm.triton import conv1d_stack as triton_backend
 
 CHANNELS = [100, 200, 200, 256, 256, 512]
 STRIDES = [1, 1, 1, 1, 2]
@@ -50,8 +49,8 @@ CUDNN = {"bf16": "cudnn_bf16", "fp16": "cudnn_fp16", "fp32": "cudnn_fp32_tf32"}
 
 
 def _stack_triton(x, w, b, strategy):
-    os.environ[triton_backend.STRATEGY_ENV_VAR] = strategy
-    return fusedconvlstm.conv1d_stack(x, w, b, stride=STRIDES, backend="triton")
+    with config.override(conv1d_strategy=strategy):
+        return fusedconvlstm.conv1d_stack(x, w, b, stride=STRIDES, backend="triton")
 
 
 def _stack_cudnn(x, w, b):
@@ -63,8 +62,8 @@ def _stack_cudnn(x, w, b):
 
 
 def _proj_op(x, w, b, pw, pb):
-    os.environ[triton_backend.STRATEGY_ENV_VAR] = "auto"
-    return fusedconvlstm.conv1d_stack_projection(x, w, b, pw, pb, stride=STRIDES, backend="triton")
+    with config.override(conv1d_strategy="auto"):
+        return fusedconvlstm.conv1d_stack_projection(x, w, b, pw, pb, stride=STRIDES, backend="triton")
 
 
 def _then_gemm(stack):

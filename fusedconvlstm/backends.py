@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from fusedconvlstm import _extension, records
+from fusedconvlstm import _extension, config, records
 
 BACKENDS = ("reference", "triton", "cuda", "torch")
 AUTO = "auto"
 TORCH = "torch"
 KERNELS = ("triton", "cuda")
 """The backends of hand-written kernels: ``auto`` picks them only where a validation record says so."""
-ENV_VAR = "FUSEDCONVLSTM_BACKEND"
+ENV_VAR = config.ENV["backend"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -152,7 +151,7 @@ def _triton_why_not(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device is available to run Triton kernels"
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if config.current().triton_interpret:
             return _triton_interpreter_why_not()
         return "Triton runs CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
     return f"Triton does not run on {device.type} tensors"
@@ -206,7 +205,7 @@ def check_backend_name(backend: str) -> str:
 def requested_backend(backend: str) -> str:
     """The backend a caller asked for, with ``auto`` replaced by ``$FUSEDCONVLSTM_BACKEND``."""
     if backend == AUTO:
-        forced = os.environ.get(ENV_VAR, "").strip()
+        forced = config.current().backend
         if forced:
             if forced not in BACKENDS + (AUTO,):
                 raise ValueError(f"{ENV_VAR} must be one of {BACKENDS + (AUTO,)}, got {forced!r}")

@@ -102,9 +102,9 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def _backend_env_line() -> str:
     """What ``backend="auto"`` means here: ``$FUSEDCONVLSTM_BACKEND`` when set (checked)."""
-    from fusedconvlstm import backends
+    from fusedconvlstm import backends, config
 
-    given = os.environ.get(backends.ENV_VAR, "").strip()
+    given = config.current().backend
     choices = ", ".join((*backends.BACKENDS, backends.AUTO))
     if not given:
         return (
@@ -123,12 +123,13 @@ def _backend_env_line() -> str:
 
 def _forward_kernel_line() -> str:
     """Which persistent forward kernel the cuda LSTM prefers, and how to change it."""
+    from fusedconvlstm import config
     from fusedconvlstm.cuda.persistent_config import FORWARD_KERNEL_ENV, FORWARD_KERNELS, preferred_forward_kernel
 
     try:
         name = preferred_forward_kernel()
     except ValueError:
-        given = os.environ[FORWARD_KERNEL_ENV].strip()
+        given = config.current().lstm_forward_kernel
         return (
             f"INVALID {FORWARD_KERNEL_ENV}={given!r} (one of {', '.join(FORWARD_KERNELS)}): cuda LSTM calls will raise"
         )

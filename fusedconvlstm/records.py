@@ -35,12 +35,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedconvlstm import _extension
+from fusedconvlstm import _extension, config
 from fusedconvlstm._version import __version__
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_PATH = os.path.join(_HERE, "validation_records.json")
-CACHE_ENV = "FUSEDCONVLSTM_CACHE_DIR"
+CACHE_ENV = config.ENV["cache_dir"]
 FIELDS = ("op", "backend", "arch", "dtype", "range", "correct", "faster")
 
 
@@ -141,11 +141,7 @@ def build_key() -> str:
 
 def cache_dir() -> str:
     """The directory of the user's records."""
-    explicit = os.environ.get(CACHE_ENV, "").strip()
-    if explicit:
-        return explicit
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "fusedconvlstm")
+    return config.current().cache_dir
 
 
 def user_records_path() -> str:

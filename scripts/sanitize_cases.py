@@ -13,14 +13,15 @@ import os
 import torch
 
 import fusedconvlstm
-from fusedconvlstm import backends
+from fusedconvlstm import backends, config
 from fusedconvlstm.cuda.persistent_config import FORWARD_KERNEL_ENV
 
 
 def lstm_cases() -> None:
     for backend, kernel in (("cuda", "cooperative"), ("cuda", "cluster"), ("triton", None)):
         if kernel is not None:
-            os.environ[FORWARD_KERNEL_ENV] = kernel  # read per call by the cuda backend
+            os.environ[FORWARD_KERNEL_ENV] = kernel
+            config.reload()  # the package reads its settings once
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             xg = torch.randn(7, 5, 2, 160, device="cuda", dtype=dtype, requires_grad=True)
             w = [torch.randn(160, 40, device="cuda", dtype=dtype, requires_grad=True) * 0.1 for _ in range(2)]

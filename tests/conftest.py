@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+from fusedconvlstm import config
+
 HAS_GPU = torch.cuda.is_available()
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -37,9 +39,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cpu_triton)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _settings_follow_monkeypatched_environment():
+    """Tests set the package's variables with ``monkeypatch.setenv``, as a user sets them before
+    starting Python. The package reads its settings once (:mod:`fusedconvlstm.config`), so here
+    they are read again after every such change."""
+    patch = pytest.MonkeyPatch()
+    for name in ("setenv", "delenv"):
+        original = getattr(pytest.MonkeyPatch, name)
+
+        def changed_then_reloaded(self, *args, _original=original, **kwargs):
+            _original(self, *args, **kwargs)
+            config.reload()
+
+        patch.setattr(pytest.MonkeyPatch, name, changed_then_reloaded)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_clean_env(monkeypatch):
-    """Each test gets its own seed and runs without a forced backend."""
+    """Each test gets its own seed, runs without a forced backend, and starts from settings read
+    from the environment as it is (a previous test's changes undone)."""
+    config.reload()
     monkeypatch.delenv("FUSEDCONVLSTM_BACKEND", raising=False)
     torch.manual_seed(0x5EED)
 

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fusedconvlstm"
 
 # Lower numbers are lower layers. A module's layer is the first prefix that matches.
 LAYERS = [
-    (0, ("_sources", "_version", "_extension", "numerics", "passmark")),
+    (0, ("_sources", "_version", "_extension", "config", "numerics", "passmark")),
     (1, ("calls",)),
     (2, ("records",)),
     (3, ("backends",)),

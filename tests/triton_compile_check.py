@@ -76,6 +76,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
 
     JITFunction.run = record
 
+    from fusedconvlstm import config
     from fusedconvlstm.calls.conv1d import check_conv1d_stack_args
     from fusedconvlstm.triton import conv1d as layer_kernels
     from fusedconvlstm.triton import conv1d_fused_stack as fused
@@ -105,6 +106,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     # One launch of each kind of specialization: the fused kernel in inference (slab), training
     # with the embedding gather (saved intermediates), with the projection and with both; every layer.
     os.environ[backend.STRATEGY_ENV_VAR] = "fused"
+    config.reload()  # settings are read once
     case[0] = "fused forward"
     call = check_conv1d_stack_args(x, None, w, b, *hyper, None, None, False)
     backend._stack_forward(x, None, w_packed, biases, call, False)
@@ -119,6 +121,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     case[0] = "fused embedding+projection forward (training)"
     backend._stack_forward(table, tokens, pw_packed, p_biases, ep_call, True)
     os.environ[backend.STRATEGY_ENV_VAR] = "layers"
+    config.reload()  # settings are read once
     case[0] = "layers embedding+projection forward"
     _, ep_saved = backend._stack_forward(table, tokens, pw_packed, p_biases, ep_call, True)
     saved = [torch.randn(B, t, c, dtype=dtype) for t, c in zip([98, 96, 94, 92], chans[1:5])]
@@ -136,6 +139,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     drops = backend.dropout_masks(seed, d_call)
     for strategy in ("fused", "layers"):
         os.environ[backend.STRATEGY_ENV_VAR] = strategy
+        config.reload()  # settings are read once
         case[0] = f"dropout {strategy} embedding+projection forward (training)"
         _, d_saved = backend._stack_forward(table, tokens, pw_packed, p_biases, d_call, True, drops)
     case[0] = "dropout embedding+projection backward"
@@ -151,6 +155,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
     m_call = check_conv1d_stack_args(mx, None, mw, mb, *mhyper, None, None, True)
     for strategy in ("fused", "layers"):
         os.environ[backend.STRATEGY_ENV_VAR] = strategy
+        config.reload()  # settings are read once
         case[0] = f"activations {strategy} forward (training)"
         _, m_saved = backend._stack_forward(mx, None, m_packed, m_biases, m_call, True)
     case[0] = "activations backward"
@@ -160,6 +165,7 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
         forced[0] = "ieee"
         for strategy in ("fused", "layers"):
             os.environ[backend.STRATEGY_ENV_VAR] = strategy
+            config.reload()  # settings are read once
             case[0] = f"IEEE fp32 {strategy} projection forward"
             backend._stack_forward(x, None, pw_packed, p_biases, p_call, False)
         case[0] = "IEEE fp32 backward"

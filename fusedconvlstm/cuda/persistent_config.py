@@ -24,11 +24,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
+from fusedconvlstm import config
 from fusedconvlstm.cuda.constants import (
     BACKWARD_MMA_ROWS,
     FORWARD_MMA_ROWS,
@@ -49,13 +49,14 @@ MAX_BLOCKS_PER_SM = MIN_BLOCKS_PER_SM
 KINDS = ("forward", "backward")
 CLUSTER = "forward_cluster"  # the forward on thread-block clusters
 FROM_INPUT = "forward_from_input"  # the cooperative forward computing x W_ihᵀ itself
-ENV_OVERRIDE = {
-    "forward": "FUSEDCONVLSTM_LSTM_FWD_CONFIG",
-    "backward": "FUSEDCONVLSTM_LSTM_BWD_CONFIG",
-    CLUSTER: "FUSEDCONVLSTM_LSTM_CLUSTER_CONFIG",
-    FROM_INPUT: "FUSEDCONVLSTM_LSTM_INPUT_CONFIG",
+_OVERRIDE_FIELD = {
+    "forward": "lstm_forward_config",
+    "backward": "lstm_backward_config",
+    CLUSTER: "lstm_cluster_config",
+    FROM_INPUT: "lstm_input_config",
 }
-FORWARD_KERNEL_ENV = "FUSEDCONVLSTM_LSTM_FWD_KERNEL"
+ENV_OVERRIDE = {kind: config.ENV[field] for kind, field in _OVERRIDE_FIELD.items()}
+FORWARD_KERNEL_ENV = config.ENV["lstm_forward_kernel"]
 # "input": the cooperative kernel that also computes the input projection (where a layer's
 # input, not its precomputed gates, reaches the backend: fusedconvlstm.ops.lstm.lstm_layer).
 FORWARD_KERNELS = ("cooperative", "cluster", "input")
@@ -79,7 +80,7 @@ FORWARD_KERNELS_SERVED: collections.Counter[str] = collections.Counter()
 
 def preferred_forward_kernel() -> str:
     """The persistent forward kernel tried first: ``$FUSEDCONVLSTM_LSTM_FWD_KERNEL``, ``cooperative`` by default."""
-    name = os.environ.get(FORWARD_KERNEL_ENV, "").strip() or "cooperative"
+    name = config.current().lstm_forward_kernel or "cooperative"
     if name not in FORWARD_KERNELS:
         raise ValueError(f"{FORWARD_KERNEL_ENV} must be one of {FORWARD_KERNELS}, got {name!r}")
     return name
@@ -97,19 +98,15 @@ def warp_splits():
 
 @contextlib.contextmanager
 def preferring_forward_kernel(name: str | None):
-    """``FUSEDCONVLSTM_LSTM_FWD_KERNEL=name`` inside the block, restored after (``None``: unchanged)."""
+    """The forward kernel ``name`` preferred inside the block (as ``FUSEDCONVLSTM_LSTM_FWD_KERNEL=name``),
+    restored after (``None``: unchanged)."""
     if name is not None and name not in FORWARD_KERNELS:
         raise ValueError(f"the forward kernel must be one of {FORWARD_KERNELS}, got {name!r}")
-    saved = os.environ.get(FORWARD_KERNEL_ENV)
-    if name is not None:
-        os.environ[FORWARD_KERNEL_ENV] = name
-    try:
+    if name is None:
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(FORWARD_KERNEL_ENV, None)
-        else:
-            os.environ[FORWARD_KERNEL_ENV] = saved
+        return
+    with config.override(lstm_forward_kernel=name):
+        yield
 
 
 @dataclass(frozen=True)
@@ -350,7 +347,7 @@ def _estimated_cluster_step_cycles(layout: Layout, limits: DeviceLimits, dtype: 
 
 
 def _parse_override(kind: str) -> tuple[int, ...] | None:
-    text = os.environ.get(ENV_OVERRIDE[kind], "").strip()
+    text = getattr(config.current(), _OVERRIDE_FIELD[kind])
     if not text:
         return None
     try:

@@ -23,12 +23,10 @@ list recomputes the forward first.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from fusedconvlstm import backends
+from fusedconvlstm import backends, config
 from fusedconvlstm.calls.conv1d import OP, Conv1dStackCall
 from fusedconvlstm.numerics.dropout import scale as dropout_scale
 from fusedconvlstm.triton import conv1d as layer_kernels
@@ -41,7 +39,7 @@ from fusedconvlstm.triton.conv1d_fused_stack import (
     plan_fused,
 )
 
-STRATEGY_ENV_VAR = "FUSEDCONVLSTM_CONV1D_STRATEGY"
+STRATEGY_ENV_VAR = config.ENV["conv1d_strategy"]
 """``auto`` (default), ``fused`` or ``layers``: forces the forward strategy (for tests and benchmarks)."""
 
 FUSED_MAX_WIDTH = 1024
@@ -83,7 +81,7 @@ def choose_strategy(call: Conv1dStackCall) -> str:
     most 25 % rows (:data:`FUSED_MAX_HALO_OVERHEAD`). The reference model's stack (whole
     45-step sequences per program: no halo) fuses. ``$FUSEDCONVLSTM_CONV1D_STRATEGY`` overrides.
     """
-    forced = os.environ.get(STRATEGY_ENV_VAR, "auto").strip() or "auto"
+    forced = config.current().conv1d_strategy or "auto"
     if forced not in ("auto", "fused", "layers"):
         raise ValueError(f"{STRATEGY_ENV_VAR} must be one of ('auto', 'fused', 'layers'), got {forced!r}")
     layers = call.all_layers()

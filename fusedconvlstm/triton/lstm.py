@@ -37,13 +37,12 @@ Triton is imported only when a kernel runs, so the package imports without it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from fusedconvlstm import backends
+from fusedconvlstm import backends, config
 from fusedconvlstm.calls.lstm import OP, LSTMRecurrenceCall
 from fusedconvlstm.numerics.projection import with_projection
 from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32, recurrent_weight_grads, reverse_mask
@@ -106,7 +105,7 @@ class LaunchPlan:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return config.current().triton_interpret
 
 
 def _pow2_at_least(n: int, least: int = _MIN_DOT) -> int:

@@ -5,7 +5,7 @@
 :func:`fusedconvlstm.ops.lstm.lstm_layer`, which the modules call. The kernel's index arithmetic
 is checked by its model (tests/test_persistent_kernel_model.py); here the ops' CPU
 implementations stand in for the kernels, and the cuda backend is made to serve CPU tensors
-(``cuda_on_cpu``) so that the module path runs end to end. The GPU tests are in test_cuda_lstm.py.
+(``cuda_on_cpu``) so that the module path runs end to end. The GPU tests are in test_cuda_lstm_gpu.py.
 """
 
 from __future__ import annotations

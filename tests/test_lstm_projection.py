@@ -8,7 +8,7 @@ hypothesis; ``h_n`` equal to the last step's output bit for bit; the registered 
 implementation serving projections; and in float16 / bfloat16 the error against float64 set
 beside the error of a loop that rounds like cuDNN (``h`` and ``r`` in the dtype every step).
 The Triton backend's projected calls are in ``test_triton_lstm.py``; the GPU runs against cuDNN
-in ``test_cuda_lstm.py``.
+in ``test_cuda_lstm_gpu.py``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from fusedconvlstm import backends
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
+from fusedconvlstm.passmark import rel_err
 from tests.cuda_lstm_helpers import F64, HALF_DTYPES, op_inputs, reference_forward_backward
-from tests.helpers import rel_err
 
 CPU_CASES = [
     # T, B, D, H, lengths, reverse
@@ -38,12 +38,12 @@ def test_drivers_match_reference_on_cpu(path, T, B, D, H, lengths, reverse):
         xg, w, h0, c0, lengths, reverse, gy, ghn, gcn
     )
     for name, out, ref in (("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r)):
-        assert rel_err(out, ref) < 1e-12, name
+        assert rel_err(out, ref, strict=True) < 1e-12, name
     gxg, gw, _, gh0, gc0 = backward(gy, ghn, gcn, xg, w, [], h0, c0, lengths, reverse, y, ws)
     for name, out, ref in (("grad_xg", gxg, gxg_r), ("grad_h0", gh0, gh0_r), ("grad_c0", gc0, gc0_r)):
-        assert rel_err(out, ref) < 1e-12, name
+        assert rel_err(out, ref, strict=True) < 1e-12, name
     for d in range(D):
-        assert rel_err(gw[d], gw_r[d]) < 1e-12, f"grad_w_hh[{d}]"
+        assert rel_err(gw[d], gw_r[d], strict=True) < 1e-12, f"grad_w_hh[{d}]"
 
 
 @pytest.mark.parametrize("T, B, D, H, lengths, reverse", CPU_CASES)
@@ -61,7 +61,7 @@ def test_cluster_driver_matches_reference_on_cpu(monkeypatch, T, B, D, H, length
     gy, ghn, gcn = torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)
     (y_r, hn_r, cn_r), _ = reference_forward_backward(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn)
     for name, out, ref in (("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r)):
-        assert rel_err(out, ref) < 1e-12, name
+        assert rel_err(out, ref, strict=True) < 1e-12, name
 
 
 @st.composite
@@ -95,7 +95,7 @@ def test_drivers_match_reference_on_random_problems(case):
         (f"grad_w_hh[{d}]", gw[d], gw_r[d]) for d in range(D)
     ]
     for name, out, ref in pairs:
-        assert rel_err(out, ref) < 1e-12, f"{path} {case[:4]}: {name}"
+        assert rel_err(out, ref, strict=True) < 1e-12, f"{path} {case[:4]}: {name}"
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -145,9 +145,9 @@ def test_persistent_and_stepwise_share_their_workspace_on_cpu():
     rev = [False, True]
     p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
     s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
-    assert rel_err(p[3], s[3]) < 1e-6 and rel_err(p[0], s[0]) < 1e-6
+    assert rel_err(p[3], s[3], strict=True) < 1e-6 and rel_err(p[0], s[0], strict=True) < 1e-6
     grads = [torch.randn_like(t) for t in p[:3]]
     gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
     gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
     for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
-        assert rel_err(a, b) < 1e-5
+        assert rel_err(a, b, strict=True) < 1e-5

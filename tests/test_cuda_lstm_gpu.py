@@ -22,6 +22,7 @@ from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
 from fusedconvlstm.ops.lstm import reverse_mask
 from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
+from fusedconvlstm.passmark import rel_err
 from tests.cuda_lstm_helpers import (
     F64,
     HALF_DTYPES,
@@ -32,7 +33,7 @@ from tests.cuda_lstm_helpers import (
     recurrence_call,
     reference_forward_backward,
 )
-from tests.helpers import assert_pass_mark, capture_graph, lstm_weights, poison_, rel_err
+from tests.helpers import assert_pass_mark, capture_graph, lstm_weights, poison_
 
 # =============================================================================================
 # The cuDNN comparators, checked on the CPU
@@ -125,7 +126,7 @@ def test_cudnn_from_input_comparator_is_the_layer():
     want = cuda_lstm.lstm_recurrence_from_input_forward(x, w_ih, bias, w_hh, h0, c0, lengths, [False, True])
     got = _cudnn_from_input(x, w_ih, bias, w_hh, h0, c0, lengths)
     for name, a, b in zip(("y", "h_n", "c_n"), got, want):
-        assert a.shape == b.shape and rel_err(a, b) < 1e-12, name
+        assert a.shape == b.shape and rel_err(a, b, strict=True) < 1e-12, name
 
 
 def test_cudnn_recurrence_comparator_is_the_recurrence():
@@ -144,7 +145,7 @@ def test_cudnn_recurrence_comparator_is_the_recurrence():
     pairs += [("grad_xg", torch.where(valid, gx, 0), torch.where(valid, gx_r, 0)), ("grad_h0", gh0, gh0_r)]
     pairs += [("grad_c0", gc0, gc0_r)] + [(f"grad_w_hh[{d}]", gw[d], gw_r[d]) for d in range(D)]
     for name, a, b in pairs:
-        assert rel_err(a, b) < 1e-12, name
+        assert rel_err(a, b, strict=True) < 1e-12, name
 
 
 # =============================================================================================
@@ -518,12 +519,12 @@ def test_gpu_persistent_and_stepwise_combine_and_agree():
     rev = [False, True]
     p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
     s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
-    assert rel_err(p[3], s[3]) < 2e-2 and rel_err(p[0], s[0]) < 2e-2
+    assert rel_err(p[3], s[3], strict=True) < 2e-2 and rel_err(p[0], s[0], strict=True) < 2e-2
     grads = [torch.randn_like(t) for t in p[:3]]
     gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
     gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
     for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
-        assert rel_err(a, b) < 3e-2
+        assert rel_err(a, b, strict=True) < 3e-2
 
 
 @pytest.mark.gpu
@@ -567,7 +568,7 @@ def test_gpu_stepwise_cell_kernels_match_their_cpu_implementations(dtype):
         ws_fwd[device] = [t.cpu() for t in tensors[1:]]
     tol = {F64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
     for a, b in zip(ws_fwd["cpu"], ws_fwd["cuda"]):
-        assert rel_err(b, a) < tol
+        assert rel_err(b, a, strict=True) < tol
     outs = {}
     for device in ("cpu", "cuda"):
         gen = torch.Generator().manual_seed(8)
@@ -581,7 +582,7 @@ def test_gpu_stepwise_cell_kernels_match_their_cpu_implementations(dtype):
             torch.ops.fusedconvlstm.lstm_cell_backward_(*tensors, lengths.to(device), step, mask)
         outs[device] = [t.cpu() for t in tensors[4:]]
     for a, b in zip(outs["cpu"], outs["cuda"]):
-        assert rel_err(b, a) < tol
+        assert rel_err(b, a, strict=True) < tol
 
 
 # ---------------------------------------------------------------------------------------------
@@ -835,7 +836,9 @@ def test_gpu_input_projection_every_configuration_matches_the_reference(dtype):
             )
             for name, a, c, b in zip(("y", "h_n", "c_n"), got, cudnn, want):
                 assert_pass_mark(a, c, b, dtype, f"{lay.args}: {name}")
-            assert rel_err(got[3].cpu(), want[3]) < tol, f"{lay.args}: workspace {rel_err(got[3].cpu(), want[3]):.2e}"
+            assert rel_err(got[3].cpu(), want[3], strict=True) < tol, (
+                f"{lay.args}: workspace {rel_err(got[3].cpu(), want[3], strict=True):.2e}"
+            )
     assert tried > 10
 
 

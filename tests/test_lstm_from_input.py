@@ -22,7 +22,7 @@ from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
 from fusedconvlstm.ops.lstm import LSTMRecurrenceCall, _lstm_from_input_op, lstm_layer, lstm_recurrence, reverse_mask
 from fusedconvlstm.ops.lstm_persistent import SYNC_STRIDE, padded_reduction
-from tests.helpers import rel_err
+from fusedconvlstm.passmark import rel_err
 
 F64 = torch.float64
 _from_input_op = torch.ops.fusedconvlstm.lstm_persistent_forward_from_input_
@@ -196,7 +196,9 @@ def test_module_runs_the_in_kernel_projection_with_all_gradients(cuda_on_cpu, pa
     assert pc.FORWARD_KERNELS_SERVED["input"] == 2  # one launch per layer
     want, got = results
     for name in want:
-        assert rel_err(got[name], want[name]) < 1e-5, f"{name}: {rel_err(got[name], want[name]):.2e}"
+        assert rel_err(got[name], want[name], strict=True) < 1e-5, (
+            f"{name}: {rel_err(got[name], want[name], strict=True):.2e}"
+        )
 
 
 def test_parallel_lstms_share_one_in_kernel_launch(cuda_on_cpu):

@@ -8,6 +8,7 @@ The public surface:
   stack's embedding prologue and projection epilogue as :func:`conv1d_stack_embedding`,
   :func:`conv1d_stack_projection` and :func:`conv1d_stack_embedding_projection`;
 - :mod:`fusedconvlstm.models` with the reference model ``ConvLSTMClassifier``;
+- :mod:`fusedconvlstm.keras`, imported on its own: Keras checkpoints and layers as these modules;
 - :mod:`fusedconvlstm.backends`: which backend serves a call and why another cannot.
 """
 

@@ -46,13 +46,27 @@ def _finite_pair(out: Tensor, ref: Tensor) -> tuple[Tensor, Tensor] | None:
     return out, ref
 
 
-def rel_err(out: Tensor, ref: Tensor) -> float:
-    """``‖out − ref‖ / ‖ref‖`` in float64 over the positions where ``ref`` is finite (the absolute
-    norm where ``ref`` is zero); ``inf`` where ``out`` has NaN or infinity there."""
-    pair = _finite_pair(out, ref)
-    if pair is None:
-        return math.inf
-    out, ref = pair
+def rel_err(out: Tensor, ref: Tensor, *, strict: bool = False) -> float:
+    """``‖out − ref‖ / ‖ref‖`` in float64 (the absolute norm ``‖out − ref‖`` where ``ref`` is zero).
+
+    By default the pass mark's rule: over the positions where ``ref`` is finite, and ``inf`` where
+    ``out`` has a NaN or an infinity at one of them (or the shapes differ).
+
+    ``strict=True``: over every element, and ``nan`` where either tensor has a NaN or an infinity
+    anywhere (or the shapes differ), so that every comparison with the result is false. The tests
+    use it: they also compare two results of their own (two all-NaN tensors must not agree, as they
+    would with the positions where ``ref`` is not finite left out) and assert that results differ
+    (a NaN must not count as a difference, as ``inf`` would).
+    """
+    if strict:
+        out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+        if out.shape != ref.shape or not (bool(torch.isfinite(out).all()) and bool(torch.isfinite(ref).all())):
+            return math.nan
+    else:
+        pair = _finite_pair(out, ref)
+        if pair is None:
+            return math.inf
+        out, ref = pair
     num, denom = float((out - ref).norm()), float(ref.norm())
     return num / denom if denom > 0 else num
 

@@ -152,9 +152,9 @@ stage_tests() {
   par 240 \
     "test_launch_safety=$py tests/test_launch_safety.py" \
     "test_triton_first=$py -k '$first' tests/test_triton_lstm.py tests/test_triton_conv1d.py" \
-    "test_cuda_lstm=$py -m gpu -k 'not cluster and not input_projection' tests/test_cuda_lstm.py" \
-    "test_cuda_cluster=$py -m gpu -k cluster tests/test_cuda_lstm.py" \
-    "test_cuda_input=$py -m gpu -k input_projection tests/test_cuda_lstm.py" \
+    "test_cuda_lstm=$py -m gpu -k 'not cluster and not input_projection' tests/test_cuda_lstm_gpu.py" \
+    "test_cuda_cluster=$py -m gpu -k cluster tests/test_cuda_lstm_gpu.py" \
+    "test_cuda_input=$py -m gpu -k input_projection tests/test_cuda_lstm_gpu.py" \
     "check_cluster=FUSEDCONVLSTM_LSTM_FWD_KERNEL=cluster OMP_NUM_THREADS=3 $PY -m fusedconvlstm check --backends cuda" \
     "check_input=FUSEDCONVLSTM_LSTM_FWD_KERNEL=input OMP_NUM_THREADS=3 $PY -m fusedconvlstm check --backends cuda" \
     "test_triton_lstm=$lstm" \

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: error measures and the float64 reference (docs/design.md §3)."""
+"""Helpers shared by the tests: assertions on errors (measured by :mod:`fusedconvlstm.passmark`),
+random LSTM weights and the conv1d_stack op's opcheck (docs/design.md §3)."""
 
 from __future__ import annotations
 
@@ -20,21 +21,11 @@ SMALL_MODEL = dict(
 )
 
 
-def rel_err(out: Tensor, ref: Tensor) -> float:
-    """``‖out − ref‖ / ‖ref‖`` in float64 (0 when both are zero)."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    denom = ref.norm()
-    num = (out - ref).norm()
-    if denom == 0:
-        return float(num)
-    return float(num / denom)
-
-
 def assert_close_rel(out: Tensor, ref: Tensor, tol: float, what: str = "output") -> float:
     """Assert that ``out`` has no NaN and its relative error against ``ref`` is at most ``tol``."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert not torch.isnan(out).any(), f"{what}: NaN in output"
-    err = rel_err(out, ref)
+    err = passmark.rel_err(out, ref, strict=True)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
     return err
 

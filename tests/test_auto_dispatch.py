@@ -17,8 +17,9 @@ from fusedconvlstm.calls.conv1d import check_conv1d_stack_args
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall, check_lstm_recurrence_args
 from fusedconvlstm.models import ConvLSTMClassifier
 from fusedconvlstm.ops.lstm import resolve_lstm_backend
+from fusedconvlstm.passmark import rel_err
 from tests.helpers import SMALL_MODEL as SMALL
-from tests.helpers import lstm_weights, rel_err
+from tests.helpers import lstm_weights
 
 F64 = torch.float64
 
@@ -140,7 +141,7 @@ def test_lstm_under_auto_takes_the_torch_path_and_named_backends_keep_the_op(mon
     assert calls == [1]
     ours.backend = "reference"
     out, _ = ours(x)
-    assert calls == [1] and rel_err(out, ref(x)[0]) < 1e-5
+    assert calls == [1] and rel_err(out, ref(x)[0], strict=True) < 1e-5
     ours.backend = "auto"
     monkeypatch.setenv(backends.ENV_VAR, "reference")  # the environment still replaces auto
     ours(x)
@@ -177,8 +178,8 @@ def test_conv_stack_dropout_under_auto_draws_the_masks_of_the_op():
     stack.backend = "reference"
     torch.manual_seed(3)
     want = stack(x)
-    assert rel_err(got, want) < 1e-13
-    assert rel_err(got, stack.eval()(x)) > 1e-3
+    assert rel_err(got, want, strict=True) < 1e-13
+    assert rel_err(got, stack.eval()(x), strict=True) > 1e-3
 
 
 def test_conv_stack_op_on_the_torch_backend_matches_the_reference():
@@ -192,7 +193,7 @@ def test_conv_stack_op_on_the_torch_backend_matches_the_reference():
         y = conv1d_stack(x, w, b, backend=backend, seed=seed, **kw)
         outs.append([y, *torch.autograd.grad(y.square().sum(), [x, *w, b[0]])])
     for a, r in zip(*outs):
-        assert rel_err(a, r) < 1e-13
+        assert rel_err(a, r, strict=True) < 1e-13
     assert torch.autograd.gradcheck(lambda x: conv1d_stack(x, w, b, backend="torch", seed=seed, **kw), (x,))
 
 
@@ -272,7 +273,11 @@ def test_modules_under_auto_compile_fullgraph():
     torch._dynamo.reset()
     out, (h, c) = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
     o_ref, (h_ref, c_ref) = ref(x)
-    assert rel_err(out, o_ref) < 1e-12 and rel_err(h, h_ref) < 1e-12 and rel_err(c, c_ref) < 1e-12
+    assert (
+        rel_err(out, o_ref, strict=True) < 1e-12
+        and rel_err(h, h_ref, strict=True) < 1e-12
+        and rel_err(c, c_ref, strict=True) < 1e-12
+    )
     out.sum().backward()
     torch._dynamo.reset()
     with torch.no_grad():

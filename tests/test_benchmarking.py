@@ -14,7 +14,7 @@ from torch import nn
 from fusedconvlstm import benchmarking, passmark
 from fusedconvlstm.benchmarking import BenchRecord, compile_mode_of, compiled_baseline_name, plan
 from fusedconvlstm.cli import build_parser
-from tests.helpers import rel_err
+from fusedconvlstm.passmark import rel_err
 
 F64 = torch.float64
 ENV = dict(commit="c", device="d", torch="t", cuda=None, cudnn=None, triton=None)
@@ -125,11 +125,11 @@ def test_flashrnn_baseline_maps_nn_lstm_weights():
     y, (h, c) = flash(x)
     y_ref, (h_ref, c_ref) = ref(x)
     for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
-        assert got.shape == want.shape and rel_err(got, want) < 1e-12
+        assert got.shape == want.shape and rel_err(got, want, strict=True) < 1e-12
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, g)
     (gx_ref,) = torch.autograd.grad(y_ref, x, g)
-    assert rel_err(gx, gx_ref) < 1e-12
+    assert rel_err(gx, gx_ref, strict=True) < 1e-12
 
 
 def test_flashrnn_baseline_refuses_what_it_does_not_map():

@@ -11,7 +11,8 @@ from torch import nn
 
 from fusedconvlstm import Conv1dStack, conv1d_stack, conv1d_stack_embedding_projection
 from fusedconvlstm.numerics import dropout as philox_dropout
-from tests.helpers import CONV1D_STACK_COMBOS, opcheck_conv1d_stack, rel_err
+from fusedconvlstm.passmark import rel_err
+from tests.helpers import CONV1D_STACK_COMBOS, opcheck_conv1d_stack
 
 F64 = torch.float64
 TOL64 = 1e-10
@@ -40,17 +41,17 @@ def _check_module_against_chain(chain, stack, x_cf):
     y = stack(x_in)
     y_cf = y.transpose(1, 2) if stack.channels_last else y
     assert y_cf.shape == y_ref.shape
-    assert rel_err(y_cf, y_ref) < TOL64
+    assert rel_err(y_cf, y_ref, strict=True) < TOL64
     gy = torch.randn_like(y_ref)
     (y_ref * gy).sum().backward()
     (y_cf * gy).sum().backward()
     gx = x_in.grad.transpose(1, 2) if stack.channels_last else x_in.grad
-    assert rel_err(gx, x_ref.grad) < TOL64, "grad x"
+    assert rel_err(gx, x_ref.grad, strict=True) < TOL64, "grad x"
     convs = [m for m in chain if isinstance(m, nn.Conv1d)]
     for i, (mine, theirs) in enumerate(zip(stack.layers, convs)):
-        assert rel_err(mine.weight.grad, theirs.weight.grad) < TOL64, f"grad weight[{i}]"
+        assert rel_err(mine.weight.grad, theirs.weight.grad, strict=True) < TOL64, f"grad weight[{i}]"
         if theirs.bias is not None:
-            assert rel_err(mine.bias.grad, theirs.bias.grad) < TOL64, f"grad bias[{i}]"
+            assert rel_err(mine.bias.grad, theirs.bias.grad, strict=True) < TOL64, f"grad bias[{i}]"
 
 
 LAYER_SPECS = [
@@ -97,7 +98,7 @@ def test_constructor_matches_from_torch_layout():
         ref = torch.nn.functional.conv1d(ref, conv.weight, conv.bias, stride=conv.stride, dilation=conv.dilation)
         if layer < 2:
             ref = torch.relu(ref)
-    assert rel_err(y, ref.transpose(1, 2)) < TOL64
+    assert rel_err(y, ref.transpose(1, 2), strict=True) < TOL64
 
 
 def test_reference_model_stack_shapes():
@@ -110,7 +111,7 @@ def test_unbatched_input():
     chain = _torch_chain(3, LAYER_SPECS[2])
     stack = Conv1dStack.from_torch(chain, backend="reference")
     x = torch.randn(3, 17, dtype=F64)
-    assert rel_err(stack(x), chain(x)) < TOL64
+    assert rel_err(stack(x), chain(x), strict=True) < TOL64
 
 
 def test_non_contiguous_input():
@@ -118,7 +119,7 @@ def test_non_contiguous_input():
     stack = Conv1dStack.from_torch(chain, channels_last=True, backend="reference")
     x_btc = torch.randn(2, 3, 30, dtype=F64).transpose(1, 2)[:, ::2]  # (B, T, C), strided in T
     assert not x_btc.is_contiguous()
-    assert rel_err(stack(x_btc), chain(x_btc.transpose(1, 2)).transpose(1, 2)) < TOL64
+    assert rel_err(stack(x_btc), chain(x_btc.transpose(1, 2)).transpose(1, 2), strict=True) < TOL64
 
 
 def test_dropout_between_layers_in_training_only():
@@ -128,13 +129,13 @@ def test_dropout_between_layers_in_training_only():
     x = torch.randn(2, 3, 12, dtype=F64)
     stack.eval()
     chain.eval()
-    assert rel_err(stack(x), chain(x)) < TOL64
+    assert rel_err(stack(x), chain(x), strict=True) < TOL64
     stack.train()
     torch.manual_seed(5)
     y1 = stack(x)
     torch.manual_seed(5)
     assert torch.equal(stack(x), y1)
-    assert rel_err(y1, chain(x)) > 1e-3
+    assert rel_err(y1, chain(x), strict=True) > 1e-3
     # Dropout sits between the layers: with p = 1 the last layer sees zeros and returns its bias.
     stack.dropouts = [1.0, 0.0]
     y = stack(x)
@@ -303,12 +304,12 @@ def test_embedding_projection_matches_embedding_conv_chain_linear():
     ref = proj(convs(h).permute(2, 0, 1))  # (T_out, B, N)
     out = _embedding_projection(tokens, *leaves)
     assert out.shape == ref.shape == (7, 3, 12) and out.is_contiguous()
-    assert rel_err(out, ref) < TOL64
+    assert rel_err(out, ref, strict=True) < TOL64
     g = torch.randn_like(ref)
     ours = torch.autograd.grad(out, leaves, g)
     theirs = torch.autograd.grad(ref, [emb.weight, conv0.weight, conv1.weight, conv0.bias, proj.weight, proj.bias], g)
     for name, a, b in zip(["table", "weight[0]", "weight[1]", "bias[0]", "proj_weight", "proj_bias"], ours, theirs):
-        assert rel_err(a, b) < TOL64, f"grad {name}"
+        assert rel_err(a, b, strict=True) < TOL64, f"grad {name}"
 
 
 def test_embedding_projection_gradcheck_reference():
@@ -355,7 +356,7 @@ def test_stack_compiles_fullgraph():
     stack = Conv1dStack.from_torch(chain, channels_last=True, backend="reference")
     x = torch.randn(2, 17, 3, dtype=F64)
     y = torch.compile(stack, fullgraph=True, backend="aot_eager")(x)
-    assert rel_err(y, chain(x.transpose(1, 2)).transpose(1, 2)) < TOL64
+    assert rel_err(y, chain(x.transpose(1, 2)).transpose(1, 2), strict=True) < TOL64
 
 
 def test_stack_under_cpu_autocast_behaves_like_nn_conv1d():
@@ -366,7 +367,7 @@ def test_stack_under_cpu_autocast_behaves_like_nn_conv1d():
         y_ref, y = chain(x), stack(x)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     want = chain.double()(x.double())
-    assert rel_err(y, want) <= 2 * rel_err(y_ref, want) + 4 * torch.finfo(torch.bfloat16).eps
+    assert rel_err(y, want, strict=True) <= 2 * rel_err(y_ref, want, strict=True) + 4 * torch.finfo(torch.bfloat16).eps
 
 
 # --- dropout -------------------------------------------------------------------------------------------
@@ -401,12 +402,12 @@ def test_op_dropout_is_the_masked_chain():
     h = F.gelu(F.conv1d(F.pad(h.transpose(1, 2), (1, 0)), w0, b0))
     h = philox_dropout.dropout(h.transpose(1, 2), rates[1], seed, 1).transpose(1, 2)
     want = torch.tanh(F.conv1d(F.pad(h, (0, 1)), w1, stride=2)).transpose(1, 2)
-    assert rel_err(y, want) < TOL64
+    assert rel_err(y, want, strict=True) < TOL64
     g = torch.randn_like(want)
     ours = torch.autograd.grad(y, [x, w[0], w[1], b[0]], g)
     ref = torch.autograd.grad(want, [xr, w0, w1, b0], g)
     for a, r in zip(ours, ref):
-        assert rel_err(a, r) < TOL64
+        assert rel_err(a, r, strict=True) < TOL64
     # Dropping everything at the second layer leaves its (absent) bias: zeros.
     y1 = conv1d_stack(x, w, b, stride=[1, 2], padding=[(1, 0), (0, 1)], dropout=[0.0, 1.0], seed=seed)
     assert torch.equal(y1, torch.zeros_like(y1))
@@ -453,9 +454,9 @@ def test_module_dropout_runs_inside_the_op():
         h = conv(h)
         if i < 2:
             h = F.relu(h)
-    assert rel_err(y, h) < TOL64
+    assert rel_err(y, h, strict=True) < TOL64
     stack.eval()
-    assert rel_err(stack(x), _chain_of(stack)(x)) < TOL64
+    assert rel_err(stack(x), _chain_of(stack)(x), strict=True) < TOL64
 
 
 def _chain_of(stack):
@@ -473,5 +474,5 @@ def test_stack_with_dropout_compiles_fullgraph_and_matches_eager():
     torch.manual_seed(6)
     got = compiled(x)
     torch.manual_seed(6)
-    assert rel_err(got, stack(x)) < TOL64
-    assert rel_err(got, stack.eval()(x)) > 1e-3
+    assert rel_err(got, stack(x), strict=True) < TOL64
+    assert rel_err(got, stack.eval()(x), strict=True) > 1e-3

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from fusedconvlstm import LSTM, Conv1dStack
-from tests.helpers import rel_err
+from fusedconvlstm.passmark import rel_err
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
@@ -71,8 +71,8 @@ def test_lstm_matches_nn_lstm(setup):
         o_ref, o_fus = o_ref.data, o_fus.data
     assert o_fus.shape == o_ref.shape and h_fus.shape == h_ref.shape and c_fus.shape == c_ref.shape
     assert o_ref.numel() > 0  # every example compares values
-    assert rel_err(o_fus, o_ref) < 1e-10
-    assert rel_err(h_fus, h_ref) < 1e-10 and rel_err(c_fus, c_ref) < 1e-10
+    assert rel_err(o_fus, o_ref, strict=True) < 1e-10
+    assert rel_err(h_fus, h_ref, strict=True) < 1e-10 and rel_err(c_fus, c_ref, strict=True) < 1e-10
 
 
 @pytest.mark.parametrize("with_hx", [False, True])
@@ -149,7 +149,7 @@ def test_conv_stack_matches_nn_conv1d(setup):
     got = stack(x)
     assert got.shape == want.shape
     if want.numel():
-        assert rel_err(got, want) < 1e-10
+        assert rel_err(got, want, strict=True) < 1e-10
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -208,7 +208,7 @@ def test_deterministic_mode_is_respected():
 
 
 def _within_twice_torch(got, torch_out, want, dtype=torch.float32) -> bool:
-    return rel_err(got, want) <= 2 * rel_err(torch_out, want) + 4 * torch.finfo(dtype).eps
+    return rel_err(got, want, strict=True) <= 2 * rel_err(torch_out, want, strict=True) + 4 * torch.finfo(dtype).eps
 
 
 @pytest.mark.triton

@@ -1,4 +1,5 @@
-"""Keras checkpoint import (``fusedconvlstm/keras.py``, ``from_keras`` / ``from_keras_weights``).
+"""Keras checkpoint import (``fusedconvlstm.keras``: ``load_classifier`` and the single-layer
+``lstm_from_keras_weights`` / ``conv1d_stack_from_keras_weights``).
 
 - Keras 3 (torch backend) builds small models of the architecture; the imported model must
   match Keras's own ``predict``. Keras is a test-only dependency: those tests skip without it.
@@ -13,20 +14,28 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import warnings
 import zipfile
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 np = pytest.importorskip("numpy")
 import torch
 
-from fusedconvlstm import LSTM, Conv1dStack
-from fusedconvlstm.keras import KerasImportError, lstm_weights_from_keras
-from fusedconvlstm.models import ClassifierConfig, ConvLSTMClassifier, count_parameters
-from tests.helpers import assert_close_rel, rel_err
+from fusedconvlstm.keras import (
+    KerasImportError,
+    conv1d_stack_from_keras_weights,
+    load_classifier,
+    lstm_from_keras_weights,
+    lstm_weights_from_keras,
+)
+from fusedconvlstm.models import ClassifierConfig, count_parameters
+from fusedconvlstm.passmark import rel_err
+from tests.helpers import assert_close_rel
 
 # Keras 3 on NumPy 2 warns about its own array conversions.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:keras.*")
@@ -286,7 +295,7 @@ def test_keras2_cudnnlstm_h5_matches_keras_conversion(tmp_path, rng, tokens, ful
     layers = _f32(keras2_layers(rng, "CuDNNLSTM"))
     path = tmp_path / "model.h5"
     write_keras2_h5(path, layers, full_model=full_model, split_layer_names=not full_model)
-    model = ConvLSTMClassifier.from_keras(path, backend="reference", dtype=torch.float64)
+    model = load_classifier(path, backend="reference", dtype=torch.float64)
     assert not model.training
     cfg = model.config
     assert (cfg.vocab_size, cfg.embedding_dim, cfg.conv_channels, cfg.conv_strides) == (V, E, CHANNELS, STRIDES)
@@ -314,7 +323,7 @@ def test_lstm_from_keras_weights_cudnn_and_standard(rng):
     D = 7
     k, r, b8 = rng.uniform(-0.5, 0.5, (D, 4 * H)), rng.uniform(-0.5, 0.5, (H, 4 * H)), rng.uniform(-0.5, 0.5, 8 * H)
     x = rng.standard_normal((B, 9, D))
-    cudnn = LSTM.from_keras_weights([k, r, b8], backend="reference", dtype=torch.float64)
+    cudnn = lstm_from_keras_weights([k, r, b8], backend="reference", dtype=torch.float64)
     assert cudnn.batch_first and (cudnn.input_size, cudnn.hidden_size) == (D, H)
     _, (h_n, _) = cudnn(torch.from_numpy(x))
     k32, r32, b32 = (a.astype(np.float32).astype(np.float64) for a in (k, r, b8))
@@ -322,13 +331,13 @@ def test_lstm_from_keras_weights_cudnn_and_standard(rng):
     assert_close_rel(h_n[0], torch.from_numpy(ref), FP64_TOL, "CuDNNLSTM layer")
 
     b4 = b8[: 4 * H]
-    standard = LSTM.from_keras_weights([k, r, b4], backend="reference", dtype=torch.float64)
+    standard = lstm_from_keras_weights([k, r, b4], backend="reference", dtype=torch.float64)
     assert torch.count_nonzero(standard.bias_hh_l0) == 0
     _, (h_n, _) = standard(torch.from_numpy(x))
     ref = np_lstm_last_h(x, k32, r32, b4.astype(np.float32).astype(np.float64))
     assert_close_rel(h_n[0], torch.from_numpy(ref), FP64_TOL, "standard LSTM layer")
 
-    no_bias = LSTM.from_keras_weights([k, r], backend="reference")
+    no_bias = lstm_from_keras_weights([k, r], backend="reference")
     assert not no_bias.bias
     # The bias length must say which layout it is; forcing the other one is an error.
     with pytest.raises(KerasImportError, match="CuDNNLSTM bias"):
@@ -336,9 +345,9 @@ def test_lstm_from_keras_weights_cudnn_and_standard(rng):
     with pytest.raises(KerasImportError, match="standard LSTM bias"):
         lstm_weights_from_keras(k, r, b8, layout="standard")
     with pytest.raises(KerasImportError, match="recurrent_activation='hard_sigmoid'"):
-        LSTM.from_keras_weights([k, r, b4], recurrent_activation="hard_sigmoid")
+        lstm_from_keras_weights([k, r, b4], recurrent_activation="hard_sigmoid")
     with pytest.raises(KerasImportError, match=r"recurrent_kernel must be \(units, 4 \* units\)"):
-        LSTM.from_keras_weights([k, r[:, :-1], b4])
+        lstm_from_keras_weights([k, r[:, :-1], b4])
 
 
 @pytest.mark.parametrize("full_model", [True, False], ids=["full-model", "weights-only"])
@@ -348,7 +357,7 @@ def test_keras2_standard_lstm_h5(tmp_path, rng, tokens, full_model):
     write_keras2_h5(path, layers, full_model=full_model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = ConvLSTMClassifier.from_keras(path, backend="reference", dtype=torch.float64)
+        model = load_classifier(path, backend="reference", dtype=torch.float64)
     # A weights-only Keras 2 file cannot say whether the LSTM used hard_sigmoid: say so.
     assert any("recurrent_activation" in str(w.message) for w in caught) == (not full_model)
     for j in range(2):
@@ -361,7 +370,7 @@ def test_keras2_hard_sigmoid_lstm_is_refused(tmp_path, rng):
     path = tmp_path / "model.h5"
     write_keras2_h5(path, keras2_layers(rng, "LSTM", recurrent_activation="hard_sigmoid"), full_model=True)
     with pytest.raises(KerasImportError, match=r"'lstm_1'.*recurrent_activation='hard_sigmoid'"):
-        ConvLSTMClassifier.from_keras(path)
+        load_classifier(path)
 
 
 def test_dense_rows_follow_the_first_lstm(tmp_path, rng, tokens):
@@ -370,7 +379,7 @@ def test_dense_rows_follow_the_first_lstm(tmp_path, rng, tokens):
     layers = _f32(keras2_layers(rng, "CuDNNLSTM"))
     path = tmp_path / "a.h5"
     write_keras2_h5(path, layers, full_model=False)
-    first = ConvLSTMClassifier.from_keras(path, backend="reference", dtype=torch.float64)
+    first = load_classifier(path, backend="reference", dtype=torch.float64)
     a, b = (m for m in layers if m["class_name"] == "CuDNNLSTM")
     a["weights"], b["weights"] = (
         [(n.replace("_2/", "_1/"), w) for n, w in b["weights"]],
@@ -378,10 +387,10 @@ def test_dense_rows_follow_the_first_lstm(tmp_path, rng, tokens):
     )
     path2 = tmp_path / "b.h5"
     write_keras2_h5(path2, layers, full_model=False)
-    swapped = ConvLSTMClassifier.from_keras(path2, backend="reference", dtype=torch.float64)
+    swapped = load_classifier(path2, backend="reference", dtype=torch.float64)
     x = torch.from_numpy(tokens)
     assert torch.equal(first.lstms[0].weight_ih_l0, swapped.lstms[1].weight_ih_l0)
-    assert rel_err(first(x), swapped(x)) > 1e-6
+    assert rel_err(first(x), swapped(x), strict=True) > 1e-6
     assert_close_rel(swapped(x), torch.from_numpy(np_reference(layers, tokens)), FP64_TOL, "swapped")
 
 
@@ -392,7 +401,7 @@ def test_keras2_concatenate_order_sets_dense_rows(tmp_path, rng, tokens):
     concat["inbound"] = [list(reversed(concat["inbound"][0]))]
     path = tmp_path / "swapped.h5"
     write_keras2_h5(path, layers, full_model=True)
-    model = ConvLSTMClassifier.from_keras(path, backend="reference", dtype=torch.float64)
+    model = load_classifier(path, backend="reference", dtype=torch.float64)
     i, j = (k for k, m in enumerate(layers) if m["class_name"] == "CuDNNLSTM")
     layers[i], layers[j] = layers[j], layers[i]  # the NumPy model concatenates in list order
     assert_close_rel(model(torch.from_numpy(tokens)), torch.from_numpy(np_reference(layers, tokens)), FP64_TOL, "swap")
@@ -401,16 +410,16 @@ def test_keras2_concatenate_order_sets_dense_rows(tmp_path, rng, tokens):
 def test_overrides_and_conflicts(tmp_path, rng):
     path = tmp_path / "w.h5"
     write_keras2_h5(path, keras2_layers(rng), full_model=False)
-    model = ConvLSTMClassifier.from_keras(path, lstm_dropout=0.3, conv_strides=(1, 1, 1, 1, 2))
+    model = load_classifier(path, lstm_dropout=0.3, conv_strides=(1, 1, 1, 1, 2))
     assert model.config.lstm_dropout == 0.3
     with pytest.raises(KerasImportError, match="hidden_size=8 was given but the checkpoint has 4"):
-        ConvLSTMClassifier.from_keras(path, hidden_size=8)
+        load_classifier(path, hidden_size=8)
     with pytest.raises(TypeError, match="unknown config arguments"):
-        ConvLSTMClassifier.from_keras(path, hiden_size=4)
+        load_classifier(path, hiden_size=4)
     # The full model's config records the dropout rates.
     full = tmp_path / "full.h5"
     write_keras2_h5(full, keras2_layers(rng), full_model=True)
-    cfg = ConvLSTMClassifier.from_keras(full).config
+    cfg = load_classifier(full).config
     assert (cfg.embedding_dropout, cfg.lstm_dropout, cfg.dense_dropout) == (0.25, 0.5, 0.1)
 
 
@@ -459,26 +468,38 @@ def test_wrong_architecture_names_the_layer(tmp_path, rng, case):
     path = tmp_path / "bad.h5"
     write_keras2_h5(path, layers, full_model=full_model)
     with pytest.raises(KerasImportError, match=f"'{culprit}'"):
-        ConvLSTMClassifier.from_keras(path)
+        load_classifier(path)
 
 
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "x.h5"
     path.write_bytes(b"not hdf5")
     with pytest.raises(KerasImportError, match="not an HDF5 file"):
-        ConvLSTMClassifier.from_keras(path)
+        load_classifier(path)
 
 
 def test_missing_h5py_is_explained(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match="pip install h5py"):
-        ConvLSTMClassifier.from_keras(tmp_path / "x.h5")
+        load_classifier(tmp_path / "x.h5")
+
+
+def test_importing_the_package_imports_neither_h5py_nor_keras():
+    """``fusedconvlstm.keras`` is a leaf: ``import fusedconvlstm`` loads none of it, and it loads
+    h5py only to read a file."""
+    code = (
+        "import sys, fusedconvlstm; "
+        "assert not {'h5py', 'keras', 'fusedconvlstm.keras'} & set(sys.modules), sorted(sys.modules); "
+        "import fusedconvlstm.keras; "
+        "assert not {'h5py', 'keras'} & set(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_conv1d_stack_from_keras_weights_matches_numpy(rng):
     kernels = [rng.standard_normal((3, 4, 5)), rng.standard_normal((2, 5, 6))]
     biases = [rng.standard_normal(5), rng.standard_normal(6)]
-    stack = Conv1dStack.from_keras_weights(
+    stack = conv1d_stack_from_keras_weights(
         [[kernels[0], biases[0]], [kernels[1], biases[1]]], strides=[1, 2], backend="reference", dtype=torch.float64
     )
     assert stack.channels_last
@@ -488,7 +509,7 @@ def test_conv1d_stack_from_keras_weights_matches_numpy(rng):
     ref = np_conv1d_valid(np_conv1d_valid(x, k32[0], b32[0], 1), k32[1], b32[1], 2)
     assert_close_rel(stack(torch.from_numpy(x)), torch.from_numpy(ref), FP64_TOL, "Conv1dStack")
     with pytest.raises(KerasImportError, match=r"weights\[1\] kernel reads 5 channels but the layer before gives 4"):
-        Conv1dStack.from_keras_weights([[kernels[0][:, :, :4]], [kernels[1]]])
+        conv1d_stack_from_keras_weights([[kernels[0][:, :, :4]], [kernels[1]]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,7 +563,7 @@ def keras3_files(keras, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["weights", "archive", "legacy-h5"])
 def test_keras3_matches_keras_predict(keras3_files, kind):
     files, x, expected = keras3_files
-    model = ConvLSTMClassifier.from_keras(files[kind], backend="reference")
+    model = load_classifier(files[kind], backend="reference")
     assert model.config.conv_strides == STRIDES and model.config.hidden_size == H
     out = model(torch.from_numpy(x).long())
     assert_close_rel(out, torch.from_numpy(expected), FP32_TOL, f"Keras 3 {kind}")
@@ -555,7 +576,7 @@ def test_keras3_archive_follows_the_concatenate_order(keras, tmp_path):
     path = tmp_path / "swapped.keras"
     model.save(path)
     x = np.random.default_rng(8).integers(0, V, (4, T)).astype(np.int32)
-    out = ConvLSTMClassifier.from_keras(path, backend="reference")(torch.from_numpy(x).long())
+    out = load_classifier(path, backend="reference")(torch.from_numpy(x).long())
     assert_close_rel(out, torch.from_numpy(model.predict(x, verbose=0)), FP32_TOL, "swapped concatenate")
 
 
@@ -565,7 +586,7 @@ def test_keras3_single_layers(keras, rng):
     lstm.build(x.shape)
     lstm.set_weights([w + rng.uniform(-0.3, 0.3, w.shape).astype(np.float32) for w in lstm.get_weights()])
     expected = keras.ops.convert_to_numpy(lstm(x))
-    ours = LSTM.from_keras_weights(lstm.get_weights(), backend="reference")
+    ours = lstm_from_keras_weights(lstm.get_weights(), backend="reference")
     assert_close_rel(ours(torch.from_numpy(x))[0], torch.from_numpy(expected), FP32_TOL, "Keras 3 LSTM")
 
     convs = [
@@ -580,7 +601,7 @@ def test_keras3_single_layers(keras, rng):
     y = x
     for conv in convs:
         y = conv(y)
-    stack = Conv1dStack.from_keras_weights(
+    stack = conv1d_stack_from_keras_weights(
         [c.get_weights() for c in convs],
         strides=[1, 1, 2],
         padding=["causal", "same", "valid"],
@@ -596,13 +617,13 @@ def test_keras3_hard_sigmoid_and_relu_conv_are_refused(keras, tmp_path):
     path = tmp_path / "hard.keras"
     build_keras3(keras, recurrent_activation="hard_sigmoid").save(path)
     with pytest.raises(KerasImportError, match="recurrent_activation='hard_sigmoid'"):
-        ConvLSTMClassifier.from_keras(path)
+        load_classifier(path)
     path = tmp_path / "relu.keras"
     build_keras3(keras, conv_activation="relu").save(path)
     config = json.loads(zipfile.ZipFile(path).read("config.json"))
     first_conv = next(m["name"] for m in config["config"]["layers"] if m["class_name"] == "Conv1D")
     with pytest.raises(KerasImportError, match=f"'{first_conv}'.*activation='relu'"):
-        ConvLSTMClassifier.from_keras(path)
+        load_classifier(path)
 
 
 def test_keras3_full_size_reference_model(keras, tmp_path):
@@ -619,7 +640,7 @@ def test_keras3_full_size_reference_model(keras, tmp_path):
     assert model.count_params() == 7_193_009 - 2 * 2048
     path = tmp_path / "full.keras"
     model.save(path)
-    ours = ConvLSTMClassifier.from_keras(path, backend="reference")
+    ours = load_classifier(path, backend="reference")
     assert count_parameters(ours) == 7_193_009 and asdict(ours.config) == asdict(ClassifierConfig())
     x = np.random.default_rng(9).integers(0, 20_000, (2, 100)).astype(np.int32)
     expected = model.predict(x, verbose=0)
@@ -628,4 +649,4 @@ def test_keras3_full_size_reference_model(keras, tmp_path):
 
 def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Keras checkpoint at .*missing.h5 \\(no such file\\)"):
-        ConvLSTMClassifier.from_keras(tmp_path / "missing.h5")
+        load_classifier(tmp_path / "missing.h5")

@@ -217,7 +217,7 @@ def test_gpu_session_sets_a_watchdog_and_runs_these_checks_first():
     assert f"export {WATCHDOG_ENV}=" in text  # a session must end: a hung barrier traps there
     tests_stage = text.split("stage_tests() {")[1].split("\n}\n")[0]
     first_par = tests_stage.split("par 240")[1]
-    assert first_par.index("tests/test_launch_safety.py") < first_par.index("tests/test_cuda_lstm.py")
+    assert first_par.index("tests/test_launch_safety.py") < first_par.index("tests/test_cuda_lstm_gpu.py")
     assert "test_triton_first" in first_par and "spill" in tests_stage
 
 

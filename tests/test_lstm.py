@@ -13,7 +13,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fusedconvlstm
 from fusedconvlstm import LSTM, lstm_recurrence
-from tests.helpers import lstm_weights, rel_err
+from fusedconvlstm.passmark import rel_err
+from tests.helpers import lstm_weights
 
 F64 = torch.float64
 TOL64 = 1e-10  # float64 end to end: only summation order differs from nn.LSTM
@@ -38,19 +39,19 @@ def _compare_forward_backward(ref, fused, x, hx=None, out_of=lambda o: o):
     o_ref, o_fus = out_of(o_ref), out_of(o_fus)
     for name, a, b in (("output", o_fus, o_ref), ("h_n", h_fus, h_ref), ("c_n", c_fus, c_ref)):
         assert a.shape == b.shape, name
-        assert rel_err(a, b) < TOL64, name
+        assert rel_err(a, b, strict=True) < TOL64, name
     # Backward through everything, with random cotangents.
     go, gh, gc = torch.randn_like(o_ref), torch.randn_like(h_ref), torch.randn_like(c_ref)
     ((o_ref * go).sum() + (h_ref * gh).sum() + (c_ref * gc).sum()).backward()
     ((o_fus * go).sum() + (h_fus * gh).sum() + (c_fus * gc).sum()).backward()
-    assert rel_err(x_fused.grad, x_ref.grad) < TOL64, "grad input"
+    assert rel_err(x_fused.grad, x_ref.grad, strict=True) < TOL64, "grad input"
     if hx is not None:
         for k in range(2):
-            assert rel_err(hx_fused[k].grad, hx_ref[k].grad) < TOL64, f"grad hx[{k}]"
+            assert rel_err(hx_fused[k].grad, hx_ref[k].grad, strict=True) < TOL64, f"grad hx[{k}]"
     g_ref, g_fus = _grads(ref), _grads(fused)
     assert g_ref.keys() == g_fus.keys()
     for n in g_ref:
-        assert rel_err(g_fus[n], g_ref[n]) < TOL64, f"grad {n}"
+        assert rel_err(g_fus[n], g_ref[n], strict=True) < TOL64, f"grad {n}"
 
 
 OPTIONS = list(
@@ -99,17 +100,17 @@ def test_lstm_packed_sequence(enforce_sorted, bidirectional):
     o_ref, (h_ref, c_ref) = ref(packed, hx)
     o_fus, (h_fus, c_fus) = fused(packed, hx)
     assert torch.equal(o_fus.batch_sizes, o_ref.batch_sizes)
-    assert rel_err(o_fus.data, o_ref.data) < TOL64
-    assert rel_err(h_fus, h_ref) < TOL64 and rel_err(c_fus, c_ref) < TOL64
+    assert rel_err(o_fus.data, o_ref.data, strict=True) < TOL64
+    assert rel_err(h_fus, h_ref, strict=True) < TOL64 and rel_err(c_fus, c_ref, strict=True) < TOL64
     # Gradients through the packed path.
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     for mod, xx in ((ref, x1), (fused, x2)):
         out, (h, _) = mod(pack_padded_sequence(xx, lengths, enforce_sorted=enforce_sorted), hx)
         padded, _ = pad_packed_sequence(out)
         (padded.square().sum() + h.sum()).backward()
-    assert rel_err(x2.grad, x1.grad) < TOL64
+    assert rel_err(x2.grad, x1.grad, strict=True) < TOL64
     for n, g in _grads(ref).items():
-        assert rel_err(_grads(fused)[n], g) < TOL64, n
+        assert rel_err(_grads(fused)[n], g, strict=True) < TOL64, n
 
 
 def test_lstm_dropout_between_layers_matches_torch_rng():
@@ -122,11 +123,11 @@ def test_lstm_dropout_between_layers_matches_torch_rng():
     o_ref, _ = ref(x)
     torch.manual_seed(11)
     o_fus, _ = fused(x)
-    assert rel_err(o_fus, o_ref) < TOL64
+    assert rel_err(o_fus, o_ref, strict=True) < TOL64
     # Evaluation mode switches dropout off.
     ref.eval()
     fused.eval()
-    assert rel_err(fused(x)[0], ref(x)[0]) < TOL64
+    assert rel_err(fused(x)[0], ref(x)[0], strict=True) < TOL64
 
 
 def test_lstm_batch_of_zero_returns_empty_like_torch():
@@ -288,7 +289,7 @@ def test_lstm_recurrence_lengths_mask_outputs_and_state():
     assert torch.equal(h_n[:, 2], h0[:, 2]) and torch.equal(c_n[:, 2], c0[:, 2])
     # Row 1 (length 2) equals running the recurrence on its two valid steps alone.
     y1, h1, c1 = lstm_recurrence(xg[:2, 1:2], w_hh, h0[:, 1:2], c0[:, 1:2], reverse=[False, True], backend="reference")
-    assert rel_err(h_n[:, 1:2], h1) < TOL64 and rel_err(y[:2, 1:2], y1) < TOL64
+    assert rel_err(h_n[:, 1:2], h1, strict=True) < TOL64 and rel_err(y[:2, 1:2], y1, strict=True) < TOL64
 
 
 @pytest.mark.parametrize(
@@ -335,7 +336,11 @@ def test_lstm_module_runs_under_torch_compile_fullgraph():
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     out, (h, c) = compiled(x)
     o_ref, (h_ref, c_ref) = ref(x)
-    assert rel_err(out, o_ref) < TOL64 and rel_err(h, h_ref) < TOL64 and rel_err(c, c_ref) < TOL64
+    assert (
+        rel_err(out, o_ref, strict=True) < TOL64
+        and rel_err(h, h_ref, strict=True) < TOL64
+        and rel_err(c, c_ref, strict=True) < TOL64
+    )
 
 
 def test_named_backend_that_cannot_serve_raises_with_reason():
@@ -387,7 +392,9 @@ def test_lstm_under_cpu_autocast_behaves_like_nn_lstm():
     assert (o_fus.dtype, h_fus.dtype, c_fus.dtype) == (o_ref.dtype, h_ref.dtype, c_ref.dtype) == (torch.bfloat16,) * 3
     ref64 = LSTM.from_torch(ref.double(), backend="reference")
     want, _ = ref64(x.double())
-    assert rel_err(o_fus, want) <= 2 * rel_err(o_ref, want) + 4 * torch.finfo(torch.bfloat16).eps
+    assert (
+        rel_err(o_fus, want, strict=True) <= 2 * rel_err(o_ref, want, strict=True) + 4 * torch.finfo(torch.bfloat16).eps
+    )
     o_fus.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())
 

@@ -5,7 +5,7 @@
 :func:`fusedconvlstm.ops.lstm.lstm_layer`, which the modules call. The kernel's index arithmetic
 is checked by its model (tests/test_persistent_kernel_model.py); here the ops' CPU
 implementations stand in for the kernels, and the cuda backend is made to serve CPU tensors
-(``cuda_on_cpu``) so that the module path runs end to end. The GPU tests are in test_cuda_lstm.py.
+(``cuda_on_cpu``) so that the module path runs end to end. The GPU tests are in test_cuda_lstm_gpu.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fusedconvlstm.cuda import persistent_config as pc
 from fusedconvlstm.cuda.constants import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.numerics.recurrence import reverse_mask
 from fusedconvlstm.ops.lstm import _lstm_from_input_op, lstm_layer, lstm_recurrence
-from tests.helpers import rel_err
+from fusedconvlstm.passmark import rel_err
 
 F64 = torch.float64
 _from_input_op = torch.ops.fusedconvlstm.lstm_persistent_forward_from_input_
@@ -198,7 +198,9 @@ def test_module_runs_the_in_kernel_projection_with_all_gradients(cuda_on_cpu, pa
     assert pc.FORWARD_KERNELS_SERVED["input"] == 2  # one launch per layer
     want, got = results
     for name in want:
-        assert rel_err(got[name], want[name]) < 1e-5, f"{name}: {rel_err(got[name], want[name]):.2e}"
+        assert rel_err(got[name], want[name], strict=True) < 1e-5, (
+            f"{name}: {rel_err(got[name], want[name], strict=True):.2e}"
+        )
 
 
 def test_parallel_lstms_share_one_in_kernel_launch(cuda_on_cpu):

@@ -8,7 +8,7 @@ hypothesis; ``h_n`` equal to the last step's output bit for bit; the registered 
 implementation serving projections; and in float16 / bfloat16 the error against float64 set
 beside the error of a loop that rounds like cuDNN (``h`` and ``r`` in the dtype every step).
 The Triton backend's projected calls are in ``test_triton_lstm.py``; the GPU runs against cuDNN
-in ``test_cuda_lstm.py``.
+in ``test_cuda_lstm_gpu.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
 from fusedconvlstm.numerics.projection import with_projection
+from fusedconvlstm.passmark import rel_err
 from fusedconvlstm.reference.lstm import lstm_recurrence_reference
-from tests.helpers import rel_err
 
 F64 = torch.float64
 PATHS = ("stepwise", "cooperative", "cluster")
@@ -98,7 +98,7 @@ def test_projection_on_every_driver_path_matches_the_reference(path, T, B, D, H,
     ref = _reference(xg, w_hh, w_hr, h0, c0, lengths, reverse, cot)
     for name, r in ref.items():
         assert ours[name].shape == r.shape, name
-        assert rel_err(ours[name], r) < 1e-12, f"{path} {name}: {rel_err(ours[name], r):.3g}"
+        assert rel_err(ours[name], r, strict=True) < 1e-12, f"{path} {name}: {rel_err(ours[name], r, strict=True):.3g}"
     if lengths is not None:
         past = torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)
         assert torch.all(ours["y"][past] == 0)
@@ -124,7 +124,7 @@ def test_projection_on_random_problems(case):
         ours = _run(*_driver(path), xg, w_hh, w_hr, h0, c0, lengths, reverse, cot)
     ref = _reference(xg, w_hh, w_hr, h0, c0, lengths, reverse, cot)
     for name, r in ref.items():
-        assert rel_err(ours[name], r) < 1e-11, f"{case}: {name} {rel_err(ours[name], r):.3g}"
+        assert rel_err(ours[name], r, strict=True) < 1e-11, f"{case}: {name} {rel_err(ours[name], r, strict=True):.3g}"
 
 
 def test_h_n_is_the_last_steps_output_bit_for_bit():
@@ -213,7 +213,7 @@ def test_16_bit_projection_error_is_that_of_rounding_h_every_step(dtype):
         [False, False],
     )[0]
     baseline = _rounding_like_cudnn(xg, w_hh, w_hr, h0, c0, dtype)
-    assert rel_err(y, ref) <= 1.5 * rel_err(baseline, ref)
+    assert rel_err(y, ref, strict=True) <= 1.5 * rel_err(baseline, ref, strict=True)
 
 
 def test_registered_cuda_implementation_serves_projections(monkeypatch):
@@ -237,4 +237,4 @@ def test_registered_cuda_implementation_serves_projections(monkeypatch):
     assert sum(pc.FORWARD_KERNELS_SERVED.values()) == sum(served.values()) + 1
     ref = _reference(xg, w_hh, w_hr, h0, c0, lengths, [False, True], cot)
     for name, r in ref.items():
-        assert rel_err(ours[name], r) < 1e-5, name
+        assert rel_err(ours[name], r, strict=True) < 1e-5, name

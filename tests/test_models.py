@@ -12,8 +12,8 @@ from torch import nn
 import fusedconvlstm
 from fusedconvlstm import LSTM, Conv1dStack, convert
 from fusedconvlstm.models import ConvLSTMClassifier, ReferenceConvLSTMClassifier, count_parameters
+from fusedconvlstm.passmark import rel_err
 from tests.helpers import SMALL_MODEL as SMALL
-from tests.helpers import rel_err
 
 F64 = torch.float64
 # The Triton tests run on CUDA tensors where a GPU is (the compiled kernels), under the interpreter
@@ -48,13 +48,13 @@ def test_fused_model_equals_reference_twin_forward_and_backward(batch):
     tokens = torch.randint(0, 50, (batch, 20))
     out_f, out_r = fused.logits(tokens), ref.logits(tokens)
     assert out_f.shape == (batch, 1)
-    assert rel_err(out_f, out_r) < 1e-10
+    assert rel_err(out_f, out_r, strict=True) < 1e-10
     out_f.sum().backward()
     out_r.sum().backward()
     ref_grads = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
         key = name.replace("conv.layers.", "conv.")
-        assert rel_err(p.grad, ref_grads[key].grad) < 1e-10, name
+        assert rel_err(p.grad, ref_grads[key].grad, strict=True) < 1e-10, name
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -76,14 +76,14 @@ def test_training_mode_fused_and_reference_twin_drop_the_same_elements(backend):
     torch.manual_seed(8)
     out_r = ref.logits(tokens)
     tol = 1e-10 if dtype == F64 else 1e-4
-    assert rel_err(out_f, out_r) < tol
+    assert rel_err(out_f, out_r, strict=True) < tol
     out_f.sum().backward()
     out_r.sum().backward()
     ref_grads = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
-        assert rel_err(p.grad, ref_grads[name.replace("conv.layers.", "conv.")].grad) < tol, name
+        assert rel_err(p.grad, ref_grads[name.replace("conv.layers.", "conv.")].grad, strict=True) < tol, name
     # The masks are not vacuous: the same model in evaluation mode computes something else.
-    assert rel_err(fused.eval().logits(tokens), out_f) > 1e-3
+    assert rel_err(fused.eval().logits(tokens), out_f, strict=True) > 1e-3
 
 
 def test_reference_twin_can_drop_out_with_torch_masks():
@@ -108,7 +108,7 @@ def test_weights_copy_both_ways():
     for (n1, p1), (n2, p2) in zip(ref.named_parameters(), back.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
     tokens = torch.randint(0, 50, (2, 20))
-    assert rel_err(fused.eval()(tokens), ref.eval()(tokens)) < 1e-10
+    assert rel_err(fused.eval()(tokens), ref.eval()(tokens), strict=True) < 1e-10
 
 
 def test_training_mode_dropout_is_active():
@@ -183,7 +183,7 @@ def test_convert_swaps_layers_and_keeps_outputs():
     assert type(converted.side_conv) is nn.Conv1d
     assert isinstance(converted.rnn, LSTM) and converted.rnn.bidirectional
     tokens = torch.randint(0, 30, (3, 11))
-    assert rel_err(converted(tokens), model(tokens)) < 1e-10
+    assert rel_err(converted(tokens), model(tokens), strict=True) < 1e-10
     # In place, and converting twice changes nothing more.
     again = convert(converted, backend="reference", inplace=True)
     assert again is converted and isinstance(again.features[0], Conv1dStack)
@@ -196,7 +196,7 @@ def test_convert_standalone_modules():
     stack = convert(conv)
     assert isinstance(stack, Conv1dStack) and not stack.channels_last
     x = torch.randn(2, 4, 9)
-    assert rel_err(stack(x), conv(x)) < 1e-6
+    assert rel_err(stack(x), conv(x), strict=True) < 1e-6
 
 
 def test_package_exports():
@@ -209,7 +209,7 @@ def test_model_compiles_fullgraph_and_matches_eager():
     tokens = torch.randint(0, 50, (3, 20))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(tokens)
-    assert rel_err(out, model(tokens)) < 1e-12
+    assert rel_err(out, model(tokens), strict=True) < 1e-12
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -239,4 +239,4 @@ def test_fused_model_on_triton_matches_the_reference_twin(dtype):
     for name, got, base, w in zip(
         ["logits"] + [n for n, _ in sorted(ref64.named_parameters())], run(fused), run(twin), want
     ):
-        assert rel_err(got, w) <= 2 * rel_err(base, w) + 4 * eps, name
+        assert rel_err(got, w, strict=True) <= 2 * rel_err(base, w, strict=True) + 4 * eps, name

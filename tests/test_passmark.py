@@ -55,6 +55,21 @@ def test_nan_where_the_reference_is_finite_fails_and_is_inf():
     assert passmark.mark(ours2, base, ref2, torch.bfloat16).passed
 
 
+def test_strict_rel_err_is_nan_for_any_non_finite_element():
+    """``strict=True`` (the tests' measure): every element counts and nothing non-finite compares,
+    where the pass mark's rule leaves out the positions where the reference is not finite."""
+    ref, base = _draw()
+    assert passmark.rel_err(base, ref, strict=True) == passmark.rel_err(base, ref)
+    both_nan = torch.full_like(ref, float("nan"))
+    assert passmark.rel_err(both_nan, both_nan) == 0.0  # nothing finite in ref: nothing compared
+    assert math.isnan(passmark.rel_err(both_nan, both_nan, strict=True))
+    ours = base.clone()
+    ours[3] = float("inf")
+    assert passmark.rel_err(ours, ref) == math.inf and math.isnan(passmark.rel_err(ours, ref, strict=True))
+    assert math.isnan(passmark.rel_err(ref, ours, strict=True))
+    assert math.isnan(passmark.rel_err(base[:1], ref, strict=True))  # no broadcasting
+
+
 def test_a_tensor_missing_on_one_side_fails():
     ref, base = _draw()
     assert not passmark.mark(None, base, ref, torch.float32).passed

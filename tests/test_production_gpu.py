@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from fusedconvlstm import LSTM, Conv1dStack, backends
 from fusedconvlstm.models import ConvLSTMClassifier
-from tests.helpers import assert_pass_mark, capture_graph, rel_err
+from fusedconvlstm.passmark import rel_err
+from tests.helpers import assert_pass_mark, capture_graph
 
 pytestmark = pytest.mark.gpu
 # The package's kernels are what these tests are about: each names the backend it runs and checks
@@ -65,7 +66,7 @@ def test_model_compiles_with_reduce_overhead_and_matches_eager(served):
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):  # warm-up runs, then the CUDA-graph replay
             out = compiled(tokens)
-    assert rel_err(out, eager) < 1e-2
+    assert rel_err(out, eager, strict=True) < 1e-2
     _model_served(served)
 
 
@@ -90,7 +91,7 @@ def test_cuda_graph_capture_and_replay_forward_and_backward(served):
     torch.cuda.synchronize()
     eager = step()
     for got, want in zip(static_out, eager):
-        assert rel_err(got, want) < 1e-5
+        assert rel_err(got, want, strict=True) < 1e-5
     _model_served(served)
 
 
@@ -112,7 +113,7 @@ def test_cuda_graph_replays_draw_new_dropout_masks(served):
     graph.replay()
     assert not torch.equal(first, static_out)
     torch.cuda.manual_seed(21)
-    assert rel_err(first, step()) < 1e-5
+    assert rel_err(first, step(), strict=True) < 1e-5
     _model_served(served)
 
 
@@ -177,7 +178,7 @@ def test_lstm_past_2_31_elements(served):
     with torch.no_grad():
         _, (h_n, _) = lstm(x)
         _, (h_last, _) = lstm(x[:, -1:])
-    assert rel_err(h_n[:, -1:], h_last) < 1e-2
+    assert rel_err(h_n[:, -1:], h_last, strict=True) < 1e-2
     assert served == {("lstm_recurrence", LSTM_BACKEND)}
 
 

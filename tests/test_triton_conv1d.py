@@ -36,13 +36,14 @@ from fusedconvlstm.ops.conv1d import (  # noqa: E402
     conv1d_stack_embedding_projection,
     conv1d_stack_projection,
 )
+from fusedconvlstm.passmark import rel_err  # noqa: E402
 from fusedconvlstm.reference.conv1d import apply_activation  # noqa: E402
 from fusedconvlstm.triton import conv1d as layer_kernels  # noqa: E402
 from fusedconvlstm.triton import conv1d_fused_stack  # noqa: E402
 from fusedconvlstm.triton import conv1d_stack as triton_stack  # noqa: E402
 from fusedconvlstm.triton import dropout as triton_dropout  # noqa: E402
 from tests.conftest import HAS_GPU, TRITON_INTERPRET  # noqa: E402
-from tests.helpers import CONV1D_STACK_COMBOS, assert_pass_mark, opcheck_conv1d_stack, rel_err  # noqa: E402
+from tests.helpers import CONV1D_STACK_COMBOS, assert_pass_mark, opcheck_conv1d_stack  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -150,7 +151,7 @@ def _compare(name, ours, torch_same, ref, dtype):
     PyTorch's in the same dtype plus one eps, the largest element too, no NaN."""
     assert not torch.isnan(ours).any(), f"{name}: NaN (an element left unwritten?)"
     assert_pass_mark(ours, torch_same, ref, dtype, name)
-    return rel_err(ours, ref)
+    return rel_err(ours, ref, strict=True)
 
 
 def _check_stack_op(stack, x, dtype, *, tokens=None, grad=True):
@@ -501,7 +502,7 @@ def test_projection_gates_feed_the_lstm_recurrence():
         h = stack.torch_chain(x, stack.params()).transpose(0, 1)  # (T, B, 7)
         for d, m in enumerate(lstms):
             ref_y, (ref_h, _) = m(h)
-            assert rel_err(y[:, :, d], ref_y) < 1e-5 and rel_err(h_n[d], ref_h[0]) < 1e-5
+            assert rel_err(y[:, :, d], ref_y, strict=True) < 1e-5 and rel_err(h_n[d], ref_h[0], strict=True) < 1e-5
 
 
 # --- gradients are deterministic; recompute when nothing was saved ----------------------------------
@@ -553,7 +554,7 @@ def test_weight_grad_split_reduction_matches_one_chunk():
     dz = torch.randn(3, layer.out_len(61), 5, device=DEVICE)
     dw1, db1 = layer_kernels.conv1d_layer_weight_grad(x, dz, layer, 61, splits=1)
     dw3, db3 = layer_kernels.conv1d_layer_weight_grad(x, dz, layer, 61, splits=3)
-    assert rel_err(dw3, dw1) < 1e-6 and rel_err(db3, db1) < 1e-6
+    assert rel_err(dw3, dw1, strict=True) < 1e-6 and rel_err(db3, db1, strict=True) < 1e-6
 
 
 def test_backward_without_saved_tensors_recomputes():
@@ -616,7 +617,7 @@ def test_fold_equals_the_unfolded_stack():
     assert (conv.kernel_size, conv.stride, conv.dilation) == ((11,), (2,), (1,))
     for T in (11, 12, 40):
         x = torch.randn(3, T, 5, dtype=F64, device=DEVICE)
-        assert rel_err(folded(x), stack(x)) < 1e-12
+        assert rel_err(folded(x), stack(x), strict=True) < 1e-12
     # Padding inside the chain, an activation or a dropout stop a run; the rest folds.
     mixed = Conv1dStack(
         4, [5, 6, 7, 3, 2], kernel_size=[3, 2, 5, 1, 3], stride=[2, 3, 1, 1, 1], dilation=[2, 1, 3, 1, 1],
@@ -626,7 +627,7 @@ def test_fold_equals_the_unfolded_stack():
     folded = mixed.fold()
     assert [c.kernel_size[0] for c in folded.layers] == [40, 1, 3]
     x = torch.randn(2, 90, 4, dtype=F64, device=DEVICE)
-    assert rel_err(folded(x), mixed(x)) < 1e-12
+    assert rel_err(folded(x), mixed(x), strict=True) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -765,7 +766,7 @@ def test_reference_model_inference_fused_matches_training_path(monkeypatch):
         ww = [t.clone().requires_grad_(grad) for t in w]
         outs.append(conv1d_stack(x, ww, b, backend="triton", **stack.kwargs).detach())
     assert torch.equal(outs[0], outs[1])
-    assert rel_err(outs[0], outs[2]) < 1e-2
+    assert rel_err(outs[0], outs[2], strict=True) < 1e-2
 
 
 @pytest.mark.gpu

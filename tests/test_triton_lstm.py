@@ -24,10 +24,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fusedconvlstm import LSTM, BackendUnavailableError, backends, lstm_recurrence, parallel_lstm
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall, check_lstm_recurrence_args
+from fusedconvlstm.passmark import rel_err
 from fusedconvlstm.reference import lstm as reference_lstm
 from fusedconvlstm.triton import lstm as triton_lstm
 from fusedconvlstm.triton import persistent
-from tests.helpers import assert_pass_mark, capture_graph, lstm_weights, rel_err
+from tests.helpers import assert_pass_mark, capture_graph, lstm_weights
 
 pytestmark = pytest.mark.triton
 # On a GPU machine (no interpreter) the tests written for CPU tensors run on CUDA tensors, the
@@ -151,7 +152,7 @@ def test_loop_like_cudnn_is_the_stricter_comparator(torch_in_dtype):
     )  # fmt: skip
     like = _forward_backward(lambda *a: loop_like_cudnn(*a, lengths, reverse), xg, w_hh, h0, c0, cot, fp16)
     lp = _forward_backward(lambda *a: torch_in_dtype(*a, lengths, reverse), xg, w_hh, h0, c0, cot, fp16)
-    assert rel_err(like["y"], ref["y"]) < rel_err(lp["y"], ref["y"])
+    assert rel_err(like["y"], ref["y"], strict=True) < rel_err(lp["y"], ref["y"], strict=True)
     ours = _forward_backward(
         lambda x, w, h, c: lstm_recurrence(x, w, h, c, lengths=lengths, reverse=reverse, backend="triton"),
         xg, w_hh, h0, c0, cot, fp16,
@@ -258,7 +259,7 @@ def test_multi_program_decomposition_matches_reference(poisoned):
     for name, (out, ref) in pairs.items():
         assert not torch.isnan(out).any(), name
         # float32 end to end: a few roundings per step over 4 steps.
-        assert rel_err(out, ref) < 2e-6, f"{name}: {rel_err(out, ref):.3g}"
+        assert rel_err(out, ref, strict=True) < 2e-6, f"{name}: {rel_err(out, ref, strict=True):.3g}"
 
 
 def _module_case(dtype, **kw):

@@ -233,21 +233,6 @@ class ConvLSTMClassifier(nn.Module):
         model.train(ref.training)
         return model
 
-    @classmethod
-    def from_keras(cls, path, backend: str = "auto", device=None, dtype=None, **overrides) -> ConvLSTMClassifier:
-        """The model of a Keras checkpoint of this architecture, in inference mode.
-
-        ``path``: a Keras 2 ``.h5`` (full model or weights only, ``CuDNNLSTM`` or ``LSTM``
-        layers) or a Keras 3 ``.weights.h5`` or ``.keras`` file; read with ``h5py``. The sizes come
-        from the checkpoint; ``overrides`` sets what it does not record (``conv_strides`` of a
-        weights-only file, the dropout rates) and must agree with what it does. A checkpoint of
-        another architecture raises :class:`fusedconvlstm.keras.KerasImportError` naming the
-        first layer that does not fit. See :mod:`fusedconvlstm.keras`.
-        """
-        from fusedconvlstm.keras import load_classifier
-
-        return load_classifier(cls, path, backend=backend, device=device, dtype=dtype, **overrides)
-
 
 def _to_reference_key(key: str) -> str:
     return "conv." + key[len("conv.layers.") :] if key.startswith("conv.layers.") else key

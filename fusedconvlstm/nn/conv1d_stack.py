@@ -262,33 +262,6 @@ class Conv1dStack(nn.Module):
         stack.train(convs[0].training)
         return stack
 
-    @classmethod
-    def from_keras_weights(
-        cls,
-        weights: Sequence[Sequence],
-        strides: int | Sequence[int] = 1,
-        padding: str | Sequence[str] = "valid",
-        dilation: int | Sequence[int] = 1,
-        activation: str | Sequence[str] = "linear",
-        channels_last: bool = True,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ) -> Conv1dStack:
-        """A stack holding Keras Conv1D layers' weights: ``weights[i]`` is layer ``i``'s
-        ``get_weights()`` (``[kernel (k, in, out)]`` or ``[kernel, bias]``).
-
-        ``strides``, ``padding`` (``"valid"``, ``"same"``, ``"causal"``), ``dilation`` and
-        ``activation`` (Keras names: ``"linear"``, ``"relu"``, ``"tanh"``, ``"swish"``) are the
-        layers' Keras arguments, one value for all or one per layer. ``channels_last`` defaults to
-        Keras's ``(B, T, C)``.
-        """
-        from fusedconvlstm.keras import conv1d_stack_from_keras_weights
-
-        return conv1d_stack_from_keras_weights(
-            cls, weights, strides, padding, dilation, activation, channels_last, backend, device=device, dtype=dtype
-        )
-
     def fold(self) -> Conv1dStack:
         """A new stack computing the same function with each run of purely linear layers folded
         into one conv (for inference; this stack is left as it is; off unless called).

@@ -184,31 +184,6 @@ class LSTM(nn.Module):
         new.train(module.training)
         return new
 
-    @classmethod
-    def from_keras_weights(
-        cls,
-        weights: Sequence,
-        layout: str = "auto",
-        recurrent_activation: str = "sigmoid",
-        batch_first: bool = True,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ) -> LSTM:
-        """An LSTM holding a Keras LSTM layer's weights (``layer.get_weights()``:
-        ``[kernel, recurrent_kernel, bias]``).
-
-        ``layout``: ``"cudnn"`` for Keras 2 ``CuDNNLSTM`` (bias ``(8H,)``), ``"standard"`` for
-        Keras ``LSTM``, ``"auto"`` to tell them by the bias. A ``recurrent_activation`` other than
-        ``"sigmoid"`` is refused. ``batch_first`` defaults to Keras's ``(B, T, C)``. See
-        :mod:`fusedconvlstm.keras` for the layouts.
-        """
-        from fusedconvlstm.keras import lstm_from_keras_weights
-
-        return lstm_from_keras_weights(
-            cls, weights, layout, recurrent_activation, batch_first, backend, device=device, dtype=dtype
-        )
-
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         defaults = {

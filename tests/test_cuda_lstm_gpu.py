@@ -1,76 +1,42 @@
-"""The ``cuda`` backend of the LSTM recurrence: persistent kernels and the step-wise path.
+"""The ``cuda`` LSTM kernels on a GPU (``gpu`` marker).
 
-CPU (CI): the extension registers CUDA kernels for every kernel-level op; schemas, fakes and
-opcheck of the ops on their CPU implementations; launch configurations and the dispatch between
-the persistent and step-wise paths, with their reasons; both drivers against the float64
-reference (they run the ops' CPU implementations on CPU tensors).
-
-GPU (``gpu`` marker): the persistent kernels against the float64 reference and against cuDNN
-(``torch.nn.LSTM``) in float32 / float16 / bfloat16 — a result passes when its relative error is
-at most twice cuDNN's on the same inputs (docs/design.md §3) — for every module option, odd sizes,
-every launch configuration that fits, NaN-poisoned outputs, bitwise determinism, opcheck,
-CUDA-graph capture; the step-wise cell kernels against their CPU implementations.
+The persistent kernels against the float64 reference and against cuDNN (``torch.nn.LSTM``) in
+float32 / float16 / bfloat16 — a result passes when its relative error is at most twice cuDNN's
+on the same inputs (docs/design.md §3) — for every module option, odd sizes, every launch
+configuration that fits, NaN-poisoned outputs, bitwise determinism, opcheck, CUDA-graph capture;
+the step-wise cell kernels against their CPU implementations; the cluster forward kernel (sm_90)
+and the forward that computes the input projection itself. The cuDNN comparators of these tests
+are checked on the CPU first (those two tests have no ``gpu`` marker).
 """
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedconvlstm
-from fusedconvlstm import backends, passmark
-from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
+from fusedconvlstm import passmark
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
 from fusedconvlstm.cuda.constants import SYNC_STRIDE, padded_reduction
-from fusedconvlstm.cuda.persistent_ops import OPS as PERSISTENT_OPS
-from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32, reverse_mask
-from fusedconvlstm.reference.lstm import lstm_recurrence_reference
-from tests.helpers import assert_pass_mark, capture_graph, lstm_weights, poison_, rel_err
+from fusedconvlstm.numerics.recurrence import reverse_mask
+from fusedconvlstm.passmark import rel_err
+from tests.cuda_lstm_helpers import (
+    F64,
+    HALF_DTYPES,
+    cluster_forward_args,
+    op_inputs,
+    persistent_backward_args,
+    persistent_forward_args,
+    recurrence_call,
+    reference_forward_backward,
+)
+from tests.helpers import assert_pass_mark, capture_graph, lstm_weights, poison_
 
-CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None
-KERNEL_OPS = ("lstm_cell_forward_", "lstm_cell_backward_", *PERSISTENT_OPS)
-F64 = torch.float64
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _call(T=5, B=3, D=1, H=8, P=0, dtype=torch.float32, device="cpu", lengths=False, reverse=None):
-    return LSTMRecurrenceCall(
-        seq_len=T,
-        batch=B,
-        num_recurrences=D,
-        hidden_size=H,
-        proj_size=P,
-        dtype=dtype,
-        device=torch.device(device),
-        has_lengths=lengths,
-        reverse=tuple(reverse or [False] * D),
-    )
-
-
-def _op_inputs(T, B, D, H, dtype=F64, device="cpu", lengths=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xg = torch.randn(T, B, D, 4 * H, dtype=F64, generator=g).to(dtype=dtype, device=device)
-    w = [w.to(dtype=dtype, device=device) for w in lstm_weights(D, H, dtype=F64)]
-    h0 = (0.5 * torch.randn(D, B, H, dtype=F64, generator=g)).to(dtype=dtype, device=device)
-    c0 = (0.5 * torch.randn(D, B, H, dtype=F64, generator=g)).to(dtype=dtype, device=device)
-    return xg, w, h0, c0, lengths
-
-
-def _reference_forward_backward(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn):
-    """float64 outputs and gradients of the recurrence, by autograd through the reference loop."""
-    ins = [t.detach().double().cpu().requires_grad_() for t in (xg, h0, c0, *w)]
-    lens = None if lengths is None else lengths.cpu()
-    y, hn, cn = lstm_recurrence_reference(ins[0], ins[3:], [], ins[1], ins[2], lens, reverse)
-    grads = torch.autograd.grad((y, hn, cn), ins, (gy.double().cpu(), ghn.double().cpu(), gcn.double().cpu()))
-    g_xg, g_h0, g_c0, *g_w = grads
-    return (y, hn, cn), (g_xg, g_w, g_h0, g_c0)
+# =============================================================================================
+# The cuDNN comparators, checked on the CPU
 
 
 def _cudnn_recurrence(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn):
@@ -80,7 +46,7 @@ def _cudnn_recurrence(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn):
     any dtype where the input GEMM is IEEE), with ``W_hh`` as given, packed by ``lengths``. cuDNN
     takes no empty sequence: a row of length 0 gets its exact result (``y`` 0, the final state the
     initial one, its gradient passed through). The same outputs and gradients as
-    :func:`_reference_forward_backward`, the same-dtype error the pass mark compares ours with.
+    :func:`reference_forward_backward`, the same-dtype error the pass mark compares ours with.
     Forward direction first, then the reversed one: ``reverse`` is ``[False]`` or ``[False, True]``."""
     T, B, D, G = xg.shape
     H = G // 4
@@ -160,7 +126,7 @@ def test_cudnn_from_input_comparator_is_the_layer():
     want = cuda_lstm.lstm_recurrence_from_input_forward(x, w_ih, bias, w_hh, h0, c0, lengths, [False, True])
     got = _cudnn_from_input(x, w_ih, bias, w_hh, h0, c0, lengths)
     for name, a, b in zip(("y", "h_n", "c_n"), got, want):
-        assert a.shape == b.shape and rel_err(a, b) < 1e-12, name
+        assert a.shape == b.shape and rel_err(a, b, strict=True) < 1e-12, name
 
 
 def test_cudnn_recurrence_comparator_is_the_recurrence():
@@ -168,9 +134,9 @@ def test_cudnn_recurrence_comparator_is_the_recurrence():
     input weights computes the op's recurrence (bidirectional, packed lengths, gradients)."""
     T, B, D, H = 6, 6, 2, 7
     lengths = torch.tensor([6, 1, 3, 0, 6, 2])
-    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, F64)
+    xg, w, h0, c0, _ = op_inputs(T, B, D, H, F64)
     gy, ghn, gcn = torch.randn(T, B, D, H, dtype=F64), torch.randn_like(h0), torch.randn_like(c0)
-    want = _reference_forward_backward(xg, w, h0, c0, lengths, [False, True], gy, ghn, gcn)
+    want = reference_forward_backward(xg, w, h0, c0, lengths, [False, True], gy, ghn, gcn)
     got = _cudnn_recurrence(xg, w, h0, c0, lengths, [False, True], gy, ghn, gcn)
     (y, hn, cn), (gx, gw, gh0, gc0) = got
     (y_r, hn_r, cn_r), (gx_r, gw_r, gh0_r, gc0_r) = want
@@ -179,532 +145,11 @@ def test_cudnn_recurrence_comparator_is_the_recurrence():
     pairs += [("grad_xg", torch.where(valid, gx, 0), torch.where(valid, gx_r, 0)), ("grad_h0", gh0, gh0_r)]
     pairs += [("grad_c0", gc0, gc0_r)] + [(f"grad_w_hh[{d}]", gw[d], gw_r[d]) for d in range(D)]
     for name, a, b in pairs:
-        assert rel_err(a, b) < 1e-12, name
+        assert rel_err(a, b, strict=True) < 1e-12, name
 
 
 # =============================================================================================
-# CPU: the build and the op schemas
-
-
-@pytest.mark.skipif(not CAN_BUILD, reason="no nvcc or no CUDA build of torch: the extension is not expected")
-@pytest.mark.parametrize("op", KERNEL_OPS)
-def test_extension_registers_cuda_kernel_for_every_kernel_op(op):
-    assert fusedconvlstm._extension.unavailable_reason() is None
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedconvlstm::{op}", "CUDA")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedconvlstm::{op}", "CPU")
-
-
-@pytest.mark.parametrize("op", PERSISTENT_OPS)
-def test_persistent_op_schemas_mutate_their_outputs(op):
-    schema = getattr(torch.ops.fusedconvlstm, op).default._schema
-    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    expected = {
-        "lstm_persistent_forward_": {"h_buf", "c_state", "y", "workspace", "sync"},
-        "lstm_cluster_forward_": {"h_buf", "c_state", "y", "workspace"},
-        "lstm_persistent_forward_from_input_": {"h_buf", "c_state", "y", "workspace", "sync"},
-        "lstm_persistent_backward_": {"dh_carry", "dc", "dgates", "g_buf", "sync"},
-    }[op]
-    assert mutated == expected
-    assert not schema.returns
-
-
-def test_persistent_ops_run_on_fake_tensors():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    fwd = _persistent_forward_args(4, 3, 2, 5, dtype=torch.float32)
-    bwd = _persistent_backward_args(fwd)
-    cluster = _cluster_forward_args(fwd)
-    with FakeTensorMode() as mode:
-        for op, args in (
-            ("lstm_persistent_forward_", fwd),
-            ("lstm_cluster_forward_", cluster),
-            ("lstm_persistent_backward_", bwd),
-        ):
-            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            assert getattr(torch.ops.fusedconvlstm, op)(*fake) is None
-
-
-def _persistent_forward_args(T, B, D, H, dtype=F64, lengths=None, reverse=(False, True), device="cpu"):
-    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, device)
-    acc = F64 if dtype == F64 else torch.float32
-    layout = pc.make_layout("forward", 1, 1, 1, 8, 1, B, D, H, torch.float32 if dtype == F64 else dtype)
-    h_buf = torch.zeros(2, D, B, padded_reduction(H, dtype.itemsize), dtype=dtype, device=device)
-    h_buf[0, :, :, :H] = h0
-    return (
-        xg,
-        torch.stack(w),
-        lengths,
-        reverse_mask(list(reverse)),
-        *layout.args,
-        False,
-        h_buf,
-        c0.to(acc).clone(),
-        torch.empty(T, B, D, H, dtype=dtype, device=device),
-        torch.empty(T, B, D, 5 * H, dtype=acc, device=device),
-        torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=device),
-    )
-
-
-def _cluster_forward_args(fwd_args, config=(1, 1, 1, 8)):
-    """Cluster-op arguments from persistent-forward-op arguments (fresh outputs, same inputs)."""
-    xg, w_hh, lengths, mask, *_, h_buf, c, y, ws, _sync = fwd_args
-    return (
-        xg,
-        w_hh,
-        lengths,
-        mask,
-        *config,
-        False,
-        h_buf.clone(),
-        c.clone(),
-        torch.empty_like(y),
-        torch.empty_like(ws),
-    )
-
-
-def _persistent_backward_args(fwd_args, lengths=None):
-    """Backward-op arguments matching forward-op arguments ``fwd_args`` (after the forward ran)."""
-    xg, w_hh, _, mask, *_ = fwd_args
-    T, B, D, G = xg.shape
-    H, dtype, dev = G // 4, xg.dtype, xg.device
-    acc = F64 if dtype == F64 else torch.float32
-    layout = pc.make_layout("backward", 1, 1, 1, 8, 1, B, D, H, torch.float32 if dtype == F64 else dtype)
-    return (
-        torch.randn(T, B, D, H, dtype=F64).to(dtype=dtype, device=dev),
-        fwd_args[13],
-        torch.randn(D, B, H, dtype=acc, device=dev),
-        w_hh,
-        lengths,
-        mask,
-        *layout.args,
-        False,
-        torch.randn(D, B, H, dtype=acc, device=dev),
-        torch.randn(D, B, H, dtype=acc, device=dev),
-        torch.empty(T, B, D, G, dtype=dtype, device=dev),
-        torch.zeros(2, D, B, padded_reduction(G, dtype.itemsize), dtype=dtype, device=dev),
-        torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=dev),
-    )
-
-
-def test_persistent_ops_opcheck_on_cpu():
-    T, B, D, H = 4, 3, 2, 5
-    lengths = torch.tensor([4, 2, 0])
-    fwd = _persistent_forward_args(T, B, D, H, lengths=lengths)
-    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_forward_.default, fwd)
-    torch.ops.fusedconvlstm.lstm_persistent_forward_(*fwd)
-    bwd = _persistent_backward_args(fwd, lengths)
-    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_backward_.default, bwd)
-    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_cluster_forward_.default, _cluster_forward_args(fwd))
-
-
-def test_persistent_ops_cpu_contract_rejects_wrong_buffers():
-    args = list(_persistent_forward_args(3, 2, 1, 5, reverse=(False,)))
-    args[10] = torch.zeros(2, 1, 2, 5, dtype=F64)  # h_buf without the padding to a whole k-step
-    with pytest.raises(ValueError, match="h_buf must have shape"):
-        torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
-    args = list(_persistent_forward_args(3, 2, 1, 5, reverse=(False,)))
-    args[6] = 3  # wk: wm * wn * wk != 8
-    with pytest.raises(ValueError, match="wm \\* wn \\* wk must be 8"):
-        torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
-
-
-# =============================================================================================
-# CPU: launch configurations
-
-
-@pytest.mark.parametrize("kind", pc.KINDS)
-@pytest.mark.parametrize(
-    "dtype, batch, recurrences, hidden",
-    [
-        (torch.bfloat16, 1, 1, 512),
-        (torch.bfloat16, 64, 2, 512),
-        (torch.float16, 256, 1, 512),
-        (torch.bfloat16, 4096, 2, 512),
-        (torch.float32, 3, 1, 100),
-        (torch.float32, 129, 2, 320),
-        (torch.float16, 1024, 1, 768),
-    ],
-)
-def test_chosen_configuration_fits_and_covers_the_problem(kind, dtype, batch, recurrences, hidden):
-    for limits in (pc.H100_SXM, pc.A100):
-        layout = pc.choose_config(kind, batch, recurrences, hidden, dtype, limits)
-        assert isinstance(layout, pc.Layout), layout
-        assert layout.fits(limits)
-        assert layout.hs * layout.nu >= hidden and layout.hs * (layout.nu - 1) < hidden
-        assert layout.bt * layout.nbt >= batch and layout.bt * (layout.nbt - 1) < batch
-        assert 1 <= layout.nbg <= layout.nbt
-        assert layout.grid == recurrences * layout.nbg * layout.nu
-        k = hidden if kind == "forward" else 4 * hidden
-        assert layout.kp == padded_reduction(k, dtype.itemsize) and (layout.kp * dtype.itemsize) % 32 == 0
-
-
-def test_layout_matches_the_kernel_arithmetic():
-    # Forward, bf16, H = 100: kp = 112; 8 units x 4 gates per warp row; rows padded by 16 bytes.
-    lay = pc.make_layout("forward", 4, 2, 2, 2, 3, 300, 2, 100, torch.bfloat16)
-    assert (lay.hs, lay.bt, lay.nu, lay.nbt, lay.kp) == (16, 64, 7, 5, 112)
-    lda = 112 * 2 + 16
-    assert lay.smem == 64 * lda + 64 * lda + 2 * 64 * (64 + 4) * 4
-    assert lay.grid == 2 * 3 * 7
-    # Backward, fp32, H = 100: the reduction runs over 4H = 400 columns of dG (already 8-aligned).
-    lay = pc.make_layout("backward", 1, 4, 1, 2, 1, 5, 1, 100, torch.float32)
-    assert (lay.hs, lay.bt, lay.nu, lay.nbt, lay.kp) == (64, 8, 2, 1, 400)
-    assert lay.smem == 64 * (1600 + 16) + 8 * (1600 + 16) + 2 * 8 * 68 * 4
-
-
-def test_configurations_that_do_not_fit_are_refused_with_reasons():
-    reason = pc.choose_config("backward", 64, 1, 2048, torch.bfloat16, pc.H100_SXM)
-    assert isinstance(reason, str) and "shared memory" in reason and "2048" in reason
-    reason = pc.choose_config("forward", 64, 1, 2048, torch.bfloat16, pc.H100_SXM)
-    assert isinstance(reason, str) and "resident" in reason
-    with pytest.raises(ValueError, match="nt must be 1 or 4"):
-        pc.make_layout("forward", 2, 1, 1, 8, 1, 8, 1, 64, torch.float16)
-    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
-        pc.make_layout("forward", 1, 1, 1, 8, 1, 8, 1, 64, torch.float64)
-
-
-def test_configuration_override_from_the_environment(monkeypatch):
-    monkeypatch.setenv(pc.ENV_OVERRIDE["forward"], "4,2,1,4,2")
-    lay = pc.choose_config("forward", 64, 1, 256, torch.bfloat16, pc.H100_SXM)
-    assert lay.args == (4, 2, 1, 4, 2)
-    monkeypatch.setenv(pc.ENV_OVERRIDE["forward"], "1,8,1,1,1")
-    with pytest.raises(ValueError, match="does not fit"):
-        pc.choose_config("forward", 8, 1, 1024, torch.float32, pc.H100_SXM)  # 256 W rows of 4 KiB
-    monkeypatch.setenv(pc.ENV_OVERRIDE["forward"], "1,2")
-    with pytest.raises(ValueError, match="nt,wm,wn,wk,nbg"):
-        pc.choose_config("forward", 8, 1, 64, torch.float32, pc.H100_SXM)
-
-
-def test_cluster_configuration_at_the_reference_shape():
-    # bf16, H = 512: 32 units per block (128 W rows of 1040 bytes) in clusters of 16 blocks.
-    lay = pc.choose_config(pc.CLUSTER, 64, 2, 512, torch.bfloat16, pc.H100_SXM)
-    assert isinstance(lay, pc.Layout), lay
-    assert lay.kind == pc.CLUSTER and lay.fits(pc.H100_SXM)
-    assert lay.nu <= pc.MAX_CLUSTER_BLOCKS and lay.hs * lay.nu >= 512 and lay.hs * (lay.nu - 1) < 512
-    assert lay.nbg == lay.nbt and lay.bt * lay.nbt >= 64 and lay.grid == 2 * lay.nbt * lay.nu
-    assert len(lay.args) == 4 and "clusters of" in lay.describe()
-    for batch, hidden, dtype in ((1, 512, torch.float16), (8, 100, torch.float32), (1024, 256, torch.bfloat16)):
-        lay = pc.choose_config(pc.CLUSTER, batch, 1, hidden, dtype, pc.H100_SXM)
-        assert isinstance(lay, pc.Layout) and lay.fits(pc.H100_SXM), (batch, hidden, dtype, lay)
-
-
-def test_cluster_layout_matches_the_kernel_arithmetic():
-    # Two h tiles (the exchanged state is double-buffered in shared memory); one tile per cluster.
-    lay = pc.make_layout(pc.CLUSTER, 1, 4, 2, 1, None, 64, 2, 512, torch.bfloat16)
-    lda = 512 * 2 + 16
-    assert (lay.hs, lay.bt, lay.nu, lay.nbt, lay.nbg, lay.kp) == (32, 16, 16, 4, 4, 512)
-    staging = 32 * 16 * 2 + 5 * 32 * 16 * 4  # the step's y and workspace
-    assert lay.smem == 128 * lda + 2 * 16 * lda + 1 * 16 * (128 + 4) * 4 + staging
-    assert lay.grid == 2 * 4 * 16
-    with pytest.raises(ValueError, match="one batch tile per cluster"):
-        pc.make_layout(pc.CLUSTER, 1, 4, 2, 1, 1, 64, 2, 512, torch.bfloat16)
-
-
-def test_cluster_configurations_that_do_not_fit_are_refused_with_reasons():
-    reason = pc.choose_config(pc.CLUSTER, 64, 1, 512, torch.bfloat16, pc.A100)
-    assert isinstance(reason, str) and "compute capability 9.0" in reason
-    # fp32 at H = 512: the widest slice that fits (16 units) would need clusters of 32 blocks.
-    reason = pc.choose_config(pc.CLUSTER, 64, 1, 512, torch.float32, pc.H100_SXM)
-    assert isinstance(reason, str) and "clusters of 32 blocks" in reason and "at most 16" in reason
-    reason = pc.choose_config(pc.CLUSTER, 64, 1, 4096, torch.bfloat16, pc.H100_SXM)
-    assert isinstance(reason, str) and "4096" in reason
-
-
-def test_cluster_configuration_override_from_the_environment(monkeypatch):
-    monkeypatch.setenv(pc.ENV_OVERRIDE[pc.CLUSTER], "1,4,2,1")
-    lay = pc.choose_config(pc.CLUSTER, 64, 2, 512, torch.bfloat16, pc.H100_SXM)
-    assert lay.args == (1, 4, 2, 1) and lay.nbg == lay.nbt == 4
-    monkeypatch.setenv(pc.ENV_OVERRIDE[pc.CLUSTER], "1,1,1,8")  # 8-unit slices: clusters of 64
-    with pytest.raises(ValueError, match="clusters of 64 blocks"):
-        pc.choose_config(pc.CLUSTER, 64, 2, 512, torch.bfloat16, pc.H100_SXM)
-    monkeypatch.setenv(pc.ENV_OVERRIDE[pc.CLUSTER], "1,4,2,1,4")
-    with pytest.raises(ValueError, match="'nt,wm,wn,wk'"):
-        pc.choose_config(pc.CLUSTER, 64, 2, 512, torch.bfloat16, pc.H100_SXM)
-
-
-# =============================================================================================
-# CPU: which path serves a call
-
-
-def test_check_names_the_cluster_forward_kernel_where_it_served():
-    from fusedconvlstm import validate
-
-    pc.FORWARD_KERNELS_SERVED.clear()
-    assert validate._label("cuda") == "cuda"
-    pc.FORWARD_KERNELS_SERVED["cluster"] += 1
-    assert validate._label("cuda") == "cuda (cluster forward)"
-    pc.FORWARD_KERNELS_SERVED.clear()
-    pc.FORWARD_KERNELS_SERVED["input"] += 1
-    assert validate._label("cuda") == "cuda (in-kernel input projection)"
-    pc.FORWARD_KERNELS_SERVED.clear()
-
-
-def test_forward_kernel_preference_from_the_environment(monkeypatch):
-    h100 = pc.H100_SXM
-    ref_shape = _call(B=64, D=2, H=512, dtype=torch.bfloat16)
-    assert cuda_lstm.preferred_forward_kernel() == "cooperative"
-    assert cuda_lstm.forward_kernel_name(ref_shape, h100) == "cooperative"
-    monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "cluster")
-    assert cuda_lstm.persistent_plan(ref_shape, "forward", h100).kind == pc.CLUSTER
-    assert cuda_lstm.persistent_plan(ref_shape, "backward", h100).kind == "backward"  # no cluster backward
-    assert cuda_lstm.forward_kernel_name(ref_shape, h100) == "cluster"
-    text = cuda_lstm.describe(ref_shape, h100)
-    assert text.startswith("forward: cluster kernel") and "backward: persistent kernel" in text
-    # Where the cluster kernel does not fit, the cooperative one serves, and explain says why.
-    fp32 = _call(B=64, H=512, dtype=torch.float32)
-    assert cuda_lstm.forward_kernel_name(fp32, h100) == "cooperative"
-    assert "the preferred cluster kernel does not take it: hidden size 512" in cuda_lstm.describe(fp32, h100)
-    assert cuda_lstm.forward_kernel_name(ref_shape, pc.A100) == "cooperative"
-    assert cuda_lstm.forward_kernel_name(_call(dtype=F64), h100) == "stepwise"
-    monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "fastest")
-    with pytest.raises(ValueError, match="FUSEDCONVLSTM_LSTM_FWD_KERNEL must be one of"):
-        cuda_lstm.preferred_forward_kernel()
-
-
-def test_persistent_path_decisions_and_reasons():
-    h100 = pc.H100_SXM
-    assert cuda_lstm.persistent_why_not(_call(B=64, D=2, H=512, dtype=torch.bfloat16), "forward", h100) is None
-    assert cuda_lstm.persistent_why_not(_call(B=64, D=2, H=512, dtype=torch.bfloat16), "backward", h100) is None
-    assert "float64" in cuda_lstm.persistent_why_not(_call(dtype=F64), "forward", h100)
-    # A projected call runs the kernels on its unprojected form (ops.lstm_projection): same plan.
-    assert cuda_lstm.persistent_plan(_call(P=4), "forward", h100) == cuda_lstm.persistent_plan(_call(), "forward", h100)
-    old = pc.DeviceLimits(80, 65536, 65536, (7, 5))
-    assert "compute capability 8.0" in cuda_lstm.persistent_why_not(_call(), "forward", old)
-    assert "CUDA devices" in cuda_lstm.persistent_why_not(_call(), "forward")  # a CPU call, no limits given
-    assert "shared memory" in cuda_lstm.persistent_why_not(_call(H=2048, dtype=torch.bfloat16), "backward", h100)
-
-
-def test_cuda_backend_serves_projections_and_describes_its_schedule(monkeypatch):
-    impl = backends.implementation("lstm_recurrence", "cuda")
-    assert impl.why_not(_call(P=4)) is None
-    assert impl.why_not(_call(dtype=F64)) is None  # float64 runs step-wise
-    text = cuda_lstm.describe(_call(B=64, D=2, H=512, dtype=torch.bfloat16), pc.H100_SXM)
-    assert text.startswith("forward: persistent kernel") and "backward: persistent kernel" in text
-    text = cuda_lstm.describe(_call(dtype=F64), pc.H100_SXM)
-    assert text.count("step-wise kernels") == 2 and "float64" in text
-    text = cuda_lstm.describe(_call(B=8, H=2048, dtype=torch.bfloat16), pc.H100_SXM)
-    assert "forward: step-wise" in text and "backward: step-wise" in text
-
-
-@pytest.mark.skipif(not CAN_BUILD, reason="the cuda backend needs the extension")
-def test_explain_detail_names_the_kernels_for_a_cuda_call(monkeypatch):
-    monkeypatch.setattr(pc, "_device_limits", lambda index: pc.H100_SXM)
-    call = _call(T=45, B=64, D=2, H=512, dtype=torch.bfloat16, device="cuda")
-    detail = backends.explain("lstm_recurrence", call, call.device, detail=True)
-    assert detail["cuda"].startswith("serves: forward: persistent kernel"), detail["cuda"]
-    assert detail["reference"] == "serves: this call"
-    f64 = _call(dtype=F64, device="cuda")
-    assert "step-wise kernels" in backends.explain("lstm_recurrence", f64, f64.device, detail=True)["cuda"]
-    proj = _call(P=4, device="cuda")
-    text = backends.explain("lstm_recurrence", proj, proj.device, detail=True)["cuda"]
-    assert text.startswith("serves: forward: persistent kernel") and "proj_size 4" in text
-    assert backends.explain("lstm_recurrence", proj, proj.device)["reference"] is None  # the default form is unchanged
-
-
-def test_fp32_precision_follows_the_cudnn_rnn_flag():
-    rnn = torch.backends.cudnn.rnn
-    saved = rnn.fp32_precision
-    try:
-        rnn.fp32_precision = "tf32"
-        assert fp32_recurrence_allows_tf32()
-        assert "TF32" in cuda_lstm.describe(_call(B=8, H=64), pc.H100_SXM)
-        rnn.fp32_precision = "ieee"
-        assert not fp32_recurrence_allows_tf32()
-        assert "3xTF32" in cuda_lstm.describe(_call(B=8, H=64), pc.H100_SXM)
-    finally:
-        rnn.fp32_precision = saved
-
-
-def test_registered_forward_and_backward_pick_a_path_per_call(monkeypatch):
-    """With a device that fits, float32 goes persistent and float64 step-wise, separately for
-    forward and backward (here on CPU tensors, through the ops' CPU implementations)."""
-    taken = []
-    for name in (
-        "lstm_recurrence_persistent_forward",
-        "lstm_recurrence_stepwise_forward",
-        "lstm_recurrence_persistent_backward",
-        "lstm_recurrence_stepwise_backward",
-    ):
-        original = getattr(cuda_lstm, name)
-        monkeypatch.setattr(cuda_lstm, name, lambda *a, _n=name, _f=original, **k: taken.append(_n) or _f(*a, **k))
-    monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
-    for dtype, path in ((torch.float32, "persistent"), (F64, "stepwise")):
-        taken.clear()
-        xg, w, h0, c0, _ = _op_inputs(4, 2, 1, 6, dtype)
-        y, hn, cn, ws = cuda_lstm.lstm_recurrence_cuda_forward(xg, w, [], h0, c0, None, [False])
-        cuda_lstm.lstm_recurrence_cuda_backward(
-            torch.ones_like(y), torch.ones_like(hn), torch.ones_like(cn), xg, w, [], h0, c0, None, [False], y, ws
-        )
-        assert taken == [f"lstm_recurrence_{path}_forward", f"lstm_recurrence_{path}_backward"]
-
-
-# =============================================================================================
-# CPU: both drivers against the float64 reference
-
-
-CPU_CASES = [
-    # T, B, D, H, lengths, reverse
-    (5, 3, 1, 7, None, [False]),
-    (6, 4, 2, 5, [6, 3, 1, 0], [False, True]),
-    (4, 2, 2, 9, [2, 4], [False, False]),
-    (1, 1, 1, 3, None, [True]),
-]
-
-
-@pytest.mark.parametrize("path", ["stepwise", "persistent"])
-@pytest.mark.parametrize("T, B, D, H, lengths, reverse", CPU_CASES)
-def test_drivers_match_reference_on_cpu(path, T, B, D, H, lengths, reverse):
-    lengths = None if lengths is None else torch.tensor(lengths)
-    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, F64)
-    forward = getattr(cuda_lstm, f"lstm_recurrence_{path}_forward")
-    backward = getattr(cuda_lstm, f"lstm_recurrence_{path}_backward")
-    y, hn, cn, ws = forward(xg, w, [], h0, c0, lengths, reverse)
-    gy, ghn, gcn = torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)
-    (y_r, hn_r, cn_r), (gxg_r, gw_r, gh0_r, gc0_r) = _reference_forward_backward(
-        xg, w, h0, c0, lengths, reverse, gy, ghn, gcn
-    )
-    for name, out, ref in (("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r)):
-        assert rel_err(out, ref) < 1e-12, name
-    gxg, gw, _, gh0, gc0 = backward(gy, ghn, gcn, xg, w, [], h0, c0, lengths, reverse, y, ws)
-    for name, out, ref in (("grad_xg", gxg, gxg_r), ("grad_h0", gh0, gh0_r), ("grad_c0", gc0, gc0_r)):
-        assert rel_err(out, ref) < 1e-12, name
-    for d in range(D):
-        assert rel_err(gw[d], gw_r[d]) < 1e-12, f"grad_w_hh[{d}]"
-
-
-@pytest.mark.parametrize("T, B, D, H, lengths, reverse", CPU_CASES)
-def test_cluster_driver_matches_reference_on_cpu(monkeypatch, T, B, D, H, lengths, reverse):
-    """The driver with the cluster kernel preferred: it calls the cluster op (its CPU
-    implementation here) and its results are the reference's."""
-    monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "cluster")
-    calls = []
-    original = cuda_lstm._cluster_forward
-    monkeypatch.setattr(cuda_lstm, "_cluster_forward", lambda *a: calls.append(a[4:8]) or original(*a))
-    lengths = None if lengths is None else torch.tensor(lengths)
-    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, F64)
-    y, hn, cn, _ = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, reverse)
-    assert len(calls) == 1
-    gy, ghn, gcn = torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)
-    (y_r, hn_r, cn_r), _ = _reference_forward_backward(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn)
-    for name, out, ref in (("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r)):
-        assert rel_err(out, ref) < 1e-12, name
-
-
-@st.composite
-def _driver_cases(draw):
-    T, B, D, H = draw(st.integers(1, 6)), draw(st.integers(1, 9)), draw(st.integers(1, 3)), draw(st.integers(1, 24))
-    lengths = draw(st.none() | st.lists(st.integers(0, T), min_size=B, max_size=B))
-    reverse = draw(st.lists(st.booleans(), min_size=D, max_size=D))
-    return T, B, D, H, lengths, reverse, draw(st.sampled_from(["stepwise", "cooperative", "cluster"]))
-
-
-@settings(max_examples=30, deadline=None, derandomize=True)
-@given(_driver_cases())
-def test_drivers_match_reference_on_random_problems(case):
-    """Each path of the cuda backend's driver (on the ops' CPU implementations) over random
-    sizes, directions and lengths: outputs and every gradient against the float64 reference."""
-    T, B, D, H, lengths, reverse, path = case
-    lengths = None if lengths is None else torch.tensor(lengths)
-    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, F64, seed=T * 100 + B * 10 + H)
-    kind = "stepwise" if path == "stepwise" else "persistent"
-    with pc.preferring_forward_kernel(None if path == "stepwise" else path):
-        forward = getattr(cuda_lstm, f"lstm_recurrence_{kind}_forward")
-        backward = getattr(cuda_lstm, f"lstm_recurrence_{kind}_backward")
-        y, hn, cn, ws = forward(xg, w, [], h0, c0, lengths, reverse)
-        gy, ghn, gcn = torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)
-        gxg, gw, _, gh0, gc0 = backward(gy, ghn, gcn, xg, w, [], h0, c0, lengths, reverse, y, ws)
-    (y_r, hn_r, cn_r), (gxg_r, gw_r, gh0_r, gc0_r) = _reference_forward_backward(
-        xg, w, h0, c0, lengths, reverse, gy, ghn, gcn
-    )
-    pairs = [("y", y, y_r), ("h_n", hn, hn_r), ("c_n", cn, cn_r), ("grad_xg", gxg, gxg_r)]
-    pairs += [("grad_h0", gh0, gh0_r), ("grad_c0", gc0, gc0_r)] + [
-        (f"grad_w_hh[{d}]", gw[d], gw_r[d]) for d in range(D)
-    ]
-    for name, out, ref in pairs:
-        assert rel_err(out, ref) < 1e-12, f"{path} {case[:4]}: {name}"
-
-
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_stepwise_path_adds_the_unrounded_product_as_the_persistent_path_does(dtype):
-    """16-bit step-wise recurrence: h W_hhᵀ and dgates W_hh reach the cell kernels in float32, as
-    in the persistent kernels, so both paths compute the same values (on the ops' CPU
-    implementations; a product rounded to 16 bits first would differ by about its roundoff)."""
-    lengths = torch.tensor([6, 2, 5, 0])
-    xg, w, h0, c0, _ = _op_inputs(6, 4, 2, 24, dtype, seed=3)
-    rev = [False, True]
-    p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
-    s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
-    for a, b in zip(p, s):
-        assert torch.equal(a, b)
-    grads = [torch.randn(t.shape, dtype=F64).to(dtype) for t in p[:3]]
-    gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
-    gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
-    for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
-        assert torch.equal(a, b)
-
-
-def test_cell_ops_take_the_gemm_results_in_the_accumulation_dtype():
-    T, B, D, H = 2, 3, 1, 4
-    xg = torch.randn(T, B, D, 4 * H, dtype=torch.bfloat16)
-    h, c = torch.zeros(D, B, H, dtype=torch.bfloat16), torch.zeros(D, B, H)
-    y, ws = torch.empty(T, B, D, H, dtype=torch.bfloat16), torch.empty(T, B, D, 5 * H)
-    rounded = torch.zeros(D, B, 4 * H, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="hh must be torch.float32"):
-        torch.ops.fusedconvlstm.lstm_cell_forward_(rounded, xg, h, c, y, ws, None, 0, 0)
-    dgates, dstep = torch.empty_like(xg), torch.empty(D, B, 4 * H, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="dh_rec must be torch.float32"):
-        torch.ops.fusedconvlstm.lstm_cell_backward_(
-            h, y, ws, h, torch.zeros(D, B, H), torch.zeros(D, B, H), dgates, dstep, None, 0, 0
-        )
-
-
-@pytest.mark.parametrize("path", ["stepwise", "cooperative", "cluster"])
-def test_final_state_only_stores_no_output_and_keeps_the_state(path, monkeypatch):
-    """``write_y=False`` (``return_sequence=False`` at inference) on every path of the registered
-    implementation, with and without a projection: ``y`` is empty (the kernels get an empty
-    buffer) and h_n, c_n are the full call's bit for bit (on the ops' CPU implementations)."""
-    if path != "stepwise":
-        monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
-    impl = backends.implementation("lstm_recurrence", "cuda")
-    lengths = torch.tensor([5, 0, 3])
-    with pc.preferring_forward_kernel(None if path == "stepwise" else path):
-        for P in (None, 3):
-            xg, w, h0, c0, _ = _op_inputs(5, 3, 2, 8, torch.float32)
-            w_hr = [] if P is None else [torch.randn(P, 8) * 0.3 for _ in range(2)]
-            w = w if P is None else [torch.randn(32, P) * 0.3 for _ in range(2)]
-            h0 = h0 if P is None else h0[..., :P].contiguous()
-            args = (xg, w, w_hr, h0, c0, lengths, [False, True])
-            full = impl.forward(*args, save_for_backward=False, write_y=True)
-            last = impl.forward(*args, save_for_backward=False, write_y=False)
-            assert last[0].numel() == 0 and full[0].numel() > 0
-            assert torch.equal(last[1], full[1]) and torch.equal(last[2], full[2])
-
-
-def test_persistent_and_stepwise_share_their_workspace_on_cpu():
-    lengths = torch.tensor([5, 2, 4])
-    xg, w, h0, c0, _ = _op_inputs(5, 3, 2, 6, torch.float32)
-    rev = [False, True]
-    p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
-    s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
-    assert rel_err(p[3], s[3]) < 1e-6 and rel_err(p[0], s[0]) < 1e-6
-    grads = [torch.randn_like(t) for t in p[:3]]
-    gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
-    gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
-    for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
-        assert rel_err(a, b) < 1e-5
-
-
-@pytest.mark.parametrize("path", ["persistent", "stepwise"])
-def test_drivers_refuse_projections_they_would_ignore(path):
-    """The drivers run unprojected recurrences; only the registered implementation (which
-    reparametrizes first, ops.lstm_projection) takes w_hr."""
-    xg, w, h0, c0, _ = _op_inputs(3, 2, 1, 4, torch.float32)
-    forward = getattr(cuda_lstm, f"lstm_recurrence_{path}_forward")
-    with pytest.raises(ValueError, match="w_hr must be empty"):
-        forward(xg, w, [torch.randn(2, 4)], h0[..., :2], c0, None, [False])
-
-
-# =============================================================================================
-# GPU
+# GPU: the persistent kernels
 
 
 def _check_against_cudnn(ours: dict, cudnn: dict, ref: dict, dtype, context: str):
@@ -787,6 +232,8 @@ def persistent_only(monkeypatch):
 
 
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
 MODULE_CASES = [
     # id, input_size, hidden, T, B, options
     ("base", 24, 100, 7, 3, {}),
@@ -877,7 +324,7 @@ def test_gpu_fp32_without_tf32_runs_3xtf32_within_twice_cudnn_fp32(persistent_on
     saved = rnn.fp32_precision
     try:
         rnn.fp32_precision = "ieee"
-        assert "3xTF32" in cuda_lstm.describe(_call(B=6, H=96, device="cuda"))
+        assert "3xTF32" in cuda_lstm.describe(recurrence_call(B=6, H=96, device="cuda"))
         ours, cudnn, ref = _three_way(torch.float32, 20, 96, 30, 6, bidirectional=True)
         _check_against_cudnn(ours, cudnn, ref, torch.float32, "fp32 ieee")
     finally:
@@ -903,10 +350,10 @@ def test_gpu_every_launch_configuration_matches_the_reference(dtype):
     T, B, D, H = 6, 37, 2, 100
     lengths = torch.tensor([6, 1, 3] + [6] * 34, device="cuda")
     reverse = [False, True]
-    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, "cuda")
+    xg, w, h0, c0, _ = op_inputs(T, B, D, H, dtype, "cuda")
     gy = torch.randn(T, B, D, H, device="cuda", dtype=dtype)
     ghn, gcn = torch.randn_like(h0), torch.randn_like(c0)
-    (y_r, hn_r, cn_r), (gxg_r, gw_r, gh0_r, gc0_r) = _reference_forward_backward(
+    (y_r, hn_r, cn_r), (gxg_r, gw_r, gh0_r, gc0_r) = reference_forward_backward(
         xg, w, h0, c0, lengths, reverse, gy, ghn, gcn
     )
     (y_c, hn_c, cn_c), (gxg_c, gw_c, gh0_c, gc0_c) = _cudnn_recurrence(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn)
@@ -934,7 +381,7 @@ def test_gpu_kernels_write_every_output_element(dtype):
     T, B, D, H = 5, 11, 2, 72
     lengths = torch.tensor([5, 0, 2, 5, 1, 5, 5, 3, 4, 5, 5], device="cuda")
     reverse = [False, True]
-    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, "cuda")
+    xg, w, h0, c0, _ = op_inputs(T, B, D, H, dtype, "cuda")
     fwd = pc.choose_config("forward", B, D, H, dtype, pc.DeviceLimits.of(torch.device("cuda")))
     kp = padded_reduction(H, dtype.itemsize)
     h_buf = torch.zeros(2, D, B, kp, dtype=dtype, device="cuda")
@@ -1003,16 +450,16 @@ def test_gpu_bitwise_deterministic(dtype, persistent_only):
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_gpu_opcheck(dtype):
     T, B, D, H = 4, 5, 2, 24
-    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, "cuda")
+    xg, w, h0, c0, _ = op_inputs(T, B, D, H, dtype, "cuda")
     xg.requires_grad_()
     for lengths in (None, torch.tensor([4, 2, 1, 4, 3], device="cuda")):
         torch.library.opcheck(
             torch.ops.fusedconvlstm.lstm_recurrence.default, (xg, w, [], h0, c0, lengths, [False, True], "cuda")
         )
-    fwd = _persistent_forward_args(T, B, D, H, dtype=dtype, device="cuda")
+    fwd = persistent_forward_args(T, B, D, H, dtype=dtype, device="cuda")
     torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_forward_.default, fwd)
     torch.ops.fusedconvlstm.lstm_persistent_forward_(*fwd)
-    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_backward_.default, _persistent_backward_args(fwd))
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_persistent_backward_.default, persistent_backward_args(fwd))
 
 
 @pytest.mark.gpu
@@ -1068,16 +515,16 @@ def test_gpu_large_batch_many_tiles_per_block(dtype, persistent_only):
 def test_gpu_persistent_and_stepwise_combine_and_agree():
     dtype = torch.bfloat16
     lengths = torch.tensor([9, 4, 1, 9, 6, 2], device="cuda")
-    xg, w, h0, c0, _ = _op_inputs(9, 6, 2, 80, dtype, "cuda")
+    xg, w, h0, c0, _ = op_inputs(9, 6, 2, 80, dtype, "cuda")
     rev = [False, True]
     p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
     s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
-    assert rel_err(p[3], s[3]) < 2e-2 and rel_err(p[0], s[0]) < 2e-2
+    assert rel_err(p[3], s[3], strict=True) < 2e-2 and rel_err(p[0], s[0], strict=True) < 2e-2
     grads = [torch.randn_like(t) for t in p[:3]]
     gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
     gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
     for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
-        assert rel_err(a, b) < 3e-2
+        assert rel_err(a, b, strict=True) < 3e-2
 
 
 @pytest.mark.gpu
@@ -1086,7 +533,7 @@ def test_gpu_kernel_refuses_a_grid_that_cannot_be_resident():
     # most 4 per SM (528 on an H100), whatever the register count (at 64 registers or fewer the
     # 512 blocks of 8 recurrences would fit 4 per SM and launch).
     T, B, D, H = 2, 8, 16, 512
-    args = list(_persistent_forward_args(T, B, D, H, dtype=torch.bfloat16, reverse=[False] * D, device="cuda"))
+    args = list(persistent_forward_args(T, B, D, H, dtype=torch.bfloat16, reverse=[False] * D, device="cuda"))
     args[4:9] = [1, 1, 1, 8, 1]
     with pytest.raises(RuntimeError, match="co-resident blocks"):
         torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
@@ -1097,6 +544,45 @@ def test_gpu_kernel_refuses_a_grid_that_cannot_be_resident():
     args[0] = args[0].double()
     with pytest.raises(RuntimeError, match="float64 runs on the step-wise kernels"):
         torch.ops.fusedconvlstm.lstm_persistent_forward_(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, F64], ids=str)
+def test_gpu_stepwise_cell_kernels_match_their_cpu_implementations(dtype):
+    T, B, D, H = 4, 5, 2, 13
+    lengths = torch.tensor([4, 2, 0, 3, 1])
+    mask = reverse_mask([False, True])
+    acc = F64 if dtype == F64 else torch.float32
+    g = torch.Generator().manual_seed(5)
+    xg = torch.randn(T, B, D, 4 * H, generator=g).to(dtype)
+    ws_fwd = {}
+    for device in ("cpu", "cuda"):
+        h = torch.randn(D, B, H, generator=torch.Generator().manual_seed(6)).to(dtype)
+        c = torch.randn(D, B, H, generator=torch.Generator().manual_seed(7)).to(acc)
+        y = torch.zeros(T, B, D, H, dtype=dtype)
+        ws = torch.zeros(T, B, D, 5 * H, dtype=acc)
+        tensors = [t.to(device) for t in (xg, h, c, y, ws)]
+        for step in range(T):
+            hh = torch.randn(D, B, 4 * H, generator=torch.Generator().manual_seed(100 + step)).to(acc).to(device)
+            torch.ops.fusedconvlstm.lstm_cell_forward_(hh, tensors[0], *tensors[1:], lengths.to(device), step, mask)
+        ws_fwd[device] = [t.cpu() for t in tensors[1:]]
+    tol = {F64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+    for a, b in zip(ws_fwd["cpu"], ws_fwd["cuda"]):
+        assert rel_err(b, a, strict=True) < tol
+    outs = {}
+    for device in ("cpu", "cuda"):
+        gen = torch.Generator().manual_seed(8)
+        dh_rec = torch.randn(D, B, H, generator=gen).to(acc)
+        grad_y = torch.randn(T, B, D, H, generator=gen).to(dtype)
+        c0 = torch.randn(D, B, H, generator=gen).to(dtype)
+        dh_carry, dc = torch.randn(D, B, H, generator=gen).to(acc), torch.randn(D, B, H, generator=gen).to(acc)
+        dgates, dstep = torch.zeros(T, B, D, 4 * H, dtype=dtype), torch.zeros(D, B, 4 * H, dtype=dtype)
+        tensors = [t.to(device) for t in (dh_rec, grad_y, ws_fwd["cpu"][3], c0, dh_carry, dc, dgates, dstep)]
+        for step in range(T):
+            torch.ops.fusedconvlstm.lstm_cell_backward_(*tensors, lengths.to(device), step, mask)
+        outs[device] = [t.cpu() for t in tensors[4:]]
+    for a, b in zip(outs["cpu"], outs["cuda"]):
+        assert rel_err(b, a, strict=True) < tol
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1131,8 +617,8 @@ def _all_fitting_cluster_layouts(B, D, H, dtype):
     return out
 
 
-# fp32 at H = 512 has no cluster layout (16-unit slices would need clusters of 32): the CPU tests
-# check that refusal.
+# fp32 at H = 512 has no cluster layout (16-unit slices would need clusters of 32):
+# test_cuda_lstm_config.py checks that refusal.
 CLUSTER_SHAPES = [
     pytest.param(dtype, *shape, id=f"{str(dtype).removeprefix('torch.')}-{'x'.join(map(str, shape))}")
     for shape in ((6, 37, 2, 100), (5, 11, 2, 72), (3, 9, 1, 512))
@@ -1150,10 +636,10 @@ def test_gpu_cluster_forward_every_configuration_matches_the_reference(dtype, T,
     _needs_clusters()
     lengths = torch.tensor(([T, 0, 2, T, 1] * B)[:B], device="cuda")
     reverse = [False, True][:D]
-    xg, w, h0, c0, _ = _op_inputs(T, B, D, H, dtype, "cuda")
+    xg, w, h0, c0, _ = op_inputs(T, B, D, H, dtype, "cuda")
     gy = torch.randn(T, B, D, H, device="cuda", dtype=dtype)
     ghn, gcn = torch.randn_like(h0), torch.randn_like(c0)
-    (y_r, hn_r, cn_r), _ = _reference_forward_backward(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn)
+    (y_r, hn_r, cn_r), _ = reference_forward_backward(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn)
     (y_c, hn_c, cn_c), _ = _cudnn_recurrence(xg, w, h0, c0, lengths, reverse, gy, ghn, gcn)
     layouts = _all_fitting_cluster_layouts(B, D, H, dtype)
     assert layouts
@@ -1266,60 +752,14 @@ def test_gpu_check_command_names_the_cluster_forward_row(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_cluster_kernel_opcheck_and_refusals():
     _needs_clusters()
-    fwd = _persistent_forward_args(4, 5, 2, 24, dtype=torch.bfloat16, device="cuda")
-    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_cluster_forward_.default, _cluster_forward_args(fwd))
+    fwd = persistent_forward_args(4, 5, 2, 24, dtype=torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.fusedconvlstm.lstm_cluster_forward_.default, cluster_forward_args(fwd))
     # H = 512 in 8-unit slices: clusters of 64 blocks.
     args = list(
-        _cluster_forward_args(_persistent_forward_args(2, 8, 1, 512, torch.bfloat16, reverse=[False], device="cuda"))
+        cluster_forward_args(persistent_forward_args(2, 8, 1, 512, torch.bfloat16, reverse=[False], device="cuda"))
     )
     with pytest.raises(RuntimeError, match="at most 16 form a cluster"):
         torch.ops.fusedconvlstm.lstm_cluster_forward_(*args)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, F64], ids=str)
-def test_gpu_stepwise_cell_kernels_match_their_cpu_implementations(dtype):
-    T, B, D, H = 4, 5, 2, 13
-    lengths = torch.tensor([4, 2, 0, 3, 1])
-    mask = reverse_mask([False, True])
-    acc = F64 if dtype == F64 else torch.float32
-    g = torch.Generator().manual_seed(5)
-    xg = torch.randn(T, B, D, 4 * H, generator=g).to(dtype)
-    ws_fwd = {}
-    for device in ("cpu", "cuda"):
-        h = torch.randn(D, B, H, generator=torch.Generator().manual_seed(6)).to(dtype)
-        c = torch.randn(D, B, H, generator=torch.Generator().manual_seed(7)).to(acc)
-        y = torch.zeros(T, B, D, H, dtype=dtype)
-        ws = torch.zeros(T, B, D, 5 * H, dtype=acc)
-        tensors = [t.to(device) for t in (xg, h, c, y, ws)]
-        for step in range(T):
-            hh = torch.randn(D, B, 4 * H, generator=torch.Generator().manual_seed(100 + step)).to(acc).to(device)
-            torch.ops.fusedconvlstm.lstm_cell_forward_(hh, tensors[0], *tensors[1:], lengths.to(device), step, mask)
-        ws_fwd[device] = [t.cpu() for t in tensors[1:]]
-    tol = {F64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
-    for a, b in zip(ws_fwd["cpu"], ws_fwd["cuda"]):
-        assert rel_err(b, a) < tol
-    outs = {}
-    for device in ("cpu", "cuda"):
-        gen = torch.Generator().manual_seed(8)
-        dh_rec = torch.randn(D, B, H, generator=gen).to(acc)
-        grad_y = torch.randn(T, B, D, H, generator=gen).to(dtype)
-        c0 = torch.randn(D, B, H, generator=gen).to(dtype)
-        dh_carry, dc = torch.randn(D, B, H, generator=gen).to(acc), torch.randn(D, B, H, generator=gen).to(acc)
-        dgates, dstep = torch.zeros(T, B, D, 4 * H, dtype=dtype), torch.zeros(D, B, 4 * H, dtype=dtype)
-        tensors = [t.to(device) for t in (dh_rec, grad_y, ws_fwd["cpu"][3], c0, dh_carry, dc, dgates, dstep)]
-        for step in range(T):
-            torch.ops.fusedconvlstm.lstm_cell_backward_(*tensors, lengths.to(device), step, mask)
-        outs[device] = [t.cpu() for t in tensors[4:]]
-    for a, b in zip(outs["cpu"], outs["cuda"]):
-        assert rel_err(b, a) < tol
-
-
-def test_cluster_op_cpu_contract_refuses_clusters_the_gpu_refuses():
-    fwd = _persistent_forward_args(2, 3, 1, 512, reverse=(False,))
-    with pytest.raises(ValueError, match="at most 16 form a cluster"):
-        torch.ops.fusedconvlstm.lstm_cluster_forward_(*_cluster_forward_args(fwd, config=(1, 1, 1, 8)))
-    torch.ops.fusedconvlstm.lstm_cluster_forward_(*_cluster_forward_args(fwd, config=(1, 4, 1, 2)))  # 16 blocks
 
 
 # =============================================================================================
@@ -1396,7 +836,9 @@ def test_gpu_input_projection_every_configuration_matches_the_reference(dtype):
             )
             for name, a, c, b in zip(("y", "h_n", "c_n"), got, cudnn, want):
                 assert_pass_mark(a, c, b, dtype, f"{lay.args}: {name}")
-            assert rel_err(got[3].cpu(), want[3]) < tol, f"{lay.args}: workspace {rel_err(got[3].cpu(), want[3]):.2e}"
+            assert rel_err(got[3].cpu(), want[3], strict=True) < tol, (
+                f"{lay.args}: workspace {rel_err(got[3].cpu(), want[3], strict=True):.2e}"
+            )
     assert tried > 10
 
 

@@ -16,22 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedconvlstm import backends
-from fusedconvlstm.calls.conv1d import OP as CONV_OP
-from fusedconvlstm.calls.lstm import OP as LSTM_OP
-from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack, min_input_length
-from fusedconvlstm.nn.lstm import (
-    LSTM,
-    ParallelLSTM,
-    parallel_input_projection,
-    parallel_recurrent_weights,
-    torch_lstm_traceable,
-)
+from fusedconvlstm.nn.conv_lstm import conv_lstm_states
+from fusedconvlstm.nn.lstm import LSTM, ParallelLSTM
 from fusedconvlstm.numerics import dropout as philox_dropout
-from fusedconvlstm.numerics.dropout import draw_seed
-from fusedconvlstm.numerics.precision import autocast_dtype
-from fusedconvlstm.ops.conv1d import conv1d_stack_embedding, conv1d_stack_embedding_projection, stack_call
-from fusedconvlstm.ops.lstm import lstm_recurrence
 
 
 @dataclass(frozen=True)
@@ -130,82 +118,14 @@ class ConvLSTMClassifier(nn.Module):
     def logits(self, tokens: Tensor) -> Tensor:
         """Pre-sigmoid scores ``(B, 1)``; train with ``BCEWithLogitsLoss`` on these.
 
-        The fused path: one ``conv1d_stack`` op from token ids to both LSTMs' gate
-        pre-activations (embedding gather, the convolutions and the input projections; the
-        embedding dropout of training inside it too, as the first layer reads the rows), then
-        one ``lstm_recurrence`` for both LSTMs, then the head.
+        Token ids to the LSTMs' last hidden states is one fused path
+        (:func:`fusedconvlstm.nn.conv_lstm.conv_lstm_states`: one ``conv1d_stack`` op from the
+        tokens to both LSTMs' gate pre-activations, one ``lstm_recurrence`` for both), then the head.
         """
         _check_tokens(tokens, self.config)
-        cfg = self.config
-        lstms = list(self.lstms)
-        table = self.embedding.weight
-        # Under autocast the whole fused path, tokens to gates to states, in the autocast dtype
-        # (nn.Conv1d would use it too; the plain twin's cuDNN LSTMs run float16 under any CUDA
-        # autocast, see nn.lstm.lstm_autocast_dtype).
-        cast = autocast_dtype(table)
-        if cast is not None:
-            table = table.to(cast)
-        weight, bias, options = self.conv.op_arguments(cast=cast)
-        dropout = None
-        if self.training and cfg.embedding_dropout > 0:
-            dropout = [cfg.embedding_dropout] + [0.0] * (len(weight) - 1)
-        seed = draw_seed(table.device) if dropout is not None else None
-        # Which backend serves each part (backends.explain says why): where the dispatcher answers
-        # "torch", that part runs on torch's kernels as the plain-torch twin runs it.
-        device = table.device
-
-        def conv_call():
-            return stack_call(table, weight, bias, tokens=tokens, dropout=dropout, seed=seed, **options)
-
-        def lstm_call():
-            T = conv_call().out_lens()[-1]
-            return LSTMRecurrenceCall(
-                T, tokens.shape[0], len(lstms), cfg.hidden_size, 0, table.dtype, device, False, (False,) * len(lstms),
-                torch.is_grad_enabled(),
-            )  # fmt: skip
-
-        lstm_name = backends.module_backend(LSTM_OP, self.backend, device, lstm_call)
-        if lstm_name == backends.TORCH and torch_lstm_traceable():
-            conv_name = backends.module_backend(CONV_OP, self.backend, device, conv_call)
-            if conv_name == backends.TORCH:
-                x = self.conv.torch_chain(self._torch_embedding(tokens, seed).transpose(1, 2)).transpose(1, 2)
-            else:
-                options["backend"] = conv_name
-                x = conv1d_stack_embedding(tokens, table, weight, bias, dropout=dropout, seed=seed, **options)
-            B, H = x.shape[0], cfg.hidden_size
-            zeros = x.new_zeros(1, B, H)
-            states = [m._forward_torch(x, (zeros, zeros), True, B, 1, H)[1][0][0] for m in lstms]
-            return self.head(torch.cat(states, dim=1))
-        proj_weight, proj_bias = parallel_input_projection(lstms, cast)
-
-        def gates_call():
-            return stack_call(
-                table, weight, bias, tokens=tokens, proj_weight=proj_weight, proj_bias=proj_bias, dropout=dropout,
-                seed=seed, **options,
-            )  # fmt: skip
-
-        conv_name = backends.module_backend(CONV_OP, self.backend, device, gates_call)
-        if conv_name == backends.TORCH:
-            h = self.conv.torch_chain(self._torch_embedding(tokens, seed).transpose(1, 2))  # (B, C, T)
-            gates = F.linear(h.permute(2, 0, 1), proj_weight, proj_bias).contiguous()
-        else:
-            options["backend"] = conv_name
-            gates = conv1d_stack_embedding_projection(
-                tokens, table, weight, bias, proj_weight, proj_bias, dropout=dropout, seed=seed, **options
-            )
-        T, B = gates.shape[0], gates.shape[1]
-        xg = gates.view(T, B, len(lstms), 4 * cfg.hidden_size)
-        # The head reads only the last h: at inference the kernels store no per-step output.
-        w_hh = parallel_recurrent_weights(lstms, cast)
-        _, h_n, _ = lstm_recurrence(xg, w_hh, backend=lstm_name, return_sequence=False)
-        return self.head(torch.cat(h_n.unbind(0), dim=1))
-
-    def _torch_embedding(self, tokens: Tensor, seed: Tensor | None) -> Tensor:
-        """The embedding and its training dropout (the package's masks of ``seed``), as the twin."""
-        x = self.embedding(tokens)
-        if seed is not None:
-            x = philox_dropout.dropout(x, self.config.embedding_dropout, seed)
-        return x
+        dropout = self.config.embedding_dropout if self.training else 0.0
+        states = conv_lstm_states(tokens, self.embedding, self.conv, self.lstms, dropout, self.backend)
+        return self.head(states)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Probability ``(B, 1)`` of the positive class (Keras's sigmoid output)."""

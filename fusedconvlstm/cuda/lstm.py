@@ -1,48 +1,23 @@
 """``cuda`` backend of ``lstm_recurrence``: the persistent kernels, and the step-wise path beside them.
 
-Two compiled implementations of the same math, with the same workspace (``[i, f, g, o, c]`` per
-step in float32, :mod:`fusedconvlstm.cuda.cell_ops`), so a forward of one and a backward of the
-other combine freely:
+Both run the same cell math with the same workspace (``[i, f, g, o, c]`` per step in float32,
+:mod:`fusedconvlstm.cuda.cell_ops`), so a forward of one and a backward of the other combine:
 
 - **persistent** (``csrc/lstm_persistent_*.cu``, :mod:`fusedconvlstm.cuda.persistent_ops`): one
-  cooperative launch runs all ``T`` steps of all ``D`` recurrences with the recurrent weights
-  resident in shared memory and one barrier per step; a second launch runs the whole reverse-time
-  sweep. float16 / bfloat16 run on tensor cores with fp32 accumulation; float32 runs TF32 when
-  ``torch.backends.cudnn.rnn.fp32_precision`` is ``"tf32"`` (PyTorch's default for cuDNN's LSTM,
-  so fp32 matches ``nn.LSTM``'s precision), and 3xTF32 (about fp32 accuracy) otherwise.
-- **step-wise** (``lstm_recurrence_stepwise_forward`` / ``_backward``): per step one cuBLAS
-  batched GEMM and one fused pointwise kernel (``csrc/lstm_cell.cu``). The baseline the
-  persistent kernels are measured against, and the path for what they do not take.
+  launch runs all ``T`` steps of all ``D`` recurrences, the recurrent weights resident in shared
+  memory, one barrier per step; one more launch runs the reverse-time sweep. Three forward
+  kernels: cooperative (the default), cluster (sm_90, ``h`` exchanged in distributed shared
+  memory) and one that computes the input projection itself (for :func:`fusedconvlstm.ops.lstm.lstm_layer`);
+  ``FUSEDCONVLSTM_LSTM_FWD_KERNEL`` picks the first choice until GPU measurements decide.
+- **step-wise** (``csrc/lstm_cell.cu``): per step a cuBLAS GEMM and one fused pointwise kernel,
+  for what the persistent kernels do not take (float64, sizes that do not fit the device).
 
-The persistent forward has two kernels: the cooperative one (a global-memory h exchange and a
-spin barrier per batch group) and a cluster one for sm_90 (the blocks of one recurrence and batch
-tile form a thread-block cluster and exchange h in distributed shared memory, with the hardware
-cluster barrier; at most 16 blocks, so hidden sizes whose W_hh slices need more stay
-cooperative). ``FUSEDCONVLSTM_LSTM_FWD_KERNEL=cluster`` makes the cluster kernel the first
-choice where it fits; the default is cooperative until a GPU measurement says which is faster
-where (``fusedconvlstm bench --lstm-forward-kernels cooperative cluster`` times both).
-
-The registered implementation takes the persistent kernel wherever it applies and the step-wise
-kernels otherwise — float64, and sizes whose weight slice or grid does not fit the device (see
-:func:`persistent_why_not`); forward and backward decide separately. Both are compiled CUDA with
-the same cell math, so this is a choice of schedule, not a silent change of backend, and
-``backends.explain(..., detail=True)`` says which one serves a call. ``proj_size`` runs as an
-unprojected recurrence on ``W_hh W_hr`` with the projection after the loop
-(:mod:`fusedconvlstm.numerics.projection`), so every call the backend's device takes is served.
-
-The input projection ``x W_ihᵀ`` arrives precomputed in ``xg`` (one GEMM before the loop) for
-``lstm_recurrence``. Where a layer's input itself reaches the backend
-(:func:`fusedconvlstm.ops.lstm.lstm_layer`, which the modules call), a third forward kernel can
-compute it inside the persistent launch (:func:`lstm_recurrence_from_input_forward`, kind
-``FROM_INPUT``): each block keeps its units' ``W_ih`` rows resident beside ``W_hh`` and projects
-step ``t + 1``'s ``x`` while it waits at step ``t``'s barrier, with the projected gates in fp32
-(never rounded to the input's dtype). Which is faster is for a GPU to say *(estimate, to be
-measured)*: the projection's products may hide in the barrier's wait, but every block then reads
-the whole ``x`` tile of its batch rows from L2 each step (doubling the ``h`` tile's traffic at
-``I = H``), where the precomputed ``xg`` costs each block only its own units' columns and the GEMM
-runs at tensor-core speed before the loop. It is used only when
-``FUSEDCONVLSTM_LSTM_FWD_KERNEL=input`` asks for it, for unprojected LSTMs. The driver only calls
-ops, so on CPU tensors it runs the ops' CPU implementations, which is how CI tests it.
+16-bit data runs on tensor cores with fp32 accumulation; float32 runs TF32 where PyTorch lets
+cuDNN's LSTM do so, 3xTF32 otherwise. ``proj_size`` runs unprojected on ``W_hh W_hr``
+(:mod:`fusedconvlstm.numerics.projection`). ``backends.explain(..., detail=True)`` says which
+kernel serves a call. The driver only calls ops, so on CPU tensors it runs their CPU
+implementations, which is how it is tested without a GPU. docs/design.md §2 has the kernels'
+decomposition.
 """
 
 from __future__ import annotations

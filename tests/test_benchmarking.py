@@ -199,10 +199,11 @@ def test_plan_times_each_preferred_lstm_forward_kernel_against_the_first_baselin
 def test_preferred_forward_kernel_is_set_for_a_case_and_restored(monkeypatch):
     from fusedconvlstm.cuda import lstm as cuda_lstm
     from fusedconvlstm.cuda import persistent_config as pc
+    from fusedconvlstm.cuda import planning as cuda_planning
     from tests.helpers import lstm_weights
 
     monkeypatch.delenv(pc.FORWARD_KERNEL_ENV, raising=False)
-    monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
+    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: pc.H100_SXM)
     xg = torch.randn(3, 2, 1, 4 * 16)
     w = [w.float() for w in lstm_weights(1, 16)]
     h0 = c0 = torch.zeros(1, 2, 16)

@@ -10,7 +10,9 @@ import torch
 
 from fusedconvlstm import backends
 from fusedconvlstm.cuda import lstm as cuda_lstm
+from fusedconvlstm.cuda import persistent as cuda_persistent
 from fusedconvlstm.cuda import persistent_config as pc
+from fusedconvlstm.cuda import planning as cuda_planning
 from fusedconvlstm.cuda.constants import padded_reduction
 from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32
 from tests.cuda_lstm_helpers import CAN_BUILD, F64, op_inputs, recurrence_call
@@ -149,19 +151,19 @@ def test_forward_kernel_preference_from_the_environment(monkeypatch):
     h100 = pc.H100_SXM
     ref_shape = recurrence_call(B=64, D=2, H=512, dtype=torch.bfloat16)
     assert cuda_lstm.preferred_forward_kernel() == "cooperative"
-    assert cuda_lstm.forward_kernel_name(ref_shape, h100) == "cooperative"
+    assert cuda_persistent.forward_kernel_name(ref_shape, h100) == "cooperative"
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "cluster")
     assert cuda_lstm.persistent_plan(ref_shape, "forward", h100).kind == pc.CLUSTER
     assert cuda_lstm.persistent_plan(ref_shape, "backward", h100).kind == "backward"  # no cluster backward
-    assert cuda_lstm.forward_kernel_name(ref_shape, h100) == "cluster"
+    assert cuda_persistent.forward_kernel_name(ref_shape, h100) == "cluster"
     text = cuda_lstm.describe(ref_shape, h100)
     assert text.startswith("forward: cluster kernel") and "backward: persistent kernel" in text
     # Where the cluster kernel does not fit, the cooperative one serves, and explain says why.
     fp32 = recurrence_call(B=64, H=512, dtype=torch.float32)
-    assert cuda_lstm.forward_kernel_name(fp32, h100) == "cooperative"
+    assert cuda_persistent.forward_kernel_name(fp32, h100) == "cooperative"
     assert "the preferred cluster kernel does not take it: hidden size 512" in cuda_lstm.describe(fp32, h100)
-    assert cuda_lstm.forward_kernel_name(ref_shape, pc.A100) == "cooperative"
-    assert cuda_lstm.forward_kernel_name(recurrence_call(dtype=F64), h100) == "stepwise"
+    assert cuda_persistent.forward_kernel_name(ref_shape, pc.A100) == "cooperative"
+    assert cuda_persistent.forward_kernel_name(recurrence_call(dtype=F64), h100) == "stepwise"
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match="FUSEDCONVLSTM_LSTM_FWD_KERNEL must be one of"):
         cuda_lstm.preferred_forward_kernel()
@@ -170,20 +172,24 @@ def test_forward_kernel_preference_from_the_environment(monkeypatch):
 def test_persistent_path_decisions_and_reasons():
     h100 = pc.H100_SXM
     assert (
-        cuda_lstm.persistent_why_not(recurrence_call(B=64, D=2, H=512, dtype=torch.bfloat16), "forward", h100) is None
+        cuda_persistent.persistent_why_not(recurrence_call(B=64, D=2, H=512, dtype=torch.bfloat16), "forward", h100)
+        is None
     )
     assert (
-        cuda_lstm.persistent_why_not(recurrence_call(B=64, D=2, H=512, dtype=torch.bfloat16), "backward", h100) is None
+        cuda_persistent.persistent_why_not(recurrence_call(B=64, D=2, H=512, dtype=torch.bfloat16), "backward", h100)
+        is None
     )
-    assert "float64" in cuda_lstm.persistent_why_not(recurrence_call(dtype=F64), "forward", h100)
+    assert "float64" in cuda_persistent.persistent_why_not(recurrence_call(dtype=F64), "forward", h100)
     # A projected call runs the kernels on its unprojected form (ops.lstm_projection): same plan.
     assert cuda_lstm.persistent_plan(recurrence_call(P=4), "forward", h100) == cuda_lstm.persistent_plan(
         recurrence_call(), "forward", h100
     )
     old = pc.DeviceLimits(80, 65536, 65536, (7, 5))
-    assert "compute capability 8.0" in cuda_lstm.persistent_why_not(recurrence_call(), "forward", old)
-    assert "CUDA devices" in cuda_lstm.persistent_why_not(recurrence_call(), "forward")  # a CPU call, no limits given
-    assert "shared memory" in cuda_lstm.persistent_why_not(
+    assert "compute capability 8.0" in cuda_persistent.persistent_why_not(recurrence_call(), "forward", old)
+    assert "CUDA devices" in cuda_persistent.persistent_why_not(
+        recurrence_call(), "forward"
+    )  # a CPU call, no limits given
+    assert "shared memory" in cuda_persistent.persistent_why_not(
         recurrence_call(H=2048, dtype=torch.bfloat16), "backward", h100
     )
 
@@ -241,7 +247,7 @@ def test_registered_forward_and_backward_pick_a_path_per_call(monkeypatch):
     ):
         original = getattr(cuda_lstm, name)
         monkeypatch.setattr(cuda_lstm, name, lambda *a, _n=name, _f=original, **k: taken.append(_n) or _f(*a, **k))
-    monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
+    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: pc.H100_SXM)
     for dtype, path in ((torch.float32, "persistent"), (F64, "stepwise")):
         taken.clear()
         xg, w, h0, c0, _ = op_inputs(4, 2, 1, 6, dtype)

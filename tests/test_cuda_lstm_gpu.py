@@ -18,7 +18,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedconvlstm
 from fusedconvlstm import passmark
+from fusedconvlstm.cuda import cluster as cuda_cluster
+from fusedconvlstm.cuda import from_input as cuda_from_input
 from fusedconvlstm.cuda import lstm as cuda_lstm
+from fusedconvlstm.cuda import persistent as cuda_persistent
 from fusedconvlstm.cuda import persistent_config as pc
 from fusedconvlstm.cuda.constants import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.numerics.recurrence import reverse_mask
@@ -123,7 +126,7 @@ def test_cudnn_from_input_comparator_is_the_layer():
     w_hh = [0.3 * torch.randn(4 * H, H, dtype=F64) for _ in range(D)]
     h0, c0 = torch.randn(D, B, H, dtype=F64), torch.randn(D, B, H, dtype=F64)
     lengths = torch.tensor([5, 0, 3, 1, 5, 2])
-    want = cuda_lstm.lstm_recurrence_from_input_forward(x, w_ih, bias, w_hh, h0, c0, lengths, [False, True])
+    want = cuda_from_input.lstm_recurrence_from_input_forward(x, w_ih, bias, w_hh, h0, c0, lengths, [False, True])
     got = _cudnn_from_input(x, w_ih, bias, w_hh, h0, c0, lengths)
     for name, a, b in zip(("y", "h_n", "c_n"), got, want):
         assert a.shape == b.shape and rel_err(a, b, strict=True) < 1e-12, name
@@ -604,7 +607,7 @@ def cluster_forward(monkeypatch, persistent_only):
     def refuse(*args, **kwargs):
         raise AssertionError("the cooperative forward ran where the cluster kernel was expected")
 
-    monkeypatch.setattr(cuda_lstm, "_persistent_forward", refuse)
+    monkeypatch.setattr(cuda_persistent, "_persistent_forward", refuse)
 
 
 def _all_fitting_cluster_layouts(B, D, H, dtype):
@@ -775,8 +778,8 @@ def input_forward(monkeypatch, persistent_only):
     def refuse(*args, **kwargs):
         raise AssertionError("a forward on precomputed gates ran where the in-kernel projection was expected")
 
-    monkeypatch.setattr(cuda_lstm, "_persistent_forward", refuse)
-    monkeypatch.setattr(cuda_lstm, "_cluster_forward", refuse)
+    monkeypatch.setattr(cuda_persistent, "_persistent_forward", refuse)
+    monkeypatch.setattr(cuda_cluster, "_cluster_forward", refuse)
 
 
 INPUT_MODULE_CASES = [c for c in MODULE_CASES if "proj_size" not in c[5]]
@@ -815,7 +818,7 @@ def test_gpu_input_projection_every_configuration_matches_the_reference(dtype):
     h0, c0 = torch.randn(D, B, H).to(dtype), torch.randn(D, B, H).to(dtype)
     lengths = torch.randint(0, T + 1, (B,))
     f64 = [t.double() for t in (x, w_ih, bias, h0, c0)]
-    want = cuda_lstm.lstm_recurrence_from_input_forward(
+    want = cuda_from_input.lstm_recurrence_from_input_forward(
         *f64[:3], [w.double() for w in w_hh], *f64[3:], lengths, [False, True]
     )
     cudnn = _cudnn_from_input(
@@ -831,7 +834,7 @@ def test_gpu_input_projection_every_configuration_matches_the_reference(dtype):
                 continue
             tried += 1
             dev = [t.cuda() for t in (x, w_ih, bias, h0, c0, lengths)]
-            got = cuda_lstm.lstm_recurrence_from_input_forward(
+            got = cuda_from_input.lstm_recurrence_from_input_forward(
                 dev[0], dev[1], dev[2], [w.cuda() for w in w_hh], dev[3], dev[4], dev[5], [False, True], config=lay
             )
             for name, a, c, b in zip(("y", "h_n", "c_n"), got, cudnn, want):

@@ -23,7 +23,9 @@ import torch
 
 from fusedconvlstm import backends
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
+from fusedconvlstm.cuda import cluster as cuda_cluster
 from fusedconvlstm.cuda import lstm as cuda_lstm
+from fusedconvlstm.cuda import persistent as cuda_persistent
 from fusedconvlstm.cuda import persistent_config as pc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +153,7 @@ def prefer_clusters(monkeypatch):
             asked.append((device.type, dtype, hidden_size, layout.nu))
             return places
 
-        monkeypatch.setattr(cuda_lstm, "max_active_clusters", query)
+        monkeypatch.setattr(cuda_cluster, "max_active_clusters", query)
 
     return fake, asked
 
@@ -163,13 +165,13 @@ def test_plan_falls_back_to_the_cooperative_kernel_where_no_cluster_fits(prefer_
     plan = cuda_lstm.persistent_plan(call, "forward", pc.H100_SXM)
     assert isinstance(plan, pc.Layout) and plan.kind == "forward", plan
     assert asked == [("cuda", torch.bfloat16, 512, 16)]
-    assert cuda_lstm.forward_kernel_name(call, pc.H100_SXM) == "cooperative"
+    assert cuda_persistent.forward_kernel_name(call, pc.H100_SXM) == "cooperative"
     text = cuda_lstm.describe(call, pc.H100_SXM)
     assert text.startswith("forward: persistent kernel")
     assert "the preferred cluster kernel does not take it: the device cannot place a cluster of 16 blocks" in text
     assert "cudaOccupancyMaxActiveClusters is 0" in text
     fake("the device's cluster occupancy query refused: no sm_90 code")
-    assert cuda_lstm.forward_kernel_name(call, pc.H100_SXM) == "cooperative"
+    assert cuda_persistent.forward_kernel_name(call, pc.H100_SXM) == "cooperative"
     assert "no sm_90 code" in cuda_lstm.describe(call, pc.H100_SXM)
 
 
@@ -177,15 +179,15 @@ def test_plan_keeps_the_cluster_kernel_where_the_device_places_it(prefer_cluster
     fake, asked = prefer_clusters
     for places in (1, None):  # None: no device to ask (published limits only)
         fake(places)
-        assert cuda_lstm.forward_kernel_name(_call(), pc.H100_SXM) == "cluster"
+        assert cuda_persistent.forward_kernel_name(_call(), pc.H100_SXM) == "cluster"
     assert len(asked) == 2
 
 
 def test_no_device_to_ask_about_clusters_on_a_cpu_call():
     lay = pc.make_layout(pc.CLUSTER, 1, 4, 2, 1, None, 64, 2, 512, torch.bfloat16)
-    assert cuda_lstm.max_active_clusters(torch.device("cpu"), torch.bfloat16, 512, lay) is None
+    assert cuda_cluster.max_active_clusters(torch.device("cpu"), torch.bfloat16, 512, lay) is None
     if not torch.cuda.is_available():
-        assert cuda_lstm.max_active_clusters(torch.device("cuda"), torch.bfloat16, 512, lay) is None
+        assert cuda_cluster.max_active_clusters(torch.device("cuda"), torch.bfloat16, 512, lay) is None
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="the cuda backend needs the extension")
@@ -205,7 +207,7 @@ def test_explain_detail_gives_the_cluster_fallback_reason(prefer_clusters, monke
 @pytest.mark.gpu
 def test_gpu_cluster_query_answers_for_the_planned_configuration(cuda_device):
     lay = pc.make_layout(pc.CLUSTER, 1, 4, 2, 1, None, 64, 2, 512, torch.bfloat16)
-    placed = cuda_lstm.max_active_clusters(torch.device("cuda"), torch.bfloat16, 512, lay)
+    placed = cuda_cluster.max_active_clusters(torch.device("cuda"), torch.bfloat16, 512, lay)
     if torch.cuda.get_device_capability() < (9, 0):
         assert isinstance(placed, str) and "compute capability 9.0" in placed
     else:

@@ -19,8 +19,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fusedconvlstm
 from fusedconvlstm import backends
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
+from fusedconvlstm.cuda import from_input as cuda_from_input
 from fusedconvlstm.cuda import lstm as cuda_lstm
+from fusedconvlstm.cuda import persistent as cuda_persistent
 from fusedconvlstm.cuda import persistent_config as pc
+from fusedconvlstm.cuda import planning as cuda_planning
 from fusedconvlstm.cuda.constants import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.numerics.recurrence import reverse_mask
 from fusedconvlstm.ops.lstm import _lstm_from_input_op, lstm_layer, lstm_recurrence
@@ -59,7 +62,7 @@ def _gemm_then_reference(x, w_ih, b, w_hh, h0, c0, lengths, reverse):
 def test_driver_matches_the_gemm_and_the_reference_recurrence(T, B, D, n_in, H, lengths, reverse, bias):
     x, w_ih, b, w_hh, h0, c0 = _layer_inputs(T, B, D, n_in, H, bias=bias)
     lengths = None if lengths is None else torch.tensor(lengths)
-    y, h_n, c_n, ws = cuda_lstm.lstm_recurrence_from_input_forward(x, w_ih, b, w_hh, h0, c0, lengths, reverse)
+    y, h_n, c_n, ws = cuda_from_input.lstm_recurrence_from_input_forward(x, w_ih, b, w_hh, h0, c0, lengths, reverse)
     y_r, h_r, c_r = _gemm_then_reference(x, w_ih, b, w_hh, h0, c0, lengths, reverse)
     for name, got, want in (("y", y, y_r), ("h_n", h_n, h_r), ("c_n", c_n, c_r)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
@@ -72,8 +75,8 @@ def test_driver_matches_the_gemm_and_the_reference_recurrence(T, B, D, n_in, H, 
 
 def test_driver_without_outputs_keeps_the_final_state():
     x, w_ih, b, w_hh, h0, c0 = _layer_inputs(4, 3, 2, 9, 8)
-    full = cuda_lstm.lstm_recurrence_from_input_forward(x, w_ih, b, w_hh, h0, c0, None, [False, True])
-    bare = cuda_lstm.lstm_recurrence_from_input_forward(
+    full = cuda_from_input.lstm_recurrence_from_input_forward(x, w_ih, b, w_hh, h0, c0, None, [False, True])
+    bare = cuda_from_input.lstm_recurrence_from_input_forward(
         x, w_ih, b, w_hh, h0, c0, None, [False, True], save_for_backward=False, write_y=False
     )
     assert bare[0].numel() == 0 and bare[3].numel() == 0
@@ -130,20 +133,20 @@ def _call(T=45, B=64, D=1, H=512, P=0, dtype=torch.bfloat16):
 
 def test_in_kernel_projection_is_chosen_only_where_preferred(monkeypatch):
     monkeypatch.delenv(pc.FORWARD_KERNEL_ENV, raising=False)
-    reason = cuda_lstm.from_input_why_not(_call(), 512)
+    reason = cuda_from_input.from_input_why_not(_call(), 512)
     assert "'cooperative', not 'input'" in reason
-    plan = cuda_lstm.from_input_plan(_call(D=2), 512, pc.H100_SXM)
+    plan = cuda_from_input.from_input_plan(_call(D=2), 512, pc.H100_SXM)
     assert isinstance(plan, pc.Layout) and plan.kind == pc.FROM_INPUT and plan.kpx == 512
     assert plan.fits(pc.H100_SXM) and "W_ih and W_hh slices resident" in plan.describe()
-    assert "proj_size" in cuda_lstm.from_input_plan(_call(P=128), 512, pc.H100_SXM)
-    assert "float16, bfloat16 or float32" in cuda_lstm.from_input_plan(_call(dtype=F64), 512, pc.H100_SXM)
-    too_wide = cuda_lstm.from_input_plan(_call(H=2048), 8192, pc.H100_SXM)
+    assert "proj_size" in cuda_from_input.from_input_plan(_call(P=128), 512, pc.H100_SXM)
+    assert "float16, bfloat16 or float32" in cuda_from_input.from_input_plan(_call(dtype=F64), 512, pc.H100_SXM)
+    too_wide = cuda_from_input.from_input_plan(_call(H=2048), 8192, pc.H100_SXM)
     assert isinstance(too_wide, str) and "shared memory" in too_wide
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "input")
-    monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: limits or pc.H100_SXM)
-    assert cuda_lstm.from_input_why_not(_call(), 512) is None
+    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: limits or pc.H100_SXM)
+    assert cuda_from_input.from_input_why_not(_call(), 512) is None
     # Calls on precomputed gates keep the cooperative kernel under this preference.
-    assert cuda_lstm.forward_kernel_name(_call(), pc.H100_SXM) == "cooperative"
+    assert cuda_persistent.forward_kernel_name(_call(), pc.H100_SXM) == "cooperative"
 
 
 def test_configuration_override_of_the_in_kernel_projection(monkeypatch):
@@ -160,7 +163,7 @@ def cuda_on_cpu(monkeypatch):
     """The cuda backend serving CPU tensors with an H100's launch configurations: its drivers
     then run the persistent ops' CPU implementations, so the module path runs end to end."""
     monkeypatch.setattr(backends, "_cuda_why_not", lambda device: None)
-    monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: limits or pc.H100_SXM)
+    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: limits or pc.H100_SXM)
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "input")
     pc.FORWARD_KERNELS_SERVED.clear()
 

@@ -22,6 +22,7 @@ from fusedconvlstm import backends
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
 from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
+from fusedconvlstm.cuda import planning as cuda_planning
 from fusedconvlstm.numerics.projection import with_projection
 from fusedconvlstm.passmark import rel_err
 from fusedconvlstm.reference.lstm import lstm_recurrence_reference
@@ -219,7 +220,7 @@ def test_16_bit_projection_error_is_that_of_rounding_h_every_step(dtype):
 def test_registered_cuda_implementation_serves_projections(monkeypatch):
     """The cuda backend's registered functions take w_hr (here on CPU tensors, the ops' CPU
     implementations, with H100 limits so the persistent path is planned)."""
-    monkeypatch.setattr(cuda_lstm, "_limits_for", lambda call, limits: pc.H100_SXM)
+    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: pc.H100_SXM)
     impl = backends.implementation("lstm_recurrence", "cuda")
     T, B, D, H, P = 4, 3, 2, 10, 4
     call = LSTMRecurrenceCall(T, B, D, H, P, torch.float32, torch.device("cuda"), True, (False, True))

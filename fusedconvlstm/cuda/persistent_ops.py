@@ -85,7 +85,7 @@ _LIB.define(
 # A query, not a kernel: how many clusters of the cluster forward kernel (configured ``nt, wm, wn,
 # wk`` for ``hidden_size``, the kernel of ``like``'s dtype) the device of ``like`` holds at once
 # (``cudaOccupancyMaxActiveClusters``; 0: it cannot place one). The launch plan asks it before it
-# chooses the cluster kernel (:func:`fusedconvlstm.cuda.lstm.cluster_plan`). CUDA only.
+# chooses the cluster kernel (:func:`fusedconvlstm.cuda.cluster.cluster_plan`). CUDA only.
 _LIB.define("lstm_cluster_max_active_clusters(Tensor like, int hidden_size, int nt, int wm, int wn, int wk) -> int")
 
 OPS = (

@@ -41,8 +41,11 @@ test: setup
 test-gpu:
 	$(PYTHON) -m pytest -q
 
+# The package's bench (our layers against torch.nn, JSON lines), then the project's plot of what
+# it just wrote (benchmarks/plot.py: the PNG beside the results).
 bench: setup
 	$(PY) -m fusedconvlstm bench
+	$(PY) -m benchmarks.plot --newest
 
 check: setup
 	$(PY) -m fusedconvlstm check

@@ -215,3 +215,104 @@ def test_the_package_imports_nothing_from_benchmarks():
                 names = [node.module]
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "benchmarks"]
     assert not offenders
+
+
+# The pytest-benchmark suite (benchmarks/test_bench_ops.py, make bench-suite).
+
+
+def test_the_cpu_suite_times_the_lstm_conv_stack_and_model_against_torch_at_small_sizes():
+    from benchmarks import _timing
+
+    cases = _timing.cases(torch.device("cpu"))
+    assert {(c["op"], c["pass_"]) for c in cases} == {
+        ("lstm", "fwd"),
+        ("lstm", "fwd+bwd"),
+        ("conv1d_stack", "fwd"),
+        ("conv1d_stack", "fwd+bwd"),
+        ("model_inference", "fwd"),
+    }
+    assert all(c["backend"] == "auto" and c["baseline"] == "torch_cpu_fp32" for c in cases)
+    assert max(c["batch"] for c in cases) <= 8 and _timing.hidden_of(torch.device("cpu")) <= 128
+    ids = [_timing.case_id(c) for c in cases]
+    assert len(set(ids)) == len(ids)
+
+
+class _FakeBenchmark:
+    """What the suite uses of pytest-benchmark's fixture; records what was timed."""
+
+    def __init__(self):
+        self.extra_info, self.group, self.timed = {}, None, []
+
+    def pedantic(self, fn, rounds, iterations=1, warmup_rounds=0):
+        self.timed.append(rounds)
+        for _ in range(warmup_rounds + rounds * iterations):
+            fn()
+
+
+def _lstm_case():
+    from benchmarks import _timing
+
+    return next(c for c in _timing.cases(torch.device("cpu")) if c["op"] == "lstm" and c["pass_"] == "fwd")
+
+
+def test_a_suite_case_is_checked_on_the_pass_mark_then_timed():
+    from benchmarks import _timing
+
+    bench = _FakeBenchmark()
+    _timing.check_then_time(bench, _lstm_case(), "ours", torch.device("cpu"))
+    assert bench.timed == [_timing.CPU_ROUNDS] and bench.group == _timing.case_id(_lstm_case())
+    info = bench.extra_info
+    assert info["side"] == "ours" and info["op"] == "lstm" and info["pass"] == "fwd"
+    assert info["err_within_2x_baseline"] is True and info["errors"][0]["name"] == "output"
+    json.dumps(info)  # pytest-benchmark writes it into its JSON
+
+
+def test_a_suite_case_past_the_pass_mark_is_not_timed(monkeypatch):
+    from benchmarks import _timing
+    from fusedconvlstm import passmark
+
+    case = _lstm_case()
+    _timing._checked.clear()
+    pair, marks = _timing.checked_pair(case, torch.device("cpu"))
+    bad = passmark.TensorMark("output", 0.5, 1e-6, 0.5, 1e-6, passmark.eps_of("fp32"))
+    monkeypatch.setattr(_timing, "_checked", [_timing._checked[0], pair, [bad]])
+    bench = _FakeBenchmark()
+    with pytest.raises(AssertionError, match="past the pass mark, not timed"):
+        _timing.check_then_time(bench, case, "baseline", torch.device("cpu"))
+    assert bench.timed == [] and bench.extra_info["err_within_2x_baseline"] is False
+
+
+def test_gpu_rounds_record_cuda_event_milliseconds(monkeypatch):
+    """On a GPU each pytest-benchmark round is one timing by the package's CUDA-event timer, whose
+    milliseconds go to extra_info (pytest-benchmark's own stats are the rounds' wall clock)."""
+    from benchmarks import _timing
+
+    values = iter([3.0, 1.0, 2.0, 5.0, 4.0])
+    monkeypatch.setattr(_timing, "round_timer", lambda dev, mode: lambda fn: (fn(), next(values))[1])
+    bench, calls = _FakeBenchmark(), []
+    _timing.time_with_cuda_events(bench, lambda: calls.append(1), torch.device("cuda"), rounds=5)
+    info = bench.extra_info
+    assert len(calls) == 5 and info["cuda_event_ms"] == [3.0, 1.0, 2.0, 5.0, 4.0] and info["median_ms"] == 3.0
+    assert info["timing"]["mode"] == "events" and "not the kernel" in info["timing"]["pytest_benchmark_stats"]
+
+
+def test_make_bench_suite_writes_pytest_benchmark_json_where_git_ignores_it():
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    run = subprocess.run(["make", "-n", "bench-suite"], cwd=ROOT, capture_output=True, text=True, check=True)
+    (line,) = [x for x in run.stdout.splitlines() if "pytest benchmarks" in x]
+    (json_path,) = [a.split("=", 1)[1] for a in line.split() if a.startswith("--benchmark-json=")]
+    ignored = subprocess.run(["git", "check-ignore", "-q", json_path], cwd=ROOT)
+    assert ignored.returncode == 0, f"{json_path} must be ignored by git"
+    assert "make bench-suite" in (ROOT / ".ci" / "run").read_text().splitlines()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pytest-benchmark" in next(x for x in makefile.splitlines() if x.startswith("TEST_TOOLS"))
+
+
+def test_plain_pytest_collects_the_tests_only():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+    extras = config["project"]["optional-dependencies"]
+    assert all(any(d.startswith("pytest-benchmark") for d in extras[k]) for k in ("bench", "test", "dev"))

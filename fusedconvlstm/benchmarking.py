@@ -22,8 +22,9 @@ training mode cuDNN writes its reserve space, which ours does not), the conv bas
 baseline alternating which goes first, one timing per side and round (on a GPU by default the
 median of ``triton.testing.do_bench``, CUDA events after warm-up; ``--timing graph`` times CUDA-graph
 replays, ``--timing wallclock`` back-to-back calls as a user waits for them); records keep every
-round and its p10 / p50 / p90. Results are JSON lines as docs/design.md §4 describes, with a PNG of
-speedup against batch size beside them. Each record's ``spread`` is how far its rounds swing
+round and its p10 / p50 / p90. Results are JSON lines as docs/design.md §4 describes (the
+project's plots and speed-target reports over them are drawn by its tooling in ``benchmarks/``,
+outside the package). Each record's ``spread`` is how far its rounds swing
 ((p90 - p10) / p50, the larger of the two sides); past :data:`SPREAD_WARNING` the run warns that
 the machine was busy. Every record carries what it needs to be reproduced (:func:`environment`,
 ``settings``, ``timing``, ``served``) and its per-tensor errors under :mod:`fusedconvlstm.passmark`;
@@ -1261,11 +1262,6 @@ def main_bench(args) -> int:
         )
     if records:
         print(f"\nresults: {out_path}")
-        if not getattr(args, "no_plot", False):
-            try:
-                print(f"plot:    {plot_speedups([json.loads(r.to_json()) for r in records], plot_path(out_path))}")
-            except ImportError as exc:
-                print(f"plot:    none ({exc})")
     if not gpu:
         print(f"\n{CPU_CAVEAT}")
     return 0 if records else 1
@@ -1275,19 +1271,6 @@ CPU_CAVEAT = (
     "CPU timings say nothing about GPU speed: the kernels this package is about run on a GPU; on the CPU "
     "the drop-in modules under auto (torch's own kernels there) are timed against torch.nn, interleaved."
 )
-
-
-def plot_path(results_path: str) -> str:
-    """The PNG beside a results file."""
-    return results_path.removesuffix(".jsonl") + ".png"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: python -m fusedconvlstm bench")
-
-
-# What a record needs to be plotted.
-PLOT_KEYS = ("op", "pass", "dtype", "backend", "baseline", "batch", "speedup", "device", "commit")
 
 
 def load_records(paths: Iterable[str], required: Iterable[str] = ()) -> list[dict]:
@@ -1319,52 +1302,5 @@ def load_records(paths: Iterable[str], required: Iterable[str] = ()) -> list[dic
     return rows
 
 
-def plot_speedups(rows: list[dict], out_path: str) -> str:
-    """A PNG of speedup against batch size: one panel per (op, pass), one line per dtype,
-    backend, baseline, device and commit (records of cases that did not run are left out). Needs matplotlib; run it wherever the results were brought back to."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("plotting needs matplotlib (pip install matplotlib)") from exc
-    rows = [r for r in rows if r.get("status", "ok") == "ok"]  # crashed cases have no speedup to draw
-    panels = sorted({(r["op"], r["pass"]) for r in rows})
-    if not panels:
-        raise ValueError("no results to plot")
-    cols = min(3, len(panels))
-    nrows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
-    for ax, (op, pass_) in zip(axes.flat, panels):
-        sel = [r for r in rows if r["op"] == op and r["pass"] == pass_]
-
-        def line_of(r):  # the cuda LSTM's forward kernel is a line of its own, as is each (device, commit)
-            return (
-                r["dtype"], r["backend"], r.get("lstm_forward_kernel") or "", r["baseline"],
-                r.get("device", ""), str(r.get("commit", ""))[:10],
-            )  # fmt: skip
-
-        several = len({(r.get("device", ""), str(r.get("commit", ""))[:10]) for r in rows}) > 1
-        for key in sorted({line_of(r) for r in sel}):
-            pts = sorted((r["batch"], r["speedup"]) for r in sel if line_of(r) == key)
-            backend = f"{key[1]} ({key[2]})" if key[2] else key[1]
-            where = f" [{key[4]} {key[5]}]" if several else ""
-            ax.plot(
-                [p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {backend} vs {key[3]}{where}"
-            )
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{op} ({pass_})")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("speedup (baseline time / ours)")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    devices = sorted({r["device"] for r in rows})
-    commits = sorted({r["commit"][:10] for r in rows})
-    fig.suptitle(f"{', '.join(devices)} — commit {', '.join(commits)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return out_path
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: python -m fusedconvlstm bench")

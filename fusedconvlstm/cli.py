@@ -1,7 +1,6 @@
 """Command line of fusedconvlstm (python -m fusedconvlstm, or the fusedconvlstm script):
-env (versions, GPU, backends), check (every backend against float64), bench (timings, JSON
-lines and a plot), report (the speed targets judged on results files), plot (speedup against
-batch size) and train (the reference model on review text)."""
+env (versions, GPU, backends), check (every backend against float64), bench (our layers timed
+against torch.nn, JSON lines) and train (the reference model on review text)."""
 
 from __future__ import annotations
 
@@ -219,41 +218,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(args)
 
 
-def _results_files(paths: list[str]) -> list[str]:
-    """The results files named, each checked to exist (a shell glob that matched nothing arrives
-    as itself: say so)."""
-    for path in paths:
-        if not os.path.exists(path) and any(c in path for c in "*?["):
-            raise CLIError(f"no file matches {path} (bench writes results files; none there yet?)")
-    return paths
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    """Plot speedup against batch size from results files."""
-    from fusedconvlstm.benchmarking import PLOT_KEYS, load_records, plot_speedups
-
-    _results_files(args.results)
-    out = args.out or args.results[0].removesuffix(".jsonl") + ".png"
-    print(plot_speedups(load_records(args.results, required=PLOT_KEYS), out))
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """The issues' speed targets judged on results files (see :mod:`fusedconvlstm.targets`)."""
-    from fusedconvlstm.benchmarking import load_records
-    from fusedconvlstm.targets import TARGETS, evaluate, judged_rows, markdown
-
-    rows = []
-    for path in _results_files(args.results):
-        rows += [(r, path) for r in load_records([path])]
-    targets = [t for t in TARGETS if not args.issues or t.issue in args.issues]
-    for note in judged_rows(rows)[1]:
-        print(f"- {note}")
-    print()
-    print(markdown(evaluate(rows, targets)))
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the reference model on review text (see :mod:`fusedconvlstm.train`)."""
     from fusedconvlstm.train import run
@@ -291,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fusedconvlstm.train import positive_int
 
     parser = ArgumentParser(prog="fusedconvlstm", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{env,check,bench,report,plot,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{env,check,bench,train}")
 
     def command(name: str, help: str, description: str | None = None, epilog: str | None = None):  # noqa: A002
         return sub.add_parser(
@@ -328,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "bench",
-        "time the backends against cuDNN and torch.compile; write JSON lines and a plot",
+        "time the backends against cuDNN and torch.compile; write JSON lines",
         epilog="Without a GPU the cases run on the CPU at small sizes: numbers that say nothing about GPU "
         "speed, written to benchmarks/results/cpu/ (not meant to be committed) unless --out is given.",
     )
@@ -372,9 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks/results/cpu/<date>_<cpu>.jsonl on the CPU)",
     )
     p.add_argument(
-        "--no-plot", action="store_true", help="write no PNG beside the results (default: a plot, needs matplotlib)"
-    )
-    p.add_argument(
         "--include-reference",
         action="store_true",
         help="also time the reference and torch backends on a GPU (default: not)",
@@ -411,16 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bench)
 
-    p = command("report", "the issues' speed targets judged on bench results (a Markdown table)")
-    p.add_argument("results", nargs="+", help="JSON-lines files written by bench or benchmarks/bench_conv1d_stack.py")
-    p.add_argument("--issues", type=int, nargs="+", metavar="N", help="only these issues' targets (default: all)")
-    p.set_defaults(func=cmd_report)
-
-    p = command("plot", "PNG of speedup against batch size from bench results (needs matplotlib)")
-    p.add_argument("results", nargs="+", help="JSON-lines files written by bench")
-    p.add_argument("--out", help="PNG path (default: the first results file with .png for .jsonl)")
-    p.set_defaults(func=cmd_plot)
-
     from fusedconvlstm.train import DESCRIPTION, add_arguments
     from fusedconvlstm.train import EPILOG as TRAIN_EPILOG
 
@@ -443,22 +394,27 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line: expected failures become one line on stderr and a non-zero exit."""
+def run_command(name: str, func, args: argparse.Namespace) -> int:
+    """``func(args)``, its expected failures one line on stderr (``NAME: error: ...``) and a
+    non-zero exit; ``$FUSEDCONVLSTM_TRACEBACK`` set: the traceback instead."""
     from fusedconvlstm.backends import BackendUnavailableError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return func(args)
     except (CLIError, OSError, ImportError, ValueError, BackendUnavailableError) as exc:
         if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
             raise
-        print(f"fusedconvlstm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fusedconvlstm {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line: expected failures become one line on stderr and a non-zero exit."""
+    args = build_parser().parse_args(argv)
+    return run_command(f"fusedconvlstm {args.command}", args.func, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

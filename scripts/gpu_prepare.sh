@@ -29,5 +29,7 @@ device call (the run tool):
   carry:     ["fusedconvlstm/_C.abi3.so", "fusedconvlstm/_build_info.json", "dist", ".whl"]
   command:   FUSEDCONVLSTM_COMMIT=$commit scripts/gpu_session.sh ${*:-quick}
   timeout_s: 570
-then: copy the results (*.jsonl) from the reply's files into benchmarks/results/ and commit them.
+then: copy the results (*.jsonl) from the reply's files into benchmarks/results/ and commit them;
+      python -m benchmarks.report benchmarks/results/*.jsonl judges the speed targets on them,
+      python -m benchmarks.plot RESULTS.jsonl draws each file's speedups (a PNG beside it).
 EOF

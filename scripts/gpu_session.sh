@@ -28,7 +28,9 @@
 # Everything ends by GPU_SESSION_SECONDS (default 540 s, inside the run tool's 570 s): a stage
 # gets what is left. At most 8 files come back from $OUT, also from a run that is killed:
 # summary.txt (what the reply's tail shows), logs.tar.gz (every stage's log, refreshed after each
-# stage) and the results, named as benchmarks/results/<date>_<gpu>.jsonl wants them.
+# stage) and the results, named as benchmarks/results/<date>_<gpu>.jsonl wants them. No plot is
+# drawn there (bench writes none): the project's report and plot (python -m benchmarks.report,
+# python -m benchmarks.plot) run wherever the results are brought back to.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

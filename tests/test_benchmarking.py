@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.plot import PLOT_KEYS
 from fusedconvlstm import benchmarking, passmark
 from fusedconvlstm.benchmarking import BenchRecord, compile_mode_of, compiled_baseline_name, plan
 from fusedconvlstm.cli import build_parser
@@ -230,34 +231,6 @@ def test_plan_times_only_the_backends_asked_for(monkeypatch):
     assert {c["backend"] for c in plan(*args)} == {"cuda", "triton"}
 
 
-@pytest.fixture
-def plot_labels(monkeypatch) -> list:
-    """The label of every line the plot draws, in order."""
-    pytest.importorskip("matplotlib")
-    import matplotlib.axes
-
-    labels = []
-    original = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(
-        matplotlib.axes.Axes, "plot", lambda ax, *a, **k: labels.append(k.get("label")) or original(ax, *a, **k)
-    )
-    return labels
-
-
-def test_plot_draws_each_lstm_forward_kernel_as_its_own_line(tmp_path, plot_labels):
-    labels = plot_labels
-    base = dict(ENV, op="lstm", dtype="bf16", backend="cuda", baseline="cudnn_fp16", seq=45, hidden=512)
-    base["pass"] = "fwd"
-    rows = [
-        dict(base, batch=b, speedup=s, lstm_forward_kernel=k)
-        for k, s in (("cooperative", 1.5), ("cluster", 2.0))
-        for b in (64, 256)
-    ]
-    benchmarking.plot_speedups(rows, str(tmp_path / "p.png"))
-    lines = [lab for lab in labels if lab]
-    assert sorted(lines) == ["bf16 cuda (cluster) vs cudnn_fp16", "bf16 cuda (cooperative) vs cudnn_fp16"]
-
-
 def test_record_judges_each_tensor_not_the_max_over_tensors():
     """One tensor past its own mark fails the record though our worst error is below the
     baseline's worst (a bad tensor cannot hide behind the baseline's worst one)."""
@@ -397,7 +370,7 @@ def test_a_crashed_case_is_written_as_a_failed_record(tmp_path, monkeypatch, cap
     (row,) = [__import__("json").loads(line) for line in out.read_text().splitlines()]
     assert row["status"] == "crashed" and "illegal memory access" in row["error"]
     assert "median_ms" not in row and "speedup" not in row and row["err_within_2x_baseline"] is False
-    assert benchmarking.load_records([out], required=benchmarking.PLOT_KEYS) == [row]  # a record, not timed
+    assert benchmarking.load_records([out], required=PLOT_KEYS) == [row]  # a record, not timed
     assert row["op"] == "conv1d_stack" and row["batch"] == 1 and row["pass"] == "fwd"
     assert "1 case(s) did not run to the end" in capsys.readouterr().out
 
@@ -412,25 +385,6 @@ def test_timing_modes_are_checked_and_recorded():
     case = dict(_cpu_case("lstm", "fwd+bwd"))
     with pytest.raises(ValueError, match="graph timing"):
         benchmarking.run_case(case, torch.device("cpu"), ENV, 8, 5, timing="graph")
-
-
-def test_plot_draws_one_line_per_device_and_commit(tmp_path, plot_labels):
-    labels = plot_labels
-    base = dict(ENV, op="lstm", dtype="bf16", backend="cuda", baseline="cudnn_fp16", seq=45, hidden=512)
-    base["pass"] = "fwd"
-    rows = [
-        dict(base, batch=b, speedup=1.5, device=dev, commit=commit)
-        for dev, commit in (("NVIDIA H100", "aaaa"), ("NVIDIA H200", "aaaa"), ("NVIDIA H100", "bbbb"))
-        for b in (64, 256)
-    ]
-    rows.append(dict(base, batch=8, device="NVIDIA H100", commit="aaaa", status="crashed"))  # no speedup
-    benchmarking.plot_speedups(rows, str(tmp_path / "p.png"))
-    lines = sorted(lab for lab in labels if lab)
-    assert lines == [
-        "bf16 cuda vs cudnn_fp16 [NVIDIA H100 aaaa]",
-        "bf16 cuda vs cudnn_fp16 [NVIDIA H100 bbbb]",
-        "bf16 cuda vs cudnn_fp16 [NVIDIA H200 aaaa]",
-    ]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -1,5 +1,6 @@
 """The README as a new user reads it: no issue numbers to resolve, the "Use" snippet runs as
-written, and every command it shows parses as the command line's arguments."""
+written, and every command it shows parses as the arguments of its command line (the package's,
+or a front end of the project's tooling in benchmarks/)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import plot, report
 from fusedconvlstm.cli import build_parser
+
+# The project's tooling run as modules from the repository root: their parsers.
+TOOLING = {"benchmarks.report": report.build_parser, "benchmarks.plot": plot.build_parser}
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -44,6 +49,25 @@ def _commands() -> list[list[str]]:
 @pytest.mark.parametrize("argv", _commands(), ids=" ".join)
 def test_readme_commands_parse(argv):
     build_parser().parse_args(argv)
+
+
+def _tooling_commands() -> list[tuple[str, list[str]]]:
+    commands = []
+    for block in _blocks("sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line.split("#", 1)[0].strip())
+            if argv[:2] == ["python", "-m"] and argv[2].startswith("benchmarks"):
+                commands.append((argv[2], argv[3:]))
+    return commands
+
+
+def test_readme_shows_the_tooling_commands():
+    assert {module for module, _ in _tooling_commands()} == set(TOOLING)
+
+
+@pytest.mark.parametrize("module,argv", _tooling_commands(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_readme_tooling_commands_parse(module, argv):
+    TOOLING[module]().parse_args(argv)
 
 
 def test_readme_train_commands_match_the_defaults():

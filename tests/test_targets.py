@@ -1,4 +1,4 @@
-"""The issues' speed targets judged on results files (``fusedconvlstm report``).
+"""The project's speed targets judged on results files (``python -m benchmarks.report``).
 
 Records here are made up for the test (they are inputs, not measurements): the report must say
 met / not met / not measured from them, never invent a number, judge only the latest clean commit
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from fusedconvlstm import cli
-from fusedconvlstm.targets import TARGETS, Target, evaluate, judged_rows, markdown
+from benchmarks import report
+from benchmarks.targets import TARGETS, Target, evaluate, judged_rows, markdown
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -188,14 +188,14 @@ def test_report_command_prints_every_target_and_only_numbers_from_the_files(tmp_
     path = tmp_path / "2026-12-01_h100.jsonl"
     rec = _record(batch=64, median_ms=0.0857, speedup=1.75, baseline_median_ms=0.15)
     path.write_text(json.dumps(rec) + "\n")
-    assert cli.main(["report", str(path)]) == 0
+    assert report.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert f"judged: {H100} at commit abc1234" in out
     lines = [line for line in out.splitlines() if line.startswith("| 3 ")]
     assert len(lines) >= 6 and all(str(path) in line for line in lines if "1.75x" in line)
     assert sum("1.75x" in line for line in out.splitlines()) == 1  # the one record, once
     assert out.count("not measured") == len(TARGETS) - 1
-    assert cli.main(["report", str(path), "--issues", "6"]) == 0
+    assert report.main([str(path), "--issues", "6"]) == 0
     assert "| 3 " not in capsys.readouterr().out
 
 

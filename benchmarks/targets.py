@@ -1,10 +1,12 @@
-"""The issues' speed targets, checked against benchmark results (``fusedconvlstm report``).
+"""The project's speed targets (from its issues), checked against benchmark results
+(``python -m benchmarks.report``, :mod:`benchmarks.report`).
 
-Each target names the records of ``fusedconvlstm bench`` (or ``benchmarks/bench_conv1d_stack.py``)
-it is judged on and the bound; :func:`evaluate` reads results files and says, per target and
-shape, what was measured and whether it meets the bound. Numbers come only from the files, so a
-README table made from this output cites what was measured (docs/design.md §4). The judgement is
-the skeptical one:
+Project tooling, not part of the package: the package ships the timing (``fusedconvlstm bench``)
+and the records; what the project holds itself to lives here. Each target names the records of
+``fusedconvlstm bench`` (or ``benchmarks/bench_conv1d_stack.py``) it is judged on and the bound;
+:func:`evaluate` reads results files and says, per target and shape, what was measured and
+whether it meets the bound. Numbers come only from the files, so a README table made from this
+output cites what was measured (docs/design.md §4). The judgement is the skeptical one:
 
 - only records of a clean commit count (not ``unknown``, not ``-dirty``), and per device only the
   latest such commit (by the records' ``timestamp``, else their order in the files);

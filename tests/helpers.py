@@ -89,3 +89,18 @@ def opcheck_conv1d_stack(combo: str, backend: str, dtype=torch.float64, device="
     torch.library.opcheck(op.default, (*args(True), backend, True, *drop))
     y, saved = op(*args(False), backend, True, *drop)
     torch.library.opcheck(backward.default, (torch.randn_like(y), *args(False), saved, backend, *drop))
+
+
+def exit_and_stderr(main, argv: list[str], capsys) -> tuple[int, str]:
+    """Exit status and stderr of a command-line ``main(argv)``, SystemExit included."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def write_file(path, text: str) -> str:
+    """Write ``text`` to ``path``; its name, for an argument list."""
+    path.write_text(text)
+    return str(path)

@@ -17,6 +17,7 @@ import torch
 
 from benchmarks import _cli, plot, report
 from fusedconvlstm.cli import main as package_main
+from tests.helpers import exit_and_stderr, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(commit="c", device="d", torch="t", cuda=None, cudnn=None, triton=None)
@@ -25,17 +26,7 @@ FRONT_ENDS = {"report": report.main, "plot": plot.main}
 
 
 def _run(front_end: str, argv: list[str], capsys) -> tuple[int, str]:
-    """Exit status and stderr of a front end, SystemExit included."""
-    try:
-        code = FRONT_ENDS[front_end](argv)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def _write(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)
+    return exit_and_stderr(FRONT_ENDS[front_end], argv, capsys)
 
 
 def _plottable(**kw) -> dict:
@@ -49,15 +40,15 @@ def _plottable(**kw) -> dict:
     [
         ("report", lambda d: [str(d / "missing.jsonl")], "No such file or directory"),
         ("plot", lambda d: [str(d / "missing.jsonl")], "No such file or directory"),
-        ("plot", lambda d: [_write(d / "empty.jsonl", "")], "no records (the file is empty)"),
-        ("report", lambda d: [_write(d / "empty.jsonl", "\n")], "no records (the file is empty)"),
-        ("report", lambda d: [_write(d / "bad.jsonl", "not json\n")], "bad.jsonl:1: not a JSON line"),
-        ("plot", lambda d: [_write(d / "other.jsonl", '{"a": 1}\n')], "other.jsonl:1: not a bench record"),
+        ("plot", lambda d: [write_file(d / "empty.jsonl", "")], "no records (the file is empty)"),
+        ("report", lambda d: [write_file(d / "empty.jsonl", "\n")], "no records (the file is empty)"),
+        ("report", lambda d: [write_file(d / "bad.jsonl", "not json\n")], "bad.jsonl:1: not a JSON line"),
+        ("plot", lambda d: [write_file(d / "other.jsonl", '{"a": 1}\n')], "other.jsonl:1: not a bench record"),
         ("report", lambda d: [str(d / "*.jsonl")], "no file matches"),
         ("report", lambda d: [], "the following arguments are required: results"),
-        ("report", lambda d: [_write(d / "r.jsonl", "{}\n"), "--issues", "x"], "argument --issues: invalid int"),
+        ("report", lambda d: [write_file(d / "r.jsonl", "{}\n"), "--issues", "x"], "argument --issues: invalid int"),
         ("plot", lambda d: [], "name results files or --newest"),
-        ("plot", lambda d: [_write(d / "r.jsonl", "{}\n"), "--newest"], "name results files or --newest"),
+        ("plot", lambda d: [write_file(d / "r.jsonl", "{}\n"), "--newest"], "name results files or --newest"),
     ],
 )
 def test_expected_failures_are_one_line_on_stderr(front_end, make_argv, message, tmp_path, capsys):
@@ -76,7 +67,7 @@ def test_plot_newest_without_results_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_missing_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
-    argv = [_write(tmp_path / "r.jsonl", json.dumps(_plottable()) + "\n")]
+    argv = [write_file(tmp_path / "r.jsonl", json.dumps(_plottable()) + "\n")]
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
     code, err = _run("plot", argv, capsys)
     assert code == 1 and "Traceback" not in err

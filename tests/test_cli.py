@@ -14,6 +14,7 @@ import torch
 from fusedconvlstm import benchmarking
 from fusedconvlstm.cli import HelpFormatter, build_parser, main
 from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS
+from tests.helpers import exit_and_stderr, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,17 +108,7 @@ def test_train_trains_the_fused_model_unless_told_otherwise():
 
 
 def _run(argv, capsys) -> tuple[int, str]:
-    """Exit status and stderr of the command line, SystemExit included."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def _write(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)
+    return exit_and_stderr(main, argv, capsys)
 
 
 @pytest.mark.parametrize(
@@ -127,7 +118,7 @@ def _write(path: Path, text: str) -> str:
         (lambda d: ["bench", "--batches", "0"], "must be a positive integer"),
         (lambda d: ["train", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
         (lambda d: ["train", "--data", str(d / "missing.txt")], "No such file or directory"),
-        (lambda d: ["train", "--data", _write(d / "bad.txt", "5 stars\n")], "bad.txt:1: expected a line"),
+        (lambda d: ["train", "--data", write_file(d / "bad.txt", "5 stars\n")], "bad.txt:1: expected a line"),
         (lambda d: ["check", "--device", "cpu", "--dtypes", "int8"], "argument --dtypes: invalid choice"),
     ],
 )

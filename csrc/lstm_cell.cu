@@ -125,7 +125,7 @@ __global__ void lstm_cell_backward_kernel(const Acc* __restrict__ dh_rec, const 
   }
 }
 
-constexpr int kThreads = 256;
+constexpr int kCellThreads = 256;  // the pointwise kernels' block size
 
 void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tensor workspace,
                         std::optional<Tensor> lengths, int64_t step, int64_t reverse_mask) {
@@ -158,7 +158,7 @@ void lstm_cell_forward_(Tensor hh, Tensor xg, Tensor h, Tensor c, Tensor y, Tens
   dispatch_floating(dt, op, [&](auto t_tag, auto acc_tag) {
     using Ts = decltype(t_tag);
     using Acc = decltype(acc_tag);
-    lstm_cell_forward_kernel<Ts, Acc><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+    lstm_cell_forward_kernel<Ts, Acc><<<grid_for(total, kCellThreads), kCellThreads, 0, stream>>>(
         static_cast<const Acc*>(hh.data_ptr()), static_cast<const Ts*>(xg.data_ptr()), static_cast<Ts*>(h.data_ptr()),
         static_cast<Acc*>(c.data_ptr()), y.numel() ? static_cast<Ts*>(y.data_ptr()) : nullptr, workspace.numel() ? static_cast<Acc*>(workspace.data_ptr()) : nullptr,
         len, T, B, D, H, step, reverse_mask);
@@ -199,7 +199,7 @@ void lstm_cell_backward_(Tensor dh_rec, Tensor grad_y, Tensor workspace, Tensor 
   dispatch_floating(dt, op, [&](auto t_tag, auto acc_tag) {
     using Ts = decltype(t_tag);
     using Acc = decltype(acc_tag);
-    lstm_cell_backward_kernel<Ts, Acc><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+    lstm_cell_backward_kernel<Ts, Acc><<<grid_for(total, kCellThreads), kCellThreads, 0, stream>>>(
         static_cast<const Acc*>(dh_rec.data_ptr()), static_cast<const Ts*>(grad_y.data_ptr()),
         static_cast<const Acc*>(workspace.data_ptr()), static_cast<const Ts*>(c0.data_ptr()),
         static_cast<Acc*>(dh_carry.data_ptr()), static_cast<Acc*>(dc.data_ptr()), static_cast<Ts*>(dgates.data_ptr()),

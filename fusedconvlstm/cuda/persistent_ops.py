@@ -31,7 +31,7 @@ c_state, y, workspace, sync)``:
 
 ``lstm_cluster_forward_(xg, w_hh, lengths, reverse_mask, nt, wm, wn, wk, precise, h_buf, c_state, y,
 workspace)``:
-    the forward on thread-block clusters (sm_90, ``csrc/lstm_persistent_forward.cu``): the same
+    the forward on thread-block clusters (sm_90, ``csrc/lstm_cluster_forward.cu``): the same
     contract as ``lstm_persistent_forward_``, without ``nbg`` (one batch tile per cluster) and
     without ``sync`` (the barrier is the cluster's). A cluster is the ``nu = ceil(H / hs)`` blocks
     of one (recurrence, batch tile), at most 16; they exchange ``h`` in distributed shared memory.

@@ -63,6 +63,23 @@ from fusedconvlstm.passmark import TensorMark
 
 OPS = ("lstm", "lstm_pair", "conv1d_stack", "model_inference", "model_train_step")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# ``bench``'s defaults, [on the CPU, on a GPU] (False, True): on the CPU every drop-in case under
+# auto (torch's kernels there) against torch.nn, at small sizes. The CPU's passes are those of a
+# run that names no --ops (one that names ops times the forward only).
+DEFAULTS = {
+    "ops": (("lstm", "conv1d_stack", "model_inference", "model_train_step"), OPS),
+    "dtypes": (("fp32",), ("bf16", "fp16", "fp32")),
+    "batches": ((8, 64), (1, 8, 64, 256, 1024)),
+    "passes": (("fwd",), ("fwd", "fwd+bwd")),
+}
+
+
+def default_help(name: str, cpu_note: str = "") -> str:
+    """``bench``'s help text of the default of ``--<name>``, from :data:`DEFAULTS`."""
+    cpu, gpu = (" ".join(map(str, v)) for v in DEFAULTS[name])
+    return f"default: {gpu} on a GPU, {cpu} on the CPU{cpu_note}"
+
+
 # Tokens per review the model cases feed (the reference model's max_len); its LSTMs see 45 steps.
 MODEL_TOKENS = 100
 # Rounds whose (p90 - p10) / p50 passes this make the run warn: the machine was busy.
@@ -1179,13 +1196,12 @@ def main_bench(args) -> int:
             f"No CUDA GPU on this machine: timing on the CPU at small sizes. {CPU_CAVEAT}",
             flush=True,
         )
-    # On the CPU by default every drop-in case under auto (torch's kernels there) against torch.nn.
-    ops = args.ops or (list(OPS) if gpu else ["lstm", "conv1d_stack", "model_inference", "model_train_step"])
-    dtypes = args.dtypes or (["bf16", "fp16", "fp32"] if gpu else ["fp32"])
-    batches = args.batches or ([1, 8, 64, 256, 1024] if gpu else [8, 64])
+    ops = args.ops or list(DEFAULTS["ops"][gpu])
+    dtypes = args.dtypes or list(DEFAULTS["dtypes"][gpu])
+    batches = args.batches or list(DEFAULTS["batches"][gpu])
     seqs = args.seqs or [45]
     # The CPU's default run (no --ops) is the drop-in suite, forward and forward + backward.
-    passes = args.passes or (["fwd", "fwd+bwd"] if gpu or not args.ops else ["fwd"])
+    passes = args.passes or list(DEFAULTS["passes"][gpu or not args.ops])
     hidden = args.hidden or 512
     compile_modes = () if args.no_compile else tuple(args.compile_modes or DEFAULT_COMPILE_MODES)
     timing = getattr(args, "timing", None) or "events"

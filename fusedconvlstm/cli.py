@@ -250,7 +250,7 @@ print one line on stderr and exit non-zero; {TRACEBACK_ENV}=1 shows the tracebac
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line."""
     from fusedconvlstm import BACKENDS, backends
-    from fusedconvlstm.benchmarking import COMPILE_MODES, DTYPES, FLASHRNN_BACKENDS, OPS, TIMING_MODES
+    from fusedconvlstm.benchmarking import COMPILE_MODES, DTYPES, FLASHRNN_BACKENDS, OPS, TIMING_MODES, default_help
     from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS
     from fusedconvlstm.train import positive_int
 
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ops",
         nargs="+",
         choices=list(OPS),
-        help="default: every op on a GPU; lstm conv1d_stack model_inference on the CPU",
+        help=default_help("ops"),
     )
     p.add_argument(
         "--backends",
@@ -308,13 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[backends.AUTO, *BACKENDS],
         help="only these of ours (default: every one that serves a case)",
     )
-    p.add_argument(
-        "--dtypes", nargs="+", choices=list(DTYPES), help="default: bf16 fp16 fp32 on a GPU, fp32 on the CPU"
-    )
-    p.add_argument("--batches", nargs="+", type=positive_int, help="default: 1 8 64 256 1024 on a GPU, 1 8 on the CPU")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help=default_help("dtypes"))
+    p.add_argument("--batches", nargs="+", type=positive_int, help=default_help("batches"))
     p.add_argument("--seqs", nargs="+", type=positive_int, help="sequence lengths of the lstm cases (default: 45)")
     p.add_argument(
-        "--passes", nargs="+", choices=["fwd", "fwd+bwd"], help="default: fwd fwd+bwd on a GPU, fwd on the CPU"
+        "--passes",
+        nargs="+",
+        choices=["fwd", "fwd+bwd"],
+        help=default_help("passes", " with --ops; fwd fwd+bwd on the CPU without --ops"),
     )
     p.add_argument("--hidden", type=positive_int, help="hidden and input size of the lstm cases (default: 512)")
     p.add_argument(

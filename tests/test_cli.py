@@ -233,3 +233,24 @@ def test_bench_warns_when_timings_swing(tmp_path, monkeypatch, capsys):
     assert "WARNING: 1 of 1 cases swung" in out
     (row,) = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert row["spread"] == pytest.approx(1.6)
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "--ops", "lstm"]], ids=["no-ops", "ops"])
+def test_bench_help_states_the_defaults_bench_runs_on_the_cpu(argv, monkeypatch, capsys):
+    """What ``bench --help`` says runs on the CPU is what runs there (ops, dtypes, batches, passes)."""
+    seen = {}
+
+    def fake_plan(ops, dtypes, batches, seqs, passes, *rest):
+        seen.update(ops=ops, dtypes=dtypes, batches=batches, passes=passes)
+        return []
+
+    monkeypatch.setattr(benchmarking, "plan", fake_plan)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    benchmarking.main_bench(build_parser().parse_args(argv))
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in ("dtypes", "batches") + (() if "--ops" in argv else ("ops",)):
+        assert f"{' '.join(map(str, seen[name]))} on the CPU" in help_text, name
+    passes = " ".join(seen["passes"])
+    assert (f"{passes} on the CPU with --ops" if "--ops" in argv else f"{passes} on the CPU without --ops") in help_text

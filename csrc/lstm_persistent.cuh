@@ -34,6 +34,11 @@ constexpr int kWarps = kThreads / 32;
 // instead of hanging (for test runs that must end).
 constexpr unsigned long long kWatchdogNs = 0;
 constexpr const char* kWatchdogEnv = "FUSEDCONVLSTM_BARRIER_TIMEOUT_S";
+// How the barrier polls, a switch for GPU measurement (off until measured): 0 (default) polls
+// with an acquire load each time; FUSEDCONVLSTM_BARRIER_POLL_NS=<ns> polls with relaxed loads,
+// sleeping <ns> (__nanosleep) between polls, and orders the observed arrival with one fence.
+constexpr const char* kPollEnv = "FUSEDCONVLSTM_BARRIER_POLL_NS";
+constexpr unsigned kMaxPollNs = 1000000;  // __nanosleep's own limit is about 1 ms
 
 // Launch configuration: per-warp tile MT x NT mma tiles (MT fixed per kernel, NT a template
 // parameter), warps split as wm (rows) x wn (batch columns) x wk (reduction), the batch split
@@ -300,6 +305,12 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   return v;
 }
 
+__device__ __forceinline__ unsigned ld_relaxed(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ unsigned long long global_timer_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
@@ -341,12 +352,17 @@ __device__ __forceinline__ void barrier_arrive(unsigned* counter) {
   }
 }
 
+// With poll_ns != 0 thread 0 polls with relaxed loads and sleeps poll_ns between polls; the
+// __threadfence after the loop then makes the observed arrival an acquire (fence-based
+// synchronization with the arrivals' fence + atomicAdd), so the exchanged rows are read after it.
 __device__ __forceinline__ void barrier_wait(unsigned* counter, unsigned target, int step,
-                                             unsigned long long watchdog_ns) {
+                                             unsigned long long watchdog_ns, unsigned poll_ns) {
   if (threadIdx.x == 0) {
-    if (ld_acquire(counter) < target) {
+    auto arrived = [&]() { return (poll_ns == 0 ? ld_acquire(counter) : ld_relaxed(counter)) >= target; };
+    if (!arrived()) {
       const unsigned long long start = global_timer_ns();
-      while (ld_acquire(counter) < target) {
+      while (!arrived()) {
+        if (poll_ns != 0) __nanosleep(poll_ns);
         if (watchdog_ns != 0 && global_timer_ns() - start > watchdog_ns) {
           printf("fusedconvlstm persistent LSTM: block %d waited more than %llu ns at the barrier of step %d "
                  "(counter %u, target %u); trapping instead of hanging (FUSEDCONVLSTM_BARRIER_TIMEOUT_S)\n",
@@ -457,6 +473,7 @@ struct RecurrenceParams {
   Config cfg;
   bool precise;
   unsigned long long watchdog_ns;  // 0: no watchdog
+  unsigned poll_ns;                // 0: acquire-load polls; else relaxed polls with this back-off
 };
 
 // The barrier watchdog: FUSEDCONVLSTM_BARRIER_TIMEOUT_S seconds if set (0: off), else off.
@@ -468,6 +485,19 @@ inline unsigned long long watchdog_ns_from_env(const char* op) {
   STD_TORCH_CHECK(end != text && *end == '\0' && seconds >= 0 && seconds < 1e9, op, ": ", kWatchdogEnv,
                   " must be a number of seconds >= 0 (0: no watchdog), got '", text, "'");
   return static_cast<unsigned long long>(seconds * 1e9);
+}
+
+// The barrier's poll back-off: FUSEDCONVLSTM_BARRIER_POLL_NS nanoseconds if set, else 0 (acquire
+// loads, no back-off).
+inline unsigned poll_ns_from_env(const char* op) {
+  const char* text = std::getenv(kPollEnv);
+  if (text == nullptr || *text == '\0') return 0;
+  char* end = nullptr;
+  const long long ns = std::strtoll(text, &end, 10);
+  STD_TORCH_CHECK(end != text && *end == '\0' && ns >= 0 && ns <= static_cast<long long>(kMaxPollNs), op, ": ", kPollEnv,
+                  " must be a whole number of nanoseconds in [0, ", kMaxPollNs, "] (0: no back-off), got '", text,
+                  "'");
+  return static_cast<unsigned>(ns);
 }
 
 // cp.async reads 16-byte chunks: a buffer that is a view at an odd offset would fault.
@@ -555,6 +585,7 @@ inline RecurrenceParams recurrence_params(const Problem& pb, const std::optional
   r.cfg = pb.cfg;
   r.precise = precise;
   r.watchdog_ns = watchdog_ns_from_env(op);
+  r.poll_ns = poll_ns_from_env(op);
   if (sync != nullptr) STD_CUDA_CHECK(cudaMemsetAsync(sync->data_ptr(), 0, sync->numel() * sizeof(int32_t), stream));
   return r;
 }

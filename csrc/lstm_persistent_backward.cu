@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_persistent_bac
       barrier_arrive(counter);
       if (s + 1 < n_steps) load_first(s + 1);
       store_deferred(t);  // the dG tile is rewritten only after the wait's __syncthreads
-      barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s, p.watchdog_ns);
+      barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s, p.watchdog_ns, p.poll_ns);
     }
   }
 }

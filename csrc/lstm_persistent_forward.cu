@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_persistent_for
       load_first_x(s + 1);
       store_deferred(t);  // the h tile is rewritten only after the wait's __syncthreads
       project_inputs(s + 1);
-      barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s, p.watchdog_ns);
+      barrier_wait(counter, static_cast<unsigned>(s + 1) * l.nu, s, p.watchdog_ns, p.poll_ns);
     } else {
       store_deferred(t);  // each thread stores the elements it staged: no __syncthreads needed
     }

@@ -1,11 +1,12 @@
 """The package's settings from the environment, read once into a typed value.
 
-Every ``FUSEDCONVLSTM_*`` variable the library obeys is a field of :class:`Settings`; the values
+Every ``FUSEDCONVLSTM_*`` variable the Python side obeys is a field of :class:`Settings`; the values
 are read when first needed and kept, so no call on a hot path reads the environment. A program
 that changes ``os.environ`` afterwards calls :func:`reload`; tests and benchmarks change settings
 for a block with :func:`override`. Values are kept as given (stripped): each is checked where it
 is used, so a bad value fails the call that depends on it with the variable's name, never the
-import of the package.
+import of the package. The compiled CUDA kernels read their barrier settings
+(``FUSEDCONVLSTM_BARRIER_TIMEOUT_S``, ``FUSEDCONVLSTM_BARRIER_POLL_NS``) themselves, at each launch.
 """
 
 from __future__ import annotations

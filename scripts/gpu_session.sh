@@ -23,6 +23,8 @@
 #               against every torch.compile mode, max-autotune included (a lease of its own)
 #   bench-flashrnn  the lstm cases against FlashRNN's fused CUDA kernel, from the carried wheels
 #               (.whl); its first call compiles FlashRNN for minutes: a lease of its own
+#   switches    the performance switches, each off until timed both ways here: the persistent
+#               kernels' barrier poll (FUSEDCONVLSTM_BARRIER_POLL_NS) on the LSTM and the pair
 #   sanitize    compute-sanitizer over small calls of every kernel (long: a lease of its own)
 #
 # Everything ends by GPU_SESSION_SECONDS (default 540 s, inside the run tool's 570 s): a stage
@@ -231,6 +233,18 @@ stage_bench_latency() {
     --compile-modes default reduce-overhead max-autotune --out "$OUT/${name}_compile.jsonl"
 }
 
+stage_switches() {
+  # Each switch both ways on the same cases, in processes of their own (the records carry the
+  # FUSEDCONVLSTM_* settings they ran with). The barrier poll: an acquire load per poll (the
+  # default) against relaxed polls with a 64 ns __nanosleep back-off and one fence.
+  local name
+  name=$(results_name)
+  FUSEDCONVLSTM_BARRIER_POLL_NS=0 bench bench_poll_off 90 --ops lstm lstm_pair --dtypes bf16 --batches 64 256 \
+    --backends cuda --out "$OUT/${name}_poll_off.jsonl"
+  FUSEDCONVLSTM_BARRIER_POLL_NS=64 bench bench_poll_64 90 --ops lstm lstm_pair --dtypes bf16 --batches 64 256 \
+    --backends cuda --out "$OUT/${name}_poll_64.jsonl"
+}
+
 stage_bench_flashrnn() {
   if ! ls .whl/flashrnn-*.whl >/dev/null 2>&1; then
     note "== bench-flashrnn: no FlashRNN wheels carried (.whl), skipped"
@@ -255,6 +269,7 @@ for stage in "${stages[@]}"; do
     bench-flashrnn) stage_bench_flashrnn ;;
     bench-latency) stage_bench_latency ;;
     records) stage_records ;;
+    switches) stage_switches ;;
     sanitize) run sanitize 530 scripts/sanitize.sh ;;
     *) note "unknown stage $stage"; status=2 ;;
   esac

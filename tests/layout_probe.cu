@@ -1,12 +1,13 @@
 // Host-only probe of the persistent kernels' launch arithmetic (csrc/lstm_persistent.cuh), built
 // by tests/test_launch_safety.py with nvcc and no GPU: the layouts the ops check and the barrier
-// watchdog they pass to the kernels, printed for the Python side to compare with its own.
+// watchdog and poll back-off they pass to the kernels, printed for the Python side to compare.
 //
 // stdin, one query per line:
 //   layout <kind> <nt> <wm> <wn> <wk> <nbg> <B> <D> <H> <elem_bytes> <I>
 //       (kind: forward, backward, forward_cluster, forward_from_input; I only for the last)
 //       -> "smem <bytes> grid <blocks> nu <blocks per group>" or "refused <message>"
 //   watchdog -> "watchdog <ns>" (from FUSEDCONVLSTM_BARRIER_TIMEOUT_S) or "refused <message>"
+//   poll -> "poll <ns>" (from FUSEDCONVLSTM_BARRIER_POLL_NS) or "refused <message>"
 #include "lstm_persistent.cuh"
 
 #include <iostream>
@@ -41,6 +42,8 @@ int main() {
     try {
       if (what == "layout")
         std::cout << layout_query(in) << "\n";
+      else if (what == "poll")
+        std::cout << "poll " + std::to_string(poll_ns_from_env("probe")) << "\n";
       else
         std::cout << "watchdog " + std::to_string(watchdog_ns_from_env("probe")) << "\n";
     } catch (const std::exception& e) {

@@ -450,6 +450,30 @@ def test_gpu_bitwise_deterministic(dtype, persistent_only):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("poll_ns", ["64", "1000"])
+def test_gpu_barrier_poll_back_off_gives_bitwise_the_same_results(poll_ns, persistent_only, monkeypatch):
+    """FUSEDCONVLSTM_BARRIER_POLL_NS (relaxed polls with a back-off, a switch the GPU session
+    times both ways) changes how the persistent kernels wait at their barriers, never what they
+    compute: forward and backward equal the default's bit for bit."""
+    torch.manual_seed(3)
+    m = fusedconvlstm.LSTM(64, 256, bidirectional=True, backend="cuda").to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(45, 96, 64, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(45, 96, 512, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out, (hn, cn) = m(xi)
+        ((out * gy).sum() + hn.sum() + cn.sum()).backward()
+        return [out, hn, cn, xi.grad] + [p.grad for p in m.parameters()]
+
+    default = run()
+    monkeypatch.setenv("FUSEDCONVLSTM_BARRIER_POLL_NS", poll_ns)
+    for a, b in zip(default, run()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_gpu_opcheck(dtype):
     T, B, D, H = 4, 5, 2, 24

@@ -128,6 +128,21 @@ def test_barrier_watchdog_is_off_unless_asked_for(probe):
     assert refused.startswith("refused") and WATCHDOG_ENV in refused
 
 
+POLL_ENV = "FUSEDCONVLSTM_BARRIER_POLL_NS"
+
+
+def test_barrier_poll_back_off_is_off_unless_asked_for(probe):
+    """The barrier's poll switch (relaxed polls with a __nanosleep back-off), timed both ways by
+    the GPU session: off (acquire-load polls) by default, a whole number of ns up to 1 ms."""
+    assert probe(["poll"]) == ["poll 0"]
+    assert probe(["poll"], {POLL_ENV: ""}) == ["poll 0"]
+    assert probe(["poll"], {POLL_ENV: "64"}) == ["poll 64"]
+    assert probe(["poll"], {POLL_ENV: "1000000"}) == ["poll 1000000"]
+    for bad in ("-1", "1000001", "64ns", "0.5"):
+        refused = probe(["poll"], {POLL_ENV: bad})[0]
+        assert refused.startswith("refused") and POLL_ENV in refused, bad
+
+
 def test_readme_documents_the_watchdog_where_users_look():
     readme = (ROOT / "README.md").read_text()
     before_development = readme.split("## Development")[0]

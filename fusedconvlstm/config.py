@@ -34,6 +34,8 @@ class Settings:
     """``FUSEDCONVLSTM_LSTM_INPUT_CONFIG``: a launch configuration for the in-kernel projection forward."""
     conv1d_strategy: str = ""
     """``FUSEDCONVLSTM_CONV1D_STRATEGY``: the Triton conv stack's ``fused`` or ``layers`` launch (empty: auto)."""
+    conv1d_tap_order: str = ""
+    """``FUSEDCONVLSTM_CONV1D_TAP_ORDER``: the Triton conv tiles' loop, taps ``outer`` (empty) or ``inner``."""
     cache_dir: str = ""
     """``FUSEDCONVLSTM_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedconvlstm``, else ``~/.cache/fusedconvlstm``."""
     triton_interpret: bool = False
@@ -48,6 +50,7 @@ ENV = {
     "lstm_cluster_config": "FUSEDCONVLSTM_LSTM_CLUSTER_CONFIG",
     "lstm_input_config": "FUSEDCONVLSTM_LSTM_INPUT_CONFIG",
     "conv1d_strategy": "FUSEDCONVLSTM_CONV1D_STRATEGY",
+    "conv1d_tap_order": "FUSEDCONVLSTM_CONV1D_TAP_ORDER",
     "cache_dir": "FUSEDCONVLSTM_CACHE_DIR",
     "triton_interpret": "TRITON_INTERPRET",
 }

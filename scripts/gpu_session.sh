@@ -24,7 +24,8 @@
 #   bench-flashrnn  the lstm cases against FlashRNN's fused CUDA kernel, from the carried wheels
 #               (.whl); its first call compiles FlashRNN for minutes: a lease of its own
 #   switches    the performance switches, each off until timed both ways here: the persistent
-#               kernels' barrier poll (FUSEDCONVLSTM_BARRIER_POLL_NS) on the LSTM and the pair
+#               kernels' barrier poll (FUSEDCONVLSTM_BARRIER_POLL_NS) on the LSTM and the pair,
+#               the Triton conv tiles' tap loop (FUSEDCONVLSTM_CONV1D_TAP_ORDER) on the conv stack
 #   sanitize    compute-sanitizer over small calls of every kernel (long: a lease of its own)
 #
 # Everything ends by GPU_SESSION_SECONDS (default 540 s, inside the run tool's 570 s): a stage
@@ -243,6 +244,11 @@ stage_switches() {
     --backends cuda --out "$OUT/${name}_poll_off.jsonl"
   FUSEDCONVLSTM_BARRIER_POLL_NS=64 bench bench_poll_64 90 --ops lstm lstm_pair --dtypes bf16 --batches 64 256 \
     --backends cuda --out "$OUT/${name}_poll_64.jsonl"
+  # The conv tiles' loops: taps outside the channel chunks (the default) or inside them.
+  FUSEDCONVLSTM_CONV1D_TAP_ORDER=outer bench bench_taps_outer 60 --ops conv1d_stack model_inference --dtypes bf16 \
+    --batches 64 256 --backends triton --no-compile --out "$OUT/${name}_taps_outer.jsonl"
+  FUSEDCONVLSTM_CONV1D_TAP_ORDER=inner bench bench_taps_inner 60 --ops conv1d_stack model_inference --dtypes bf16 \
+    --batches 64 256 --backends triton --no-compile --out "$OUT/${name}_taps_inner.jsonl"
 }
 
 stage_bench_flashrnn() {

@@ -64,9 +64,9 @@ def test_session_bench_calls_parse_as_bench_arguments():
     from fusedconvlstm.cli import build_parser
 
     text = (ROOT / "scripts" / "gpu_session.sh").read_text().replace("\\\n", " ")
-    calls = re.findall(r'^\s*(?:[A-Z_]+=\S+ )?bench (bench_\w+) (?:\d+|"\$\w+") (.+)$', text, flags=re.M)
+    calls = re.findall(r'^\s*(?:[A-Z0-9_]+=\S+ )?bench (bench_\w+) (?:\d+|"\$\w+") (.+)$', text, flags=re.M)
     assert {name for name, _ in calls} >= {"bench_core", "bench_cluster", "bench_more", "bench_flashrnn"}
-    assert {name for name, _ in calls} >= {"bench_poll_off", "bench_poll_64"}
+    assert {name for name, _ in calls} >= {"bench_poll_off", "bench_poll_64", "bench_taps_outer", "bench_taps_inner"}
     for name, args in calls:
         args = re.sub(r'"\$OUT/[^"]*"', "out.jsonl", args)
         parsed = build_parser().parse_args(["bench", *shlex.split(args)])
@@ -106,11 +106,15 @@ def test_setup_says_what_it_is_doing(tmp_path):
 
 
 def test_session_times_each_switch_both_ways():
-    """The switches stage runs the same bench cases with the barrier poll off and on."""
+    """The switches stage runs the same bench cases each way of each switch."""
     import re
 
     text = (ROOT / "scripts" / "gpu_session.sh").read_text().replace("\\\n", " ")
-    runs = re.findall(r"^\s*FUSEDCONVLSTM_BARRIER_POLL_NS=(\d+) bench bench_poll_\w+ \d+ (.+) --out ", text, flags=re.M)
-    assert [poll for poll, _ in runs] == ["0", "64"]
-    assert runs[0][1] == runs[1][1], "both ways must time the same cases"
+    for variable, values in (
+        ("FUSEDCONVLSTM_BARRIER_POLL_NS", ["0", "64"]),
+        ("FUSEDCONVLSTM_CONV1D_TAP_ORDER", ["outer", "inner"]),
+    ):
+        runs = re.findall(rf"^\s*{variable}=(\w+) bench bench_\w+ \d+ (.+) --out ", text, flags=re.M)
+        assert [value for value, _ in runs] == values, variable
+        assert runs[0][1] == runs[1][1], f"{variable}: both ways must time the same cases"
     assert "switches) stage_switches ;;" in text

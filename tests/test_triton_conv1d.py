@@ -809,3 +809,31 @@ def test_kernels_compile_for_sm90():
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "_conv1d_stack_fused_kernel" in out.stdout and "FAIL" not in out.stdout
+
+
+@pytest.mark.parametrize("combo", ["plain", "tokens+projection"])
+@pytest.mark.parametrize("name", ["mixed", "reference-like"])
+def test_tap_inner_loop_order_matches_torch(name, combo, strategy, monkeypatch):
+    """FUSEDCONVLSTM_CONV1D_TAP_ORDER=inner (channel chunks outside, taps inside: a switch the GPU
+    session times both ways) computes the same stack: output and every gradient within the pass
+    mark of the float64 chain, per-layer and fused launches, with dropout, tokens and projection."""
+    monkeypatch.setenv("FUSEDCONVLSTM_CONV1D_TAP_ORDER", "inner")
+    assert layer_kernels.tap_inner()
+    specs, rates = DROPOUT_SPECS[name]
+    seed = torch.randint(0, philox_dropout.SEED_HIGH, (), device=DEVICE)
+    with_tokens, with_proj, _ = CONV1D_STACK_COMBOS[combo]
+    stack = Stack(5, specs, proj_out=24 if with_proj else 0, dropout=rates, seed=seed)
+    if with_tokens:
+        tokens = torch.randint(0, 37, (3, 47), device=DEVICE)
+        _check_stack_op(stack, torch.randn(37, 5, dtype=F64, device=DEVICE), torch.float32, tokens=tokens)
+    else:
+        _check_stack_op(stack, torch.randn(3, 47, 5, dtype=F64, device=DEVICE), torch.float32)
+
+
+def test_tap_order_setting_is_checked(monkeypatch):
+    assert not layer_kernels.tap_inner()  # the default: taps outside
+    monkeypatch.setenv("FUSEDCONVLSTM_CONV1D_TAP_ORDER", "outer")
+    assert not layer_kernels.tap_inner()
+    monkeypatch.setenv("FUSEDCONVLSTM_CONV1D_TAP_ORDER", "sideways")
+    with pytest.raises(ValueError, match="FUSEDCONVLSTM_CONV1D_TAP_ORDER must be one of"):
+        layer_kernels.tap_inner()

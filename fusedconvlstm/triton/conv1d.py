@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedconvlstm import config
 from fusedconvlstm.calls.conv1d import ConvLayer
 from fusedconvlstm.numerics.precision import fp32_allows_tf32
 from fusedconvlstm.triton.elementwise import tanh
@@ -147,6 +148,7 @@ def conv_tile(
     drop_row,
     DROP: tl.constexpr,
     DROP_SCALE: tl.constexpr,
+    TAP_INNER: tl.constexpr,
 ):
     """Accumulate one ``[BLOCK_M, BLOCK_N]`` output tile of a conv layer into fp32 ``acc``.
 
@@ -161,34 +163,73 @@ def conv_tile(
     ``DROP_SCALE`` times its keep-mask, element ``(drop_row[r] + t)·C_IN + c`` of ``drop_ptr``
     (``drop_row = b·T_SRC``: the mask is indexed by logical position, wherever the rows live).
     """
-    for j in tl.static_range(KSIZE):
-        t_in = t_in0 + j * DIL
-        ok = row_ok & (t_in >= 0) & (t_in < T_SRC)
-        if GATHER:
-            tok = tl.load(tok_ptr + tok_base + t_in.to(tl.int64) * stride_tokt, mask=ok, other=0).to(tl.int64)
-            # Ids outside the table read as zero rows rather than out of bounds (the op checks
-            # them on the host; this guards the launch that skipped the check).
-            ok = ok & (tok >= 0) & (tok < VOCAB)
-            base = tok * stride_st
-        else:
-            base = row_base + (t_in - t_origin).to(tl.int64) * stride_st
-        base = tl.multiple_of(base, ROW_ALIGN)
+    if TAP_INNER:
+        # Channel chunks outside, taps inside (a switch the GPU session times against the default).
         for c0 in range(0, C_IN, BLOCK_K):
-            ks = c0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < C_IN
-            a_ok = ok[:, None] & k_ok[None, :]
-            a = tl.load(src_ptr + base[:, None] + ks[None, :] * stride_sc, mask=a_ok, other=0.0)
-            if IN_ACT != "none" or DROP:
-                a = activate(a.to(tl.float32), IN_ACT)
-                if DROP:
-                    m_off = (drop_row + t_in.to(tl.int64)) * C_IN
-                    keep = tl.load(drop_ptr + m_off[:, None] + ks[None, :], mask=a_ok, other=0)
-                    a = a * (keep.to(tl.float32) * DROP_SCALE)
-                a = a.to(src_ptr.dtype.element_ty)
-            w_row = tl.multiple_of((j * C_IN + ks) * C_OUT, W_ALIGN)
-            w = tl.load(w_ptr + w_row[:, None] + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = dot_rounded(a, w, acc, PRECISION)
+            for j in tl.static_range(KSIZE):
+                t_in, ok, base = _tap_rows(
+                    j, t_in0, row_ok, row_base, t_origin, T_SRC, stride_st, tok_ptr, tok_base, stride_tokt, VOCAB,
+                    DIL, GATHER, ROW_ALIGN,
+                )  # fmt: skip
+                acc = _tap_chunk(
+                    acc, j, c0, t_in, ok, base, src_ptr, stride_sc, w_ptr, cols, col_ok, C_IN, C_OUT, IN_ACT, BLOCK_K,
+                    PRECISION, W_ALIGN, drop_ptr, drop_row, DROP, DROP_SCALE,
+                )  # fmt: skip
+    else:
+        for j in tl.static_range(KSIZE):
+            t_in, ok, base = _tap_rows(
+                j, t_in0, row_ok, row_base, t_origin, T_SRC, stride_st, tok_ptr, tok_base, stride_tokt, VOCAB,
+                DIL, GATHER, ROW_ALIGN,
+            )  # fmt: skip
+            for c0 in range(0, C_IN, BLOCK_K):
+                acc = _tap_chunk(
+                    acc, j, c0, t_in, ok, base, src_ptr, stride_sc, w_ptr, cols, col_ok, C_IN, C_OUT, IN_ACT, BLOCK_K,
+                    PRECISION, W_ALIGN, drop_ptr, drop_row, DROP, DROP_SCALE,
+                )  # fmt: skip
     return acc
+
+
+@triton.jit
+def _tap_rows(
+    j, t_in0, row_ok, row_base, t_origin, T_SRC, stride_st, tok_ptr, tok_base, stride_tokt, VOCAB,
+    DIL: tl.constexpr, GATHER: tl.constexpr, ROW_ALIGN: tl.constexpr,
+):  # fmt: skip
+    """Tap ``j``'s input time of each row, whether it is inside the input, and the row's offset."""
+    t_in = t_in0 + j * DIL
+    ok = row_ok & (t_in >= 0) & (t_in < T_SRC)
+    if GATHER:
+        tok = tl.load(tok_ptr + tok_base + t_in.to(tl.int64) * stride_tokt, mask=ok, other=0).to(tl.int64)
+        # Ids outside the table read as zero rows rather than out of bounds (the op checks
+        # them on the host; this guards the launch that skipped the check).
+        ok = ok & (tok >= 0) & (tok < VOCAB)
+        base = tok * stride_st
+    else:
+        base = row_base + (t_in - t_origin).to(tl.int64) * stride_st
+    base = tl.multiple_of(base, ROW_ALIGN)
+    return t_in, ok, base
+
+
+@triton.jit
+def _tap_chunk(
+    acc, j, c0, t_in, ok, base, src_ptr, stride_sc, w_ptr, cols, col_ok, C_IN, C_OUT, IN_ACT: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, W_ALIGN: tl.constexpr, drop_ptr, drop_row, DROP: tl.constexpr,
+    DROP_SCALE: tl.constexpr,
+):  # fmt: skip
+    """``acc`` plus tap ``j``'s product over input channels ``[c0, c0 + BLOCK_K)``."""
+    ks = c0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < C_IN
+    a_ok = ok[:, None] & k_ok[None, :]
+    a = tl.load(src_ptr + base[:, None] + ks[None, :] * stride_sc, mask=a_ok, other=0.0)
+    if IN_ACT != "none" or DROP:
+        a = activate(a.to(tl.float32), IN_ACT)
+        if DROP:
+            m_off = (drop_row + t_in.to(tl.int64)) * C_IN
+            keep = tl.load(drop_ptr + m_off[:, None] + ks[None, :], mask=a_ok, other=0)
+            a = a * (keep.to(tl.float32) * DROP_SCALE)
+        a = a.to(src_ptr.dtype.element_ty)
+    w_row = tl.multiple_of((j * C_IN + ks) * C_OUT, W_ALIGN)
+    w = tl.load(w_ptr + w_row[:, None] + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    return dot_rounded(a, w, acc, PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +279,7 @@ def _conv1d_forward_kernel(
     ROW_ALIGN: tl.constexpr,
     W_ALIGN: tl.constexpr,
     OUT_ALIGN: tl.constexpr,
+    TAP_INNER: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -252,6 +294,7 @@ def _conv1d_forward_kernel(
         acc, src_ptr, b * stride_sb, t * STRIDE - PAD_L, row_ok, 0, T_IN, stride_st, stride_sc,
         tok_ptr, b * stride_tokb, stride_tokt, VOCAB, w_ptr, cols, col_ok, C_IN, C_OUT,
         KSIZE, DIL, IN_ACT, GATHER, BLOCK_K, PRECISION, ROW_ALIGN, W_ALIGN, drop_ptr, b * T_IN, DROP, DROP_SCALE,
+        TAP_INNER,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -531,6 +574,19 @@ def alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+TAP_ORDERS = ("outer", "inner")
+
+
+def tap_inner() -> bool:
+    """Whether the forward conv tiles loop over taps inside the channel chunks
+    (``FUSEDCONVLSTM_CONV1D_TAP_ORDER=inner``) instead of outside them (``outer``, the default): a
+    switch the GPU session times both ways."""
+    order = config.current().conv1d_tap_order or "outer"
+    if order not in TAP_ORDERS:
+        raise ValueError(f"{config.ENV['conv1d_tap_order']} must be one of {TAP_ORDERS}, got {order!r}")
+    return order == "inner"
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device, layer: ConvLayer) -> str:
     """``tl.dot``'s input precision for ``layer``: TF32 for fp32 on CUDA where PyTorch allows it
     for the same operation (a cuDNN convolution, TF32 by default; a matmul for the projection,
@@ -642,6 +698,7 @@ def conv1d_layer_forward(
         DROP=drop is not None, DROP_SCALE=float(drop_scale),
         PRECISION=dot_precision(w_packed.dtype, y.device, layer), ROW_ALIGN=align(s_b, s_t),
         W_ALIGN=align(layer.out_channels), OUT_ALIGN=align(*y.stride()[:2], *(z.stride()[:2] if z is not None else ())),
+        TAP_INNER=tap_inner(),
         **cfg,
     )  # fmt: skip
 

@@ -99,6 +99,7 @@ def _conv1d_stack_fused_kernel(
     PRECISIONS: tl.constexpr,
     DROPS: tl.constexpr,
     DROP_SCALES: tl.constexpr,
+    TAP_INNER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -136,6 +137,7 @@ def _conv1d_stack_fused_kernel(
                             tl.constexpr(PRECISIONS[0]),
                             SRC_ALIGN, W_ALIGNS[0],
                             drop_ptrs[0], b64 * T_LENS[0], tl.constexpr(DROPS[0]), tl.constexpr(DROP_SCALES[0]),
+                            TAP_INNER,
                         )  # fmt: skip
                     else:
                         if SLAB:
@@ -151,6 +153,7 @@ def _conv1d_stack_fused_kernel(
                             w_ptrs[i], cols, col_ok, c_in, c_out, KS[i], DILS[i], tl.constexpr(ACTS[i - 1]), False,
                             BLOCK_K, tl.constexpr(PRECISIONS[i]), W_ALIGNS[i - 1], W_ALIGNS[i],
                             drop_ptrs[i], b64 * T_LENS[i], tl.constexpr(DROPS[i]), tl.constexpr(DROP_SCALES[i]),
+                            TAP_INNER,
                         )  # fmt: skip
                     if HAS_BIAS[i]:
                         acc += tl.load(b_ptrs[i] + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -440,6 +443,7 @@ def conv1d_stack_fused_forward(
         Y_ALIGN=layer_kernels.align(y.stride(0), y.stride(1)),
         PRECISIONS=tuple(dot_precision(y.dtype, device, layer) for layer in layers),
         DROPS=tuple(d is not None for d in drops), DROP_SCALES=tuple(float(d[1]) if d is not None else 1.0 for d in drops),
+        TAP_INNER=layer_kernels.tap_inner(),
         **cfg,
     )  # fmt: skip
     return plan

@@ -327,6 +327,11 @@ DROPOUT_SPECS = {
 def test_dropout_matches_torch_with_the_same_masks(name, combo, dtype, strategy):
     """Output and every gradient against the float64 chain that applies the reference masks of
     the same seed: the kernels drop exactly the reference's elements, forward and backward."""
+    _check_dropout_stack(name, combo, dtype)
+
+
+def _check_dropout_stack(name: str, combo: str, dtype: torch.dtype) -> None:
+    """The stack of ``DROPOUT_SPECS[name]`` with its dropout, as ``combo`` (tokens, projection)."""
     specs, rates = DROPOUT_SPECS[name]
     seed = torch.randint(0, philox_dropout.SEED_HIGH, (), device=DEVICE)
     with_tokens, with_proj, _ = CONV1D_STACK_COMBOS[combo]
@@ -819,15 +824,7 @@ def test_tap_inner_loop_order_matches_torch(name, combo, strategy, monkeypatch):
     mark of the float64 chain, per-layer and fused launches, with dropout, tokens and projection."""
     monkeypatch.setenv("FUSEDCONVLSTM_CONV1D_TAP_ORDER", "inner")
     assert layer_kernels.tap_inner()
-    specs, rates = DROPOUT_SPECS[name]
-    seed = torch.randint(0, philox_dropout.SEED_HIGH, (), device=DEVICE)
-    with_tokens, with_proj, _ = CONV1D_STACK_COMBOS[combo]
-    stack = Stack(5, specs, proj_out=24 if with_proj else 0, dropout=rates, seed=seed)
-    if with_tokens:
-        tokens = torch.randint(0, 37, (3, 47), device=DEVICE)
-        _check_stack_op(stack, torch.randn(37, 5, dtype=F64, device=DEVICE), torch.float32, tokens=tokens)
-    else:
-        _check_stack_op(stack, torch.randn(3, 47, 5, dtype=F64, device=DEVICE), torch.float32)
+    _check_dropout_stack(name, combo, torch.float32)
 
 
 def test_tap_order_setting_is_checked(monkeypatch):

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedconvlstm import backends, passmark
-from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS_SERVED, preferring_forward_kernel
+from fusedconvlstm.cuda.persistent_config import counting_forward_kernels, preferring_forward_kernel
 from fusedconvlstm.models.conv_lstm_classifier import ConvLSTMClassifier, ReferenceConvLSTMClassifier
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack
 from fusedconvlstm.nn.lstm import LSTM, parallel_lstm
@@ -1080,10 +1080,9 @@ def run_case(
         raise ValueError("graph timing captures forward cases without their own CUDA graphs only")
     with preferring_forward_kernel(case.get("forward_kernel")), _CudnnBenchmark(device.type == "cuda"):
         pair = build_pair(case, device, hidden)
-        FORWARD_KERNELS_SERVED.clear()
-        with _ServedSpy() as served:
+        with _ServedSpy() as served, counting_forward_kernels() as forward_kernels:
             marks = pair.errors()
-        kernels = "+".join(sorted(FORWARD_KERNELS_SERVED)) or None
+        kernels = "+".join(sorted(forward_kernels)) or None
         baseline_kernels = cuda_kernels_of(pair.baseline, device)
         settings = environment_settings(device)
         ours_ms, base_ms = time_pair_ms(pair.ours, pair.baseline, device, repeats, timer, timing)

@@ -12,6 +12,7 @@ where the reference is finite. The row shows the tensor closest to (or past) its
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from fusedconvlstm import backends, passmark, records
 from fusedconvlstm.calls.conv1d import Conv1dStackCall, ConvLayer, check_conv1d_stack_args
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall, check_lstm_recurrence_args
-from fusedconvlstm.cuda.persistent_config import FORWARD_KERNELS_SERVED
+from fusedconvlstm.cuda.persistent_config import counting_forward_kernels
 from fusedconvlstm.nn.conv1d_stack import Conv1dStack
 from fusedconvlstm.nn.lstm import LSTM
 
@@ -220,13 +221,13 @@ def check_cases(
                 reason = backends.explain(_op_name(case.op), call, device)[name]
                 if reason is not None:
                     continue
-                FORWARD_KERNELS_SERVED.clear()
-                marks = passmark.mark_all(_run(fused, x, False, seed), torch_outs, expected, dtype, names)
+                with counting_forward_kernels() as served:
+                    marks = passmark.mark_all(_run(fused, x, False, seed), torch_outs, expected, dtype, names)
                 worst = passmark.worst(marks)
                 yield CheckResult(
                     op=case.op,
                     case=case.name,
-                    backend=_label(name),
+                    backend=_label(name, served),
                     dtype=str(dtype).removeprefix("torch."),
                     max_rel_err=worst.err,
                     torch_rel_err=worst.base_err,
@@ -242,12 +243,12 @@ def check_cases(
                 )
 
 
-def _label(backend: str) -> str:
+def _label(backend: str, served: Counter[str]) -> str:
     """The backend's name, with the cuda LSTM's cluster forward kernel or in-kernel input
-    projection named where it served the row (``FUSEDCONVLSTM_LSTM_FWD_KERNEL`` prefers them)."""
-    if "cluster" in FORWARD_KERNELS_SERVED:
+    projection named where it ``served`` the row (``FUSEDCONVLSTM_LSTM_FWD_KERNEL`` prefers them)."""
+    if "cluster" in served:
         return f"{backend} (cluster forward)"
-    if "input" in FORWARD_KERNELS_SERVED:
+    if "input" in served:
         return f"{backend} (in-kernel input projection)"
     return backend
 

@@ -208,17 +208,15 @@ def test_preferred_forward_kernel_is_set_for_a_case_and_restored(monkeypatch):
     xg = torch.randn(3, 2, 1, 4 * 16)
     w = [w.float() for w in lstm_weights(1, 16)]
     h0 = c0 = torch.zeros(1, 2, 16)
-    served = pc.FORWARD_KERNELS_SERVED
     for name in ("cluster", "cooperative"):
-        served.clear()
-        with pc.preferring_forward_kernel(name):
+        with pc.preferring_forward_kernel(name), pc.counting_forward_kernels() as served:
             cuda_lstm.lstm_recurrence_cuda_forward(xg, w, [], h0, c0, None, [False])
         assert dict(served) == {name: 1}
         assert pc.FORWARD_KERNEL_ENV not in os.environ
-    served.clear()
-    cuda_lstm.lstm_recurrence_cuda_forward(
-        xg.double(), [t.double() for t in w], [], h0.double(), c0.double(), None, [False]
-    )
+    with pc.counting_forward_kernels() as served:
+        cuda_lstm.lstm_recurrence_cuda_forward(
+            xg.double(), [t.double() for t in w], [], h0.double(), c0.double(), None, [False]
+        )
     assert dict(served) == {"stepwise": 1}
 
 

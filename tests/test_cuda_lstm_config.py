@@ -137,14 +137,20 @@ def test_cluster_configuration_override_from_the_environment(monkeypatch):
 def test_check_names_the_cluster_forward_kernel_where_it_served():
     from fusedconvlstm import validate
 
-    pc.FORWARD_KERNELS_SERVED.clear()
-    assert validate._label("cuda") == "cuda"
-    pc.FORWARD_KERNELS_SERVED["cluster"] += 1
-    assert validate._label("cuda") == "cuda (cluster forward)"
-    pc.FORWARD_KERNELS_SERVED.clear()
-    pc.FORWARD_KERNELS_SERVED["input"] += 1
-    assert validate._label("cuda") == "cuda (in-kernel input projection)"
-    pc.FORWARD_KERNELS_SERVED.clear()
+    for served, label in (
+        ({}, "cuda"),
+        ({"cooperative": 2}, "cuda"),
+        ({"cluster": 1}, "cuda (cluster forward)"),
+        ({"input": 1}, "cuda (in-kernel input projection)"),
+    ):
+        with pc.counting_forward_kernels() as counter:
+            for name, n in served.items():
+                for _ in range(n):
+                    pc.count_forward_kernel(name)
+        assert dict(counter) == served
+        assert validate._label("cuda", counter) == label
+    pc.count_forward_kernel("cluster")  # outside any block: counted nowhere
+    assert not pc._FORWARD_KERNEL_COUNTERS
 
 
 def test_forward_kernel_preference_from_the_environment(monkeypatch):

@@ -752,13 +752,12 @@ def test_gpu_final_state_only_matches_the_full_forward(kernel, monkeypatch):
     xg = torch.randn(T, B, D, 4 * H, device="cuda", dtype=torch.bfloat16, generator=g)
     w = [w.to(device="cuda", dtype=torch.bfloat16) for w in lstm_weights(D, H)]
     lengths = torch.randint(1, T + 1, (B,), device="cuda", generator=g)
-    served = dict(pc.FORWARD_KERNELS_SERVED)
-    with torch.no_grad():
+    with torch.no_grad(), pc.counting_forward_kernels() as served:
         _, h_full, c_full = fusedconvlstm.lstm_recurrence(xg, w, lengths=lengths, reverse=[False, True], backend="cuda")
         y, h_n, c_n = fusedconvlstm.lstm_recurrence(
             xg, w, lengths=lengths, reverse=[False, True], backend="cuda", return_sequence=False
         )
-    assert pc.FORWARD_KERNELS_SERVED[kernel] == served.get(kernel, 0) + 2
+    assert served[kernel] == 2
     assert y is None and torch.equal(h_n, h_full) and torch.equal(c_n, c_full)
 
 
@@ -876,9 +875,9 @@ def test_gpu_input_projection_deterministic_opcheck_and_graph_capture(input_forw
     torch.manual_seed(4)
     lstm = fusedconvlstm.LSTM(64, 96, bidirectional=True, backend="cuda").cuda().to(torch.bfloat16)
     x = torch.randn(9, 5, 64, device="cuda", dtype=torch.bfloat16)
-    pc.FORWARD_KERNELS_SERVED.clear()
-    first = lstm(x)[0]
-    assert pc.FORWARD_KERNELS_SERVED["input"] >= 1
+    with pc.counting_forward_kernels() as served:
+        first = lstm(x)[0]
+    assert served["input"] >= 1
     assert torch.equal(first, lstm(x)[0])
     w, b, w_hh, _ = lstm._layer_weights(0)
     h0 = torch.zeros(2, 5, 96, device="cuda", dtype=torch.bfloat16)

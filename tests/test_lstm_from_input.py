@@ -161,11 +161,13 @@ def test_configuration_override_of_the_in_kernel_projection(monkeypatch):
 @pytest.fixture
 def cuda_on_cpu(monkeypatch):
     """The cuda backend serving CPU tensors with an H100's launch configurations: its drivers
-    then run the persistent ops' CPU implementations, so the module path runs end to end."""
+    then run the persistent ops' CPU implementations, so the module path runs end to end. Yields
+    how many forward calls each kernel served in the test."""
     monkeypatch.setattr(backends, "_cuda_why_not", lambda device: None)
     monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: limits or pc.H100_SXM)
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "input")
-    pc.FORWARD_KERNELS_SERVED.clear()
+    with pc.counting_forward_kernels() as served:
+        yield served
 
 
 def _module_pair(seed, n_in, H, **opts):
@@ -198,7 +200,7 @@ def test_module_runs_the_in_kernel_projection_with_all_gradients(cuda_on_cpu, pa
         (out.sum() + (h_n * 2).sum() + (c_n * 3).sum()).backward()
         results.append({"y": out, "h_n": h_n, "c_n": c_n, "dx": xin.grad, "dh0": h[0].grad, "dc0": h[1].grad})
         results[-1].update(_grads(module))
-    assert pc.FORWARD_KERNELS_SERVED["input"] == 2  # one launch per layer
+    assert cuda_on_cpu["input"] == 2  # one launch per layer
     want, got = results
     for name in want:
         assert rel_err(got[name], want[name], strict=True) < 1e-5, (
@@ -211,7 +213,7 @@ def test_parallel_lstms_share_one_in_kernel_launch(cuda_on_cpu):
     mods = [fusedconvlstm.LSTM(8, 6, backend="cuda") for _ in range(2)]
     x = torch.randn(5, 3, 8, requires_grad=True)
     outs = fusedconvlstm.parallel_lstm(mods, x)
-    assert pc.FORWARD_KERNELS_SERVED["input"] == 1
+    assert cuda_on_cpu["input"] == 1
     for m, (out, (h_n, _)) in zip(mods, outs):
         torch_lstm = nn.LSTM(8, 6)
         torch_lstm.load_state_dict(m.state_dict())
@@ -235,15 +237,15 @@ def test_layer_uses_the_gemm_unless_the_projection_is_preferred(cuda_on_cpu, mon
     x, w_ih, b, w_hh, h0, c0 = _layer_inputs(4, 3, 2, 9, 5, torch.float32)
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "cooperative")
     y, h_n, c_n = lstm_layer(x, w_ih, b, w_hh, h0, c0, reverse=[False, True], backend="cuda")
-    assert pc.FORWARD_KERNELS_SERVED["input"] == 0 and pc.FORWARD_KERNELS_SERVED["cooperative"] == 1
+    assert cuda_on_cpu["input"] == 0 and cuda_on_cpu["cooperative"] == 1
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "input")
     y2, h2, c2 = lstm_layer(x, w_ih, b, w_hh, h0, c0, reverse=[False, True], backend="cuda")
-    assert pc.FORWARD_KERNELS_SERVED["input"] == 1
+    assert cuda_on_cpu["input"] == 1
     # The projection is the same math, in fp32 inside the kernel (the GEMM's fp32 here too).
     for a, b_ in ((y, y2), (h_n, h2), (c_n, c2)):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
     # Other backends never take the layer from its input.
     lstm_layer(x, w_ih, b, w_hh, h0, c0, reverse=[False, True], backend="reference")
-    assert pc.FORWARD_KERNELS_SERVED["input"] == 1
+    assert cuda_on_cpu["input"] == 1
     _, _, _ = lstm_layer(x, w_ih, b, w_hh, h0, c0, reverse=[False, True], backend="cuda", return_sequence=False)
-    assert pc.FORWARD_KERNELS_SERVED["input"] == 2
+    assert cuda_on_cpu["input"] == 2

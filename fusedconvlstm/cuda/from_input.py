@@ -82,6 +82,6 @@ def lstm_recurrence_cuda_forward_from_input(
 ):
     """The cuda backend's forward of a layer from its input (where :func:`from_input_why_not` is
     ``None``): the in-kernel projection; the backward is the recurrence's, then ``F.linear``'s."""
-    persistent_config.FORWARD_KERNELS_SERVED["input"] += 1
+    persistent_config.count_forward_kernel("input")
     saves = dict(save_for_backward=save_for_backward, write_y=write_y)
     return lstm_recurrence_from_input_forward(x, w_ih, bias, w_hh, h0, c0, lengths, reverse, **saves)

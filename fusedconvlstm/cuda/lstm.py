@@ -131,7 +131,7 @@ def lstm_recurrence_cuda_forward(
     """The cuda backend's forward: persistent where it applies, else step-wise."""
     call = _call_of(xg, w_hr, lengths, reverse)
     plan = persistent_plan(call, "forward")
-    persistent_config.FORWARD_KERNELS_SERVED[_kernel_name(plan)] += 1
+    persistent_config.count_forward_kernel(_kernel_name(plan))
     saves = dict(save_for_backward=save_for_backward, write_y=write_y)
     if isinstance(plan, str):
         return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, **saves)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,10 +73,26 @@ _ROWS_PER_UNIT = {"forward": 4, "backward": 1, CLUSTER: 4, FROM_INPUT: 4}
 _STATE_TILES = {"forward": 1, "backward": 1, CLUSTER: 2, FROM_INPUT: 1}
 
 
-# How many forward calls each kernel of the cuda backend served in this process ("cluster",
-# "cooperative", "stepwise"; counted by fusedconvlstm.cuda.lstm): what a benchmark record or a
-# check row says it ran. Clear it before the calls to count.
-FORWARD_KERNELS_SERVED: collections.Counter[str] = collections.Counter()
+_FORWARD_KERNEL_COUNTERS: list[collections.Counter[str]] = []
+
+
+@contextlib.contextmanager
+def counting_forward_kernels() -> Iterator[collections.Counter[str]]:
+    """How many forward calls each kernel of the cuda backend serves inside the block
+    (``cluster``, ``cooperative``, ``input``, ``stepwise``): what a benchmark record or a check
+    row says it ran. Nothing is counted where no block asks."""
+    counter: collections.Counter[str] = collections.Counter()
+    _FORWARD_KERNEL_COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _FORWARD_KERNEL_COUNTERS.remove(counter)
+
+
+def count_forward_kernel(name: str) -> None:
+    """One forward call served by kernel ``name`` (for :func:`counting_forward_kernels`)."""
+    for counter in _FORWARD_KERNEL_COUNTERS:
+        counter[name] += 1
 
 
 def preferred_forward_kernel() -> str:

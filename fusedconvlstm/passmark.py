@@ -91,9 +91,10 @@ def eps_of(dtype: torch.dtype | str) -> float:
     return float(torch.finfo(dtype).eps)
 
 
-def bound(base_err: float, eps: float) -> float:
-    """What our relative error may reach beside a baseline error of ``base_err``."""
-    return FACTOR * base_err + SLACK_EPS * eps
+def bound(base_err: float, eps: float, slack_eps: float = SLACK_EPS) -> float:
+    """What our relative error may reach beside a baseline error of ``base_err`` (``slack_eps``
+    units of ``eps`` on top of :data:`FACTOR` times it; a caller that allows more says why)."""
+    return FACTOR * base_err + slack_eps * eps
 
 
 def max_bound(base_max_err: float, eps: float) -> float:

@@ -37,6 +37,14 @@ def assert_pass_mark(out: Tensor, base: Tensor, ref: Tensor, dtype, what: str = 
     passmark.assert_passes(out, base, ref, dtype, what)
 
 
+def within_relative_mark(got: Tensor, base: Tensor, want: Tensor, dtype, slack_eps: float) -> bool:
+    """``got``'s relative error against ``want`` within :func:`fusedconvlstm.passmark.bound` of
+    ``base``'s, with ``slack_eps`` units of ``dtype``'s eps: the relative half of the pass mark,
+    for comparisons whose two sides round differently (autocast casts, bf16 model runs)."""
+    base_err = passmark.rel_err(base, want, strict=True)
+    return passmark.rel_err(got, want, strict=True) <= passmark.bound(base_err, passmark.eps_of(dtype), slack_eps)
+
+
 def poison_(t: Tensor) -> Tensor:
     """Fill ``t`` with NaN (for floating tensors) so unwritten elements show up."""
     return t.fill_(float("nan"))

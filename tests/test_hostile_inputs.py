@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from fusedconvlstm import LSTM, Conv1dStack
 from fusedconvlstm.passmark import rel_err
+from tests.helpers import within_relative_mark
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
@@ -208,7 +209,7 @@ def test_deterministic_mode_is_respected():
 
 
 def _within_twice_torch(got, torch_out, want, dtype=torch.float32) -> bool:
-    return rel_err(got, want, strict=True) <= 2 * rel_err(torch_out, want, strict=True) + 4 * torch.finfo(dtype).eps
+    return within_relative_mark(got, torch_out, want, dtype, slack_eps=4)
 
 
 @pytest.mark.triton

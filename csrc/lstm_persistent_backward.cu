@@ -13,7 +13,7 @@
 //
 // No atomics touch the results: partial sums of the reduction warps are added in a fixed order,
 // so the gradients are bitwise reproducible. dW_hh = Σ_t dG_tᵀ h_{t-1} is one batched GEMM after
-// this kernel (fusedconvlstm.ops.lstm.recurrent_weight_grads).
+// this kernel (fusedconvlstm.numerics.recurrence.recurrent_weight_grads).
 #include "lstm_persistent.cuh"
 
 namespace fusedconvlstm {

@@ -18,7 +18,16 @@ from fusedconvlstm.cuda.persistent_config import FORWARD_KERNEL_ENV
 
 
 def lstm_cases() -> None:
-    for backend, kernel in (("cuda", "cooperative"), ("cuda", "cluster"), ("triton", None)):
+    # The cooperative kernels once more with the barrier's relaxed polls and back-off (read by the
+    # kernels at each launch).
+    runs = (
+        ("cuda", "cooperative", "0"),
+        ("cuda", "cooperative", "64"),
+        ("cuda", "cluster", "0"),
+        ("triton", None, "0"),
+    )
+    for backend, kernel, poll_ns in runs:
+        os.environ["FUSEDCONVLSTM_BARRIER_POLL_NS"] = poll_ns
         if kernel is not None:
             os.environ[FORWARD_KERNEL_ENV] = kernel
             config.reload()  # the package reads its settings once

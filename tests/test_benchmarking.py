@@ -204,7 +204,7 @@ def test_preferred_forward_kernel_is_set_for_a_case_and_restored(monkeypatch):
     from tests.helpers import lstm_weights
 
     monkeypatch.delenv(pc.FORWARD_KERNEL_ENV, raising=False)
-    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: pc.H100_SXM)
+    monkeypatch.setattr(cuda_planning, "limits_for", lambda call, limits: pc.H100_SXM)
     xg = torch.randn(3, 2, 1, 4 * 16)
     w = [w.float() for w in lstm_weights(1, 16)]
     h0 = c0 = torch.zeros(1, 2, 16)

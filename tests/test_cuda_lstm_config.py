@@ -186,7 +186,7 @@ def test_persistent_path_decisions_and_reasons():
         is None
     )
     assert "float64" in cuda_persistent.persistent_why_not(recurrence_call(dtype=F64), "forward", h100)
-    # A projected call runs the kernels on its unprojected form (ops.lstm_projection): same plan.
+    # A projected call runs the kernels on its unprojected form (numerics.projection): same plan.
     assert cuda_lstm.persistent_plan(recurrence_call(P=4), "forward", h100) == cuda_lstm.persistent_plan(
         recurrence_call(), "forward", h100
     )
@@ -253,7 +253,7 @@ def test_registered_forward_and_backward_pick_a_path_per_call(monkeypatch):
     ):
         original = getattr(cuda_lstm, name)
         monkeypatch.setattr(cuda_lstm, name, lambda *a, _n=name, _f=original, **k: taken.append(_n) or _f(*a, **k))
-    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: pc.H100_SXM)
+    monkeypatch.setattr(cuda_planning, "limits_for", lambda call, limits: pc.H100_SXM)
     for dtype, path in ((torch.float32, "persistent"), (F64, "stepwise")):
         taken.clear()
         xg, w, h0, c0, _ = op_inputs(4, 2, 1, 6, dtype)
@@ -262,3 +262,15 @@ def test_registered_forward_and_backward_pick_a_path_per_call(monkeypatch):
             torch.ones_like(y), torch.ones_like(hn), torch.ones_like(cn), xg, w, [], h0, c0, None, [False], y, ws
         )
         assert taken == [f"lstm_recurrence_{path}_forward", f"lstm_recurrence_{path}_backward"]
+
+
+def test_forward_kernel_counting_blocks_nest():
+    """Each open block counts the calls made while it is open, nested blocks included, and each
+    closes its own counter (two counters with equal counts are still two)."""
+    with pc.counting_forward_kernels() as outer:
+        with pc.counting_forward_kernels() as inner:
+            pc.count_forward_kernel("cooperative")  # both now hold the same counts
+        pc.count_forward_kernel("cluster")
+        assert dict(inner) == {"cooperative": 1}
+    assert dict(outer) == {"cooperative": 1, "cluster": 1}
+    assert not pc._FORWARD_KERNEL_COUNTERS

@@ -115,7 +115,7 @@ def test_cell_ops_take_the_gemm_results_in_the_accumulation_dtype():
 @pytest.mark.parametrize("path", ["persistent", "stepwise"])
 def test_drivers_refuse_projections_they_would_ignore(path):
     """The drivers run unprojected recurrences; only the registered implementation (which
-    reparametrizes first, ops.lstm_projection) takes w_hr."""
+    reparametrizes first, numerics.projection) takes w_hr."""
     xg, w, h0, c0, _ = op_inputs(3, 2, 1, 4, torch.float32)
     forward = getattr(cuda_lstm, f"lstm_recurrence_{path}_forward")
     with pytest.raises(ValueError, match="w_hr must be empty"):

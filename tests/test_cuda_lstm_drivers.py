@@ -54,8 +54,8 @@ def test_cluster_driver_matches_reference_on_cpu(monkeypatch, T, B, D, H, length
     implementation here) and its results are the reference's."""
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "cluster")
     calls = []
-    original = cuda_cluster._cluster_forward
-    monkeypatch.setattr(cuda_cluster, "_cluster_forward", lambda *a: calls.append(a[4:8]) or original(*a))
+    original = cuda_cluster.cluster_forward_op
+    monkeypatch.setattr(cuda_cluster, "cluster_forward_op", lambda *a: calls.append(a[4:8]) or original(*a))
     lengths = None if lengths is None else torch.tensor(lengths)
     xg, w, h0, c0, _ = op_inputs(T, B, D, H, F64)
     y, hn, cn, _ = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, reverse)
@@ -125,7 +125,7 @@ def test_final_state_only_stores_no_output_and_keeps_the_state(path, monkeypatch
     implementation, with and without a projection: ``y`` is empty (the kernels get an empty
     buffer) and h_n, c_n are the full call's bit for bit (on the ops' CPU implementations)."""
     if path != "stepwise":
-        monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: pc.H100_SXM)
+        monkeypatch.setattr(cuda_planning, "limits_for", lambda call, limits: pc.H100_SXM)
     impl = backends.implementation("lstm_recurrence", "cuda")
     lengths = torch.tensor([5, 0, 3])
     with pc.preferring_forward_kernel(None if path == "stepwise" else path):

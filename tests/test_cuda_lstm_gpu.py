@@ -802,7 +802,7 @@ def input_forward(monkeypatch, persistent_only):
         raise AssertionError("a forward on precomputed gates ran where the in-kernel projection was expected")
 
     monkeypatch.setattr(cuda_persistent, "_persistent_forward", refuse)
-    monkeypatch.setattr(cuda_cluster, "_cluster_forward", refuse)
+    monkeypatch.setattr(cuda_cluster, "cluster_forward_op", refuse)
 
 
 INPUT_MODULE_CASES = [c for c in MODULE_CASES if "proj_size" not in c[5]]

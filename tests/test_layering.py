@@ -26,7 +26,7 @@ LAYERS = [
     (5, ("ops",)),
     (6, ("nn",)),
     (7, ("models",)),
-    (8, ("keras", "validate", "benchmarking", "data", "train", "targets")),
+    (8, ("keras", "validate", "benchmarking", "data", "train")),
     (9, ("cli", "__main__", "")),
 ]
 

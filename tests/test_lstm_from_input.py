@@ -1,7 +1,7 @@
 """The forward that computes the input projection inside the persistent kernel, on the CPU.
 
 ``lstm_persistent_forward_from_input_`` (csrc/lstm_persistent_forward.cu), its driver
-(:func:`fusedconvlstm.cuda.lstm.lstm_recurrence_from_input_forward`), the autograd op and
+(:func:`fusedconvlstm.cuda.from_input.lstm_recurrence_from_input_forward`), the autograd op and
 :func:`fusedconvlstm.ops.lstm.lstm_layer`, which the modules call. The kernel's index arithmetic
 is checked by its model (tests/test_persistent_kernel_model.py); here the ops' CPU
 implementations stand in for the kernels, and the cuda backend is made to serve CPU tensors
@@ -143,7 +143,7 @@ def test_in_kernel_projection_is_chosen_only_where_preferred(monkeypatch):
     too_wide = cuda_from_input.from_input_plan(_call(H=2048), 8192, pc.H100_SXM)
     assert isinstance(too_wide, str) and "shared memory" in too_wide
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "input")
-    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: limits or pc.H100_SXM)
+    monkeypatch.setattr(cuda_planning, "limits_for", lambda call, limits: limits or pc.H100_SXM)
     assert cuda_from_input.from_input_why_not(_call(), 512) is None
     # Calls on precomputed gates keep the cooperative kernel under this preference.
     assert cuda_persistent.forward_kernel_name(_call(), pc.H100_SXM) == "cooperative"
@@ -164,7 +164,7 @@ def cuda_on_cpu(monkeypatch):
     then run the persistent ops' CPU implementations, so the module path runs end to end. Yields
     how many forward calls each kernel served in the test."""
     monkeypatch.setattr(backends, "_cuda_why_not", lambda device: None)
-    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: limits or pc.H100_SXM)
+    monkeypatch.setattr(cuda_planning, "limits_for", lambda call, limits: limits or pc.H100_SXM)
     monkeypatch.setenv(pc.FORWARD_KERNEL_ENV, "input")
     with pc.counting_forward_kernels() as served:
         yield served

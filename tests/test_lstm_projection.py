@@ -1,4 +1,4 @@
-"""``proj_size`` on backends whose kernels run unprojected recurrences (``ops.lstm_projection``).
+"""``proj_size`` on backends whose kernels run unprojected recurrences (``numerics.projection``).
 
 CPU (CI): the projection wrapped around every path of the cuda backend's driver (step-wise,
 cooperative, cluster; on the ops' CPU implementations) against autograd through the float64
@@ -220,7 +220,7 @@ def test_16_bit_projection_error_is_that_of_rounding_h_every_step(dtype):
 def test_registered_cuda_implementation_serves_projections(monkeypatch):
     """The cuda backend's registered functions take w_hr (here on CPU tensors, the ops' CPU
     implementations, with H100 limits so the persistent path is planned)."""
-    monkeypatch.setattr(cuda_planning, "_limits_for", lambda call, limits: pc.H100_SXM)
+    monkeypatch.setattr(cuda_planning, "limits_for", lambda call, limits: pc.H100_SXM)
     impl = backends.implementation("lstm_recurrence", "cuda")
     T, B, D, H, P = 4, 3, 2, 10, 4
     call = LSTMRecurrenceCall(T, B, D, H, P, torch.float32, torch.device("cuda"), True, (False, True))

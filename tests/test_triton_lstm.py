@@ -209,7 +209,7 @@ PROJECTED_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(PROJECTED_CASES), ids=list(PROJECTED_CASES))
 def test_projected_op_matches_float64_reference(case, dtype, poisoned, torch_in_dtype):
-    """proj_size: the kernels run the recurrence on W_hh W_hr (ops.lstm_projection); outputs and
+    """proj_size: the kernels run the recurrence on W_hh W_hr (numerics.projection); outputs and
     every gradient, w_hr's included, against float64."""
     T, B, D, H, P, reverse, lengths = PROJECTED_CASES[case]
     lengths = None if lengths is None else torch.tensor(lengths)

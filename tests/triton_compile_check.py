@@ -144,6 +144,15 @@ def _launches(dtype: torch.dtype) -> list[tuple[str, JITFunction, tuple, dict]]:
         _, d_saved = backend._stack_forward(table, tokens, pw_packed, p_biases, d_call, True, drops)
     case[0] = "dropout embedding+projection backward"
     backend._stack_backward(gates_grad, table, tokens, pw_packed, p_biases, d_saved, d_call, drops)
+    # The tap-loop switch (FUSEDCONVLSTM_CONV1D_TAP_ORDER=inner), timed both ways on a GPU: the
+    # reference model's forward with dropout, fused and per layer.
+    os.environ[config.ENV["conv1d_tap_order"]] = "inner"
+    for strategy in ("fused", "layers"):
+        os.environ[backend.STRATEGY_ENV_VAR] = strategy
+        config.reload()  # settings are read once
+        case[0] = f"taps inside, dropout {strategy} embedding+projection forward (training)"
+        backend._stack_forward(table, tokens, pw_packed, p_biases, d_call, True, drops)
+    del os.environ[config.ENV["conv1d_tap_order"]]
     # Every activation (forward, prologue and derivative), stride 3, dilation, padding, in fp16.
     h = torch.float16
     mw = [torch.randn(24, 20, 3, dtype=h), torch.randn(16, 24, 5, dtype=h), torch.randn(12, 16, 1, dtype=h)]

@@ -10,10 +10,10 @@ import functools
 import torch
 
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
-from fusedconvlstm.cuda import persistent_config, planning
+from fusedconvlstm.cuda import persistent_config, persistent_ops, planning  # noqa: F401  (persistent_ops: the schemas)
 from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout
 
-_cluster_forward = torch.ops.fusedconvlstm.lstm_cluster_forward_
+cluster_forward_op = torch.ops.fusedconvlstm.lstm_cluster_forward_
 
 _cluster_max_active = torch.ops.fusedconvlstm.lstm_cluster_max_active_clusters
 
@@ -22,11 +22,11 @@ def cluster_plan(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -
     """The cluster forward kernel's configuration for ``call``, or why it does not take it: besides
     the published limits, the device itself must place a cluster of that many blocks
     (:func:`max_active_clusters`), which a part with fewer SMs per GPC may not."""
-    lim = planning._limits_for(call, limits)
-    reason = planning._refusal(call) or (lim if isinstance(lim, str) else None)
+    lim = planning.limits_for(call, limits)
+    reason = planning.refusal(call) or (lim if isinstance(lim, str) else None)
     if reason is not None:
         return reason
-    plan = planning._choose(call, persistent_config.CLUSTER, lim)
+    plan = planning.choose(call, persistent_config.CLUSTER, lim)
     if isinstance(plan, Layout):
         placed = max_active_clusters(call.device, call.dtype, call.hidden_size, plan)
         if isinstance(placed, str):

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
-from fusedconvlstm.cuda import persistent_config
+from fusedconvlstm.cuda import persistent_config, persistent_ops  # noqa: F401  (persistent_ops: the schemas)
 from fusedconvlstm.cuda.constants import padded_reduction
-from fusedconvlstm.cuda.persistent import _run_forward
+from fusedconvlstm.cuda.persistent import run_forward
 from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout, preferred_forward_kernel
-from fusedconvlstm.cuda.planning import _aligned_16, _choose, _persistent_limits, plan_or_raise
+from fusedconvlstm.cuda.planning import aligned_16, choose, persistent_limits, plan_or_raise
 from fusedconvlstm.numerics.precision import accumulation_dtype
 
 _from_input_forward = torch.ops.fusedconvlstm.lstm_persistent_forward_from_input_
@@ -26,8 +26,8 @@ def from_input_plan(call: LSTMRecurrenceCall, input_size: int, limits: DeviceLim
     take the call (whether it is preferred aside: see :func:`from_input_why_not`)."""
     if call.proj_size:
         return "proj_size runs on the precomputed gates (its first step adds W_hh h0 to them)"
-    lim = _persistent_limits(call, limits)
-    return lim if isinstance(lim, str) else _choose(call, persistent_config.FROM_INPUT, lim, input_size)
+    lim = persistent_limits(call, limits)
+    return lim if isinstance(lim, str) else choose(call, persistent_config.FROM_INPUT, lim, input_size)
 
 
 def from_input_why_not(call: LSTMRecurrenceCall, input_size: int) -> str | None:
@@ -67,12 +67,12 @@ def lstm_recurrence_from_input_forward(
         call, persistent_config.FROM_INPUT, config, lambda c, limits=None: from_input_plan(c, n_in, limits)
     )
     kpx = padded_reduction(n_in, x.dtype.itemsize)
-    x_pad = _aligned_16(x if kpx == n_in else torch.nn.functional.pad(x, (0, kpx - n_in)))
+    x_pad = aligned_16(x if kpx == n_in else torch.nn.functional.pad(x, (0, kpx - n_in)))
     b32 = torch.zeros(D, G, dtype=accumulation_dtype(x.dtype), device=x.device)
     if bias is not None:
         b32 += bias.view(D, G)
     inputs = (x_pad, w_ih.reshape(D, G, n_in).contiguous(), b32)
-    return _run_forward(
+    return run_forward(
         layout, _from_input_forward, x, (T, B), inputs, w_hh, h0, c0, lengths, reverse, save_for_backward, write_y
     )
 

@@ -31,13 +31,13 @@ from fusedconvlstm.cuda import cell_ops, persistent_config, persistent_ops  # no
 from fusedconvlstm.cuda.cluster import cluster_plan
 from fusedconvlstm.cuda.from_input import from_input_why_not, lstm_recurrence_cuda_forward_from_input
 from fusedconvlstm.cuda.persistent import (
-    _kernel_name,
+    kernel_name,
     lstm_recurrence_persistent_backward,
     lstm_recurrence_persistent_forward,
     persistent_plan,
 )
 from fusedconvlstm.cuda.persistent_config import DeviceLimits, preferred_forward_kernel
-from fusedconvlstm.cuda.planning import _call_of, _lengths_on, _precise, _require_unprojected
+from fusedconvlstm.cuda.planning import call_of, lengths_on, precise, require_unprojected
 from fusedconvlstm.numerics.precision import accumulation_dtype, product_unrounded
 from fusedconvlstm.numerics.projection import with_projection
 from fusedconvlstm.numerics.recurrence import recurrent_weight_grads, reverse_mask
@@ -66,7 +66,7 @@ def describe(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> st
             continue
         precision = ""
         if call.dtype == torch.float32:
-            precision = ", 3xTF32" if _precise(call.dtype) else ", TF32"
+            precision = ", 3xTF32" if precise(call.dtype) else ", TF32"
         name = "cluster kernel" if plan.kind == persistent_config.CLUSTER else "persistent kernel"
         text = f"{kind}: {name}{precision}, {plan.describe()}"
         if kind == "forward" and plan.kind != persistent_config.CLUSTER and preferred_forward_kernel() == "cluster":
@@ -82,7 +82,7 @@ def lstm_recurrence_stepwise_forward(
 ):
     """Forward of the step-wise recurrence: ``(y, h_n, c_n, workspace)`` (``y`` empty without
     ``write_y``)."""
-    _require_unprojected(len(w_hr))
+    require_unprojected(len(w_hr))
     T, B, D, G = xg.shape
     H = G // 4
     xg = xg.contiguous()
@@ -92,7 +92,7 @@ def lstm_recurrence_stepwise_forward(
     y = xg.new_empty((T, B, D, H) if write_y else (0,))
     workspace = xg.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=accumulation_dtype(xg.dtype))
     hh = xg.new_empty(D, B, G, dtype=accumulation_dtype(xg.dtype))
-    lengths = _lengths_on(lengths, xg.device)
+    lengths = lengths_on(lengths, xg.device)
     mask = reverse_mask(reverse)
     for step in range(T):
         product_unrounded(h, w_t, hh.dtype, out=hh)  # h W_hhᵀ unrounded, as the persistent kernels
@@ -104,7 +104,7 @@ def lstm_recurrence_stepwise_backward(
     grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace
 ):
     """Backward of the step-wise recurrence: ``(grad_xg, grad_w_hh, [], grad_h0, grad_c0)``."""
-    _require_unprojected(len(w_hr))
+    require_unprojected(len(w_hr))
     T, B, D, G = xg.shape
     acc = accumulation_dtype(xg.dtype)
     w = torch.stack(w_hh)  # (D, 4H, H): dgates @ W_hh as a batched GEMM
@@ -114,7 +114,7 @@ def lstm_recurrence_stepwise_backward(
     dgates = xg.new_empty(T, B, D, G)
     dgates_step = xg.new_empty(D, B, G)
     grad_y = grad_y.contiguous()
-    lengths_dev = _lengths_on(lengths, xg.device)
+    lengths_dev = lengths_on(lengths, xg.device)
     mask = reverse_mask(reverse)
     c0 = c0.contiguous()
     for step in range(T):
@@ -129,9 +129,9 @@ def lstm_recurrence_cuda_forward(
     xg, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward: bool = True, write_y: bool = True
 ):
     """The cuda backend's forward: persistent where it applies, else step-wise."""
-    call = _call_of(xg, w_hr, lengths, reverse)
+    call = call_of(xg, w_hr, lengths, reverse)
     plan = persistent_plan(call, "forward")
-    persistent_config.count_forward_kernel(_kernel_name(plan))
+    persistent_config.count_forward_kernel(kernel_name(plan))
     saves = dict(save_for_backward=save_for_backward, write_y=write_y)
     if isinstance(plan, str):
         return lstm_recurrence_stepwise_forward(xg, w_hh, w_hr, h0, c0, lengths, reverse, **saves)
@@ -141,7 +141,7 @@ def lstm_recurrence_cuda_forward(
 def lstm_recurrence_cuda_backward(grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace):
     """The cuda backend's backward: persistent where it applies, else step-wise."""
     args = (grad_y, grad_h_n, grad_c_n, xg, w_hh, w_hr, h0, c0, lengths, reverse, y, workspace)
-    plan = persistent_plan(_call_of(xg, w_hr, lengths, reverse), "backward")
+    plan = persistent_plan(call_of(xg, w_hr, lengths, reverse), "backward")
     if isinstance(plan, str):
         return lstm_recurrence_stepwise_backward(*args)
     return lstm_recurrence_persistent_backward(*args, config=plan)

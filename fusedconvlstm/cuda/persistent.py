@@ -7,16 +7,16 @@ from __future__ import annotations
 import torch
 
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
-from fusedconvlstm.cuda import cluster, persistent_config
+from fusedconvlstm.cuda import cluster, persistent_config, persistent_ops  # noqa: F401  (persistent_ops: the schemas)
 from fusedconvlstm.cuda.constants import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.cuda.persistent_config import DeviceLimits, Layout, preferred_forward_kernel
 from fusedconvlstm.cuda.planning import (
-    _call_of,
-    _choose,
-    _lengths_on,
-    _persistent_limits,
-    _precise,
+    call_of,
+    choose,
+    lengths_on,
+    persistent_limits,
     plan_or_raise,
+    precise,
 )
 from fusedconvlstm.numerics.precision import accumulation_dtype
 from fusedconvlstm.numerics.recurrence import recurrent_weight_grads, reverse_mask
@@ -31,14 +31,14 @@ def persistent_plan(call: LSTMRecurrenceCall, kind: str, limits: DeviceLimits | 
     ``"backward"``), or why the persistent kernel does not take it. ``limits`` defaults to those
     of ``call.device``. For the forward, the cluster kernel's configuration where it is the
     preferred kernel (:func:`preferred_forward_kernel`) and fits, else the cooperative kernel's."""
-    lim = _persistent_limits(call, limits)
+    lim = persistent_limits(call, limits)
     if isinstance(lim, str):
         return lim
     if kind == "forward" and preferred_forward_kernel() == "cluster":
         plan = cluster.cluster_plan(call, lim)
         if isinstance(plan, Layout):
             return plan
-    return _choose(call, kind, lim)
+    return choose(call, kind, lim)
 
 
 def persistent_why_not(
@@ -49,7 +49,7 @@ def persistent_why_not(
     return plan if isinstance(plan, str) else None
 
 
-def _kernel_name(plan: Layout | str) -> str:
+def kernel_name(plan: Layout | str) -> str:
     """The forward kernel a plan runs: ``"cluster"``, ``"cooperative"`` or (a refusal) ``"stepwise"``."""
     if isinstance(plan, str):
         return "stepwise"
@@ -58,7 +58,7 @@ def _kernel_name(plan: Layout | str) -> str:
 
 def forward_kernel_name(call: LSTMRecurrenceCall, limits: DeviceLimits | None = None) -> str:
     """Which forward kernel serves ``call``: ``"cluster"``, ``"cooperative"`` or ``"stepwise"``."""
-    return _kernel_name(persistent_plan(call, "forward", limits))
+    return kernel_name(persistent_plan(call, "forward", limits))
 
 
 def lstm_recurrence_persistent_forward(
@@ -79,9 +79,9 @@ def lstm_recurrence_persistent_forward(
     launch configuration; raises ``ValueError`` when the call does not fit the kernel. Without
     ``write_y`` (only the final state is wanted) ``y`` is empty and the kernel stores none.
     """
-    layout = plan_or_raise(_call_of(xg, w_hr, lengths, reverse), "forward", config, _planner("forward"))
+    layout = plan_or_raise(call_of(xg, w_hr, lengths, reverse), "forward", config, _planner("forward"))
     inputs = (xg.contiguous(),)
-    return _run_forward(
+    return run_forward(
         layout,
         _persistent_forward,
         xg,
@@ -97,7 +97,7 @@ def lstm_recurrence_persistent_forward(
     )
 
 
-def _run_forward(layout, op, like, tb, inputs, w_hh, h0, c0, lengths, reverse, save_for_backward, write_y):
+def run_forward(layout, op, like, tb, inputs, w_hh, h0, c0, lengths, reverse, save_for_backward, write_y):
     """The persistent forward ``op`` (the cluster kernel's where ``layout`` is one) on its
     sequence ``inputs`` (``(xg,)``, or ``(x, w_ih, bias)`` for the in-kernel projection): the
     state buffers around it, ``(y, h_n, c_n, workspace)``."""
@@ -108,12 +108,12 @@ def _run_forward(layout, op, like, tb, inputs, w_hh, h0, c0, lengths, reverse, s
     c = c0.to(acc, copy=True).contiguous()
     y = like.new_empty((T, B, D, H) if write_y else (0,))
     workspace = like.new_empty((T, B, D, 5 * H) if save_for_backward else (0,), dtype=acc)
-    common = (torch.stack(w_hh).contiguous(), _lengths_on(lengths, like.device), reverse_mask(reverse))
+    common = (torch.stack(w_hh).contiguous(), lengths_on(lengths, like.device), reverse_mask(reverse))
     if layout.kind == persistent_config.CLUSTER:  # the hardware cluster barrier: no counters
-        cluster._cluster_forward(*inputs, *common, *layout.args, _precise(like.dtype), h_buf, c, y, workspace)
+        cluster.cluster_forward_op(*inputs, *common, *layout.args, precise(like.dtype), h_buf, c, y, workspace)
     else:
         sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=like.device)
-        op(*inputs, *common, *layout.args, _precise(like.dtype), h_buf, c, y, workspace, sync)
+        op(*inputs, *common, *layout.args, precise(like.dtype), h_buf, c, y, workspace, sync)
     return y, h_buf[T % 2, :, :, :H].contiguous(), c.to(like.dtype), workspace
 
 
@@ -125,14 +125,14 @@ def lstm_recurrence_persistent_backward(
     The reverse-time sweep is one launch; ``dW_hh`` is one batched GEMM after it.
     """
     T, B, D, G = xg.shape
-    layout = plan_or_raise(_call_of(xg, w_hr, lengths, reverse), "backward", config, _planner("backward"))
+    layout = plan_or_raise(call_of(xg, w_hr, lengths, reverse), "backward", config, _planner("backward"))
     acc = accumulation_dtype(xg.dtype)
     dh_carry = grad_h_n.to(acc, copy=True).contiguous()
     dc = grad_c_n.to(acc, copy=True).contiguous()
     dgates = xg.new_empty(T, B, D, G)
     g_buf = xg.new_zeros(2, D, B, padded_reduction(G, xg.dtype.itemsize))
     sync = torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=xg.device)
-    lengths_dev = _lengths_on(lengths, xg.device)
+    lengths_dev = lengths_on(lengths, xg.device)
     _persistent_backward(
         grad_y.contiguous(),
         workspace.contiguous(),
@@ -141,7 +141,7 @@ def lstm_recurrence_persistent_backward(
         lengths_dev,
         reverse_mask(reverse),
         *layout.args,
-        _precise(xg.dtype),
+        precise(xg.dtype),
         dh_carry,
         dc,
         dgates,

@@ -42,11 +42,6 @@ from fusedconvlstm.cuda.constants import (
 )
 
 WARPS = THREADS // 32
-# __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM) asks ptxas for at most 128 registers so that two
-# blocks fit; it is a minimum, not a cap. Three could fit if a compiler ever used fewer than ~80
-# registers; counting two keeps the co-residency check conservative (a smaller grid than
-# possible, never a larger).
-MAX_BLOCKS_PER_SM = MIN_BLOCKS_PER_SM
 KINDS = ("forward", "backward")
 CLUSTER = "forward_cluster"  # the forward on thread-block clusters
 FROM_INPUT = "forward_from_input"  # the cooperative forward computing x W_ihᵀ itself
@@ -85,8 +80,8 @@ def counting_forward_kernels() -> Iterator[collections.Counter[str]]:
     _FORWARD_KERNEL_COUNTERS.append(counter)
     try:
         yield counter
-    finally:
-        _FORWARD_KERNEL_COUNTERS.remove(counter)
+    finally:  # by identity: two counters with the same counts compare equal
+        _FORWARD_KERNEL_COUNTERS[:] = [c for c in _FORWARD_KERNEL_COUNTERS if c is not counter]
 
 
 def count_forward_kernel(name: str) -> None:
@@ -193,7 +188,11 @@ class Layout:
 
     def blocks_per_sm(self, limits: DeviceLimits) -> int:
         """How many such blocks one SM holds (shared memory and the launch bounds)."""
-        most = 1 if self.kind == CLUSTER else MAX_BLOCKS_PER_SM
+        # __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM) asks ptxas for at most 128 registers so that
+        # two blocks fit; it is a minimum, not a cap. Three could fit if a compiler ever used fewer
+        # than ~80 registers; counting two keeps the co-residency check conservative (a smaller
+        # grid than possible, never a larger).
+        most = 1 if self.kind == CLUSTER else MIN_BLOCKS_PER_SM
         return min(most, limits.smem_per_sm // (self.smem + limits.reserved_smem_per_block))
 
     def why_not_fits(self, limits: DeviceLimits) -> str | None:

@@ -4,7 +4,7 @@ See :mod:`fusedconvlstm.cuda.persistent_ops` for the semantics. The time loop ca
 ops' reference update (:mod:`fusedconvlstm.cuda.cell_cpu`), so the math is the step-wise
 path's by construction; what these functions add is the persistent ops' buffer contract (the
 padded h double buffer, the state tensors updated in place), which is what the driver in
-:mod:`fusedconvlstm.cuda.lstm` must get right. The recurrent product is accumulated in float32
+:mod:`fusedconvlstm.cuda.persistent` must get right. The recurrent product is accumulated in float32
 (float64 for float64 tensors), as the kernels' tensor-core accumulators do. The launch
 configuration is checked for consistency and otherwise ignored. Float64 is accepted here (the
 CUDA kernels refuse it) so the driver can be tested tightly on the CPU.

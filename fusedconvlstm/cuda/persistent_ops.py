@@ -2,7 +2,7 @@
 
 The CUDA implementations live in ``csrc/lstm_persistent_forward.cu`` and
 ``csrc/lstm_persistent_backward.cu``; :mod:`fusedconvlstm.cuda.persistent_cpu` implements
-the same contract in plain PyTorch on the CPU, so the driver in :mod:`fusedconvlstm.cuda.lstm` is
+the same contract in plain PyTorch on the CPU, so the drivers in :mod:`fusedconvlstm.cuda.persistent` are
 tested without a GPU. Both ops update buffers in place and return nothing. Their math and
 workspace are the step-wise cell ops' (:mod:`fusedconvlstm.cuda.cell_ops`), so a forward of one
 path and a backward of the other combine freely.
@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedconvlstm.cuda import persistent_cpu as _reference
+from fusedconvlstm.cuda import persistent_cpu
 
 _LIB = torch.library.Library("fusedconvlstm", "FRAGMENT")
 _LIB.define(
@@ -118,12 +118,14 @@ def _(
     return None
 
 
-torch.library.impl("fusedconvlstm::lstm_persistent_forward_", "cpu", _reference.lstm_persistent_forward_, lib=_LIB)
-torch.library.impl("fusedconvlstm::lstm_cluster_forward_", "cpu", _reference.lstm_cluster_forward_, lib=_LIB)
+torch.library.impl("fusedconvlstm::lstm_persistent_forward_", "cpu", persistent_cpu.lstm_persistent_forward_, lib=_LIB)
+torch.library.impl("fusedconvlstm::lstm_cluster_forward_", "cpu", persistent_cpu.lstm_cluster_forward_, lib=_LIB)
 torch.library.impl(
     "fusedconvlstm::lstm_persistent_forward_from_input_",
     "cpu",
-    _reference.lstm_persistent_forward_from_input_,
+    persistent_cpu.lstm_persistent_forward_from_input_,
     lib=_LIB,
 )
-torch.library.impl("fusedconvlstm::lstm_persistent_backward_", "cpu", _reference.lstm_persistent_backward_, lib=_LIB)
+torch.library.impl(
+    "fusedconvlstm::lstm_persistent_backward_", "cpu", persistent_cpu.lstm_persistent_backward_, lib=_LIB
+)

@@ -17,15 +17,15 @@ from fusedconvlstm.numerics.recurrence import fp32_recurrence_allows_tf32
 PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _lengths_on(lengths: Tensor | None, device: torch.device) -> Tensor | None:
+def lengths_on(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     return None if lengths is None else lengths.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
-def _precise(dtype: torch.dtype) -> bool:
+def precise(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not fp32_recurrence_allows_tf32()
 
 
-def _limits_for(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> DeviceLimits | str:
+def limits_for(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> DeviceLimits | str:
     if limits is not None:
         return limits
     if call.device.type != "cuda":
@@ -33,8 +33,8 @@ def _limits_for(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> Device
     return DeviceLimits.of(call.device)
 
 
-def _refusal(call: LSTMRecurrenceCall) -> str | None:
-    # A call with proj_size runs the kernels on its unprojected form (same H, ops.lstm_projection).
+def refusal(call: LSTMRecurrenceCall) -> str | None:
+    # A call with proj_size runs the kernels on its unprojected form (same H, numerics.projection).
     if call.dtype not in PERSISTENT_DTYPES:
         return f"the persistent kernels take float16, bfloat16 or float32, got {call.dtype}"
     if call.num_recurrences > 62:
@@ -42,18 +42,18 @@ def _refusal(call: LSTMRecurrenceCall) -> str | None:
     return None
 
 
-def _choose(call: LSTMRecurrenceCall, kind: str, lim: DeviceLimits, input_size: int = 0) -> Layout | str:
+def choose(call: LSTMRecurrenceCall, kind: str, lim: DeviceLimits, input_size: int = 0) -> Layout | str:
     return persistent_config.choose_config(
-        kind, call.batch, call.num_recurrences, call.hidden_size, call.dtype, lim, _precise(call.dtype), input_size
+        kind, call.batch, call.num_recurrences, call.hidden_size, call.dtype, lim, precise(call.dtype), input_size
     )
 
 
-def _persistent_limits(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> DeviceLimits | str:
+def persistent_limits(call: LSTMRecurrenceCall, limits: DeviceLimits | None) -> DeviceLimits | str:
     """The device limits a persistent kernel plans with, or why no persistent kernel takes ``call``."""
-    reason = _refusal(call)
+    reason = refusal(call)
     if reason is not None:
         return reason
-    lim = _limits_for(call, limits)
+    lim = limits_for(call, limits)
     if isinstance(lim, str):
         return lim
     if lim.capability < (8, 0):
@@ -61,7 +61,7 @@ def _persistent_limits(call: LSTMRecurrenceCall, limits: DeviceLimits | None) ->
     return lim
 
 
-def _call_of(xg: Tensor, w_hr: list[Tensor], lengths: Tensor | None, reverse: list[bool]) -> LSTMRecurrenceCall:
+def call_of(xg: Tensor, w_hr: list[Tensor], lengths: Tensor | None, reverse: list[bool]) -> LSTMRecurrenceCall:
     T, B, D, G = xg.shape
     return LSTMRecurrenceCall(
         seq_len=T,
@@ -76,14 +76,14 @@ def _call_of(xg: Tensor, w_hr: list[Tensor], lengths: Tensor | None, reverse: li
     )
 
 
-def _require_unprojected(proj_size: int) -> None:
+def require_unprojected(proj_size: int) -> None:
     """The drivers run unprojected recurrences; the registered implementation removes the
     projection first (:mod:`fusedconvlstm.numerics.projection`)."""
     if proj_size:
         raise ValueError("lstm_recurrence: the cuda drivers run unprojected recurrences (w_hr must be empty)")
 
 
-def _aligned_16(t: Tensor) -> Tensor:
+def aligned_16(t: Tensor) -> Tensor:
     """``t`` contiguous at a 16-byte aligned address (the kernels read it in 16-byte copies)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
@@ -95,7 +95,7 @@ def plan_or_raise(
     """``config``, else ``plan_of(call)``'s launch configuration of the ``kind`` kernel, raising
     where it refuses the call. CPU tensors (tests of the drivers, which then run the kernel ops'
     CPU implementations) plan as an H100 would, float64 as float32."""
-    _require_unprojected(call.proj_size)
+    require_unprojected(call.proj_size)
     if config is not None:
         return config
     if call.device.type == "cuda":

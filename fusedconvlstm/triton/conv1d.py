@@ -164,16 +164,20 @@ def conv_tile(
     (``drop_row = b·T_SRC``: the mask is indexed by logical position, wherever the rows live).
     """
     if TAP_INNER:
-        # Channel chunks outside, taps inside (a switch the GPU session times against the default).
+        # Channel chunks outside, taps inside (a switch the GPU session times against the default):
+        # every tap's rows (and token ids) first, then each chunk over all taps.
+        t_ins, oks, bases = (), (), ()
+        for j in tl.static_range(KSIZE):
+            t_in, ok, base = _tap_rows(
+                j, t_in0, row_ok, row_base, t_origin, T_SRC, stride_st, tok_ptr, tok_base, stride_tokt, VOCAB,
+                DIL, GATHER, ROW_ALIGN,
+            )  # fmt: skip
+            t_ins, oks, bases = t_ins + (t_in,), oks + (ok,), bases + (base,)
         for c0 in range(0, C_IN, BLOCK_K):
             for j in tl.static_range(KSIZE):
-                t_in, ok, base = _tap_rows(
-                    j, t_in0, row_ok, row_base, t_origin, T_SRC, stride_st, tok_ptr, tok_base, stride_tokt, VOCAB,
-                    DIL, GATHER, ROW_ALIGN,
-                )  # fmt: skip
                 acc = _tap_chunk(
-                    acc, j, c0, t_in, ok, base, src_ptr, stride_sc, w_ptr, cols, col_ok, C_IN, C_OUT, IN_ACT, BLOCK_K,
-                    PRECISION, W_ALIGN, drop_ptr, drop_row, DROP, DROP_SCALE,
+                    acc, j, c0, t_ins[j], oks[j], bases[j], src_ptr, stride_sc, w_ptr, cols, col_ok, C_IN, C_OUT,
+                    IN_ACT, BLOCK_K, PRECISION, W_ALIGN, drop_ptr, drop_row, DROP, DROP_SCALE,
                 )  # fmt: skip
     else:
         for j in tl.static_range(KSIZE):

@@ -220,7 +220,7 @@ def stepped_plan(batch: int, hidden: int, block_h: int = _MIN_DOT, block_b: int 
 
 
 def _why_not(call: LSTMRecurrenceCall) -> str | None:
-    # proj_size: the kernels run the unprojected form of the call (same H, ops.lstm_projection).
+    # proj_size: the kernels run the unprojected form of the call (same H, numerics.projection).
     if call.dtype not in SUPPORTED_DTYPES:
         return f"dtype {call.dtype} is not supported (float16, bfloat16, float32); use backend='reference'"
     if call.dtype == torch.bfloat16 and _interpreting():

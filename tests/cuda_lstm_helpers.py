@@ -9,9 +9,11 @@ import shutil
 import torch
 
 from fusedconvlstm.calls.lstm import LSTMRecurrenceCall
+from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
 from fusedconvlstm.cuda.constants import SYNC_STRIDE, padded_reduction
 from fusedconvlstm.numerics.recurrence import reverse_mask
+from fusedconvlstm.passmark import rel_err
 from fusedconvlstm.reference.lstm import lstm_recurrence_reference
 from tests.helpers import lstm_weights
 
@@ -115,3 +117,20 @@ def persistent_backward_args(fwd_args, lengths=None):
         torch.zeros(2, D, B, padded_reduction(G, dtype.itemsize), dtype=dtype, device=dev),
         torch.empty(D * layout.nbg * SYNC_STRIDE, dtype=torch.int32, device=dev),
     )
+
+
+def check_persistent_and_stepwise_combine(shape, lengths, dtype, device, forward_tol, backward_tol) -> None:
+    """The persistent and step-wise paths share one workspace: each backward, given the other
+    forward's outputs and workspace, gives the other's gradients, and the forwards agree (within
+    the tolerances). ``shape`` is ``(T, B, D, H)``; recurrence 1 runs reversed."""
+    T, B, D, H = shape
+    xg, w, h0, c0, _ = op_inputs(T, B, D, H, dtype, device)
+    rev = [False, True]
+    p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
+    s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
+    assert rel_err(p[3], s[3], strict=True) < forward_tol and rel_err(p[0], s[0], strict=True) < forward_tol
+    grads = [torch.randn_like(t) for t in p[:3]]
+    gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
+    gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
+    for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
+        assert rel_err(a, b, strict=True) < backward_tol

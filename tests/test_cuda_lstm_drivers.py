@@ -16,7 +16,13 @@ from fusedconvlstm.cuda import lstm as cuda_lstm
 from fusedconvlstm.cuda import persistent_config as pc
 from fusedconvlstm.cuda import planning as cuda_planning
 from fusedconvlstm.passmark import rel_err
-from tests.cuda_lstm_helpers import F64, HALF_DTYPES, op_inputs, reference_forward_backward
+from tests.cuda_lstm_helpers import (
+    F64,
+    HALF_DTYPES,
+    check_persistent_and_stepwise_combine,
+    op_inputs,
+    reference_forward_backward,
+)
 
 CPU_CASES = [
     # T, B, D, H, lengths, reverse
@@ -143,13 +149,4 @@ def test_final_state_only_stores_no_output_and_keeps_the_state(path, monkeypatch
 
 def test_persistent_and_stepwise_share_their_workspace_on_cpu():
     lengths = torch.tensor([5, 2, 4])
-    xg, w, h0, c0, _ = op_inputs(5, 3, 2, 6, torch.float32)
-    rev = [False, True]
-    p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
-    s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
-    assert rel_err(p[3], s[3], strict=True) < 1e-6 and rel_err(p[0], s[0], strict=True) < 1e-6
-    grads = [torch.randn_like(t) for t in p[:3]]
-    gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
-    gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
-    for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
-        assert rel_err(a, b, strict=True) < 1e-5
+    check_persistent_and_stepwise_combine((5, 3, 2, 6), lengths, torch.float32, "cpu", 1e-6, 1e-5)

@@ -29,6 +29,7 @@ from fusedconvlstm.passmark import rel_err
 from tests.cuda_lstm_helpers import (
     F64,
     HALF_DTYPES,
+    check_persistent_and_stepwise_combine,
     cluster_forward_args,
     op_inputs,
     persistent_backward_args,
@@ -540,18 +541,8 @@ def test_gpu_large_batch_many_tiles_per_block(dtype, persistent_only):
 
 @pytest.mark.gpu
 def test_gpu_persistent_and_stepwise_combine_and_agree():
-    dtype = torch.bfloat16
     lengths = torch.tensor([9, 4, 1, 9, 6, 2], device="cuda")
-    xg, w, h0, c0, _ = op_inputs(9, 6, 2, 80, dtype, "cuda")
-    rev = [False, True]
-    p = cuda_lstm.lstm_recurrence_persistent_forward(xg, w, [], h0, c0, lengths, rev)
-    s = cuda_lstm.lstm_recurrence_stepwise_forward(xg, w, [], h0, c0, lengths, rev)
-    assert rel_err(p[3], s[3], strict=True) < 2e-2 and rel_err(p[0], s[0], strict=True) < 2e-2
-    grads = [torch.randn_like(t) for t in p[:3]]
-    gp = cuda_lstm.lstm_recurrence_persistent_backward(*grads, xg, w, [], h0, c0, lengths, rev, s[0], s[3])
-    gs = cuda_lstm.lstm_recurrence_stepwise_backward(*grads, xg, w, [], h0, c0, lengths, rev, p[0], p[3])
-    for a, b in zip((gp[0], *gp[1], gp[3], gp[4]), (gs[0], *gs[1], gs[3], gs[4])):
-        assert rel_err(a, b, strict=True) < 3e-2
+    check_persistent_and_stepwise_combine((9, 6, 2, 80), lengths, torch.bfloat16, "cuda", 2e-2, 3e-2)
 
 
 @pytest.mark.gpu

@@ -36,6 +36,8 @@ class Settings:
     """``FUSEDCONVLSTM_CONV1D_STRATEGY``: the Triton conv stack's ``fused`` or ``layers`` launch (empty: auto)."""
     conv1d_tap_order: str = ""
     """``FUSEDCONVLSTM_CONV1D_TAP_ORDER``: the Triton conv tiles' loop, taps ``outer`` (empty) or ``inner``."""
+    triton_lstm_stages: str = ""
+    """``FUSEDCONVLSTM_TRITON_LSTM_STAGES``: Triton's ``num_stages`` for the LSTM kernels (empty: 1)."""
     cache_dir: str = ""
     """``FUSEDCONVLSTM_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedconvlstm``, else ``~/.cache/fusedconvlstm``."""
     triton_interpret: bool = False
@@ -51,6 +53,7 @@ ENV = {
     "lstm_input_config": "FUSEDCONVLSTM_LSTM_INPUT_CONFIG",
     "conv1d_strategy": "FUSEDCONVLSTM_CONV1D_STRATEGY",
     "conv1d_tap_order": "FUSEDCONVLSTM_CONV1D_TAP_ORDER",
+    "triton_lstm_stages": "FUSEDCONVLSTM_TRITON_LSTM_STAGES",
     "cache_dir": "FUSEDCONVLSTM_CACHE_DIR",
     "triton_interpret": "TRITON_INTERPRET",
 }

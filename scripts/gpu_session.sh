@@ -25,7 +25,8 @@
 #               (.whl); its first call compiles FlashRNN for minutes: a lease of its own
 #   switches    the performance switches, each off until timed both ways here: the persistent
 #               kernels' barrier poll (FUSEDCONVLSTM_BARRIER_POLL_NS) on the LSTM and the pair,
-#               the Triton conv tiles' tap loop (FUSEDCONVLSTM_CONV1D_TAP_ORDER) on the conv stack
+#               the Triton conv tiles' tap loop (FUSEDCONVLSTM_CONV1D_TAP_ORDER) on the conv stack,
+#               the Triton LSTM's software pipelining (FUSEDCONVLSTM_TRITON_LSTM_STAGES)
 #   sanitize    compute-sanitizer over small calls of every kernel (long: a lease of its own)
 #
 # Everything ends by GPU_SESSION_SECONDS (default 540 s, inside the run tool's 570 s): a stage
@@ -249,6 +250,12 @@ stage_switches() {
     --batches 64 256 --backends triton --no-compile --out "$OUT/${name}_taps_outer.jsonl"
   FUSEDCONVLSTM_CONV1D_TAP_ORDER=inner bench bench_taps_inner 60 --ops conv1d_stack model_inference --dtypes bf16 \
     --batches 64 256 --backends triton --no-compile --out "$OUT/${name}_taps_inner.jsonl"
+  # The Triton LSTM kernels' software pipelining: plain loads (the default) against asynchronous
+  # copies that prefetch the next batch tile (several tiles per group at the larger batches).
+  FUSEDCONVLSTM_TRITON_LSTM_STAGES=1 bench bench_stages_1 75 --ops lstm lstm_pair --dtypes bf16 \
+    --batches 64 256 1024 --backends triton --out "$OUT/${name}_stages_1.jsonl"
+  FUSEDCONVLSTM_TRITON_LSTM_STAGES=2 bench bench_stages_2 75 --ops lstm lstm_pair --dtypes bf16 \
+    --batches 64 256 1024 --backends triton --out "$OUT/${name}_stages_2.jsonl"
 }
 
 stage_bench_flashrnn() {

@@ -113,6 +113,7 @@ def test_session_times_each_switch_both_ways():
     for variable, values in (
         ("FUSEDCONVLSTM_BARRIER_POLL_NS", ["0", "64"]),
         ("FUSEDCONVLSTM_CONV1D_TAP_ORDER", ["outer", "inner"]),
+        ("FUSEDCONVLSTM_TRITON_LSTM_STAGES", ["1", "2"]),
     ):
         runs = re.findall(rf"^\s*{variable}=(\w+) bench bench_\w+ \d+ (.+) --out ", text, flags=re.M)
         assert [value for value, _ in runs] == values, variable

@@ -572,6 +572,95 @@ def test_persistent_kernels_compile_for_hopper_without_spills(dtype, batch):
         assert res["registers"] <= 255 and res["shared"] <= H100.shared_memory_per_block_optin, (kernel, res)
 
 
+STAGES_ENV = "FUSEDCONVLSTM_TRITON_LSTM_STAGES"
+
+
+def test_pipeline_stages_reach_every_launch_and_are_checked(monkeypatch):
+    """FUSEDCONVLSTM_TRITON_LSTM_STAGES (a switch the GPU session times both ways) is the
+    num_stages of the forward and backward launches; a value outside 1..4 fails the call."""
+    from fusedconvlstm.triton import lstm_kernels
+
+    seen = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel, self.fn = kernel, kernel.fn
+
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                seen.append((self.fn.__name__, kwargs["num_stages"]))
+                return self.kernel[grid](**kwargs)
+
+            return launch
+
+    for name in ("lstm_forward_kernel", "lstm_backward_kernel"):
+        monkeypatch.setattr(lstm_kernels, name, Recording(getattr(lstm_kernels, name)))
+    xg, w_hh, h0, c0, _, cot = _op_inputs(3, 2, 2, 16)
+    _forward_backward(_op("triton"), xg, w_hh, h0, c0, cot, torch.float32)
+    monkeypatch.setenv(STAGES_ENV, "2")
+    _forward_backward(_op("triton"), xg, w_hh, h0, c0, cot, torch.float32)
+    assert seen == [("lstm_forward_kernel", 1), ("lstm_backward_kernel", 1)] + [
+        ("lstm_forward_kernel", 2),
+        ("lstm_backward_kernel", 2),
+    ]
+    for bad in ("0", "5", "two"):
+        monkeypatch.setenv(STAGES_ENV, bad)
+        with pytest.raises(ValueError, match=f"{STAGES_ENV} must be one of .*got '{bad}'"):
+            _forward_backward(_op("triton"), xg, w_hh, h0, c0, cot, torch.float32)
+
+
+def _enclosing_loop(lines: list[str], inner: int) -> tuple[int, int]:
+    """``(first, last)`` line of the outermost ``scf.for`` of a TTGIR listing that holds line ``inner``."""
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    for first, line in enumerate(lines[:inner]):
+        if "scf.for" in line:
+            last = next(
+                j
+                for j in range(first + 1, len(lines))
+                if indent(lines[j]) == indent(line) and lines[j].lstrip()[:1] == "}"
+            )
+            if last > inner:
+                return first, last
+    raise AssertionError("no scf.for holds the grid barrier")
+
+
+def test_pipelined_kernels_prefetch_only_between_two_barriers(tmp_path):
+    """With FUSEDCONVLSTM_TRITON_LSTM_STAGES=2 (compiled for sm_90, no GPU needed) Triton turns the
+    loads of exchanged rows into asynchronous copies. They must stay inside one step: none before
+    the step loop (a load of step t+1 hoisted above step t's barrier would read rows other programs
+    have not written yet), every copy in a step waited for before the barrier's arrive, and every
+    copy past L1 (``.cg``: another SM wrote the rows). Shared memory within an H100's. (The
+    forward spills a few dozen bytes there, which the timing weighs: not checked here.)"""
+    code = (
+        "import json, sys, torch; from fusedconvlstm.triton import lstm; from fusedconvlstm.triton.persistent "
+        "import ptxas_resources; k = lstm.persistent_kernels_compiled(torch.bfloat16, 512, 256, num_stages=2); "
+        "[open(f'{sys.argv[1]}/{n}.ttgir', 'w').write(c.asm['ttgir']) for n, c in k.items()]; "
+        "print(json.dumps({n: ptxas_resources(c) for n, c in k.items()}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    for kernel, res in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert res["registers"] <= 255 and res["shared"] <= H100.shared_memory_per_block_optin, (kernel, res)
+        lines = (tmp_path / f"{kernel}.ttgir").read_text().splitlines()
+        barrier = next(i for i, line in enumerate(lines) if "tt.atomic_rmw" in line)
+        first, last = _enclosing_loop(lines, barrier)
+        copies = [i for i, line in enumerate(lines) if "async_copy_global_to_local" in line]
+        in_step = [i for i in copies if first < i < last]
+        assert in_step, f"{kernel}: num_stages=2 pipelined no load (nothing for the switch to time)"
+        assert not [i for i in copies if i < first], f"{kernel}: a copy issued before the step loop"
+        assert max(in_step) < barrier, f"{kernel}: a copy issued after the step's barrier"
+        assert any("async_wait" in lines[i] and "num = 0" in lines[i] for i in range(max(in_step), barrier)), (
+            f"{kernel}: the step's copies are not all waited for before its barrier"
+        )
+        assert all("cacheModifier = cg" in lines[i] for i in copies), f"{kernel}: a copy through L1"
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [
@@ -707,6 +796,24 @@ def test_gpu_persistent_equals_stepped_launches_bitwise():
     grads_s = triton_lstm.lstm_backward(gy, gh, gc, w, h0, None, reverse, out[0], out[3], plan=stepped)
     for a, b in zip((grads[0], *grads[1], *grads[2:]), (grads_s[0], *grads_s[1], *grads_s[2:])):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_pipelined_loads_give_bitwise_the_same_results(monkeypatch):
+    """FUSEDCONVLSTM_TRITON_LSTM_STAGES=2 (asynchronous copies that prefetch the next batch tile,
+    a switch the GPU session times both ways) changes how rows reach the dots, not the arithmetic:
+    the persistent forward and backward equal the default's bit for bit, at a batch of several
+    tiles per batch group (where the prefetch acts)."""
+    T, B, D, H = 45, 512, 2, 512
+    xg, w_hh, h0, c0, lengths, cot = _gpu_case(T, B, D, H, torch.randint(1, 46, (B,)))
+    op = _op("triton", lengths, (False, True))
+    default = _forward_backward(op, xg, w_hh, h0, c0, cot, torch.bfloat16)
+    monkeypatch.setenv(STAGES_ENV, "2")
+    piped = _forward_backward(op, xg, w_hh, h0, c0, cot, torch.bfloat16)
+    plan = triton_lstm.last_persistent_launch()["plan"]
+    assert plan.mode == "persistent" and plan.rows_per_group > plan.block_b, plan
+    for name in default:
+        assert torch.equal(default[name], piped[name]), name
 
 
 @pytest.mark.gpu

@@ -246,6 +246,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if fp32_recurrence_allows_tf32() else "ieee"
 
 
+PIPELINE_STAGES = (1, 2, 3, 4)
+
+
+def pipeline_stages() -> int:
+    """Triton's ``num_stages`` for the kernels' launches: ``FUSEDCONVLSTM_TRITON_LSTM_STAGES``, 1 by default.
+
+    A switch the GPU session times both ways (``scripts/gpu_session.sh switches``), unmeasured so
+    far. With 1 the loads of ``h`` (forward) or of the gate gradients (backward) are plain loads.
+    With 2 or more, Triton's pipeliner turns them into asynchronous copies and prefetches the next
+    batch tile's rows while the current tile computes. It pipelines only the innermost loop, the
+    batch tiles of one step: no load of a step is issued before the previous step's grid barrier,
+    and every copy is waited for before the step's own barrier (both checked on the compiled code,
+    ``tests/test_triton_lstm.py``). The prefetch buffers cost shared memory, so fewer programs fit
+    an SM (the grid is sized from the compiled kernel), and a kernel that no longer fits is refused.
+    Compiled for sm_90 at 2 stages, the forward also spills 48 bytes (bf16, H = 512, 32-row tiles).
+    """
+    value = config.current().triton_lstm_stages or "1"
+    if value not in {str(n) for n in PIPELINE_STAGES}:
+        raise ValueError(f"{config.ENV['triton_lstm_stages']} must be one of {PIPELINE_STAGES}, got {value!r}")
+    return int(value)
+
+
 def _lengths_arg(lengths: Tensor | None, device: torch.device) -> Tensor:
     if lengths is None:
         return torch.empty(1, dtype=torch.int32, device=device)  # never read (HAS_LENGTHS=False)
@@ -266,9 +288,7 @@ def _launch(
         USE_GRID_BARRIER=persistent and n_slices > 1,
         H_CACHE=".cg" if persistent else "",  # exchanged data must come from L2, not a stale L1
         num_warps=plan.num_warps,
-        # No software pipelining: a load of step t+1 must not be hoisted above step t's barrier
-        # (and prefetch buffers would cost the shared memory the weights live in).
-        num_stages=1,
+        num_stages=pipeline_stages(),
     )
     if persistent:
         meta["launch_cooperative_grid"] = True
@@ -484,22 +504,24 @@ backends.register_implementation(
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def persistent_kernel_resources(
+def persistent_kernels_compiled(
     dtype: torch.dtype,
     hidden: int,
     batch: int,
     block_h: int = _BLOCK_H_CHOICES[0],
     cc: int = 90,
     dot_precision: str | None = None,
-) -> dict[str, dict[str, int]]:
-    """Registers, spills and shared memory of the persistent forward and backward kernels for
-    compute capability ``cc``, compiled ahead of time (no GPU needed): see
-    :func:`fusedconvlstm.triton.persistent.ptxas_resources`. ``dot_precision``: the float32
-    dots' (``"tf32"``, ``"ieee"``, ``"tf32x3"``); TF32 by default, the only one the persistent
-    mode runs in float32 (see :data:`EXACT_FP32_REFUSAL`).
+    num_stages: int = 1,
+) -> dict[str, object]:
+    """The persistent forward and backward kernels as a launch of this call shape on compute
+    capability ``cc`` would compile them (lengths and grid barrier on), compiled ahead of time
+    with no GPU: see :func:`fusedconvlstm.triton.persistent.compile_ahead`. ``dot_precision``: the
+    float32 dots' (``"tf32"``, ``"ieee"``, ``"tf32x3"``); TF32 by default, the only one the
+    persistent mode runs in float32 (see :data:`EXACT_FP32_REFUSAL`). ``num_stages``: Triton's
+    software pipelining (see :func:`pipeline_stages`).
     """
     from fusedconvlstm.triton.lstm_kernels import lstm_backward_kernel, lstm_forward_kernel
-    from fusedconvlstm.triton.persistent import ptxas_resources
+    from fusedconvlstm.triton.persistent import compile_ahead
 
     t = "*" + _TRITON_TYPES[dtype]
     pointers = {
@@ -537,5 +559,24 @@ def persistent_kernel_resources(
             constexprs.update(SAVE_WS=True, WRITE_Y=True)
         signature = {arg: pointers[name].get(arg, "constexpr" if arg in constexprs else "i32") for arg in fn.arg_names}
         divisible = list(pointers[name]) + (["H"] if hidden % 16 == 0 else [])
-        out[name] = ptxas_resources(fn, signature, constexprs, divisible, num_warps, cc)
+        out[name] = compile_ahead(fn, signature, constexprs, divisible, num_warps, cc, num_stages)
     return out
+
+
+def persistent_kernel_resources(
+    dtype: torch.dtype,
+    hidden: int,
+    batch: int,
+    block_h: int = _BLOCK_H_CHOICES[0],
+    cc: int = 90,
+    dot_precision: str | None = None,
+    num_stages: int = 1,
+) -> dict[str, dict[str, int]]:
+    """Registers, spills and shared memory of the persistent forward and backward kernels
+    (:func:`persistent_kernels_compiled`, same arguments), from ``ptxas -v``: see
+    :func:`fusedconvlstm.triton.persistent.ptxas_resources`.
+    """
+    from fusedconvlstm.triton.persistent import ptxas_resources
+
+    compiled = persistent_kernels_compiled(dtype, hidden, batch, block_h, cc, dot_precision, num_stages)
+    return {name: ptxas_resources(kernel, cc) for name, kernel in compiled.items()}

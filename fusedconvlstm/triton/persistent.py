@@ -100,30 +100,43 @@ def co_resident_programs(compiled, device: torch.device) -> int:
     return per_sm * limits.multiprocessor_count
 
 
-def ptxas_resources(
-    fn, signature: dict[str, str], constexprs: dict[str, object], divisible: list[str], num_warps: int, cc: int = 90
-) -> dict[str, int]:
+def compile_ahead(
+    fn,
+    signature: dict[str, str],
+    constexprs: dict[str, object],
+    divisible: list[str],
+    num_warps: int,
+    cc: int = 90,
+    num_stages: int = 1,
+):
     """Compile the ``@triton.jit`` function ``fn`` for NVIDIA compute capability ``cc`` without a GPU.
 
-    Returns ``registers`` per thread, ``spill_stores`` / ``spill_loads`` in bytes (from ``ptxas
-    -v``) and ``shared`` memory in bytes (Triton's metadata). ``signature`` maps every argument to
-    a Triton type (``"*bf16"``, ``"i32"``, ``"constexpr"``); ``divisible`` names the arguments
-    that a launch would specialize as multiples of 16. Lets CI check resource use on CPU-only
-    machines; a launch on a GPU reports the same numbers (``CompiledKernel.n_regs``).
+    ``signature`` maps every argument to a Triton type (``"*bf16"``, ``"i32"``, ``"constexpr"``);
+    ``divisible`` names the arguments that a launch would specialize as multiples of 16. Returns
+    Triton's compiled kernel: its ``asm`` holds the TTGIR and PTX a launch on that GPU would build.
     """
-    import re
-    import subprocess
-    import tempfile
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": 1}
-    )
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
+
+
+def ptxas_resources(compiled, cc: int = 90) -> dict[str, int]:
+    """Registers per thread, ``spill_stores`` / ``spill_loads`` in bytes (from ``ptxas -v``) and
+    ``shared`` memory in bytes (Triton's metadata) of a kernel compiled by :func:`compile_ahead`.
+    Lets CI check resource use on CPU-only machines; a launch on a GPU reports the same numbers
+    (``CompiledKernel.n_regs``).
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
     arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = f"{tmp}/kernel.ptx"

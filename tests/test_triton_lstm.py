@@ -561,8 +561,9 @@ def test_persistent_kernels_compile_for_hopper_without_spills(dtype, batch):
     shared memory within an H100's. Runs outside the interpreter, which cannot compile. float32
     runs TF32 there (exact float32 is refused: see above)."""
     code = (
-        "import json, torch; from fusedconvlstm.triton.lstm import persistent_kernel_resources as r; "
-        f"print(json.dumps(r(torch.{dtype}, 512, {batch})))"
+        "import json, torch; from fusedconvlstm.triton.lstm import persistent_kernels_compiled as k; "
+        "from fusedconvlstm.triton.persistent import ptxas_resources as r; "
+        f"print(json.dumps({{n: r(c) for n, c in k(torch.{dtype}, 512, {batch}).items()}}))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)

@@ -57,9 +57,10 @@ _BLOCK_H_CHOICES = (16, 32, 64)
 _K_CHUNK = 64
 # (kernel, block_b) -> (num_warps, k_chunk) of the persistent mode. Chosen from ptxas's register
 # and spill counts for sm_90 (bf16 and fp32, H = 512 and 320, 16 units per program; see
-# persistent_kernel_resources) under both Triton 3.6 and 3.8: no spills there, 80 to 255
-# registers per thread (the block-16 backward spilled at 4 warps under 3.6, hence 8). Odd sizes
-# such as H = 100 at block 32 still spill a few dozen bytes. Not yet tuned for time on a GPU.
+# persistent_kernels_compiled and persistent.ptxas_resources) under both Triton 3.6 and 3.8: no
+# spills there, 80 to 255 registers per thread (the block-16 backward spilled at 4 warps under
+# 3.6, hence 8). Odd sizes such as H = 100 at block 32 still spill a few dozen bytes. Not yet
+# tuned for time on a GPU.
 _PERSISTENT_TILES = {
     ("forward", 16): (4, 128),
     ("forward", 32): (4, 64),
@@ -561,22 +562,3 @@ def persistent_kernels_compiled(
         divisible = list(pointers[name]) + (["H"] if hidden % 16 == 0 else [])
         out[name] = compile_ahead(fn, signature, constexprs, divisible, num_warps, cc, num_stages)
     return out
-
-
-def persistent_kernel_resources(
-    dtype: torch.dtype,
-    hidden: int,
-    batch: int,
-    block_h: int = _BLOCK_H_CHOICES[0],
-    cc: int = 90,
-    dot_precision: str | None = None,
-    num_stages: int = 1,
-) -> dict[str, dict[str, int]]:
-    """Registers, spills and shared memory of the persistent forward and backward kernels
-    (:func:`persistent_kernels_compiled`, same arguments), from ``ptxas -v``: see
-    :func:`fusedconvlstm.triton.persistent.ptxas_resources`.
-    """
-    from fusedconvlstm.triton.persistent import ptxas_resources
-
-    compiled = persistent_kernels_compiled(dtype, hidden, batch, block_h, cc, dot_precision, num_stages)
-    return {name: ptxas_resources(kernel, cc) for name, kernel in compiled.items()}

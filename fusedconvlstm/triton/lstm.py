@@ -261,7 +261,8 @@ def pipeline_stages() -> int:
     and every copy is waited for before the step's own barrier (both checked on the compiled code,
     ``tests/test_triton_lstm.py``). The prefetch buffers cost shared memory, so fewer programs fit
     an SM (the grid is sized from the compiled kernel), and a kernel that no longer fits is refused.
-    Compiled for sm_90 at 2 stages, the forward also spills 48 bytes (bf16, H = 512, 32-row tiles).
+    Compiled for sm_90 at 2 stages, the forward also spills 44 to 48 bytes (bf16, H = 512, 32-row
+    tiles, Triton 3.6 and 3.8).
     """
     value = config.current().triton_lstm_stages or "1"
     if value not in {str(n) for n in PIPELINE_STAGES}:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ pytestmark = pytest.mark.triton
 # compiled kernels (tests/conftest.py would skip them otherwise): see _follow_the_gpu.
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 TRITON_TESTS_FOLLOW_THE_GPU = True
+# The Triton LSTM's software pipelining, a switch the GPU session times both ways.
+STAGES_ENV = "FUSEDCONVLSTM_TRITON_LSTM_STAGES"
 
 
 @pytest.fixture(autouse=True)
@@ -466,6 +469,30 @@ def test_persistent_plan_from_device_limits(monkeypatch):
     assert triton_lstm.plan_launch(_call(hidden_size=64, device=cuda)).mode == "single"
 
 
+def test_pipelined_plan_keeps_room_for_the_prefetch_buffers(monkeypatch):
+    """With FUSEDCONVLSTM_TRITON_LSTM_STAGES=2 a program also holds a batch tile of the dots' left
+    operand per extra stage (the backward's, 4 gates wide, is the larger): a call whose kernels
+    would no longer load is refused up front, with the setting named, not in the backward."""
+    monkeypatch.setattr(persistent, "device_limits", lambda index: H100)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    cuda = torch.device("cuda", 0)
+    pair = _call(num_recurrences=2, hidden_size=512, batch=256, dtype=torch.bfloat16, device=cuda)
+    wider = dataclasses.replace(pair, hidden_size=576)  # reduction padded to 640: 80 KiB of W_hh
+    fp32 = dataclasses.replace(pair, dtype=torch.float32)  # 128 KiB of W_hh
+    monkeypatch.setattr(triton_lstm, "fp32_recurrence_allows_tf32", lambda: True)
+    assert [triton_lstm._why_not(c) for c in (pair, wider, fp32)] == [None] * 3
+    monkeypatch.setenv(STAGES_ENV, "2")
+    # 64 KiB of W_hh + 128 KiB of prefetch (4 x 32 x 512 x 2 bytes) + scratch: fits 227 KiB.
+    assert triton_lstm._why_not(pair) is None
+    assert triton_lstm.plan_launch(pair, "backward").block_h == 16
+    for call in (wider, fp32):  # 160 and 256 KiB of prefetch buffers
+        assert f"bytes of prefetch buffers ({STAGES_ENV}=2)" in triton_lstm._why_not(call)
+    with pytest.raises(BackendUnavailableError, match="prefetch buffers"):
+        triton_lstm.plan_launch(wider, "forward")
+    # 16-row tiles (batch <= 16) halve the buffers.
+    assert triton_lstm._why_not(dataclasses.replace(wider, batch=16)) is None
+
+
 def test_persistent_grid_is_sized_from_the_compiled_kernel(monkeypatch):
     """Batch groups fill what the compiled kernel leaves co-resident; a kernel that cannot hold even
     one group is refused. (The compile and the device query are stand-ins here.)"""
@@ -573,9 +600,6 @@ def test_persistent_kernels_compile_for_hopper_without_spills(dtype, batch):
         assert res["registers"] <= 255 and res["shared"] <= H100.shared_memory_per_block_optin, (kernel, res)
 
 
-STAGES_ENV = "FUSEDCONVLSTM_TRITON_LSTM_STAGES"
-
-
 def test_pipeline_stages_reach_every_launch_and_are_checked(monkeypatch):
     """FUSEDCONVLSTM_TRITON_LSTM_STAGES (a switch the GPU session times both ways) is the
     num_stages of the forward and backward launches; a value outside 1..4 fails the call."""
@@ -604,7 +628,7 @@ def test_pipeline_stages_reach_every_launch_and_are_checked(monkeypatch):
         ("lstm_forward_kernel", 2),
         ("lstm_backward_kernel", 2),
     ]
-    for bad in ("0", "5", "two"):
+    for bad in ("0", "3", "two"):
         monkeypatch.setenv(STAGES_ENV, bad)
         with pytest.raises(ValueError, match=f"{STAGES_ENV} must be one of .*got '{bad}'"):
             _forward_backward(_op("triton"), xg, w_hh, h0, c0, cot, torch.float32)
@@ -628,16 +652,18 @@ def _enclosing_loop(lines: list[str], inner: int) -> tuple[int, int]:
     raise AssertionError("no scf.for holds the grid barrier")
 
 
-def test_pipelined_kernels_prefetch_only_between_two_barriers(tmp_path):
+@pytest.mark.parametrize("batch", [256, 8], ids=["block32", "block16"])
+def test_pipelined_kernels_prefetch_only_between_two_barriers(batch, tmp_path):
     """With FUSEDCONVLSTM_TRITON_LSTM_STAGES=2 (compiled for sm_90, no GPU needed) Triton turns the
-    loads of exchanged rows into asynchronous copies. They must stay inside one step: none before
-    the step loop (a load of step t+1 hoisted above step t's barrier would read rows other programs
-    have not written yet), every copy in a step waited for before the barrier's arrive, and every
-    copy past L1 (``.cg``: another SM wrote the rows). Shared memory within an H100's. (The
-    forward spills a few dozen bytes there, which the timing weighs: not checked here.)"""
+    loads of exchanged rows into asynchronous copies. They must stay inside one step: the step loop
+    itself not pipelined (no copy before it, no values carried across its iterations: a load of
+    step t+1 hoisted above step t's barrier would read rows other programs have not written yet),
+    every copy of a step waited for before the CTA barrier that precedes the grid barrier's arrive,
+    and every copy past L1 (``.cg``: another SM wrote the rows). Shared memory within an H100's.
+    (Spills are the timing's to weigh: not checked here.)"""
     code = (
         "import json, sys, torch; from fusedconvlstm.triton import lstm; from fusedconvlstm.triton.persistent "
-        "import ptxas_resources; k = lstm.persistent_kernels_compiled(torch.bfloat16, 512, 256, num_stages=2); "
+        f"import ptxas_resources; k = lstm.persistent_kernels_compiled(torch.bfloat16, 512, {batch}, num_stages=2); "
         "[open(f'{sys.argv[1]}/{n}.ttgir', 'w').write(c.asm['ttgir']) for n, c in k.items()]; "
         "print(json.dumps({n: ptxas_resources(c) for n, c in k.items()}))"
     )
@@ -649,14 +675,17 @@ def test_pipelined_kernels_prefetch_only_between_two_barriers(tmp_path):
     for kernel, res in json.loads(run.stdout.strip().splitlines()[-1]).items():
         assert res["registers"] <= 255 and res["shared"] <= H100.shared_memory_per_block_optin, (kernel, res)
         lines = (tmp_path / f"{kernel}.ttgir").read_text().splitlines()
-        barrier = next(i for i, line in enumerate(lines) if "tt.atomic_rmw" in line)
-        first, last = _enclosing_loop(lines, barrier)
+        arrive = next(i for i, line in enumerate(lines) if "tt.atomic_rmw" in line)
+        first, last = _enclosing_loop(lines, arrive)
+        assert "iter_args" not in lines[first], f"{kernel}: the step loop carries values (pipelined?)"
+        # The CTA barrier before the arrive (spelled gpu.barrier in Triton 3.6, ttg.barrier in 3.8).
+        cta = max(i for i in range(first, arrive) if re.search(r"\b(gpu|ttg)\.barrier\b", lines[i]))
         copies = [i for i, line in enumerate(lines) if "async_copy_global_to_local" in line]
         in_step = [i for i in copies if first < i < last]
         assert in_step, f"{kernel}: num_stages=2 pipelined no load (nothing for the switch to time)"
         assert not [i for i in copies if i < first], f"{kernel}: a copy issued before the step loop"
-        assert max(in_step) < barrier, f"{kernel}: a copy issued after the step's barrier"
-        assert any("async_wait" in lines[i] and "num = 0" in lines[i] for i in range(max(in_step), barrier)), (
+        assert max(in_step) < cta, f"{kernel}: a copy issued after the step's barrier"
+        assert any("async_wait" in lines[i] and "num = 0" in lines[i] for i in range(max(in_step), cta)), (
             f"{kernel}: the step's copies are not all waited for before its barrier"
         )
         assert all("cacheModifier = cg" in lines[i] for i in copies), f"{kernel}: a copy through L1"

@@ -161,7 +161,8 @@ def persistent_block_h(call: LSTMRecurrenceCall) -> int | str:
     The smallest slice whose programs (one per slice and recurrence) fit on the device's SMs,
     one each: every compiled kernel fits at least once per SM, so this grid is always
     co-resident; batch groups are added at launch from the compiled kernel's resources. The
-    program's part of W_hh (``4 * block_h * H`` elements) must fit in an SM's shared memory.
+    program's part of W_hh (``4 * block_h * H`` elements), with the prefetch buffers of
+    :func:`pipeline_stages`, must fit in an SM's shared memory.
     """
     from fusedconvlstm.triton.persistent import device_limits
 
@@ -173,16 +174,22 @@ def persistent_block_h(call: LSTMRecurrenceCall) -> int | str:
     # The reduction as the widest chunk of any persistent tile pads it.
     h_pad = max(reduction_pad(H, _k_chunk(H, k_chunk)) for _, k_chunk in _PERSISTENT_TILES.values())
     elem = torch.empty(0, dtype=call.dtype).element_size()
+    # Software pipelining (pipeline_stages) adds a buffer per stage beyond the first for one batch
+    # tile of the dots' left operand: h rows (forward) or the 4 gates' gradients (backward, the larger).
+    stages = pipeline_stages()
+    block_b = _MIN_DOT if call.batch <= _MIN_DOT else 2 * _MIN_DOT
+    prefetch = (stages - 1) * block_b * 4 * h_pad * elem
     for block_h in _BLOCK_H_CHOICES:
         programs = D * _cdiv(H, block_h)
         if programs > limits.multiprocessor_count:
             continue
         w_bytes = 4 * block_h * h_pad * elem
-        if w_bytes + _PERSISTENT_SMEM_SCRATCH > limits.shared_memory_per_block_optin:
+        if w_bytes + prefetch + _PERSISTENT_SMEM_SCRATCH > limits.shared_memory_per_block_optin:
+            staged = f", {prefetch} bytes of prefetch buffers ({config.ENV['triton_lstm_stages']}={stages})"
             return (
                 f"the recurrent weights do not fit on-chip: each of {programs} programs would hold "
-                f"{w_bytes} bytes of W_hh (4 x {block_h} x {h_pad} {call.dtype}) and about "
-                f"{_PERSISTENT_SMEM_SCRATCH} bytes of scratch, more than the "
+                f"{w_bytes} bytes of W_hh (4 x {block_h} x {h_pad} {call.dtype}){staged if prefetch else ''} and "
+                f"about {_PERSISTENT_SMEM_SCRATCH} bytes of scratch, more than the "
                 f"{limits.shared_memory_per_block_optin} bytes of shared memory of an SM"
             )
         return block_h
@@ -247,7 +254,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if fp32_recurrence_allows_tf32() else "ieee"
 
 
-PIPELINE_STAGES = (1, 2, 3, 4)
+PIPELINE_STAGES = (1, 2)
 
 
 def pipeline_stages() -> int:
@@ -255,14 +262,17 @@ def pipeline_stages() -> int:
 
     A switch the GPU session times both ways (``scripts/gpu_session.sh switches``), unmeasured so
     far. With 1 the loads of ``h`` (forward) or of the gate gradients (backward) are plain loads.
-    With 2 or more, Triton's pipeliner turns them into asynchronous copies and prefetches the next
-    batch tile's rows while the current tile computes. It pipelines only the innermost loop, the
-    batch tiles of one step: no load of a step is issued before the previous step's grid barrier,
-    and every copy is waited for before the step's own barrier (both checked on the compiled code,
-    ``tests/test_triton_lstm.py``). The prefetch buffers cost shared memory, so fewer programs fit
-    an SM (the grid is sized from the compiled kernel), and a kernel that no longer fits is refused.
-    Compiled for sm_90 at 2 stages, the forward also spills 44 to 48 bytes (bf16, H = 512, 32-row
-    tiles, Triton 3.6 and 3.8).
+    With 2, Triton's pipeliner turns them into asynchronous copies (where rows are 16-byte aligned)
+    and prefetches the next batch tile's rows while the current tile computes. It pipelines only
+    the innermost loop, the batch tiles of one step: no load of a step is issued before the
+    previous step's grid barrier, and every copy is waited for before the step's own barrier (both
+    checked on the compiled code, ``tests/test_triton_lstm.py``).
+
+    The prefetch buffers cost shared memory: fewer programs fit an SM (the grid is sized from the
+    compiled kernel), and a call whose kernels no longer fit is refused (:func:`persistent_block_h`;
+    in bf16 with 32-row tiles the backward fits up to H = 512; a third stage would fit no backward
+    at H = 512). Compiled for sm_90 at 2 stages with lengths, the bf16 forward spills 44 to 48
+    bytes (H = 512, 32-row tiles, Triton 3.6 and 3.8); without lengths, or in fp16, it does not.
     """
     value = config.current().triton_lstm_stages or "1"
     if value not in {str(n) for n in PIPELINE_STAGES}:

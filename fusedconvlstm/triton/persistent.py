@@ -125,7 +125,7 @@ def compile_ahead(
     return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
 
 
-def ptxas_resources(compiled, cc: int = 90) -> dict[str, int]:
+def ptxas_resources(compiled) -> dict[str, int]:
     """Registers per thread, ``spill_stores`` / ``spill_loads`` in bytes (from ``ptxas -v``) and
     ``shared`` memory in bytes (Triton's metadata) of a kernel compiled by :func:`compile_ahead`.
     Lets CI check resource use on CPU-only machines; a launch on a GPU reports the same numbers
@@ -137,6 +137,7 @@ def ptxas_resources(compiled, cc: int = 90) -> dict[str, int]:
 
     import triton
 
+    cc = compiled.metadata.target.arch  # the compute capability it was compiled for
     arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = f"{tmp}/kernel.ptx"

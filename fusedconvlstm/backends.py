@@ -205,12 +205,7 @@ def check_backend_name(backend: str) -> str:
 def requested_backend(backend: str) -> str:
     """The backend a caller asked for, with ``auto`` replaced by ``$FUSEDCONVLSTM_BACKEND``."""
     if backend == AUTO:
-        forced = config.current().backend
-        if forced:
-            if forced not in BACKENDS + (AUTO,):
-                raise ValueError(f"{ENV_VAR} must be one of {BACKENDS + (AUTO,)}, got {forced!r}")
-            return forced
-        return AUTO
+        return config.choice("backend", BACKENDS + (AUTO,), AUTO)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + (AUTO,)}, got {backend!r}")
     return backend

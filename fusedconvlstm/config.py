@@ -88,6 +88,15 @@ def reload() -> Settings:
     return _current
 
 
+def choice(field: str, choices: tuple[str, ...], default: str) -> str:
+    """Setting ``field``, or ``default`` where unset, checked against ``choices``: a value outside
+    them fails the call that reads it, with the variable's name."""
+    value = getattr(current(), field) or default
+    if value not in choices:
+        raise ValueError(f"{ENV[field]} must be one of {choices}, got {value!r}")
+    return value
+
+
 @contextlib.contextmanager
 def override(**changes) -> Iterator[Settings]:
     """The current settings with ``changes`` (field names) inside the block, restored after."""

@@ -72,3 +72,16 @@ def test_a_bad_value_fails_the_call_that_uses_it_not_the_import(monkeypatch):
     monkeypatch.setenv(config.ENV["backend"], "gpu")
     with pytest.raises(ValueError, match="FUSEDCONVLSTM_BACKEND must be one of"):
         backends.requested_backend("auto")
+
+
+def test_choice_gives_the_default_where_unset_and_names_the_variable_of_a_bad_value():
+    choices = ("outer", "inner")
+    with config.override(conv1d_tap_order=""):
+        assert config.choice("conv1d_tap_order", choices, "outer") == "outer"
+    with config.override(conv1d_tap_order="inner"):
+        assert config.choice("conv1d_tap_order", choices, "outer") == "inner"
+    with config.override(conv1d_tap_order="sideways"):
+        with pytest.raises(
+            ValueError, match=r"FUSEDCONVLSTM_CONV1D_TAP_ORDER must be one of \('outer', 'inner'\), got 'sideways'"
+        ):
+            config.choice("conv1d_tap_order", choices, "outer")

@@ -92,10 +92,7 @@ def count_forward_kernel(name: str) -> None:
 
 def preferred_forward_kernel() -> str:
     """The persistent forward kernel tried first: ``$FUSEDCONVLSTM_LSTM_FWD_KERNEL``, ``cooperative`` by default."""
-    name = config.current().lstm_forward_kernel or "cooperative"
-    if name not in FORWARD_KERNELS:
-        raise ValueError(f"{FORWARD_KERNEL_ENV} must be one of {FORWARD_KERNELS}, got {name!r}")
-    return name
+    return config.choice("lstm_forward_kernel", FORWARD_KERNELS, "cooperative")
 
 
 def warp_splits():

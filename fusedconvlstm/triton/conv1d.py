@@ -585,10 +585,7 @@ def tap_inner() -> bool:
     """Whether the forward conv tiles loop over taps inside the channel chunks
     (``FUSEDCONVLSTM_CONV1D_TAP_ORDER=inner``) instead of outside them (``outer``, the default): a
     switch the GPU session times both ways."""
-    order = config.current().conv1d_tap_order or "outer"
-    if order not in TAP_ORDERS:
-        raise ValueError(f"{config.ENV['conv1d_tap_order']} must be one of {TAP_ORDERS}, got {order!r}")
-    return order == "inner"
+    return config.choice("conv1d_tap_order", TAP_ORDERS, "outer") == "inner"
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device, layer: ConvLayer) -> str:

@@ -81,9 +81,7 @@ def choose_strategy(call: Conv1dStackCall) -> str:
     most 25 % rows (:data:`FUSED_MAX_HALO_OVERHEAD`). The reference model's stack (whole
     45-step sequences per program: no halo) fuses. ``$FUSEDCONVLSTM_CONV1D_STRATEGY`` overrides.
     """
-    forced = config.current().conv1d_strategy or "auto"
-    if forced not in ("auto", "fused", "layers"):
-        raise ValueError(f"{STRATEGY_ENV_VAR} must be one of ('auto', 'fused', 'layers'), got {forced!r}")
+    forced = config.choice("conv1d_strategy", ("auto", "fused", "layers"), "auto")
     layers = call.all_layers()
     if forced != "auto":
         return forced if len(layers) > 1 else "layers"

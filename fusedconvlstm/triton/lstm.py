@@ -254,7 +254,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if fp32_recurrence_allows_tf32() else "ieee"
 
 
-PIPELINE_STAGES = (1, 2)
+PIPELINE_STAGES = ("1", "2")
 
 
 def pipeline_stages() -> int:
@@ -274,10 +274,7 @@ def pipeline_stages() -> int:
     at H = 512). Compiled for sm_90 at 2 stages with lengths, the bf16 forward spills 44 to 48
     bytes (H = 512, 32-row tiles, Triton 3.6 and 3.8); without lengths, or in fp16, it does not.
     """
-    value = config.current().triton_lstm_stages or "1"
-    if value not in {str(n) for n in PIPELINE_STAGES}:
-        raise ValueError(f"{config.ENV['triton_lstm_stages']} must be one of {PIPELINE_STAGES}, got {value!r}")
-    return int(value)
+    return int(config.choice("triton_lstm_stages", PIPELINE_STAGES, "1"))
 
 
 def _lengths_arg(lengths: Tensor | None, device: torch.device) -> Tensor:

@@ -136,6 +136,11 @@ def _batch_tiling(batch: int, block_b: int, n_bgroups: int) -> tuple[int, int]:
     return _cdiv(batch, rows), rows
 
 
+def _persistent_block_b(batch: int) -> int:
+    """Batch rows per tile of the persistent mode: 16 for batches of at most 16, else 32."""
+    return _MIN_DOT if batch <= _MIN_DOT else 2 * _MIN_DOT
+
+
 def single_program_plan(batch: int, hidden: int) -> LaunchPlan:
     """One program per 16-row batch tile, owning all ``hidden`` units."""
     h_pad = _pow2_at_least(hidden)
@@ -177,7 +182,7 @@ def persistent_block_h(call: LSTMRecurrenceCall) -> int | str:
     # Software pipelining (pipeline_stages) adds a buffer per stage beyond the first for one batch
     # tile of the dots' left operand: h rows (forward) or the 4 gates' gradients (backward, the larger).
     stages = pipeline_stages()
-    block_b = _MIN_DOT if call.batch <= _MIN_DOT else 2 * _MIN_DOT
+    block_b = _persistent_block_b(call.batch)
     prefetch = (stages - 1) * block_b * 4 * h_pad * elem
     for block_h in _BLOCK_H_CHOICES:
         programs = D * _cdiv(H, block_h)
@@ -215,7 +220,7 @@ def plan_launch(call: LSTMRecurrenceCall, kernel: str = "forward") -> LaunchPlan
     block_h = persistent_block_h(call)
     if isinstance(block_h, str):
         raise backends.BackendUnavailableError(f"{OP}: backend='triton' cannot serve this call: {block_h}")
-    block_b = _MIN_DOT if call.batch <= _MIN_DOT else 2 * _MIN_DOT
+    block_b = _persistent_block_b(call.batch)
     num_warps, k_chunk = _PERSISTENT_TILES[kernel, block_b]
     n_bgroups, rows = _batch_tiling(call.batch, block_b, 1)
     return LaunchPlan("persistent", block_h, block_b, num_warps, n_bgroups, rows, _k_chunk(call.hidden_size, k_chunk))
@@ -549,7 +554,7 @@ def persistent_kernels_compiled(
         ),
     }
     kernels = {"forward": lstm_forward_kernel, "backward": lstm_backward_kernel}
-    block_b = _MIN_DOT if batch <= _MIN_DOT else 2 * _MIN_DOT
+    block_b = _persistent_block_b(batch)
     out = {}
     for name, fn in kernels.items():
         num_warps, k_chunk = _PERSISTENT_TILES[name, block_b]
